@@ -1,0 +1,394 @@
+"""Pre-generation activations of a representative causal LM, read where generation starts.
+
+The read-out is the residual stream after decoder block ``l`` (Hugging Face's
+``hidden_states[l]``: 0 is the embeddings, the last one is post final-norm), taken at the
+end of the chat-templated prompt with the generation prompt appended. The forward pass
+stops after the deepest requested block: routing needs no logits.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .feature_cache import FeatureCache
+from .model_store import DEFAULT_MODEL, ModelSource, fingerprint, load_model_and_tokenizer, resolve
+from .queries import Conversation, to_conversations
+
+logger = logging.getLogger(__name__)
+
+POOLINGS = ("last", "mean")
+
+
+def normalise_pooling(pooling: str | Sequence[str]) -> tuple[str, ...]:
+    """'last', 'mean', 'both' or a sequence of them -> an ordered tuple without repeats."""
+    names = [pooling] if isinstance(pooling, str) else list(pooling)
+    out: list[str] = []
+    for name in names:
+        if name == "both":
+            out.extend(POOLINGS)
+        elif name in POOLINGS:
+            out.append(name)
+        else:
+            raise ValueError(f"unknown pooling {name!r}; expected 'last', 'mean' or 'both'")
+    if not out:
+        raise ValueError("pooling is empty; expected 'last', 'mean' or 'both'")
+    return tuple(dict.fromkeys(out))
+
+
+def normalise_layers(layers: Any, n_layers: int) -> tuple[int, ...]:
+    """Map layer specs to hidden-state indexes 0..n_layers.
+
+    Ints index ``hidden_states`` (negative from the end, so -1 is the last); floats in
+    (0, 1) are fractions of the depth (0.5 -> the middle block).
+    """
+    specs = [layers] if isinstance(layers, (int, float, np.integer, np.floating)) else list(layers)
+    if not specs:
+        raise ValueError("layers is empty")
+    out: list[int] = []
+    for spec in specs:
+        if isinstance(spec, bool) or not isinstance(spec, (int, float, np.integer, np.floating)):
+            raise ValueError(f"layer {spec!r} is not an int index or a float fraction")
+        if isinstance(spec, (float, np.floating)) and not float(spec).is_integer():
+            if not 0.0 < spec < 1.0:
+                raise ValueError(f"layer fraction {spec} must lie strictly between 0 and 1")
+            index = int(round(spec * n_layers))
+        else:
+            index = int(spec)
+            if index < 0:
+                index += n_layers + 1
+        if not 0 <= index <= n_layers:
+            raise ValueError(
+                f"layer {spec} is out of range: this model has hidden states 0..{n_layers} "
+                f"(or -{n_layers + 1}..-1)"
+            )
+        out.append(index)
+    return tuple(dict.fromkeys(out))
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """Features of a batch of queries and the read-out that produced them.
+
+    ``features`` has one row per query and, for each layer in ``layers``, one
+    ``hidden_size`` block per pooling in ``pooling``, in that nesting order.
+    """
+
+    features: np.ndarray
+    layers: tuple[int, ...]
+    pooling: tuple[str, ...]
+    hidden_size: int
+    n_tokens: np.ndarray
+    truncated: np.ndarray
+    model_id: str = ""
+    model_hash: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.features.shape
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __array__(self, dtype=None, copy=None):
+        return self.features if dtype is None else self.features.astype(dtype)
+
+    @property
+    def any_truncated(self) -> bool:
+        return bool(self.truncated.any())
+
+    def select(self, layers: Sequence[int] | int | None = None, pooling: str | Sequence[str] | None = None) -> Extraction:
+        """Slice out some of the extracted layers/poolings without another forward pass."""
+        layers = self.layers if layers is None else ((layers,) if isinstance(layers, (int, np.integer)) else tuple(layers))
+        pooling = self.pooling if pooling is None else normalise_pooling(pooling)
+        blocks = []
+        for layer in layers:
+            if layer not in self.layers:
+                raise ValueError(f"layer {layer} was not extracted (have {self.layers})")
+            for pool in pooling:
+                if pool not in self.pooling:
+                    raise ValueError(f"pooling {pool!r} was not extracted (have {self.pooling})")
+                block = self.layers.index(layer) * len(self.pooling) + self.pooling.index(pool)
+                blocks.append(self.features[:, block * self.hidden_size : (block + 1) * self.hidden_size])
+        return Extraction(
+            features=np.ascontiguousarray(np.concatenate(blocks, axis=1)),
+            layers=tuple(layers),
+            pooling=tuple(pooling),
+            hidden_size=self.hidden_size,
+            n_tokens=self.n_tokens,
+            truncated=self.truncated,
+            model_id=self.model_id,
+            model_hash=self.model_hash,
+        )
+
+
+class _StopForward(Exception):
+    """Raised from a hook once the deepest requested block has run."""
+
+
+def _pick_device(device: str) -> torch.device:
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def _pick_dtype(dtype: Any, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cpu" and _cpu_has_bf16():
+            return torch.bfloat16
+        return torch.float32
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; expected 'auto', 'float32', 'bfloat16' or 'float16'")
+    return names[dtype]
+
+
+def _decoder_layers(model) -> torch.nn.ModuleList:
+    """The list of decoder blocks, found by shape rather than by architecture name."""
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    n = model.config.num_hidden_layers
+    for module in base.children():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"cannot find the {n} decoder layers of {type(model).__name__}")
+
+
+class ActivationExtractor:
+    """Turn queries into pre-generation activation features of a causal LM.
+
+    Args:
+        model: a short name (``"smollm2-135m"``, the embedded default), a local
+            directory with safetensors, a ``.gguf`` file, or a Hugging Face hub id.
+        gguf_file: name of the GGUF file inside ``model`` when ``model`` is a directory.
+        layers: default read-out layers (ints index ``hidden_states``; floats are depth fractions).
+        pooling: ``"last"`` (end-of-prompt token), ``"mean"`` (masked mean) or ``"both"``.
+        device: ``"auto"`` picks cuda, then mps, then cpu.
+        dtype: ``"auto"`` is bf16 on GPUs and on CPUs with native bf16, float32 otherwise.
+        max_tokens: longer prompts keep their last ``max_tokens`` tokens (the question sits at the end).
+        batch_size, max_batch_tokens: bounds of one forward pass (queries, and padded tokens).
+        feature_cache: a directory or FeatureCache that memoises rows across runs.
+    """
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        *,
+        gguf_file: str | None = None,
+        layers: Any = 0.5,
+        pooling: str | Sequence[str] = "last",
+        device: str = "auto",
+        dtype: Any = "auto",
+        max_tokens: int = 2048,
+        batch_size: int = 16,
+        max_batch_tokens: int = 16384,
+        feature_cache: FeatureCache | str | None = None,
+    ) -> None:
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.source: ModelSource = resolve(model, gguf_file)
+        self.device = _pick_device(device)
+        self.dtype = _pick_dtype(dtype, self.device)
+        self.max_tokens = max_tokens
+        self.batch_size = batch_size
+        self.max_batch_tokens = max(max_batch_tokens, max_tokens)
+        self.model, self.tokenizer = load_model_and_tokenizer(self.source, self.dtype, self.device)
+        self.model_hash = fingerprint(self.source)
+        self.n_layers = int(self.model.config.num_hidden_layers)
+        self.hidden_size = int(self.model.config.hidden_size)
+        self._blocks = _decoder_layers(self.model)
+        self._base = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
+        self.layers = normalise_layers(layers, self.n_layers)
+        self.pooling = normalise_pooling(pooling)
+        if isinstance(feature_cache, str):
+            feature_cache = FeatureCache(feature_cache)
+        self.feature_cache = feature_cache
+
+    @property
+    def model_id(self) -> str:
+        return self.source.model_id
+
+    def describe(self) -> dict:
+        """What a saved router records to recognise this extractor later."""
+        return {
+            "model_id": self.model_id,
+            "model_hash": self.model_hash,
+            "n_layers": self.n_layers,
+            "hidden_size": self.hidden_size,
+            "max_tokens": self.max_tokens,
+        }
+
+    # -- prompt rendering -------------------------------------------------------------
+    def render(self, query: Any) -> str:
+        """The exact text the model reads: chat template plus generation prompt."""
+        return self._render(to_conversations([query])[0])
+
+    def _render(self, conversation: Conversation) -> str:
+        if getattr(self.tokenizer, "chat_template", None):
+            try:
+                return self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+            except Exception:  # templates that reject tool/developer roles: map them to ones they know
+                mapped = [
+                    {"role": {"tool": "user", "function": "user", "developer": "system"}.get(m["role"], m["role"]),
+                     "content": m["content"] if m["role"] not in ("tool", "function") else f"Tool result:\n{m['content']}"}
+                    for m in conversation
+                ]
+                return self.tokenizer.apply_chat_template(mapped, add_generation_prompt=True, tokenize=False)
+        return "".join(f"{m['role']}: {m['content']}\n" for m in conversation) + "assistant:"
+
+    def tokenize(self, queries: Sequence[Any]) -> tuple[list[list[int]], np.ndarray]:
+        """Token ids per query (left-truncated to max_tokens) and whether each was truncated."""
+        conversations = to_conversations(queries)
+        texts = [self._render(c) for c in conversations]
+        templated = bool(getattr(self.tokenizer, "chat_template", None))
+        ids = self.tokenizer(texts, add_special_tokens=not templated)["input_ids"]
+        truncated = np.array([len(x) > self.max_tokens for x in ids], dtype=bool)
+        ids = [list(x[-self.max_tokens :]) for x in ids]
+        return ids, truncated
+
+    # -- extraction -------------------------------------------------------------------
+    def extract(
+        self,
+        queries: Sequence[Any],
+        *,
+        layers: Any = None,
+        pooling: str | Sequence[str] | None = None,
+        progress: bool | None = None,
+    ) -> Extraction:
+        """Features for ``queries`` (strings or chat conversations), one row each, float32."""
+        layer_idx = self.layers if layers is None else normalise_layers(layers, self.n_layers)
+        pools = self.pooling if pooling is None else normalise_pooling(pooling)
+        ids, truncated = self.tokenize(queries)
+        n = len(ids)
+        width = len(layer_idx) * len(pools) * self.hidden_size
+        features = np.empty((n, width), dtype=np.float32)
+        todo = list(range(n))
+        cache_keys = None
+        if self.feature_cache is not None:
+            cache_keys = [self.feature_cache.key(self.model_hash, layer_idx, pools, x) for x in ids]
+            todo = []
+            for i, key in enumerate(cache_keys):
+                row = self.feature_cache.get(key, width)
+                if row is None:
+                    todo.append(i)
+                else:
+                    features[i] = row
+        if progress is None:
+            progress = len(todo) > 4 * self.batch_size
+        order = sorted(todo, key=lambda i: -len(ids[i]))
+        batches = self._batches(order, ids)
+        with tqdm(total=len(order), disable=not progress, desc="extracting", unit="query") as bar:
+            for batch in batches:
+                features[batch] = self._forward([ids[i] for i in batch], layer_idx, pools)
+                if cache_keys is not None:
+                    for i in batch:
+                        self.feature_cache.put(cache_keys[i], features[i])
+                bar.update(len(batch))
+        if truncated.any():
+            logger.info("%d of %d prompts were longer than %d tokens and kept their last tokens",
+                        int(truncated.sum()), n, self.max_tokens)
+        return Extraction(
+            features=features,
+            layers=layer_idx,
+            pooling=pools,
+            hidden_size=self.hidden_size,
+            n_tokens=np.array([len(x) for x in ids], dtype=np.int64),
+            truncated=truncated,
+            model_id=self.model_id,
+            model_hash=self.model_hash,
+        )
+
+    __call__ = extract
+
+    def _batches(self, order: list[int], ids: list[list[int]]) -> list[list[int]]:
+        """Consecutive runs of length-sorted queries, bounded by count and padded tokens."""
+        batches: list[list[int]] = []
+        current: list[int] = []
+        for i in order:
+            longest = len(ids[current[0]]) if current else len(ids[i])
+            if current and (len(current) >= self.batch_size or longest * (len(current) + 1) > self.max_batch_tokens):
+                batches.append(current)
+                current = []
+            current.append(i)
+        if current:
+            batches.append(current)
+        return batches
+
+    @torch.inference_mode()
+    def _forward(self, batch_ids: list[list[int]], layer_idx: tuple[int, ...], pools: tuple[str, ...]) -> np.ndarray:
+        longest = max(len(x) for x in batch_ids)
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = self.tokenizer.eos_token_id or 0
+        input_ids = torch.full((len(batch_ids), longest), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch_ids), longest), dtype=torch.long)
+        for row, x in enumerate(batch_ids):  # left padding: every prompt ends at the last column
+            input_ids[row, longest - len(x) :] = torch.tensor(x, dtype=torch.long)
+            mask[row, longest - len(x) :] = 1
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        input_ids, mask, position_ids = (t.to(self.device) for t in (input_ids, mask, position_ids))
+
+        captured: dict[int, torch.Tensor] = {}
+        deepest = max(layer_idx)
+        hooks = []
+
+        def keep(index: int, stop: bool):
+            def hook(_module, _args, output):
+                captured[index] = output[0] if isinstance(output, tuple) else output
+                if stop:
+                    raise _StopForward
+
+            return hook
+
+        for index in layer_idx:
+            module = self._base.embed_tokens if index == 0 else self._blocks[index - 1]
+            hooks.append(module.register_forward_hook(keep(index, stop=index == deepest)))
+        try:
+            self._base(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+        maskf = mask.unsqueeze(-1).to(torch.float32)
+        blocks = []
+        for index in layer_idx:
+            hidden = captured[index]
+            if index == self.n_layers and hasattr(self._base, "norm"):
+                hidden = self._base.norm(hidden)  # hidden_states[-1] is post final-norm in transformers
+            hidden = hidden.to(torch.float32)
+            for pool in pools:
+                if pool == "last":
+                    blocks.append(hidden[:, -1, :])
+                else:
+                    summed = torch.where(maskf.bool(), hidden, torch.zeros_like(hidden)).sum(1)
+                    blocks.append(summed / maskf.sum(1))
+        return torch.cat(blocks, dim=1).cpu().numpy()

@@ -1,0 +1,117 @@
+"""Validate and normalise what callers pass as a query.
+
+A query is either a plain string (one user turn) or a chat conversation: a list of
+messages, each a mapping with ``role`` and ``content`` (OpenAI / Hugging Face style) or
+a ``(role, content)`` pair. Everything downstream (the extractor, the policies, the
+adapters) sees the same canonical form: a list of ``{"role": str, "content": str}``.
+Errors name the offending query and message so a bad row in a 10k-line file is findable.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any, Union
+
+Message = dict[str, str]
+Conversation = list[Message]
+Query = Union[str, Sequence[Any]]
+
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+
+
+def _content_text(content: Any, where: str) -> str:
+    """Flatten OpenAI-style content parts to text; images and audio carry no text to read."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, Sequence) and not isinstance(content, (bytes, bytearray)):
+        texts = []
+        for part in content:
+            if isinstance(part, str):
+                texts.append(part)
+            elif isinstance(part, Mapping):
+                if part.get("type", "text") == "text" and isinstance(part.get("text"), str):
+                    texts.append(part["text"])
+            else:
+                raise ValueError(f"{where}: content part of type {type(part).__name__} is neither text nor a mapping")
+        return "\n".join(texts)
+    raise ValueError(f"{where}: content must be a string or a list of content parts, got {type(content).__name__}")
+
+
+def _tool_calls_text(tool_calls: Any) -> str:
+    """Render an assistant's tool calls as text so the router reads what was asked of the tools."""
+    lines = []
+    for call in tool_calls or []:
+        if isinstance(call, Mapping):
+            fn = call.get("function", call)
+            name = fn.get("name", "")
+            args = fn.get("arguments", fn.get("args", ""))
+            if not isinstance(args, str):
+                args = json.dumps(args, sort_keys=True, default=str)
+            lines.append(f"[tool call] {name}({args})")
+    return "\n".join(lines)
+
+
+def _message(msg: Any, where: str) -> Message:
+    if isinstance(msg, Mapping):
+        if "role" not in msg:
+            raise ValueError(f"{where}: message has no 'role' key (keys: {sorted(msg)})")
+        role, content = msg["role"], msg.get("content")
+        tool_calls = msg.get("tool_calls")
+    elif isinstance(msg, (tuple, list)) and len(msg) == 2 and isinstance(msg[0], str):
+        (role, content), tool_calls = msg, None
+    else:
+        raise ValueError(
+            f"{where}: a message must be a mapping with 'role' and 'content' or a (role, content) pair, "
+            f"got {type(msg).__name__}"
+        )
+    if not isinstance(role, str) or role not in ROLES:
+        raise ValueError(f"{where}: unknown role {role!r}; expected one of {sorted(ROLES)}")
+    text = _content_text(content, where)
+    calls = _tool_calls_text(tool_calls)
+    if calls:
+        text = f"{text}\n{calls}" if text else calls
+    return {"role": role, "content": text}
+
+
+def to_conversation(query: Any, index: int | None = None) -> Conversation:
+    """Return the canonical conversation for one query, or raise ValueError naming the problem."""
+    where = "query" if index is None else f"query {index}"
+    if query is None:
+        raise ValueError(f"{where} is None; expected a non-empty string or a list of chat messages")
+    if isinstance(query, str):
+        if not query.strip():
+            raise ValueError(f"{where} is an empty string")
+        return [{"role": "user", "content": query}]
+    if isinstance(query, (bytes, bytearray)):
+        raise ValueError(f"{where} is bytes; decode it to str first")
+    if isinstance(query, Mapping):
+        raise ValueError(f"{where} is a single mapping; wrap a message in a list to make a conversation")
+    if not isinstance(query, Sequence):
+        raise ValueError(
+            f"{where} has type {type(query).__name__}; expected a string or a list of chat messages"
+        )
+    if len(query) == 0:
+        raise ValueError(f"{where} is an empty conversation")
+    conversation = [_message(m, f"{where}, message {i}") for i, m in enumerate(query)]
+    if not any(m["content"].strip() for m in conversation):
+        raise ValueError(f"{where}: every message of the conversation is empty")
+    return conversation
+
+
+def to_conversations(queries: Any) -> list[Conversation]:
+    """Normalise a batch; a bare string or a single conversation is a common slip, so refuse it clearly."""
+    if isinstance(queries, str):
+        raise ValueError("expected a list of queries, got a single string; wrap it in a list")
+    if queries is None or not isinstance(queries, Sequence):
+        raise ValueError(f"expected a list of queries, got {type(queries).__name__}")
+    if len(queries) == 0:
+        raise ValueError("expected at least one query, got an empty list")
+    return [to_conversation(q, i) for i, q in enumerate(queries)]
+
+
+def conversation_text(conversation: Conversation) -> str:
+    """Plain-text rendering for surface baselines (length, TF-IDF) that know no chat template."""
+    return "\n".join(f"{m['role']}: {m['content']}" for m in conversation)
