@@ -1,17 +1,21 @@
 """difficulty_router: route queries by difficulty read from a small LM's hidden states."""
 
+__version__ = "0.1.0"
+
+from .data import Outcomes, load_llmrouter, load_mmlu_pro, load_outcomes, save_outcomes
+from .decision import RouteDecision
 from .extractor import ActivationExtractor, Extraction
 from .feature_cache import FeatureCache
 from .model_store import DEFAULT_MODEL, KNOWN_MODELS, cache_root
-
-__version__ = "0.1.0"
+from .policies import Policy
+from .pool import ModelPool, PoolModel
+from .probes import DifficultyProbe, SuccessProbe
+from .router import DifficultyRouter
+from .training import train_router
 
 __all__ = [
-    "ActivationExtractor",
-    "Extraction",
-    "FeatureCache",
-    "DEFAULT_MODEL",
-    "KNOWN_MODELS",
-    "cache_root",
-    "__version__",
+    "ActivationExtractor", "Extraction", "FeatureCache", "DEFAULT_MODEL", "KNOWN_MODELS", "cache_root",
+    "Outcomes", "load_outcomes", "save_outcomes", "load_mmlu_pro", "load_llmrouter",
+    "ModelPool", "PoolModel", "Policy", "SuccessProbe", "DifficultyProbe",
+    "DifficultyRouter", "RouteDecision", "train_router", "__version__",
 ]

@@ -1,0 +1,43 @@
+"""What the router decided for one query, in a form adapters can log and serialise."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    """The chosen model and the evidence behind it.
+
+    ``fallbacks`` lists the eligible models more capable than ``model``, in the order an
+    adapter should escalate to when the chosen model fails; ``skipped`` maps models that
+    were not eligible for this call to the reason (for example "cannot call tools").
+    """
+
+    model: str
+    probabilities: dict[str, float]
+    difficulty: float
+    difficulty_level: int
+    expected_cost: float
+    costs: dict[str, float]
+    policy: str
+    parameter: str
+    threshold: float
+    fallbacks: tuple[str, ...] = ()
+    skipped: dict[str, str] = field(default_factory=dict)
+    truncated: bool = False
+    latency_ms: float = 0.0
+
+    @property
+    def probability(self) -> float:
+        return self.probabilities[self.model]
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["fallbacks"] = list(self.fallbacks)
+        return out
+
+    def __str__(self) -> str:
+        probs = ", ".join(f"{m}={p:.2f}" for m, p in self.probabilities.items())
+        return (f"-> {self.model} (difficulty {self.difficulty:.1f}/5, P(success): {probs}; "
+                f"{self.policy} {self.parameter}={self.threshold:g}, expected cost {self.expected_cost:.6g})")

@@ -1,0 +1,122 @@
+"""Turn per-model success probabilities and costs into a choice of model.
+
+Costs are divided by the dearest model's cost for the same query, so ``lambda`` reads as
+"accuracy points I would give up to save one call of the most expensive model" whatever
+the currency of the pool.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+POLICY_KINDS = ("utility", "threshold")
+
+
+def normalised_costs(costs: np.ndarray) -> np.ndarray:
+    costs = np.asarray(costs, dtype=np.float64)
+    top = costs.max(axis=1, keepdims=True)
+    return np.divide(costs, top, out=np.zeros_like(costs), where=top > 0)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """``threshold``: cheapest model with P(success) >= value, else the most capable.
+    ``utility``: argmax of P(success) - value * normalised cost."""
+
+    kind: str = "utility"
+    value: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.kind not in POLICY_KINDS:
+            raise ValueError(f"unknown policy {self.kind!r}; expected one of {POLICY_KINDS}")
+        if not np.isfinite(self.value) or self.value < 0:
+            raise ValueError(f"policy value must be a finite non-negative number, got {self.value}")
+        if self.kind == "threshold" and self.value > 1:
+            raise ValueError(f"threshold tau must lie in [0, 1], got {self.value}")
+
+    @property
+    def parameter(self) -> str:
+        return "tau" if self.kind == "threshold" else "lambda"
+
+    def with_value(self, value: float) -> Policy:
+        return Policy(self.kind, float(value))
+
+    def choose(self, proba: np.ndarray, costs: np.ndarray, capability: np.ndarray,
+               eligible: np.ndarray | None = None) -> np.ndarray:
+        """Index of the chosen model per row.
+
+        ``capability`` ranks models (higher = more capable, from training accuracy);
+        ``eligible`` (n, m) bool masks out models that cannot serve a row (e.g. no tool calling).
+        """
+        proba = np.asarray(proba, dtype=np.float64)
+        costs = normalised_costs(costs)
+        n, m = proba.shape
+        if eligible is None:
+            eligible = np.ones((n, m), dtype=bool)
+        if not eligible.any(axis=1).all():
+            raise ValueError("a query has no eligible model to route to")
+        if self.kind == "utility":
+            utility = proba - self.value * costs
+            # ties (equal utility) go to the cheaper model
+            utility = np.where(eligible, utility - 1e-12 * costs, -np.inf)
+            return utility.argmax(axis=1)
+        order = np.argsort(costs + 1e-9 * (1 - capability / max(capability.max(), 1)), axis=1, kind="stable")
+        chosen = np.empty(n, dtype=np.int64)
+        strongest = np.where(eligible, capability[None, :], -np.inf).argmax(axis=1)
+        for i in range(n):
+            chosen[i] = strongest[i]
+            for j in order[i]:
+                if eligible[i, j] and proba[i, j] >= self.value:
+                    chosen[i] = j
+                    break
+        return chosen
+
+    def grid(self) -> np.ndarray:
+        """Operating points swept by calibration and evaluation, cheapest-leaning last."""
+        if self.kind == "threshold":
+            return np.linspace(0.0, 1.0, 201)
+        return np.r_[0.0, np.logspace(-4, 2, 240)]
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "value": self.value}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Policy:
+        return cls(kind=data["kind"], value=float(data["value"]))
+
+
+def sweep(policy: Policy, proba, costs, capability, correct, realised_costs=None) -> list[dict]:
+    """Accuracy and mean cost at every operating point of ``policy`` on labelled rows."""
+    correct = np.asarray(correct, dtype=np.float64)
+    realised = np.asarray(costs if realised_costs is None else realised_costs, dtype=np.float64)
+    rows = np.arange(len(correct))
+    points = []
+    for value in policy.grid():
+        chosen = policy.with_value(value).choose(proba, costs, capability)
+        points.append({
+            policy.parameter: float(value),
+            "accuracy": float(correct[rows, chosen].mean()),
+            "cost": float(realised[rows, chosen].mean()),
+            "share": np.bincount(chosen, minlength=correct.shape[1]).tolist(),
+        })
+    return points
+
+
+def pick_operating_point(points: list[dict], parameter: str, *, target_cost: float | None = None,
+                         target_accuracy: float | None = None) -> dict:
+    """The best point under a cost budget, or the cheapest point reaching an accuracy."""
+    if (target_cost is None) == (target_accuracy is None):
+        raise ValueError("give exactly one of target_cost or target_accuracy")
+    if target_cost is not None:
+        feasible = [p for p in points if p["cost"] <= target_cost + 1e-12]
+        if not feasible:
+            cheapest = min(p["cost"] for p in points)
+            raise ValueError(f"no operating point costs <= {target_cost:g} per query; the cheapest costs {cheapest:g}")
+        return max(feasible, key=lambda p: (p["accuracy"], -p["cost"]))
+    feasible = [p for p in points if p["accuracy"] >= target_accuracy - 1e-12]
+    if not feasible:
+        best = max(p["accuracy"] for p in points)
+        raise ValueError(f"no operating point reaches accuracy {target_accuracy:.4f}; the best reaches {best:.4f}")
+    return min(feasible, key=lambda p: (p["cost"], -p["accuracy"]))

@@ -1,0 +1,136 @@
+"""The candidate models and what a call to each costs.
+
+A model is priced either per query (``cost_per_query``) or per token
+(``input_cost_per_1m`` / ``output_cost_per_1m`` with ``expected_output_tokens``). Prompt
+tokens are estimated at 4 characters a token, since the pool's own tokenizers are unknown
+here; logged per-query costs in the outcomes take precedence in evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CHARS_PER_TOKEN = 4.0
+
+
+@dataclass(frozen=True)
+class PoolModel:
+    name: str
+    cost_per_query: float | None = None
+    input_cost_per_1m: float | None = None
+    output_cost_per_1m: float | None = None
+    expected_output_tokens: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"pool model name must be a non-empty string, got {self.name!r}")
+        for key in ("cost_per_query", "input_cost_per_1m", "output_cost_per_1m", "expected_output_tokens"):
+            value = getattr(self, key)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0
+            ):
+                raise ValueError(f"pool model {self.name!r}: {key} must be a finite non-negative number, got {value!r}")
+        priced_by_token = self.input_cost_per_1m is not None or self.output_cost_per_1m is not None
+        if self.cost_per_query is None and not priced_by_token:
+            raise ValueError(
+                f"pool model {self.name!r} has no cost: give cost_per_query, or input_cost_per_1m and output_cost_per_1m"
+            )
+        if self.cost_per_query is not None and priced_by_token:
+            raise ValueError(f"pool model {self.name!r}: give cost_per_query or token prices, not both")
+        if priced_by_token and (self.input_cost_per_1m is None or self.output_cost_per_1m is None):
+            raise ValueError(f"pool model {self.name!r}: token pricing needs both input_cost_per_1m and output_cost_per_1m")
+
+    def cost(self, prompt_chars: float) -> float:
+        """Expected cost of one call with a prompt of ``prompt_chars`` characters."""
+        if self.cost_per_query is not None:
+            return float(self.cost_per_query)
+        output_tokens = self.expected_output_tokens if self.expected_output_tokens is not None else 256.0
+        return (prompt_chars / CHARS_PER_TOKEN) * self.input_cost_per_1m / 1e6 + output_tokens * self.output_cost_per_1m / 1e6
+
+
+@dataclass(frozen=True)
+class ModelPool:
+    models: tuple[PoolModel, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.models) < 2:
+            raise ValueError(f"a pool needs at least two models to route between, got {len(self.models)}")
+        names = [m.name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"pool names models more than once: {dupes}")
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.models]
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    def __getitem__(self, name: str) -> PoolModel:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise KeyError(f"model {name!r} is not in the pool {self.names}")
+
+    def costs(self, prompt_chars) -> np.ndarray:
+        """(n_queries, n_models) expected cost matrix."""
+        prompt_chars = np.atleast_1d(np.asarray(prompt_chars, dtype=np.float64))
+        return np.array([[m.cost(c) for m in self.models] for c in prompt_chars])
+
+    def check_against(self, model_names: list[str], what: str = "the outcomes") -> None:
+        missing = [m for m in self.names if m not in model_names]
+        if missing:
+            raise ValueError(f"pool models {missing} are absent from {what} (which has {model_names})")
+
+    def to_dict(self) -> dict:
+        return {"models": [{k: v for k, v in asdict(m).items() if v is not None} for m in self.models]}
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "pool") -> ModelPool:
+        if not isinstance(data, dict) or not isinstance(data.get("models"), list):
+            raise ValueError(f"{source}: expected an object with a 'models' list")
+        allowed = set(PoolModel.__dataclass_fields__)
+        models = []
+        for i, entry in enumerate(data["models"]):
+            if not isinstance(entry, dict):
+                raise ValueError(f"{source}: models[{i}] must be an object")
+            unknown = sorted(set(entry) - allowed)
+            if unknown:
+                raise ValueError(f"{source}: models[{i}] has unknown keys {unknown} (allowed: {sorted(allowed)})")
+            if "name" not in entry:
+                raise ValueError(f"{source}: models[{i}] has no 'name'")
+            try:
+                models.append(PoolModel(**entry))
+            except ValueError as exc:
+                raise ValueError(f"{source}: {exc}") from None
+        return cls(tuple(models))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ModelPool:
+        """Read a pool file: JSON, or YAML when the name ends in .yaml/.yml."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"pool file not found: {path}")
+        text = path.read_text(encoding="utf-8")
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_costs(cls, costs: dict[str, float]) -> ModelPool:
+        return cls(tuple(PoolModel(name=n, cost_per_query=c) for n, c in costs.items()))

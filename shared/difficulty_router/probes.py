@@ -1,0 +1,259 @@
+"""Probes from activation features to per-model success and to difficulty.
+
+Plain linear algebra on purpose: standardise, optional PCA, one L2 logistic regression
+per model with its regularisation picked by cross-validated AUROC, then Platt scaling
+fitted on out-of-fold scores so the probabilities are calibrated on rows the probe did
+not see. Everything a fitted probe holds is a named float array, so a saved router is
+plain safetensors + JSON and loading it executes nothing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedKFold
+from tqdm.auto import tqdm
+
+DEFAULT_CS = (0.001, 0.003, 0.01, 0.03, 0.1)
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -40, 40)))
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-4), 1 - 1e-4)
+    return float(np.log(p / (1 - p)))
+
+
+def _check_xy(X, Y=None):
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim != 2 or len(X) == 0:
+        raise ValueError(f"features must be a non-empty 2-D array, got shape {X.shape}")
+    if not np.isfinite(X).all():
+        raise ValueError("features contain NaN or infinite values")
+    if Y is None:
+        return X
+    Y = np.asarray(Y, dtype=np.float64)
+    if Y.ndim == 1:
+        Y = Y[:, None]
+    if Y.shape[0] != X.shape[0]:
+        raise ValueError(f"{X.shape[0]} feature rows but {Y.shape[0]} label rows")
+    if not np.isfinite(Y).all() or (Y < 0).any() or (Y > 1).any():
+        raise ValueError("labels must be finite numbers in [0, 1]")
+    return X, Y
+
+
+def _fit_logistic(Z, y, C, seed):
+    """L2 logistic regression on soft labels: each row counts y times as 1 and 1-y times as 0."""
+    soft = not np.isin(y, (0.0, 1.0)).all()
+    clf = LogisticRegression(C=C, max_iter=500, random_state=seed)
+    if soft:
+        clf.fit(np.vstack([Z, Z]), np.r_[np.ones(len(y)), np.zeros(len(y))], sample_weight=np.r_[y, 1 - y])
+    else:
+        clf.fit(Z, y.astype(int))
+    return clf.coef_[0], float(clf.intercept_[0])
+
+
+def _auroc(y, score) -> float:
+    hard = (y >= 0.5).astype(int)
+    if hard.min() == hard.max():
+        return float("nan")
+    return float(roc_auc_score(hard, score))
+
+
+def _platt(score, y) -> tuple[float, float]:
+    clf = LogisticRegression(C=1e4, max_iter=1000)
+    soft = not np.isin(y, (0.0, 1.0)).all()
+    s = score[:, None]
+    if soft:
+        clf.fit(np.vstack([s, s]), np.r_[np.ones(len(y)), np.zeros(len(y))], sample_weight=np.r_[y, 1 - y])
+    else:
+        clf.fit(s, y.astype(int))
+    return float(clf.coef_[0, 0]), float(clf.intercept_[0])
+
+
+class Standardizer:
+    """z-scoring followed by an optional PCA projection, stored as plain arrays."""
+
+    def __init__(self, n_components: int | None = None) -> None:
+        self.n_components = n_components
+
+    def fit(self, X: np.ndarray) -> Standardizer:
+        self.mean_ = X.mean(0)
+        self.scale_ = X.std(0) + 1e-6
+        Z = (X - self.mean_) / self.scale_
+        if self.n_components and self.n_components < min(Z.shape):
+            _, _, vt = np.linalg.svd(Z - Z.mean(0), full_matrices=False)
+            self.components_ = vt[: self.n_components]
+        else:
+            self.components_ = None
+        return self
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        Z = (X - self.mean_) / self.scale_
+        return Z @ self.components_.T if self.components_ is not None else Z
+
+    def arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        out = {f"{prefix}.mean": self.mean_, f"{prefix}.scale": self.scale_}
+        if self.components_ is not None:
+            out[f"{prefix}.components"] = self.components_
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str) -> Standardizer:
+        self = cls()
+        self.mean_ = arrays[f"{prefix}.mean"]
+        self.scale_ = arrays[f"{prefix}.scale"]
+        self.components_ = arrays.get(f"{prefix}.components")
+        self.n_components = None if self.components_ is None else len(self.components_)
+        return self
+
+
+class SuccessProbe:
+    """P(model m answers the query well) for each of m models, from activation features.
+
+    ``fit(X, Y)`` takes features (n, d) and outcomes (n, m) in [0, 1] (soft scores are
+    fine); ``predict_proba(X)`` returns calibrated probabilities (n, m).
+    """
+
+    def __init__(self, Cs=DEFAULT_CS, cv: int = 5, n_components: int | None = None, seed: int = 0) -> None:
+        if cv < 2:
+            raise ValueError(f"cv must be at least 2, got {cv}")
+        self.Cs = tuple(Cs)
+        self.cv = cv
+        self.n_components = n_components
+        self.seed = seed
+
+    def fit(self, X, Y, progress: bool = False, names: list[str] | None = None) -> SuccessProbe:
+        X, Y = _check_xy(X, Y)
+        if len(X) < 2 * self.cv:
+            raise ValueError(f"need at least {2 * self.cv} labelled rows to fit with {self.cv}-fold CV, got {len(X)}")
+        self.standardizer_ = Standardizer(self.n_components).fit(X)
+        Z = self.standardizer_.transform(X)
+        m = Y.shape[1]
+        self.coef_ = np.zeros((m, Z.shape[1]))
+        self.intercept_ = np.zeros(m)
+        self.platt_ = np.zeros((m, 2))
+        self.C_ = np.zeros(m)
+        self.cv_auroc_ = np.full(m, np.nan)
+        self.oof_proba_ = np.zeros_like(Y)
+        for j in tqdm(range(m), disable=not progress, desc="probes", unit="model"):
+            y = Y[:, j]
+            hard = (y >= 0.5).astype(int)
+            counts = np.bincount(hard, minlength=2)
+            if counts.min() < self.cv:  # (almost) always right or always wrong: a constant is the honest probe
+                self.platt_[j] = (0.0, _logit(y.mean()))
+                self.oof_proba_[:, j] = y.mean()
+                continue
+            folds = list(StratifiedKFold(self.cv, shuffle=True, random_state=self.seed).split(Z, hard))
+            best = (-np.inf, None, None)
+            for C in self.Cs:
+                oof = np.zeros(len(y))
+                for train, test in folds:
+                    w, b = _fit_logistic(Z[train], y[train], C, self.seed)
+                    oof[test] = Z[test] @ w + b
+                auc = _auroc(y, oof)
+                if auc > best[0] + 1e-4:
+                    best = (auc, C, oof)
+            auc, C, oof = best
+            self.C_[j], self.cv_auroc_[j] = C, auc
+            self.platt_[j] = _platt(oof, y)
+            self.oof_proba_[:, j] = _sigmoid(self.platt_[j, 0] * oof + self.platt_[j, 1])
+            self.coef_[j], self.intercept_[j] = _fit_logistic(Z, y, C, self.seed)
+        self.names_ = list(names) if names is not None else [str(j) for j in range(m)]
+        return self
+
+    def decision_function(self, X) -> np.ndarray:
+        Z = self.standardizer_.transform(_check_xy(X))
+        if Z.shape[1] != self.coef_.shape[1]:
+            raise ValueError(f"features have {X.shape[1]} columns; the probe was fitted on {self.standardizer_.mean_.shape[0]}")
+        return Z @ self.coef_.T + self.intercept_
+
+    def predict_proba(self, X) -> np.ndarray:
+        X = _check_xy(X)
+        if X.shape[1] != self.standardizer_.mean_.shape[0]:
+            raise ValueError(f"features have {X.shape[1]} columns; the probe was fitted on {self.standardizer_.mean_.shape[0]}")
+        return _sigmoid(self.platt_[:, 0] * self.decision_function(X) + self.platt_[:, 1])
+
+    def arrays(self, prefix: str = "success") -> dict[str, np.ndarray]:
+        out = self.standardizer_.arrays(f"{prefix}.standardizer")
+        out.update({f"{prefix}.coef": self.coef_, f"{prefix}.intercept": self.intercept_,
+                    f"{prefix}.platt": self.platt_, f"{prefix}.C": self.C_, f"{prefix}.cv_auroc": self.cv_auroc_})
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str = "success") -> SuccessProbe:
+        self = cls()
+        self.standardizer_ = Standardizer.from_arrays(arrays, f"{prefix}.standardizer")
+        self.coef_ = arrays[f"{prefix}.coef"]
+        self.intercept_ = arrays[f"{prefix}.intercept"]
+        self.platt_ = arrays[f"{prefix}.platt"]
+        self.C_ = arrays[f"{prefix}.C"]
+        self.cv_auroc_ = arrays[f"{prefix}.cv_auroc"]
+        m, d = self.coef_.shape
+        if self.intercept_.shape != (m,) or self.platt_.shape != (m, 2):
+            raise ValueError("saved success probe arrays have inconsistent shapes")
+        return self
+
+
+def derived_difficulty(proba: np.ndarray) -> np.ndarray:
+    """1-5 from the expected share of pool models that fail: 1 = all succeed, 5 = all fail."""
+    return 1.0 + 4.0 * (1.0 - np.asarray(proba)).mean(axis=1)
+
+
+class DifficultyProbe:
+    """Ordinal 1-5 difficulty by ridge regression on features, for data that carries labels."""
+
+    def __init__(self, alphas=(1.0, 10.0, 100.0, 1000.0, 10000.0)) -> None:
+        self.alphas = alphas
+
+    def fit(self, X, levels) -> DifficultyProbe:
+        from sklearn.linear_model import RidgeCV
+
+        X = _check_xy(X)
+        levels = np.asarray(levels, dtype=np.float64)
+        if not np.isin(levels, (1, 2, 3, 4, 5)).all():
+            raise ValueError("difficulty labels must be integers 1-5")
+        self.standardizer_ = Standardizer().fit(X)
+        ridge = RidgeCV(alphas=self.alphas).fit(self.standardizer_.transform(X), levels)
+        self.coef_, self.intercept_ = ridge.coef_, np.array([ridge.intercept_])
+        return self
+
+    def predict(self, X) -> np.ndarray:
+        Z = self.standardizer_.transform(_check_xy(X))
+        return np.clip(Z @ self.coef_ + self.intercept_[0], 1.0, 5.0)
+
+    def arrays(self, prefix: str = "difficulty") -> dict[str, np.ndarray]:
+        out = self.standardizer_.arrays(f"{prefix}.standardizer")
+        out.update({f"{prefix}.coef": self.coef_, f"{prefix}.intercept": self.intercept_})
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays, prefix: str = "difficulty") -> DifficultyProbe:
+        self = cls()
+        self.standardizer_ = Standardizer.from_arrays(arrays, f"{prefix}.standardizer")
+        self.coef_, self.intercept_ = arrays[f"{prefix}.coef"], arrays[f"{prefix}.intercept"]
+        return self
+
+
+def readout_score(X, Y, cv: int = 3, C: float = 0.01, seed: int = 0, max_rows: int = 3000) -> float:
+    """Mean cross-validated AUROC over models of a quick probe: how well a read-out predicts success."""
+    X, Y = _check_xy(X, Y)
+    if len(X) > max_rows:
+        keep = np.random.default_rng(seed).choice(len(X), max_rows, replace=False)
+        X, Y = X[keep], Y[keep]
+    Z = Standardizer().fit(X).transform(X)
+    aucs = []
+    for j in range(Y.shape[1]):
+        y = Y[:, j]
+        hard = (y >= 0.5).astype(int)
+        if np.bincount(hard, minlength=2).min() < cv:
+            continue
+        oof = np.zeros(len(y))
+        for train, test in StratifiedKFold(cv, shuffle=True, random_state=seed).split(Z, hard):
+            w, b = _fit_logistic(Z[train], y[train], C, seed)
+            oof[test] = Z[test] @ w + b
+        aucs.append(_auroc(y, oof))
+    return float(np.mean(aucs)) if aucs else float("nan")

@@ -1,0 +1,274 @@
+"""DifficultyRouter: extractor read-out -> success probes -> policy -> RouteDecision."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .data import Outcomes
+from .decision import RouteDecision
+from .extractor import ActivationExtractor, normalise_pooling
+from .policies import Policy, pick_operating_point, sweep
+from .pool import ModelPool
+from .probes import DifficultyProbe, SuccessProbe, derived_difficulty
+from .queries import conversation_text, to_conversations
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "difficulty-router/1"
+MANIFEST = "manifest.json"
+ARRAYS = "probes.safetensors"
+
+
+class DifficultyRouter:
+    """Routes each query to the cheapest pool model expected to answer it well.
+
+    Build one with :func:`difficulty_router.train_router` (or ``DifficultyRouter.fit``),
+    or load a saved one with :meth:`load`.
+    """
+
+    def __init__(self, extractor: ActivationExtractor, pool: ModelPool, probe: SuccessProbe, *,
+                 layers: Sequence[int], pooling: Sequence[str], capability: Sequence[float],
+                 policy: Policy | None = None, difficulty_probe: DifficultyProbe | None = None,
+                 info: dict | None = None) -> None:
+        self.extractor = extractor
+        self.pool = pool
+        self.probe = probe
+        self.layers = tuple(int(x) for x in layers)
+        self.pooling = normalise_pooling(pooling)
+        self.capability = np.asarray(capability, dtype=np.float64)
+        self.policy = policy or Policy()
+        self.difficulty_probe = difficulty_probe
+        self.info = dict(info or {})
+        if len(self.capability) != len(pool):
+            raise ValueError(f"capability has {len(self.capability)} entries for a pool of {len(pool)}")
+        width = len(self.layers) * len(self.pooling) * extractor.hidden_size
+        if probe.coef_.shape[0] != len(pool) or probe.standardizer_.mean_.shape != (width,):
+            raise ValueError(f"the probe ({probe.coef_.shape[0]} models, {probe.standardizer_.mean_.shape[0]} features) "
+                             f"does not fit a pool of {len(pool)} and a read-out of {width} features")
+
+    # -- introspection -------------------------------------------------------------
+    @property
+    def models(self) -> list[str]:
+        return self.pool.names
+
+    def capability_order(self) -> list[str]:
+        """Pool models from least to most capable (training accuracy, then cost)."""
+        costs = self.pool.costs([0.0])[0]
+        return [self.models[j] for j in np.lexsort((costs, self.capability))]
+
+    # -- prediction ----------------------------------------------------------------
+    def features(self, queries: Sequence[Any], progress: bool | None = None):
+        return self.extractor.extract(queries, layers=self.layers, pooling=self.pooling, progress=progress)
+
+    def predict_proba(self, queries: Sequence[Any], progress: bool | None = None) -> np.ndarray:
+        """(n_queries, n_models) calibrated P(success), columns in ``self.models`` order."""
+        return self.probe.predict_proba(self.features(queries, progress).features)
+
+    def _eligibility(self, n: int, exclude: dict[str, str] | None) -> np.ndarray:
+        mask = np.ones((n, len(self.models)), dtype=bool)
+        for name in exclude or {}:
+            if name not in self.models:
+                raise ValueError(f"cannot exclude {name!r}: not in the pool {self.models}")
+            mask[:, self.models.index(name)] = False
+        if not mask[0].any():
+            raise ValueError(f"every pool model is excluded ({dict(exclude)}); nothing can serve this query")
+        return mask
+
+    def route(self, query: Any, *, exclude: dict[str, str] | None = None) -> RouteDecision:
+        """Decide for one query (a string or a chat conversation)."""
+        return self.route_batch([query], exclude=exclude, progress=False)[0]
+
+    def route_batch(self, queries: Sequence[Any], *, exclude: dict[str, str] | None = None,
+                    progress: bool | None = None) -> list[RouteDecision]:
+        """Decide for many queries with one batched extraction.
+
+        ``exclude`` maps pool models that cannot serve these calls to the reason; they are
+        skipped and the reason is recorded in each decision.
+        """
+        start = time.perf_counter()
+        conversations = to_conversations(queries)
+        extraction = self.features(conversations, progress)
+        proba = self.probe.predict_proba(extraction.features)
+        costs = self.pool.costs([len(conversation_text(c)) for c in conversations])
+        eligible = self._eligibility(len(conversations), exclude)
+        chosen = self.policy.choose(proba, costs, self.capability, eligible)
+        difficulty = self.difficulty(proba, extraction.features)
+        elapsed = (time.perf_counter() - start) * 1000 / len(conversations)
+        order = self.capability_order()
+        decisions = []
+        for i, j in enumerate(chosen):
+            name = self.models[j]
+            rank = order.index(name)
+            fallbacks = tuple(m for m in order[rank + 1 :] if eligible[i, self.models.index(m)])
+            decisions.append(RouteDecision(
+                model=name,
+                probabilities={m: float(p) for m, p in zip(self.models, proba[i])},
+                difficulty=float(difficulty[i]),
+                difficulty_level=int(np.clip(np.rint(difficulty[i]), 1, 5)),
+                expected_cost=float(costs[i, j]),
+                costs={m: float(c) for m, c in zip(self.models, costs[i])},
+                policy=self.policy.kind,
+                parameter=self.policy.parameter,
+                threshold=self.policy.value,
+                fallbacks=fallbacks,
+                skipped=dict(exclude or {}),
+                truncated=bool(extraction.truncated[i]),
+                latency_ms=elapsed,
+            ))
+        return decisions
+
+    def difficulty(self, proba: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
+        if self.difficulty_probe is not None and features is not None:
+            return self.difficulty_probe.predict(features)
+        return derived_difficulty(proba)
+
+    # -- operating point -----------------------------------------------------------
+    def operating_curve(self, outcomes: Outcomes, kind: str | None = None, proba: np.ndarray | None = None) -> list[dict]:
+        """Accuracy and cost at every setting of the policy on labelled rows."""
+        outcomes = outcomes.select_models(self.models)
+        if proba is None:
+            proba = self.predict_proba(outcomes.queries)
+        costs = self.estimated_costs(outcomes)
+        return sweep(Policy(kind or self.policy.kind), proba, costs, self.capability, outcomes.scores,
+                     realised_costs=realised_costs(outcomes, costs))
+
+    def estimated_costs(self, outcomes: Outcomes) -> np.ndarray:
+        return self.pool.costs([len(conversation_text(c)) for c in outcomes.queries])
+
+    def calibrate(self, outcomes: Outcomes, *, target_cost: float | None = None,
+                  target_accuracy: float | None = None, max_accuracy_drop: float | None = None,
+                  kind: str | None = None, proba: np.ndarray | None = None) -> dict:
+        """Set the policy's knob on labelled traffic of your own.
+
+        ``target_cost``: best accuracy at a mean cost per query no higher than this.
+        ``target_accuracy``: cheapest setting reaching this accuracy.
+        ``max_accuracy_drop``: cheapest setting within this many accuracy points (0.01 = 1 point)
+        of the best single pool model on these rows.
+        """
+        given = [x is not None for x in (target_cost, target_accuracy, max_accuracy_drop)]
+        if sum(given) != 1:
+            raise ValueError("give exactly one of target_cost, target_accuracy or max_accuracy_drop")
+        outcomes = outcomes.select_models(self.models)
+        if len(outcomes) < 10:
+            raise ValueError(f"calibration needs at least 10 labelled rows, got {len(outcomes)}")
+        points = self.operating_curve(outcomes, kind, proba)
+        if max_accuracy_drop is not None:
+            target_accuracy = float(outcomes.scores.mean(axis=0).max()) - max_accuracy_drop
+        kind = kind or self.policy.kind
+        point = pick_operating_point(points, Policy(kind).parameter, target_cost=target_cost,
+                                     target_accuracy=target_accuracy)
+        self.policy = Policy(kind, point[Policy(kind).parameter])
+        self.info["calibration"] = {"n": len(outcomes), "target_cost": target_cost,
+                                    "target_accuracy": target_accuracy, "point": point}
+        return point
+
+    # -- persistence ---------------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``manifest.json`` and ``probes.safetensors``; nothing in them is executable."""
+        from safetensors.numpy import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        arrays = self.probe.arrays("success")
+        if self.difficulty_probe is not None:
+            arrays.update(self.difficulty_probe.arrays("difficulty"))
+        arrays["capability"] = self.capability
+        arrays = {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in arrays.items()}
+        save_file(arrays, str(directory / ARRAYS))
+        manifest = {
+            "format": FORMAT,
+            "extractor": self.extractor.describe(),
+            "readout": {"layers": list(self.layers), "pooling": list(self.pooling)},
+            "pool": self.pool.to_dict(),
+            "policy": self.policy.to_dict(),
+            "has_difficulty_probe": self.difficulty_probe is not None,
+            "arrays_sha256": _sha256(directory / ARRAYS),
+            "versions": _versions(),
+            "info": self.info,
+        }
+        (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, extractor: ActivationExtractor | None = None,
+             **extractor_kwargs) -> DifficultyRouter:
+        """Load a saved router; refuses bundles that were altered or that belong to another extractor."""
+        from safetensors.numpy import load_file
+
+        directory = Path(directory)
+        if not (directory / MANIFEST).is_file():
+            raise FileNotFoundError(f"{directory} holds no {MANIFEST}; not a saved router")
+        if not (directory / ARRAYS).is_file():
+            raise FileNotFoundError(f"{directory} holds no {ARRAYS}; the saved router is incomplete")
+        try:
+            manifest = json.loads((directory / MANIFEST).read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{directory / MANIFEST} is not valid JSON: {exc.msg}") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise ValueError(f"{directory / MANIFEST}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
+        digest = _sha256(directory / ARRAYS)
+        if digest != manifest.get("arrays_sha256"):
+            raise ValueError(f"{directory / ARRAYS} does not match the hash in its manifest; the bundle was altered")
+        arrays = load_file(str(directory / ARRAYS))
+        readout = manifest["readout"]
+        described = manifest["extractor"]
+        if extractor is None:
+            extractor = ActivationExtractor(described["model_id"], layers=readout["layers"], pooling=readout["pooling"],
+                                            max_tokens=described.get("max_tokens", 2048), **extractor_kwargs)
+        if extractor.model_hash != described["model_hash"]:
+            raise ValueError(
+                f"this router was trained on extractor {described['model_id']!r} (weights sha256 "
+                f"{described['model_hash'][:12]}...), but the extractor in use is {extractor.model_id!r} "
+                f"({extractor.model_hash[:12]}...); its probes would read meaningless features"
+            )
+        if extractor.hidden_size != described["hidden_size"] or extractor.n_layers != described["n_layers"]:
+            raise ValueError("the extractor's shape differs from the one the router was trained on")
+        probe = SuccessProbe.from_arrays(arrays, "success")
+        difficulty_probe = DifficultyProbe.from_arrays(arrays, "difficulty") if manifest.get("has_difficulty_probe") else None
+        return cls(extractor, ModelPool.from_dict(manifest["pool"], source=str(directory / MANIFEST)), probe,
+                   layers=readout["layers"], pooling=readout["pooling"], capability=arrays["capability"],
+                   policy=Policy.from_dict(manifest["policy"]), difficulty_probe=difficulty_probe,
+                   info=manifest.get("info", {}))
+
+    def __repr__(self) -> str:
+        return (f"DifficultyRouter(extractor={self.extractor.model_id!r}, layers={self.layers}, "
+                f"pooling={self.pooling}, models={self.models}, policy={self.policy})")
+
+
+def realised_costs(outcomes: Outcomes, estimated: np.ndarray) -> np.ndarray:
+    """Logged per-query costs where the outcomes have them, estimates elsewhere."""
+    if outcomes.cost is None:
+        return estimated
+    return np.where(np.isnan(outcomes.cost), estimated, outcomes.cost)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def _versions() -> dict:
+    import sklearn
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {"difficulty_router": __version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "scikit-learn": sklearn.__version__}

@@ -1,0 +1,116 @@
+"""Fit a DifficultyRouter from an outcomes file: read-out sweep, probes, default operating point."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .data import Outcomes
+from .extractor import ActivationExtractor, normalise_layers
+from .metrics import apgr_cpt
+from .policies import Policy, pick_operating_point, sweep
+from .pool import ModelPool
+from .probes import DifficultyProbe, SuccessProbe, readout_score
+from .queries import conversation_text
+from .router import DifficultyRouter, realised_costs
+
+logger = logging.getLogger(__name__)
+
+# Middle layers first: the papers find success is most linearly readable around mid-depth.
+DEFAULT_CANDIDATE_LAYERS = (0.5, 0.4, 0.6, 0.3, 0.7)
+READOUT_POOLINGS = (("last",), ("mean",), ("last", "mean"))
+
+
+def _sweep_models(scores: np.ndarray, limit: int = 8) -> list[int]:
+    """The models whose success is least lopsided: they carry most signal for choosing a read-out."""
+    balance = np.abs(scores.mean(axis=0) - 0.5)
+    return list(np.argsort(balance)[:limit])
+
+
+def select_readout(extraction, scores: np.ndarray, seed: int = 0, progress: bool = False) -> tuple[tuple[int, ...], tuple[str, ...], list[dict]]:
+    """Cross-validated AUROC of a quick probe for each (layer, pooling); returns the best and the table."""
+    cols = _sweep_models(scores)
+    table = []
+    candidates = [(layer, pools) for layer in extraction.layers for pools in READOUT_POOLINGS]
+    for layer, pools in tqdm(candidates, disable=not progress, desc="read-out sweep", unit="candidate"):
+        X = extraction.select(layers=[layer], pooling=pools).features
+        table.append({"layer": layer, "pooling": "+".join(pools),
+                      "cv_auroc": readout_score(X, scores[:, cols], seed=seed)})
+    best = max(table, key=lambda row: (np.nan_to_num(row["cv_auroc"], nan=-1.0)))
+    return (best["layer"],), tuple(best["pooling"].split("+")), table
+
+
+def train_router(outcomes: Outcomes, pool: ModelPool, extractor: ActivationExtractor | None = None, *,
+                 layers: Sequence[Any] | None = None, pooling: str | Sequence[str] | None = None,
+                 policy: str = "utility", cv: int = 5, n_components: int | None = None,
+                 max_accuracy_drop: float = 0.01, seed: int = 0, progress: bool = True) -> DifficultyRouter:
+    """Train per-model success probes on ``outcomes`` and return a router ready to ``route``.
+
+    With ``layers``/``pooling`` left as None the read-out is chosen by cross-validated AUROC
+    over middle layers and the three poolings. The default operating point is the cheapest
+    setting, on out-of-fold predictions, within ``max_accuracy_drop`` of the best single model.
+    """
+    pool.check_against(outcomes.models)
+    outcomes = outcomes.select_models(pool.names)
+    if len(outcomes) < 2 * cv:
+        raise ValueError(f"need at least {2 * cv} labelled rows to train, got {len(outcomes)}")
+    extractor = extractor or ActivationExtractor()
+    candidate_layers = normalise_layers(layers if layers is not None else DEFAULT_CANDIDATE_LAYERS, extractor.n_layers)
+    sweep_table: list[dict] = []
+    if pooling is not None and layers is not None:
+        extraction = extractor.extract(outcomes.queries, layers=candidate_layers, pooling=pooling, progress=progress)
+        chosen_layers, chosen_pooling = extraction.layers, extraction.pooling
+    else:
+        extraction = extractor.extract(outcomes.queries, layers=candidate_layers, pooling="both", progress=progress)
+        if pooling is None and len(candidate_layers) * 3 > 1:
+            chosen_layers, chosen_pooling, sweep_table = select_readout(extraction, outcomes.scores, seed, progress)
+        else:
+            chosen_layers, chosen_pooling = extraction.layers, extraction.pooling
+        if pooling is not None:
+            from .extractor import normalise_pooling
+
+            chosen_pooling = normalise_pooling(pooling)
+        extraction = extraction.select(layers=chosen_layers, pooling=chosen_pooling)
+    probe = SuccessProbe(cv=cv, n_components=n_components, seed=seed).fit(
+        extraction.features, outcomes.scores, progress=progress, names=pool.names)
+    difficulty_probe = None
+    if outcomes.difficulty is not None and (outcomes.difficulty > 0).sum() >= 20:
+        labelled = outcomes.difficulty > 0
+        difficulty_probe = DifficultyProbe().fit(extraction.features[labelled], outcomes.difficulty[labelled])
+    capability = outcomes.scores.mean(axis=0)
+    router = DifficultyRouter(extractor, pool, probe, layers=chosen_layers, pooling=chosen_pooling,
+                              capability=capability, policy=Policy(policy), difficulty_probe=difficulty_probe)
+    # Default operating point and a policy comparison, on out-of-fold probabilities: rows the probes did not fit.
+    costs = pool.costs([len(conversation_text(c)) for c in outcomes.queries])
+    realised = realised_costs(outcomes, costs)
+    oof = probe.oof_proba_
+    comparison = {}
+    for kind in ("utility", "threshold"):
+        points = sweep(Policy(kind), oof, costs, capability, outcomes.scores, realised)
+        target = float(capability.max()) - max_accuracy_drop
+        try:
+            point = pick_operating_point(points, Policy(kind).parameter, target_accuracy=target)
+        except ValueError:
+            point = max(points, key=lambda p: (p["accuracy"], -p["cost"]))
+        comparison[kind] = {"point": point}
+    if len(pool) == 2:
+        weak, strong = np.argsort(capability)
+        comparison["utility"].update(apgr_cpt(oof[:, strong] - oof[:, weak], outcomes.scores[:, weak], outcomes.scores[:, strong], seed))
+        comparison["threshold"].update(apgr_cpt(1 - oof[:, weak], outcomes.scores[:, weak], outcomes.scores[:, strong], seed))
+    router.policy = Policy(policy, comparison[policy]["point"][Policy(policy).parameter])
+    router.info = {
+        "training": outcomes.summary(),
+        "readout_sweep": sweep_table,
+        "readout": {"layers": list(chosen_layers), "pooling": list(chosen_pooling)},
+        "cv_auroc": {m: float(a) for m, a in zip(pool.names, probe.cv_auroc_)},
+        "regularisation_C": {m: float(c) for m, c in zip(pool.names, probe.C_)},
+        "out_of_fold_policies": comparison,
+        "default_operating_point": {"max_accuracy_drop": max_accuracy_drop, **comparison[policy]["point"]},
+        "truncated_prompts": int(extraction.truncated.sum()),
+        "seed": seed,
+    }
+    return router
