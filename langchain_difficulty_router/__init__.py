@@ -1,0 +1,7 @@
+"""LangChain adapter for difficulty_router: a routing step for LCEL chains and a routing chat model."""
+
+from ._convert import to_router_query
+from .chat_model import ChatDifficultyRouter, is_transient_error
+from .runnable import DifficultyRouterRunnable, route_to
+
+__all__ = ["ChatDifficultyRouter", "DifficultyRouterRunnable", "route_to", "to_router_query", "is_transient_error"]
