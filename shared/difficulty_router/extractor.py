@@ -9,6 +9,7 @@ stops after the deepest requested block: routing needs no logits.
 from __future__ import annotations
 
 import logging
+import os
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -227,7 +228,7 @@ class ActivationExtractor:
         self._base = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
         self.layers = normalise_layers(layers, self.n_layers)
         self.pooling = normalise_pooling(pooling)
-        if isinstance(feature_cache, str):
+        if isinstance(feature_cache, (str, os.PathLike)):
             feature_cache = FeatureCache(feature_cache)
         self.feature_cache = feature_cache
 
@@ -290,12 +291,11 @@ class ActivationExtractor:
         width = len(layer_idx) * len(pools) * self.hidden_size
         features = np.empty((n, width), dtype=np.float32)
         todo = list(range(n))
-        cache_keys = None
-        if self.feature_cache is not None:
-            cache_keys = [self.feature_cache.key(self.model_hash, layer_idx, pools, x) for x in ids]
+        cache = self.feature_cache
+        if cache is not None:
             todo = []
-            for i, key in enumerate(cache_keys):
-                row = self.feature_cache.get(key, width)
+            for i, x in enumerate(ids):
+                row = cache.load(self.model_hash, layer_idx, pools, x, self.hidden_size)
                 if row is None:
                     todo.append(i)
                 else:
@@ -307,9 +307,9 @@ class ActivationExtractor:
         with tqdm(total=len(order), disable=not progress, desc="extracting", unit="query") as bar:
             for batch in batches:
                 features[batch] = self._forward([ids[i] for i in batch], layer_idx, pools)
-                if cache_keys is not None:
+                if cache is not None:
                     for i in batch:
-                        self.feature_cache.put(cache_keys[i], features[i])
+                        cache.store(self.model_hash, layer_idx, pools, ids[i], features[i], self.hidden_size)
                 bar.update(len(batch))
         if truncated.any():
             logger.info("%d of %d prompts were longer than %d tokens and kept their last tokens",

@@ -34,6 +34,8 @@ def apgr_cpt(score, weak_correct, strong_correct, seed: int = 0, thresholds=(0.5
         raise ValueError("the strong model is not more accurate than the weak one on these rows; PGR is undefined")
     pgr = (accuracy - acc_weak) / (acc_strong - acc_weak)
     out = {"apgr": float(np.trapezoid(pgr, fraction))}
+    grid = np.linspace(0, 1, 101)
+    out["pgr_curve"] = [[float(f), float(v)] for f, v in zip(grid, np.interp(grid, fraction, pgr))]
     for x in thresholds:
         reached = np.flatnonzero(pgr >= x - 1e-12)
         out[f"cpt{int(round(x * 100))}"] = float(fraction[reached[0]]) if len(reached) else None

@@ -1,0 +1,315 @@
+"""``difficulty-router`` command line: extract, train, evaluate, route, convert, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .model_store import DEFAULT_MODEL, cache_root
+
+
+def _layers(values: list[str] | None):
+    if values is None:
+        return None
+    out = []
+    for v in values:
+        for part in v.split(","):
+            part = part.strip()
+            if part:
+                out.append(float(part) if "." in part else int(part))
+    return out
+
+
+def _feature_cache(args):
+    from .feature_cache import FeatureCache
+
+    if getattr(args, "no_feature_cache", False):
+        return None
+    return FeatureCache(args.feature_cache or cache_root() / "features")
+
+
+def _read_queries(path: Path) -> list:
+    """One query per line: a JSON string, an object with prompt/messages/query, or (for .txt) raw text."""
+    if not path.is_file():
+        raise FileNotFoundError(f"input file not found: {path}")
+    queries = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            if path.suffix == ".txt":
+                queries.append(line.rstrip("\n"))
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}, line {lineno}: not valid JSON ({exc.msg})") from None
+            if isinstance(row, dict):
+                for key in ("messages", "prompt", "query"):
+                    if key in row:
+                        row = row[key]
+                        break
+                else:
+                    raise ValueError(f"{path}, line {lineno}: object has none of 'prompt', 'messages', 'query'")
+            queries.append(row)
+    if not queries:
+        raise ValueError(f"{path} holds no queries")
+    return queries
+
+
+def cmd_extract(args) -> int:
+    from .extractor import ActivationExtractor
+
+    queries = _read_queries(Path(args.input))
+    start = time.perf_counter()
+    extractor = ActivationExtractor(args.model, gguf_file=args.gguf_file, layers=_layers(args.layers) or 0.5,
+                                    pooling=args.pooling, device=args.device, dtype=args.dtype,
+                                    max_tokens=args.max_tokens, batch_size=args.batch_size)
+    loaded = time.perf_counter()
+    result = extractor.extract(queries, progress=None if args.progress else False)
+    done = time.perf_counter()
+    np.savez(args.output, features=result.features, layers=np.array(result.layers), pooling=np.array(result.pooling),
+             n_tokens=result.n_tokens, truncated=result.truncated, model_id=np.array(result.model_id),
+             model_hash=np.array(result.model_hash))
+    print(f"{len(queries)} queries -> features {result.shape} (layers {list(result.layers)}, pooling "
+          f"{'+'.join(result.pooling)}) from {extractor.model_id} on {extractor.device}/{str(extractor.dtype).split('.')[-1]}")
+    print(f"load {loaded - start:.1f} s, extract {done - loaded:.2f} s ({len(queries) / (done - loaded):.1f} queries/s); "
+          f"{int(result.truncated.sum())} truncated to {args.max_tokens} tokens; wrote {args.output}")
+    return 0
+
+
+def _load_data(path: str, limit: int | None = None, seed: int = 0):
+    from .data import load_outcomes
+
+    outcomes = load_outcomes(path)
+    if limit and limit < len(outcomes):
+        keep = np.sort(np.random.default_rng(seed).choice(len(outcomes), limit, replace=False))
+        outcomes = outcomes.subset(keep)
+    return outcomes
+
+
+def _print_training(router) -> None:
+    info = router.info
+    print(f"read-out: layer {list(router.layers)}, pooling {'+'.join(router.pooling)} "
+          f"(of {router.extractor.n_layers} layers in {router.extractor.model_id})")
+    if info.get("readout_sweep"):
+        best = sorted(info["readout_sweep"], key=lambda r: -np.nan_to_num(r["cv_auroc"], nan=-1))[:5]
+        print("read-out sweep (mean CV AUROC, top 5): " + ", ".join(
+            f"L{r['layer']}/{r['pooling']} {r['cv_auroc']:.3f}" for r in best))
+    print("cross-validated AUROC per model:")
+    for m, a in info["cv_auroc"].items():
+        print(f"  {m}: {a:.3f}" if a == a else f"  {m}: - (always right or always wrong in training)")
+    point = info["default_operating_point"]
+    print(f"default operating point ({router.policy.kind} {router.policy.parameter}={router.policy.value:.4g}): "
+          f"out-of-fold accuracy {point['accuracy']:.3f} at mean cost {point['cost']:.4g}")
+
+
+def cmd_train(args) -> int:
+    from .extractor import ActivationExtractor
+    from .pool import ModelPool
+    from .training import train_router
+
+    pool = ModelPool.load(args.pool)
+    outcomes = _load_data(args.data, args.limit, args.seed)
+    pool.check_against(outcomes.models, args.data)
+    extractor = ActivationExtractor(args.extractor, max_tokens=args.max_tokens, device=args.device,
+                                    feature_cache=_feature_cache(args))
+    router = train_router(outcomes, pool, extractor, layers=_layers(args.layers), pooling=args.pooling,
+                          policy=args.policy, cv=args.cv, seed=args.seed, progress=True)
+    router.info["training"]["data"] = str(args.data)
+    router.save(args.out)
+    _print_training(router)
+    print(f"saved router to {args.out}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluation import evaluate_router, plot_report, report_table
+    from .extractor import ActivationExtractor
+    from .router import DifficultyRouter
+
+    router = DifficultyRouter.load(args.router, feature_cache=_feature_cache(args))
+    outcomes = _load_data(args.data, args.limit, args.seed)
+    train = _load_data(args.train_data) if args.train_data else None
+    report = evaluate_router(router, outcomes, train=train, seed=args.seed, progress=not args.json)
+    plot = Path(args.plot) if args.plot else Path(args.router) / "evaluation.png"
+    plot_report(report, plot, title=f"{Path(args.data).name}: held-out cost-accuracy")
+    report["plot"] = str(plot)
+    (Path(args.router) / "evaluation.json").write_text(json.dumps(report, indent=1))
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(report_table(report))
+        print(f"plot: {plot}")
+    return 0
+
+
+def cmd_route(args) -> int:
+    from .router import DifficultyRouter
+
+    router = DifficultyRouter.load(args.router)
+    query = args.query
+    if args.messages:
+        query = json.loads(args.query)
+    decision = router.route(query)
+    print(json.dumps(decision.to_dict(), indent=1) if args.json else str(decision))
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .data import load_llmrouter, load_mmlu_pro, save_outcomes
+
+    if args.kind == "mmlu-pro":
+        outcomes = load_mmlu_pro(args.source, models=args.models)
+    else:
+        outcomes = load_llmrouter(args.source)
+        if args.models:
+            outcomes = outcomes.select_models(args.models)
+    save_outcomes(outcomes, args.output)
+    print(f"wrote {len(outcomes)} rows x {len(outcomes.models)} models to {args.output}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The main job: train on the shipped RouteLLM MMLU sample, evaluate held-out, route examples."""
+    from .datasets import ROUTELLM_MMLU_POOL, ROUTELLM_MMLU_SAMPLE
+    from .evaluation import evaluate_router, plot_report, report_table
+    from .extractor import ActivationExtractor
+    from .pool import ModelPool
+    from .training import train_router
+    from .data import load_outcomes
+
+    start = time.perf_counter()
+    outcomes = load_outcomes(ROUTELLM_MMLU_SAMPLE)
+    pool = ModelPool.load(ROUTELLM_MMLU_POOL)
+    n_train, n_test = args.train_rows, args.test_rows
+    if n_train + n_test > len(outcomes):
+        raise ValueError(f"--train-rows + --test-rows must be <= {len(outcomes)}")
+    order = np.random.default_rng(args.seed).permutation(len(outcomes))
+    train, test = outcomes.subset(np.sort(order[:n_train])), outcomes.subset(np.sort(order[n_train:n_train + n_test]))
+    print(f"data: {ROUTELLM_MMLU_SAMPLE.name} (RouteLLM MMLU, Apache-2.0), {n_train} training rows, "
+          f"{n_test} held-out rows, seed {args.seed}")
+    extractor = ActivationExtractor(DEFAULT_MODEL, max_tokens=args.max_tokens, feature_cache=_feature_cache(args))
+    print(f"extractor: {extractor.model_id} ({extractor.n_layers} layers, hidden {extractor.hidden_size}) "
+          f"on {extractor.device}, loaded in {time.perf_counter() - start:.1f} s")
+    router = train_router(train, pool, extractor, layers=_layers(args.layers), policy=args.policy, seed=args.seed)
+    _print_training(router)
+    out = Path(args.out)
+    router.save(out)
+    report = evaluate_router(router, test, train=train, seed=args.seed, progress=True)
+    plot = plot_report(report, out / "evaluation.png", title="RouteLLM MMLU sample: GPT-4 vs Mixtral, held-out")
+    (out / "evaluation.json").write_text(json.dumps(report, indent=1))
+    print("\nheld-out evaluation (same rows for every predictor):")
+    print(report_table(report))
+    print(f"\nrouter saved to {out}/, plot {plot}")
+    print("\nexample decisions:")
+    examples = [
+        "What is the capital of France?\nA. Paris\nB. Rome\nC. Berlin\nD. Madrid\nAnswer:",
+        "Let p = (1, 2, 5, 4)(2, 3) in S_5. Find the index of <p> in S_5.\nA. 8\nB. 2\nC. 24\nD. 120\nAnswer:",
+        [{"role": "system", "content": "You are a careful tax lawyer."},
+         {"role": "user", "content": "Under IRC section 1031, which of the following exchanges qualifies?\n"
+                                     "A. Stock for stock\nB. Land for a building\nC. Inventory for land\nD. None\nAnswer:"}],
+    ]
+    for query, decision in zip(examples, router.route_batch(examples)):
+        text = query if isinstance(query, str) else query[-1]["content"]
+        print(f"  {text.splitlines()[0][:70]!r}\n    {decision}")
+    print(f"\ntotal {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="difficulty-router", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def cache_args(p):
+        p.add_argument("--feature-cache", help=f"feature cache directory (default {cache_root() / 'features'})")
+        p.add_argument("--no-feature-cache", action="store_true", help="do not read or write cached features")
+
+    p = sub.add_parser("extract", help="extract activation features for queries")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="short name, model directory, .gguf file or hub id")
+    p.add_argument("--gguf-file", help="GGUF file name inside --model when it is a directory")
+    p.add_argument("--layers", nargs="+", help="hidden-state indexes or depth fractions, e.g. 15 -1 0.5")
+    p.add_argument("--pooling", default="last", choices=["last", "mean", "both"])
+    p.add_argument("--input", required=True, help="JSON Lines of queries (strings or objects with prompt/messages), or .txt")
+    p.add_argument("--output", required=True, help="output .npz")
+    p.add_argument("--max-tokens", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--progress", action="store_true", default=True)
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("train", help="train a router from an outcomes file")
+    p.add_argument("--data", required=True, help="outcomes JSON Lines (.gz ok)")
+    p.add_argument("--pool", required=True, help="model pool file (JSON or YAML) with costs")
+    p.add_argument("--extractor", default=DEFAULT_MODEL)
+    p.add_argument("--out", required=True, help="directory to save the router")
+    p.add_argument("--layers", nargs="+", help="candidate read-out layers (default: middle layers)")
+    p.add_argument("--pooling", choices=["last", "mean", "both"], help="fix the pooling instead of sweeping it")
+    p.add_argument("--policy", default="utility", choices=["utility", "threshold"])
+    p.add_argument("--cv", type=int, default=5)
+    p.add_argument("--limit", type=int, help="train on a seeded random subset of this many rows")
+    p.add_argument("--max-tokens", type=int, default=2048)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    cache_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a router on labelled rows against baselines")
+    p.add_argument("--router", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--train-data", help="fit the surface baselines here (default: cross-fitted on --data)")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--plot", help="PNG path (default: ROUTER/evaluation.png)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--seed", type=int, default=0)
+    cache_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("route", help="print the routing decision for a query")
+    p.add_argument("--router", required=True)
+    p.add_argument("query", help="the query text (or a JSON list of messages with --messages)")
+    p.add_argument("--messages", action="store_true", help="QUERY is a JSON chat conversation")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_route)
+
+    p = sub.add_parser("convert", help="convert public routing data to an outcomes file")
+    p.add_argument("kind", choices=["mmlu-pro", "llmrouter"])
+    p.add_argument("source", help="MMLU-Pro directory, or an LLMRouter split file")
+    p.add_argument("output", help="outcomes .jsonl or .jsonl.gz")
+    p.add_argument("--models", nargs="+", help="keep only these models")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("demo", help="train and evaluate on the shipped sample with the embedded extractor")
+    p.add_argument("--train-rows", type=int, default=800)
+    p.add_argument("--test-rows", type=int, default=600)
+    p.add_argument("--layers", nargs="+", default=["0.4", "0.5"],
+                   help="candidate read-out layers (default 0.4 0.5: the forward pass stops at mid-depth)")
+    p.add_argument("--max-tokens", type=int, default=512, help="prompts keep their last this-many tokens")
+    p.add_argument("--policy", default="utility", choices=["utility", "threshold"])
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--seed", type=int, default=0)
+    cache_args(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"difficulty-router {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""The activation extractor on the real embedded model (SmolLM2-135M-Instruct, GGUF from PyPI)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from difficulty_router import ActivationExtractor, FeatureCache
+from difficulty_router.extractor import normalise_layers
+
+QUERIES = [
+    "What is 2+2?",
+    "Explain, step by step, why the harmonic series diverges while the series of 1/n^2 converges.",
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a prime number."}],
+]
+
+
+def full_pass_hidden(extractor, ids):
+    """Reference read-out: a full forward pass of the whole CausalLM with output_hidden_states, one prompt, no padding."""
+    with torch.inference_mode():
+        out = extractor.model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+    return [h[0].float().numpy() for h in out.hidden_states]
+
+
+def test_shapes_and_recorded_readout(extractor):
+    result = extractor.extract(QUERIES, layers=[0.5, -1], pooling="both")
+    assert result.shape == (3, 4 * extractor.hidden_size)
+    assert result.features.dtype == np.float32
+    assert result.layers == (15, 30)
+    assert result.pooling == ("last", "mean")
+    assert result.model_id == "smollm2-135m" and len(result.model_hash) == 64
+    assert np.asarray(result).shape == result.shape
+    assert not result.any_truncated
+
+
+def test_deterministic(extractor):
+    a = extractor.extract(QUERIES).features
+    b = extractor.extract(QUERIES).features
+    assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("layer", [0, 1, 15, 29, 30])
+def test_early_exit_equals_full_forward(extractor, layer):
+    ids, _ = extractor.tokenize([QUERIES[1]])
+    reference = full_pass_hidden(extractor, ids[0])[layer]
+    got = extractor.extract([QUERIES[1]], layers=[layer], pooling="both").features[0]
+    last, mean = got[: extractor.hidden_size], got[extractor.hidden_size :]
+    np.testing.assert_allclose(last, reference[-1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(mean, reference.mean(0), rtol=1e-5, atol=1e-4)
+
+
+def test_early_exit_runs_no_later_layer(extractor):
+    calls = []
+    handles = [block.register_forward_hook(lambda *_, i=i: calls.append(i)) for i, block in enumerate(extractor._blocks)]
+    try:
+        extractor.extract(["hello"], layers=[10])
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == list(range(10))
+
+
+def test_readout_position_is_end_of_generation_prompt(extractor):
+    text = extractor.render([{"role": "user", "content": "Hi"}])
+    assert text.endswith("<|im_start|>assistant\n")
+    ids, _ = extractor.tokenize(["Hi"])
+    expected = extractor.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert ids[0] == expected
+    reference = full_pass_hidden(extractor, expected)[15]
+    got = extractor.extract(["Hi"], layers=[15], pooling="last").features[0]
+    np.testing.assert_allclose(got, reference[-1], rtol=1e-5, atol=1e-5)
+
+
+def test_conversation_is_read_whole(extractor):
+    history = [
+        {"role": "system", "content": "You are a lawyer."},
+        {"role": "user", "content": "Can I sue?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "1", "type": "function", "function": {"name": "lookup", "arguments": "{\"q\": \"tort\"}"}}]},
+        {"role": "tool", "content": "Tort law applies."},
+        {"role": "user", "content": "So?"},
+    ]
+    text = extractor.render(history)
+    for piece in ("You are a lawyer.", "Can I sue?", "lookup", "Tort law applies.", "So?"):
+        assert piece in text
+    short = extractor.extract([[{"role": "user", "content": "So?"}]]).features
+    full = extractor.extract([history]).features
+    assert not np.allclose(short, full)
+
+
+def test_batch_equals_one_by_one(extractor):
+    batch = extractor.extract(QUERIES, layers=[15, 30], pooling="both").features
+    single = np.vstack([extractor.extract([q], layers=[15, 30], pooling="both").features for q in QUERIES])
+    np.testing.assert_allclose(batch, single, rtol=1e-4, atol=2e-4)
+
+
+def test_truncation_keeps_last_tokens(extractor):
+    long_query = "filler " * 300 + "What is the capital of France?"
+    old = extractor.max_tokens
+    extractor.max_tokens = 32
+    try:
+        result = extractor.extract([long_query, "short"], layers=[15])
+        ids, truncated = extractor.tokenize([long_query])
+    finally:
+        extractor.max_tokens = old
+    assert result.truncated.tolist() == [True, False]
+    assert result.n_tokens[0] == 32
+    full_ids, _ = extractor.tokenize([long_query])
+    assert ids[0] == full_ids[0][-32:]
+    assert "France" in extractor.tokenizer.decode(ids[0])
+    reference = full_pass_hidden(extractor, ids[0])[15][-1]
+    np.testing.assert_allclose(result.features[0], reference, rtol=1e-5, atol=1e-5)
+
+
+def test_select_slices_without_recomputing(extractor):
+    both = extractor.extract(QUERIES, layers=[10, 15], pooling="both")
+    sub = both.select(layers=[15], pooling="mean")
+    direct = extractor.extract(QUERIES, layers=[15], pooling="mean")
+    np.testing.assert_allclose(sub.features, direct.features, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="layer 20 was not extracted"):
+        both.select(layers=[20])
+
+
+def test_feature_cache_serves_second_run(extractor, tmp_path, monkeypatch):
+    cache = FeatureCache(tmp_path)
+    monkeypatch.setattr(extractor, "feature_cache", cache)
+    first = extractor.extract(QUERIES, layers=[10, 15], pooling="both").features
+
+    def no_forward(*_a, **_k):
+        raise AssertionError("forward pass ran although every row was cached")
+
+    monkeypatch.setattr(extractor, "_forward", no_forward)
+    second = extractor.extract(QUERIES, layers=[10, 15], pooling="both").features
+    assert np.array_equal(first, second)
+    # blocks are cached one by one, so a subset of the read-out is served too
+    mean_only = extractor.extract(QUERIES, layers=[15], pooling="mean").features
+    assert np.array_equal(mean_only, first[:, 3 * 576 :])
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ([""], "empty string"),
+        ([None], "is None"),
+        ([42], "type int"),
+        ([[]], "empty conversation"),
+        ([[{"role": "wizard", "content": "x"}]], "unknown role 'wizard'"),
+        ([[{"content": "x"}]], "no 'role'"),
+        ("just a string", "single string"),
+        ([], "empty list"),
+    ],
+)
+def test_bad_queries_are_named(extractor, bad, message):
+    with pytest.raises(ValueError, match=message):
+        extractor.extract(bad)
+
+
+def test_layer_out_of_range(extractor):
+    with pytest.raises(ValueError, match="layer 31 is out of range"):
+        extractor.extract(["x"], layers=[31])
+    with pytest.raises(ValueError, match="fraction"):
+        normalise_layers(1.5, 30)
+    with pytest.raises(ValueError, match="unknown pooling"):
+        extractor.extract(["x"], pooling="max")
+
+
+def test_missing_model_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="GGUF file not found"):
+        ActivationExtractor(str(tmp_path / "nope.gguf"))
+    with pytest.raises(FileNotFoundError, match="without config.json"):
+        ActivationExtractor(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="model path not found"):
+        ActivationExtractor("./no/such/dir")
+
+
+def test_layer_spec_normalisation():
+    assert normalise_layers([0.5, -1, 3], 30) == (15, 30, 3)
+    assert normalise_layers(-31, 30) == (0,)
+    with pytest.raises(ValueError, match="not an int index"):
+        normalise_layers(["7"], 30)

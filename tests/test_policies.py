@@ -1,0 +1,57 @@
+"""Routing policies and operating-point calibration on hand-made probabilities."""
+
+import numpy as np
+import pytest
+
+from difficulty_router.policies import Policy, pick_operating_point, sweep
+
+P = np.array([[0.9, 0.95, 0.97], [0.3, 0.7, 0.9], [0.1, 0.2, 0.4]])
+COSTS = np.array([[1.0, 5.0, 20.0]] * 3)
+CAPABILITY = np.array([0.5, 0.7, 0.9])
+
+
+def test_threshold_picks_cheapest_above_tau_else_most_capable():
+    chosen = Policy("threshold", 0.6).choose(P, COSTS, CAPABILITY)
+    assert chosen.tolist() == [0, 1, 2]
+
+
+def test_utility_trades_probability_against_cost():
+    assert Policy("utility", 0.0).choose(P, COSTS, CAPABILITY).tolist() == [2, 2, 2]
+    # lambda 0.5: utilities with costs normalised by 20 -> row 1: .275, .575, .4 -> model 1
+    assert Policy("utility", 0.5).choose(P, COSTS, CAPABILITY).tolist() == [0, 1, 0]
+    assert Policy("utility", 100.0).choose(P, COSTS, CAPABILITY).tolist() == [0, 0, 0]
+
+
+def test_excluded_models_are_never_chosen():
+    eligible = np.array([[False, True, True]] * 3)
+    assert 0 not in Policy("threshold", 0.0).choose(P, COSTS, CAPABILITY, eligible)
+    assert 0 not in Policy("utility", 100.0).choose(P, COSTS, CAPABILITY, eligible)
+    with pytest.raises(ValueError, match="no eligible model"):
+        Policy().choose(P, COSTS, CAPABILITY, np.zeros((3, 3), dtype=bool))
+
+
+def test_bad_policies():
+    with pytest.raises(ValueError, match="unknown policy"):
+        Policy("greedy", 0.1)
+    with pytest.raises(ValueError, match="tau must lie"):
+        Policy("threshold", 1.5)
+    with pytest.raises(ValueError, match="non-negative"):
+        Policy("utility", -1)
+
+
+def test_operating_point_for_targets():
+    correct = np.array([[1, 1, 1], [0, 1, 1], [0, 0, 1]], dtype=float)
+    points = sweep(Policy("utility"), P, COSTS, CAPABILITY, correct)
+    cheap = pick_operating_point(points, "lambda", target_cost=1.0)
+    assert cheap["cost"] == pytest.approx(1.0) and cheap["accuracy"] == pytest.approx(1 / 3)
+    accurate = pick_operating_point(points, "lambda", target_accuracy=1.0)
+    # no lambda sends the rows to models (0, 1, 2) at once; the cheapest perfect setting is (0, 2, 2)
+    assert accurate["accuracy"] == 1.0
+    assert accurate["cost"] == pytest.approx((1 + 20 + 20) / 3)
+    by_threshold = pick_operating_point(sweep(Policy("threshold"), P, COSTS, CAPABILITY, correct), "tau",
+                                        target_accuracy=1.0)
+    assert by_threshold["cost"] == pytest.approx((1 + 5 + 20) / 3)
+    with pytest.raises(ValueError, match="no operating point costs"):
+        pick_operating_point(points, "lambda", target_cost=0.5)
+    with pytest.raises(ValueError, match="exactly one"):
+        pick_operating_point(points, "lambda")

@@ -1,0 +1,138 @@
+"""The router end to end on real parts: SmolLM2 features, probes trained on real RouteLLM MMLU rows."""
+
+import json
+
+import numpy as np
+import pytest
+
+from difficulty_router import DifficultyRouter, Policy, RouteDecision
+from difficulty_router.evaluation import evaluate_router, plot_report, report_table
+
+from conftest import STRONG, WEAK
+
+HARD = "Let p = (1, 2, 5, 4)(2, 3) in S_5 . Find the index of <p> in S_5.\nA. 8\nB. 2\nC. 24\nD. 120\nAnswer:"
+EASY = "What colour is the sky on a clear day?\nA. Blue\nB. Green\nC. Red\nD. Black\nAnswer:"
+
+
+def test_route_returns_a_full_decision(trained_router):
+    d = trained_router.route(EASY)
+    assert isinstance(d, RouteDecision)
+    assert d.model in (WEAK, STRONG)
+    assert set(d.probabilities) == {WEAK, STRONG} and all(0 < p < 1 for p in d.probabilities.values())
+    assert 1 <= d.difficulty <= 5 and d.difficulty_level in range(1, 6)
+    assert d.expected_cost == d.costs[d.model] > 0
+    assert d.policy == "utility" and d.parameter == "lambda"
+    assert d.fallbacks == (() if d.model == STRONG else (STRONG,))
+    json.dumps(d.to_dict())
+
+
+def test_route_batch_matches_route(trained_router):
+    batch = trained_router.route_batch([EASY, HARD])
+    for query, decision in zip([EASY, HARD], batch):
+        single = trained_router.route(query)
+        assert single.model == decision.model
+        for m in single.probabilities:
+            assert single.probabilities[m] == pytest.approx(decision.probabilities[m], abs=1e-4)
+
+
+def test_policies_reach_both_models(trained_router):
+    router = trained_router
+    old = router.policy
+    try:
+        router.policy = Policy("utility", 100.0)
+        assert router.route(HARD).model == WEAK
+        router.policy = Policy("threshold", 1.0)
+        assert router.route(EASY).model == STRONG
+    finally:
+        router.policy = old
+
+
+def test_exclude_records_the_reason(trained_router):
+    d = trained_router.route(EASY, exclude={STRONG: "cannot call tools"})
+    assert d.model == WEAK and d.skipped == {STRONG: "cannot call tools"} and d.fallbacks == ()
+    with pytest.raises(ValueError, match="every pool model is excluded"):
+        trained_router.route(EASY, exclude={STRONG: "x", WEAK: "y"})
+    with pytest.raises(ValueError, match="not in the pool"):
+        trained_router.route(EASY, exclude={"gpt-5": "x"})
+
+
+def test_training_records_its_choices(trained_router):
+    info = trained_router.info
+    assert info["readout"] == {"layers": [15], "pooling": ["last"]}
+    assert set(info["cv_auroc"]) == {WEAK, STRONG}
+    # real signal, not noise: 240 rows are few, but the probes must beat chance out of fold
+    assert max(info["cv_auroc"].values()) > 0.55
+    assert info["training"]["n"] == 240
+
+
+def test_save_load_round_trip(trained_router, extractor, tmp_path):
+    trained_router.save(tmp_path / "r")
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["manifest.json", "probes.safetensors"]
+    loaded = DifficultyRouter.load(tmp_path / "r", extractor=extractor)
+    queries = [EASY, HARD, [{"role": "system", "content": "Be exact."}, {"role": "user", "content": "2+2?"}]]
+    for a, b in zip(trained_router.route_batch(queries), loaded.route_batch(queries)):
+        assert a.model == b.model and a.probabilities == b.probabilities and a.threshold == b.threshold
+
+
+def test_load_builds_its_own_extractor(trained_router, tmp_path):
+    trained_router.save(tmp_path / "r")
+    loaded = DifficultyRouter.load(tmp_path / "r")
+    assert loaded.extractor.model_hash == trained_router.extractor.model_hash
+    assert loaded.route(HARD).probabilities == pytest.approx(trained_router.route(HARD).probabilities, abs=1e-6)
+
+
+def test_tampered_or_mismatched_bundles_are_refused(trained_router, extractor, tmp_path):
+    path = trained_router.save(tmp_path / "r")
+    blob = bytearray((path / "probes.safetensors").read_bytes())
+    blob[-1] ^= 0xFF
+    (path / "probes.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match="altered"):
+        DifficultyRouter.load(path, extractor=extractor)
+
+    path = trained_router.save(tmp_path / "r2")
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["extractor"]["model_hash"] = "0" * 64
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="trained on extractor"):
+        DifficultyRouter.load(path, extractor=extractor)
+
+    (path / "manifest.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        DifficultyRouter.load(path, extractor=extractor)
+    with pytest.raises(FileNotFoundError, match="not a saved router"):
+        DifficultyRouter.load(tmp_path / "nothing", extractor=extractor)
+
+
+def test_calibrate_to_targets(trained_router, sample_outcomes):
+    router = trained_router
+    old = router.policy
+    calib = sample_outcomes.subset(range(240, 360))
+    try:
+        proba = router.predict_proba(calib.queries)
+        strong_cost = router.estimated_costs(calib)[:, router.models.index(STRONG)].mean()
+        point = router.calibrate(calib, target_cost=0.5 * strong_cost, proba=proba)
+        assert point["cost"] <= 0.5 * strong_cost
+        assert router.policy.value == point["lambda"]
+        point = router.calibrate(calib, max_accuracy_drop=0.01, proba=proba)
+        assert point["accuracy"] >= calib.scores.mean(axis=0).max() - 0.01
+        with pytest.raises(ValueError, match="exactly one"):
+            router.calibrate(calib, proba=proba)
+    finally:
+        router.policy = old
+
+
+def test_evaluation_report_has_the_promised_keys(trained_router, sample_outcomes, tmp_path):
+    test = sample_outcomes.subset(range(240, 360))
+    report = evaluate_router(trained_router, test, train=sample_outcomes.subset(range(240)))
+    for key in ("n", "auc", "baselines", "apgr", "cpt50", "cpt80", "best_model", "best_model_accuracy",
+                "best_model_cost", "cost_to_match_best", "oracle_gap_closed", "curve"):
+        assert key in report
+    assert set(report["baselines"]) == {"random", "length", "tfidf", "oracle"}
+    for base in report["baselines"].values():
+        assert {"auc", "apgr", "cpt50", "cpt80", "cost_to_match_best", "oracle_gap_closed"} <= set(base)
+    assert report["baselines"]["oracle"]["apgr"] > 1.0  # the oracle beats every real router
+    assert report["best_model"] == STRONG
+    assert "router (utility)" in report_table(report)
+    png = plot_report(report, tmp_path / "p.png")
+    assert png.stat().st_size > 10_000
+    json.dumps(report)
