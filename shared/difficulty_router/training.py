@@ -10,7 +10,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .data import Outcomes
-from .extractor import ActivationExtractor, normalise_layers
+from .extractor import ActivationExtractor, normalise_layers, normalise_pooling
 from .metrics import apgr_cpt
 from .policies import Policy, pick_operating_point, sweep
 from .pool import ModelPool
@@ -31,16 +31,18 @@ def _sweep_models(scores: np.ndarray, limit: int = 8) -> list[int]:
     return list(np.argsort(balance)[:limit])
 
 
-def select_readout(extraction, scores: np.ndarray, seed: int = 0, progress: bool = False) -> tuple[tuple[int, ...], tuple[str, ...], list[dict]]:
+def select_readout(extraction, scores: np.ndarray, poolings=READOUT_POOLINGS, seed: int = 0,
+                   progress: bool = False) -> tuple[tuple[int, ...], tuple[str, ...], list[dict]]:
     """Cross-validated AUROC of a quick probe for each (layer, pooling); returns the best and the table."""
     cols = _sweep_models(scores)
     table = []
-    candidates = [(layer, pools) for layer in extraction.layers for pools in READOUT_POOLINGS]
-    for layer, pools in tqdm(candidates, disable=not progress, desc="read-out sweep", unit="candidate"):
-        X = extraction.select(layers=[layer], pooling=pools).features
-        table.append({"layer": layer, "pooling": "+".join(pools),
-                      "cv_auroc": readout_score(X, scores[:, cols], seed=seed)})
-    best = max(table, key=lambda row: (np.nan_to_num(row["cv_auroc"], nan=-1.0)))
+    candidates = [(layer, pools) for layer in extraction.layers for pools in poolings]
+    for layer, pools in tqdm(candidates, disable=not progress or len(candidates) == 1, desc="read-out sweep",
+                             unit="candidate"):
+        score = readout_score(extraction.select(layers=[layer], pooling=pools).features, scores[:, cols], seed=seed) \
+            if len(candidates) > 1 else float("nan")
+        table.append({"layer": layer, "pooling": "+".join(pools), "cv_auroc": score})
+    best = max(table, key=lambda row: np.nan_to_num(row["cv_auroc"], nan=-1.0))
     return (best["layer"],), tuple(best["pooling"].split("+")), table
 
 
@@ -60,20 +62,13 @@ def train_router(outcomes: Outcomes, pool: ModelPool, extractor: ActivationExtra
         raise ValueError(f"need at least {2 * cv} labelled rows to train, got {len(outcomes)}")
     extractor = extractor or ActivationExtractor()
     candidate_layers = normalise_layers(layers if layers is not None else DEFAULT_CANDIDATE_LAYERS, extractor.n_layers)
-    sweep_table: list[dict] = []
-    if pooling is not None and layers is not None:
+    if layers is not None and pooling is not None:  # a fixed read-out: every given layer, concatenated
         extraction = extractor.extract(outcomes.queries, layers=candidate_layers, pooling=pooling, progress=progress)
-        chosen_layers, chosen_pooling = extraction.layers, extraction.pooling
-    else:
+        chosen_layers, chosen_pooling, sweep_table = extraction.layers, extraction.pooling, []
+    else:  # sweep one layer at a time, with the given pooling or all three
+        poolings = READOUT_POOLINGS if pooling is None else (normalise_pooling(pooling),)
         extraction = extractor.extract(outcomes.queries, layers=candidate_layers, pooling="both", progress=progress)
-        if pooling is None and len(candidate_layers) * 3 > 1:
-            chosen_layers, chosen_pooling, sweep_table = select_readout(extraction, outcomes.scores, seed, progress)
-        else:
-            chosen_layers, chosen_pooling = extraction.layers, extraction.pooling
-        if pooling is not None:
-            from .extractor import normalise_pooling
-
-            chosen_pooling = normalise_pooling(pooling)
+        chosen_layers, chosen_pooling, sweep_table = select_readout(extraction, outcomes.scores, poolings, seed, progress)
         extraction = extraction.select(layers=chosen_layers, pooling=chosen_pooling)
     probe = SuccessProbe(cv=cv, n_components=n_components, seed=seed).fit(
         extraction.features, outcomes.scores, progress=progress, names=pool.names)

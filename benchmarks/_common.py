@@ -1,0 +1,56 @@
+"""Paths and small helpers shared by the benchmark scripts."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+# The team kit beside the checkout; override with DIFFICULTY_ROUTER_DATA.
+DATA = Path(os.environ.get("DIFFICULTY_ROUTER_DATA", REPO.parent / "shared" / "data"))
+
+
+def need_data(relative: str) -> Path:
+    path = DATA / relative
+    if not path.exists():
+        raise SystemExit(f"{path} not found: benchmarks read the routing data in ../shared/data "
+                         f"(or set DIFFICULTY_ROUTER_DATA)")
+    return path
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads){gpu}"
+
+
+def write_results(name: str, markdown: str, payload: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.md").write_text(markdown)
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1))
+    print(markdown)
+    print(f"wrote {RESULTS / (name + '.md')} and .json")
+
+
+def md_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def num(x, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
