@@ -1,0 +1,303 @@
+"""The adapter inside LlamaIndex's own machinery: query engines, a chat engine, agents,
+Settings.llm, and RouterQueryEngine with DifficultySelector.
+
+Generation runs on the real SmolLM2-135M (llama-index-llms-huggingface, greedy, a few new
+tokens). No embedding model can be downloaded here, so indexes are SummaryIndex (no
+embeddings) except one VectorStoreIndex on MockEmbedding; agents need tool-calling or
+ReAct-formatted output that a 135M model does not produce reliably, so those tiers are
+scripted stand-ins, each saying so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from llama_index.core import Document, Settings, SummaryIndex, VectorStoreIndex
+from llama_index.core.agent.workflow import FunctionAgent, ReActAgent
+from llama_index.core.base.llms.types import CompletionResponse, LLMMetadata
+from llama_index.core.chat_engine import SimpleChatEngine
+from llama_index.core.embeddings import MockEmbedding
+from llama_index.core.instrumentation import get_dispatcher
+from llama_index.core.instrumentation.event_handlers import BaseEventHandler
+from llama_index.core.llms import CustomLLM
+from llama_index.core.llms.callbacks import llm_completion_callback
+from llama_index.core.llms.mock import MockFunctionCallingLLM
+from llama_index.core.query_engine import RouterQueryEngine
+from llama_index.core.tools import FunctionTool, QueryEngineTool
+from llama_index.llms.huggingface import HuggingFaceLLM
+
+from difficulty_router import DifficultyRouter, Policy
+from llamaindex_difficulty_router import (
+    CANNOT_CALL_TOOLS,
+    ROUTING_KEY,
+    DifficultyRouteEvent,
+    DifficultyRouterLLM,
+    DifficultySelector,
+    to_router_messages,
+)
+
+WEAK = "mistralai/Mixtral-8x7B-Instruct-v0.1"
+STRONG = "gpt-4-1106-preview"
+EASY = "What is 2 + 2?"
+HARD = ("Let X be a compact Hausdorff space and C(X) the Banach algebra of continuous complex functions on X. "
+        "Which of the following characterizes the maximal ideals of C(X)?")
+DOCS = [
+    Document(text="Acme Corp was founded in 1999 in Lyon. It makes bicycle parts."),
+    Document(text="Acme's best-selling product is a titanium chain ring, sold since 2004."),
+    Document(text="In 2020 Acme opened a second factory, in Porto, employing 120 people."),
+]
+
+
+def with_policy(router: DifficultyRouter, policy: Policy) -> DifficultyRouter:
+    """A router sharing the trained probes but with its own policy, so the session fixture stays untouched."""
+    return DifficultyRouter(router.extractor, router.pool, router.probe, layers=router.layers, pooling=router.pooling,
+                            capability=router.capability, policy=policy, difficulty_probe=router.difficulty_probe)
+
+
+def smollm(extractor, tier: str, max_new_tokens: int) -> HuggingFaceLLM:
+    return HuggingFaceLLM(
+        model=extractor.model, tokenizer=extractor.tokenizer, model_name=f"smollm2-135m as {tier}",
+        context_window=2048, max_new_tokens=max_new_tokens, device_map="cpu", is_chat_model=True,
+        generate_kwargs={"do_sample": False}, stopping_ids=[extractor.tokenizer.eos_token_id],
+    )
+
+
+@pytest.fixture
+def weak_llm(extractor):
+    return smollm(extractor, "weak", 4)
+
+
+@pytest.fixture
+def strong_llm(extractor):
+    return smollm(extractor, "strong", 6)
+
+
+@pytest.fixture
+def cheapest_router(trained_router):
+    """tau = 0: the cheapest model always qualifies, so the weak tier gets every call."""
+    return with_policy(trained_router, Policy("threshold", 0.0))
+
+
+@pytest.fixture(scope="module")
+def split_router(trained_router):
+    """The trained router at an operating point between the easy and the hard query.
+
+    The probes' scores are what is tested: the weak model's P(success) must be clearly higher
+    for the easy query. The threshold is then set midway between the two scores (an operating
+    point chosen for this test, not a calibrated one), so the two land on different tiers.
+    """
+    easy, hard = (trained_router.route(q).probabilities[WEAK] for q in (EASY, HARD))
+    assert easy - hard > 0.05, f"P(weak succeeds): easy {easy:.3f}, hard {hard:.3f}"
+    return with_policy(trained_router, Policy("threshold", (easy + hard) / 2))
+
+
+class Recorder(BaseEventHandler):
+    events: list = []
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "Recorder"
+
+    def handle(self, event: Any, **kwargs: Any) -> None:
+        self.events.append(event)
+
+    def named(self, name: str) -> list:
+        return [e for e in self.events if type(e).__name__ == name]
+
+
+@pytest.fixture
+def recorder():
+    root = get_dispatcher()
+    rec = Recorder(events=[])
+    root.add_event_handler(rec)
+    yield rec
+    root.event_handlers.remove(rec)
+
+
+def _served_tiers(recorder: Recorder) -> list[str]:
+    """Which candidate actually generated, from LlamaIndex's own LLM events."""
+    return [e.model_dict["model_name"] for e in recorder.named("LLMChatStartEvent")]
+
+
+# -- engines ---------------------------------------------------------------------------------
+def test_summary_index_query_engine(cheapest_router, weak_llm, strong_llm, recorder):
+    llm = DifficultyRouterLLM(router=cheapest_router, llms={WEAK: weak_llm, STRONG: strong_llm})
+    engine = SummaryIndex.from_documents(DOCS).as_query_engine(llm=llm, response_mode="compact")
+    response = engine.query("Where was Acme founded?")
+    assert str(response).strip()
+    routes = recorder.named("DifficultyRouteEvent")
+    assert len(routes) == 1 and routes[0].model == WEAK
+    assert _served_tiers(recorder) == ["smollm2-135m as weak"]
+    sent = recorder.named("LLMChatStartEvent")[0].messages
+    text = "\n".join(m.content or "" for m in sent)
+    assert "Lyon" in text and "Porto" in text and "Where was Acme founded?" in text  # context reached the model
+    assert len(response.source_nodes) == 3
+
+
+def test_vector_index_query_engine_with_mock_embeddings(cheapest_router, weak_llm, strong_llm, recorder):
+    # MockEmbedding: no embedding model can be downloaded here; retrieval is not what is under test.
+    llm = DifficultyRouterLLM(router=cheapest_router, llms={WEAK: weak_llm, STRONG: strong_llm})
+    index = VectorStoreIndex.from_documents(DOCS, embed_model=MockEmbedding(embed_dim=8))
+    response = index.as_query_engine(llm=llm, similarity_top_k=2).query("Where is the second factory?")
+    assert str(response).strip() and len(response.source_nodes) == 2
+    assert [e.model for e in recorder.named("DifficultyRouteEvent")] == [WEAK]
+
+
+def test_chat_engine_routes_on_the_whole_history(cheapest_router, weak_llm, strong_llm, recorder):
+    llm = DifficultyRouterLLM(router=cheapest_router, llms={WEAK: weak_llm, STRONG: strong_llm})
+    engine = SimpleChatEngine.from_defaults(llm=llm)
+    engine.chat("My name is Ada and I study topology.")
+    engine.chat("What is my name?")
+    routes = recorder.named("DifficultyRouteEvent")
+    assert len(routes) == 2
+    sent = recorder.named("LLMChatStartEvent")[-1].messages
+    assert any("My name is Ada" in (m.content or "") for m in sent)
+    whole = cheapest_router.route(to_router_messages(sent))
+    last_only = cheapest_router.route("What is my name?")
+    assert routes[1].decision["probabilities"] == pytest.approx(whole.probabilities)
+    assert routes[1].decision["probabilities"] != pytest.approx(last_only.probabilities, abs=1e-6)
+
+
+def test_settings_llm(cheapest_router, weak_llm, strong_llm, recorder):
+    llm = DifficultyRouterLLM(router=cheapest_router, llms={WEAK: weak_llm, STRONG: strong_llm})
+    previous = Settings._llm
+    try:
+        Settings.llm = llm
+        response = SummaryIndex.from_documents(DOCS[:1]).as_query_engine().query("When was Acme founded?")
+    finally:
+        Settings._llm = previous
+    assert str(response).strip()
+    assert [e.model for e in recorder.named("DifficultyRouteEvent")] == [WEAK]
+
+
+# -- agents ----------------------------------------------------------------------------------
+def test_function_agent_calls_a_tool_through_the_routed_llm(trained_router, weak_llm, recorder):
+    # SmolLM2-135M cannot emit tool calls, so the tool-calling tier is LlamaIndex's MockFunctionCallingLLM
+    # (it calls every tool with its default arguments, then answers once it sees the results).
+    calls: list = []
+
+    def get_weather(city: str = "Paris") -> str:
+        """Report the current weather in a city."""
+        calls.append(city)
+        return f"Sunny in {city}"
+
+    llm = DifficultyRouterLLM(router=trained_router, llms={WEAK: weak_llm, STRONG: MockFunctionCallingLLM()})
+    agent = FunctionAgent(tools=[FunctionTool.from_defaults(get_weather)], llm=llm)
+
+    async def run():
+        return await agent.run(user_msg="What is the weather in Paris?")
+
+    result = asyncio.run(run())
+    assert calls == ["Paris"]
+    assert "Tool calls complete" in str(result)
+    routes = recorder.named("DifficultyRouteEvent")
+    assert len(routes) == 2  # one per agent step: the tool call, then the answer
+    assert all(r.model == STRONG and r.decision["skipped"] == {WEAK: CANNOT_CALL_TOOLS} for r in routes)
+    assert all(r.operation == "astream_chat_with_tools" for r in routes)
+
+
+class ScriptedReAct(CustomLLM):
+    """A ReAct-format tier: SmolLM2-135M does not follow the ReAct format reliably, so this one is scripted.
+
+    It asks for the ``add`` tool once, then answers with what the tool observed.
+    """
+
+    prompts: list = []
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        return LLMMetadata(context_window=8192, num_output=64, is_chat_model=False, model_name="scripted-react")
+
+    def _reply(self, prompt: str) -> str:
+        self.prompts.append(prompt)
+        conversation = prompt.split("## Current Conversation")[-1]  # the header explains the format itself
+        if "Observation:" in conversation:
+            observed = conversation.rsplit("Observation:", 1)[1].strip().split()[0]
+            return f"Thought: I can answer without using any more tools.\nAnswer: {observed}"
+        return 'Thought: I need to use a tool to help me answer the question.\nAction: add\nAction Input: {"a": 2, "b": 2}'
+
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        return CompletionResponse(text=self._reply(prompt))
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any):
+        text = self._reply(prompt)
+
+        def gen():
+            yield CompletionResponse(text=text, delta=text)
+
+        return gen()
+
+
+def test_react_agent_runs_on_the_routed_llm(cheapest_router, strong_llm, recorder):
+    added: list = []
+
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        added.append((a, b))
+        return a + b
+
+    react = ScriptedReAct(prompts=[])
+    llm = DifficultyRouterLLM(router=cheapest_router, llms={WEAK: react, STRONG: strong_llm})
+    agent = ReActAgent(tools=[FunctionTool.from_defaults(add)], llm=llm)
+
+    async def run():
+        return await agent.run(user_msg="What is 2 + 2? Use the tool.")
+
+    result = asyncio.run(run())
+    assert added == [(2, 2)]
+    assert str(result).strip().endswith("4")
+    routes = recorder.named("DifficultyRouteEvent")
+    assert len(routes) == 2 and all(r.model == WEAK for r in routes)
+    assert "Observation: 4" in react.prompts[-1].split("## Current Conversation")[-1]  # the second step saw the whole exchange, tool result included
+
+
+# -- RouterQueryEngine with DifficultySelector ----------------------------------------------
+def test_router_query_engine_picks_the_tier_the_router_decides(split_router, weak_llm, strong_llm, recorder):
+    index = SummaryIndex.from_documents(DOCS[:1])
+    tools = [
+        QueryEngineTool.from_defaults(index.as_query_engine(llm=weak_llm), description="Cheap answers."),
+        QueryEngineTool.from_defaults(index.as_query_engine(llm=strong_llm), description="Careful answers."),
+    ]
+    selector = DifficultySelector(router=split_router, choice_models=[WEAK, STRONG])
+    engine = RouterQueryEngine(selector=selector, query_engine_tools=tools, llm=weak_llm)
+
+    easy = engine.query(EASY)
+    hard = engine.query(HARD)
+    assert easy.metadata["selector_result"].inds == [0]
+    assert hard.metadata["selector_result"].inds == [1]
+    assert _served_tiers(recorder) == ["smollm2-135m as weak", "smollm2-135m as strong"]
+    reason = hard.metadata["selector_result"].reason
+    assert STRONG in reason and "P(success)" in reason and f"{WEAK}=" in reason
+
+    later = asyncio.run(engine.aquery(HARD))
+    assert later.metadata["selector_result"].inds == [1]
+    assert [e.model for e in recorder.named("DifficultyRouteEvent")] == [WEAK, STRONG, STRONG]
+
+
+def test_selector_excludes_tiers_without_a_choice_and_checks_its_input(trained_router):
+    strongest_only = DifficultySelector(router=with_policy(trained_router, Policy("threshold", 0.0)),
+                                        choice_models=[STRONG])
+    result = strongest_only.select(["Careful answers."], EASY)  # tau = 0 would pick WEAK, which has no choice
+    assert result.inds == [0] and STRONG in result.reason
+    with pytest.raises(ValueError, match="given 2 choices but ties 1"):
+        strongest_only.select(["a", "b"], EASY)
+    with pytest.raises(ValueError, match=r"names \['gpt-5'\], which are not in the router's pool"):
+        DifficultySelector(router=trained_router, choice_models=[WEAK, "gpt-5"])
+    with pytest.raises(ValueError, match="ties .* to more than one choice"):
+        DifficultySelector(router=trained_router, choice_models=[WEAK, WEAK])
+    with pytest.raises(TypeError, match="list of pool names"):
+        DifficultySelector(router=trained_router, choice_models=WEAK)
+
+
+def test_easy_and_hard_queries_go_to_different_models(split_router, weak_llm, strong_llm):
+    from llama_index.core.base.llms.types import ChatMessage
+
+    llm = DifficultyRouterLLM(router=split_router, llms={WEAK: weak_llm, STRONG: strong_llm})
+    easy = llm.chat([ChatMessage(role="user", content=EASY)]).additional_kwargs[ROUTING_KEY]
+    hard = llm.chat([ChatMessage(role="user", content=HARD)]).additional_kwargs[ROUTING_KEY]
+    assert (easy["served_by"], hard["served_by"]) == (WEAK, STRONG)
+    assert easy["difficulty"] < hard["difficulty"]
