@@ -8,7 +8,6 @@ tool, agent and structured-output tests use small scripted fakes; each says so.
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import threading
 
@@ -164,6 +163,8 @@ def rate_limit() -> openai.RateLimitError:
 # --------------------------------------------------------------------------------------
 # Standard suites
 # --------------------------------------------------------------------------------------
+# The suites' async tests carry no async marker (they expect an auto mode); anyio runs them on asyncio.
+@pytest.mark.anyio
 class TestStandardUnit(ChatModelUnitTests):
     @pytest.fixture(autouse=True)
     def _pool(self, trained_router, local_chat_models):
@@ -178,6 +179,7 @@ class TestStandardUnit(ChatModelUnitTests):
         return self._params
 
 
+@pytest.mark.anyio
 class TestStandardIntegration(ChatModelIntegrationTests):
     """Over two real local SmolLM2 chat models (ChatHuggingFace pipelines).
 
