@@ -179,3 +179,14 @@ def test_layer_spec_normalisation():
     assert normalise_layers(-31, 30) == (0,)
     with pytest.raises(ValueError, match="not an int index"):
         normalise_layers(["7"], 30)
+
+
+def test_concurrent_extractions_do_not_mix(extractor):
+    """Hooks live on the shared model; two threads must each get their own read-out."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    expected = [extractor.extract([q]).features for q in QUERIES]
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(lambda q: extractor.extract([q]).features, QUERIES * 2))
+    for i, features in enumerate(got):
+        np.testing.assert_allclose(features, expected[i % 3], rtol=1e-5, atol=1e-5)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -231,6 +232,8 @@ class ActivationExtractor:
         if isinstance(feature_cache, (str, os.PathLike)):
             feature_cache = FeatureCache(feature_cache)
         self.feature_cache = feature_cache
+        # Read-outs are captured by hooks on the shared model: concurrent forwards would see each other's.
+        self._forward_lock = threading.Lock()
 
     @property
     def model_id(self) -> str:
@@ -341,8 +344,12 @@ class ActivationExtractor:
             batches.append(current)
         return batches
 
-    @torch.inference_mode()
     def _forward(self, batch_ids: list[list[int]], layer_idx: tuple[int, ...], pools: tuple[str, ...]) -> np.ndarray:
+        with self._forward_lock:
+            return self._forward_locked(batch_ids, layer_idx, pools)
+
+    @torch.inference_mode()
+    def _forward_locked(self, batch_ids: list[list[int]], layer_idx: tuple[int, ...], pools: tuple[str, ...]) -> np.ndarray:
         longest = max(len(x) for x in batch_ids)
         pad_id = self.tokenizer.pad_token_id
         if pad_id is None:
