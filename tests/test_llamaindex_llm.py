@@ -184,6 +184,9 @@ def test_conversation_conversion_keeps_every_turn_and_tool_calls():
     assert out[1]["content"] == "Look at this"  # the image has no text to read
     assert out[2]["tool_calls"] == [{"function": {"name": "zoom", "arguments": {"x": 2}}}]
     assert out[3]["content"] == "zoomed"
+    openai_style = ChatMessage(role="assistant", content="", additional_kwargs={"tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "zoom", "arguments": '{"x": 3}'}}]})
+    assert to_router_messages([openai_style])[0]["tool_calls"][0]["function"]["arguments"] == '{"x": 3}'
 
 
 # -- chat, completion, streaming, async on the real model -----------------------------------
@@ -362,6 +365,8 @@ def test_tool_calls_skip_candidates_that_cannot_call_tools(cheapest_router, weak
         return one, chunks, called
 
     one, chunks, called = asyncio.run(run())
+    sync_chunks = list(llm.stream_chat_with_tools([tool], user_msg="Weather?"))
+    assert llm.get_tool_calls_from_response(sync_chunks[-1])[0].tool_kwargs == {"city": "Paris"}
     assert llm.get_tool_calls_from_response(one)[0].tool_name == "get_weather"
     assert llm.get_tool_calls_from_response(chunks[-1])[0].tool_name == "get_weather"
     assert called.response == "Sunny in Paris"
@@ -387,3 +392,12 @@ def test_the_chosen_function_calling_model_parses_its_own_tool_calls(cheapest_ro
     assert response.additional_kwargs[ROUTING_KEY]["skipped"] == {}
     assert [s.tool_kwargs for s in llm.get_tool_calls_from_response(response)] == [{"city": "Oslo"}]
     assert llm.predict_and_call([tool], user_msg="Weather?").response == "Sunny in Oslo"
+
+    def broken(messages, **kw):
+        raise TimeoutError("tool endpoint timed out")
+
+    failing = DifficultyRouterLLM(router=cheapest_router,
+                                  llms={WEAK: MockFunctionCallingLLM(response_generator=broken), STRONG: strong})
+    response = failing.chat_with_tools([tool], user_msg="Weather?")
+    assert response.additional_kwargs[ROUTING_KEY]["escalations"] == {WEAK: "TimeoutError: tool endpoint timed out"}
+    assert [s.tool_kwargs for s in failing.get_tool_calls_from_response(response)] == [{"city": "Rome"}]
