@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,11 +16,6 @@ from llama_index.core.base.llms.types import (
 
 # LlamaIndex has provider-specific names for the assistant turn; the core knows OpenAI's roles.
 _ROLE_ALIASES = {MessageRole.CHATBOT.value: "assistant", MessageRole.MODEL.value: "assistant"}
-
-# The extractor hooks the shared model's decoder blocks during a forward pass, so two routes
-# running at once (async callers go through worker threads) would read each other's activations.
-_ROUTE_LOCK = threading.Lock()
-
 
 def _block_texts(blocks: Sequence[Any]) -> list[str]:
     texts: list[str] = []
@@ -80,8 +74,8 @@ def tool_conversation(user_msg: Any, chat_history: Any) -> list[ChatMessage]:
 
 
 def route(router: Any, query: Any, exclude: dict[str, str] | None = None):
-    with _ROUTE_LOCK:
-        return router.route(query, exclude=exclude or None)
+    # Async callers run this in worker threads; the extractor serialises its own forward passes.
+    return router.route(query, exclude=exclude or None)
 
 
 def check_router(router: Any) -> None:
