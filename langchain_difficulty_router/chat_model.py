@@ -35,7 +35,6 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
 from ._convert import to_router_query
-from ._locks import router_lock
 
 META_KEY = "difficulty_router"
 _DECISION_KWARG = "difficulty_router_decision"
@@ -175,16 +174,14 @@ class ChatDifficultyRouter(BaseChatModel):
         token = kwargs.pop(_DECISION_KWARG, None)
         if token is not None and token in self._pending:
             return self._pending.pop(token)
-        with router_lock(self.router):
-            return self.router.route(to_router_query(list(messages)), exclude=self._tool_exclusions(kwargs) or None)
+        return self.router.route(to_router_query(list(messages)), exclude=self._tool_exclusions(kwargs) or None)
 
     def _decide_batch(self, inputs: list[Any], kwargs: dict) -> list[str] | None:
         """Route a whole batch in one extraction; the per-call runs pick their decision up by token."""
         try:
             queries = [to_router_query(self._convert_input(x).to_messages()) for x in inputs]
-            with router_lock(self.router):
-                decisions = self.router.route_batch(queries, exclude=self._tool_exclusions(kwargs) or None,
-                                                    progress=False)
+            decisions = self.router.route_batch(queries, exclude=self._tool_exclusions(kwargs) or None,
+                                                progress=False)
         except (ValueError, TypeError):
             return None  # a bad input: let each call route alone so only that one fails
         tokens = [uuid.uuid4().hex for _ in decisions]

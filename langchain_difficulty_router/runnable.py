@@ -10,7 +10,6 @@ from langchain_core.runnables.config import run_in_executor
 from langchain_core.runnables.router import RouterRunnable
 
 from ._convert import to_router_query
-from ._locks import router_lock
 
 
 class DifficultyRouterRunnable(Runnable[Any, dict]):
@@ -43,8 +42,7 @@ class DifficultyRouterRunnable(Runnable[Any, dict]):
 
     def _route(self, inputs: list[Any]) -> list[dict]:
         queries = [to_router_query(x) for x in inputs]
-        with router_lock(self.router):
-            decisions = self.router.route_batch(queries, exclude=self.exclude or None, progress=False)
+        decisions = self.router.route_batch(queries, exclude=self.exclude or None, progress=False)
         return [{"key": d.model, "input": x} for d, x in zip(decisions, inputs)]
 
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> dict:
