@@ -44,8 +44,9 @@ def add(a: int, b: int) -> int:
 
 def main() -> None:
     extractor = ActivationExtractor("smollm2-135m", layers=15, pooling="last")
-    print("training the router on the shipped RouteLLM MMLU sample (about a minute on a laptop CPU)...")
-    router = train_router(load_outcomes(ROUTELLM_MMLU_SAMPLE), ModelPool.load(ROUTELLM_MMLU_POOL), extractor,
+    print("training the router on 400 rows of the shipped RouteLLM MMLU sample (a minute or two on a CPU)...")
+    outcomes = load_outcomes(ROUTELLM_MMLU_SAMPLE).subset(range(400))
+    router = train_router(outcomes, ModelPool.load(ROUTELLM_MMLU_POOL), extractor,
                           layers=[15], pooling="last", cv=3, progress=False)
     weak, strong = router.capability_order()[0], router.capability_order()[-1]
     easy, hard = "What is 2 + 3?", ("Let f be holomorphic on the unit disk with |f| <= 1 and f(0) = 0. "
