@@ -5,7 +5,7 @@ questions, ~140 tokens each with the chat template). "full" runs every layer and
 ``output_hidden_states`` through the CausalLM (what a naive extractor does); "early exit"
 stops after the read-out layer (the middle one). Run it on an otherwise idle machine.
 
-    python benchmarks/extraction.py --models smollm2-135m qwen2.5-coder-0.5b
+    python benchmarks/extraction.py --models smollm2-135m:float32,bfloat16 qwen2.5-coder-0.5b:float32
 """
 
 from __future__ import annotations
@@ -47,15 +47,17 @@ def rate(fn, n: int, repeats: int = 1) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--models", nargs="+", default=["smollm2-135m"])
+    parser.add_argument("--models", nargs="+", default=["smollm2-135m"],
+                        help="MODEL or MODEL:DTYPE[,DTYPE] (default dtypes: --dtypes)")
     parser.add_argument("--n", type=int, default=96)
     parser.add_argument("--latency-queries", type=int, default=40)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     args = parser.parse_args()
     queries = load_outcomes(ROUTELLM_MMLU_SAMPLE).queries[: args.n]
     rows, payload = [], {"machine": machine(), "n": args.n, "results": []}
-    for model in args.models:
-        for dtype in args.dtypes:
+    for spec in args.models:
+        model, _, dtypes = spec.partition(":")
+        for dtype in dtypes.split(",") if dtypes else args.dtypes:
             extractor = ActivationExtractor(model, dtype=dtype, layers=0.5, pooling="last")
             layer = extractor.layers[0]
             extractor.extract(queries[:4], progress=False)  # warm-up

@@ -71,6 +71,21 @@ def main() -> None:
                                           "threshold_apgr": thr["apgr"]}
             print(rows[-1], flush=True)
     train, test = outcomes.subset(tr), outcomes.subset(te)
+    # Stacking: a logistic regression per model on the out-of-fold logits of the activation probe and of TF-IDF.
+    best = max((k for k in payload["variants"] if "PCA" not in k), key=lambda k: payload["variants"][k]["utility"]["apgr"])
+    X = variants[best]
+    probe = SuccessProbe(cv=5, seed=args.seed).fit(X[tr], Y[tr])
+    act_tr, act_te = probe.oof_proba_, probe.predict_proba(X[te])
+    tf_tr, tf_te = baseline_proba("tfidf", train, seed=args.seed), baseline_proba("tfidf", test, train=train)
+    logit = lambda p: np.log(np.clip(p, 1e-4, 1 - 1e-4) / np.clip(1 - p, 1e-4, 1))
+    from sklearn.linear_model import LogisticRegression
+    P = np.column_stack([
+        LogisticRegression().fit(np.column_stack([logit(act_tr[:, j]), logit(tf_tr[:, j])]), Y[tr, j])
+        .predict_proba(np.column_stack([logit(act_te[:, j]), logit(tf_te[:, j])]))[:, 1] for j in range(2)])
+    util = apgr_cpt(P[:, 1] - P[:, 0], w, s, args.seed)
+    rows.append([f"stack: {best} + tfidf", "-", "-", num(util["apgr"]), pct(util["cpt50"]),
+                 num(apgr_cpt(1 - P[:, 0], w, s, args.seed)["apgr"])])
+    payload["variants"]["stack"] = {"base": best, "utility_apgr": util["apgr"], "cpt50": util["cpt50"]}
     for base in ("tfidf", "length"):
         P = baseline_proba(base, test, train=train)
         util = apgr_cpt(P[:, 1] - P[:, 0], w, s, args.seed)
