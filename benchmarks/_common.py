@@ -23,6 +23,29 @@ def need_data(relative: str) -> Path:
     return path
 
 
+def routellm_clean(limit: int, seed: int):
+    """RouteLLM MMLU without the contaminated rows, then a seeded subset of ``limit`` rows (0 = all).
+
+    Returns (outcomes, number of clean rows, number of contaminated rows dropped); the ablation
+    and the main RouteLLM benchmark must see the same rows so the feature cache serves both.
+    """
+    import gzip
+
+    import numpy as np
+
+    from difficulty_router import load_outcomes
+
+    path = need_data("routellm_mmlu/outcomes.jsonl.gz")
+    with gzip.open(path, "rt") as fh:
+        contaminated = {row["id"] for row in map(json.loads, fh) if row.get("contaminated")}
+    outcomes = load_outcomes(path)
+    outcomes = outcomes.subset([i for i, q in enumerate(outcomes.ids) if q not in contaminated])
+    n_clean = len(outcomes)
+    if limit and limit < len(outcomes):
+        outcomes = outcomes.subset(np.sort(np.random.default_rng(seed).choice(len(outcomes), limit, replace=False)))
+    return outcomes, n_clean, len(contaminated)
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:

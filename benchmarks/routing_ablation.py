@@ -9,13 +9,10 @@ no forward pass of its own when that ran first.
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
-
 import numpy as np
 
-from _common import md_table, machine, need_data, num, pct, write_results
-from difficulty_router import ActivationExtractor, FeatureCache, SuccessProbe, cache_root, load_outcomes
+from _common import md_table, machine, num, pct, routellm_clean, write_results
+from difficulty_router import ActivationExtractor, FeatureCache, SuccessProbe, cache_root
 from difficulty_router.baselines import baseline_proba
 from difficulty_router.metrics import apgr_cpt
 from difficulty_router.queries import conversation_text
@@ -32,14 +29,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    path = need_data("routellm_mmlu/outcomes.jsonl.gz")
-    with gzip.open(path, "rt") as fh:
-        contaminated = {row["id"] for row in map(json.loads, fh) if row.get("contaminated")}
-    outcomes = load_outcomes(path)
-    outcomes = outcomes.subset([i for i, q in enumerate(outcomes.ids) if q not in contaminated])
-    if args.limit and args.limit < len(outcomes):
-        outcomes = outcomes.subset(np.sort(np.random.default_rng(args.seed).choice(len(outcomes), args.limit, replace=False)))
-    outcomes = outcomes.select_models([WEAK, STRONG])
+    outcomes = routellm_clean(args.limit, args.seed)[0].select_models([WEAK, STRONG])
     layers = [int(x) if float(x).is_integer() else x for x in args.layers]
     extractor = ActivationExtractor(args.extractor, max_tokens=args.max_tokens,
                                     feature_cache=FeatureCache(cache_root() / "features"))

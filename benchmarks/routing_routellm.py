@@ -11,14 +11,12 @@ Features are extracted once (and cached), so each fraction costs only probe fits
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import time
 
 import numpy as np
 
-from _common import md_table, machine, need_data, num, pct, write_results
-from difficulty_router import ActivationExtractor, FeatureCache, ModelPool, cache_root, load_outcomes, train_router
+from _common import RESULTS, md_table, machine, num, pct, routellm_clean, write_results
+from difficulty_router import ActivationExtractor, FeatureCache, ModelPool, cache_root, train_router
 from difficulty_router.datasets import ROUTELLM_MMLU_POOL
 from difficulty_router.evaluation import evaluate_proba, evaluate_router, plot_report
 
@@ -41,14 +39,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    path = need_data("routellm_mmlu/outcomes.jsonl.gz")
-    with gzip.open(path, "rt") as fh:
-        contaminated = {row["id"] for row in map(json.loads, fh) if row.get("contaminated")}
-    outcomes = load_outcomes(path)
-    outcomes = outcomes.subset([i for i, q in enumerate(outcomes.ids) if q not in contaminated])
-    n_clean = len(outcomes)
-    if args.limit and args.limit < len(outcomes):
-        outcomes = outcomes.subset(np.sort(np.random.default_rng(args.seed).choice(len(outcomes), args.limit, replace=False)))
+    outcomes, n_clean, n_contaminated = routellm_clean(args.limit, args.seed)
     pool = ModelPool.load(ROUTELLM_MMLU_POOL)
     outcomes = outcomes.select_models(pool.names)
     layers = [int(x) if float(x).is_integer() else x for x in args.layers]
@@ -59,7 +50,7 @@ def main() -> None:
     extract_s = time.perf_counter() - start
 
     rows, payload = [], {"machine": machine(), "extractor": extractor.model_id, "n_clean": n_clean, "n": len(outcomes),
-                         "dropped_contaminated": len(contaminated), "seed": args.seed, "fractions": {}}
+                         "dropped_contaminated": n_contaminated, "seed": args.seed, "fractions": {}}
     rng = np.random.default_rng(args.seed)
     order = rng.permutation(len(outcomes))
     last_report = None
@@ -92,7 +83,7 @@ def main() -> None:
         last_report = report
     for name, apgr, c50, c80 in PUBLISHED:
         rows.append(["all of MMLU (paper)", name, num(apgr), pct(c50), pct(c80), "-"])
-    plot_report(last_report, __import__("_common").RESULTS / "routellm_mmlu.png",
+    plot_report(last_report, RESULTS / "routellm_mmlu.png",
                 title=f"RouteLLM MMLU, {args.extractor}, {payload['fractions'][str(args.fractions[-1])]['n_test']} held-out rows")
     md = (f"RouteLLM MMLU (GPT-4 vs Mixtral-8x7B), {len(outcomes)} of {n_clean} clean rows (seed {args.seed}), "
           f"extractor {extractor.model_id}, candidate layers {list(features.layers)}, max {args.max_tokens} tokens; "
