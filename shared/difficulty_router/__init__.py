@@ -2,10 +2,13 @@
 
 __version__ = "0.1.0"
 
+from .cascade import Cascade, CascadePolicy, CascadeResult, CascadeRun
+from .confidence import MissingLogprobsError, answer_confidence, openai_token_logprobs
 from .data import Outcomes, load_llmrouter, load_mmlu_pro, load_outcomes, save_outcomes
 from .decision import RouteDecision
 from .extractor import ActivationExtractor, Extraction
 from .feature_cache import FeatureCache
+from .generation import Generation, LocalGenerator, OpenAIGenerator, PIKProbe
 from .model_store import DEFAULT_MODEL, KNOWN_MODELS, cache_root
 from .policies import Policy
 from .pool import ModelPool, PoolModel
@@ -18,4 +21,6 @@ __all__ = [
     "Outcomes", "load_outcomes", "save_outcomes", "load_mmlu_pro", "load_llmrouter",
     "ModelPool", "PoolModel", "Policy", "SuccessProbe", "DifficultyProbe",
     "DifficultyRouter", "RouteDecision", "train_router", "__version__",
+    "Cascade", "CascadePolicy", "CascadeResult", "CascadeRun", "MissingLogprobsError", "answer_confidence",
+    "openai_token_logprobs", "Generation", "LocalGenerator", "OpenAIGenerator", "PIKProbe",
 ]

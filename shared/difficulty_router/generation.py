@@ -1,0 +1,202 @@
+"""Rungs a cascade can call: a local transformers model, or any OpenAI-compatible endpoint.
+
+A local rung is an :class:`ActivationExtractor`'s own model: the prefill of its generation
+also yields the hidden state that the P(IK) probe reads, so one forward pass serves the
+answer and the "do I know this" signal. An endpoint rung gets P(T) from ``logprobs``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from .confidence import MissingLogprobsError, openai_token_logprobs
+from .extractor import ActivationExtractor, normalise_layers, normalise_pooling
+from .probes import SuccessProbe
+from .queries import to_conversations
+
+
+@dataclass
+class Generation:
+    text: str
+    tokens: list[str] | None
+    logprobs: list[float] | None
+    prompt_tokens: int
+    completion_tokens: int
+    pik: float | None = None
+    features: np.ndarray | None = None  # the prefill read-out, when the generator was asked for one
+
+
+class Generator(Protocol):
+    name: str
+
+    def generate(self, query: Any, *, max_new_tokens: int | None = None) -> Generation: ...
+
+
+class PIKProbe:
+    """P(IK): a calibrated probe on a model's own pre-generation activations for "I will get this right"."""
+
+    def __init__(self, probe: SuccessProbe, *, layers: Sequence[int], pooling: Sequence[str], model_hash: str) -> None:
+        self.probe = probe
+        self.layers = tuple(int(x) for x in layers)
+        self.pooling = normalise_pooling(pooling)
+        self.model_hash = model_hash
+
+    @classmethod
+    def fit(cls, extractor: ActivationExtractor, queries: Sequence[Any], correct: Sequence[float], *,
+            layers: Any = 0.5, pooling: str = "last", cv: int = 5, progress: bool | None = None,
+            features: np.ndarray | None = None) -> PIKProbe:
+        """Fit on the model's own outcomes: ``correct[i]`` says whether it answered ``queries[i]`` right."""
+        layer_idx = normalise_layers(layers, extractor.n_layers)
+        if features is None:
+            features = extractor.extract(queries, layers=layer_idx, pooling=pooling, progress=progress).features
+        y = np.asarray(correct, dtype=np.float64).reshape(-1, 1)
+        probe = SuccessProbe(cv=cv).fit(features, y, names=["self"])
+        return cls(probe, layers=layer_idx, pooling=pooling, model_hash=extractor.model_hash)
+
+    def predict_features(self, features: np.ndarray) -> np.ndarray:
+        return self.probe.predict_proba(np.atleast_2d(features))[:, 0]
+
+    def score(self, extractor: ActivationExtractor, queries: Sequence[Any]) -> np.ndarray:
+        self._check(extractor)
+        return self.predict_features(extractor.extract(queries, layers=self.layers, pooling=self.pooling,
+                                                        progress=False).features)
+
+    def _check(self, extractor: ActivationExtractor) -> None:
+        if extractor.model_hash != self.model_hash:
+            raise ValueError("this P(IK) probe was trained on another model's activations; it only reads its own model")
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        import json
+
+        from safetensors.numpy import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in self.probe.arrays("pik").items()},
+                  str(directory / "pik.safetensors"))
+        (directory / "pik.json").write_text(json.dumps(
+            {"layers": list(self.layers), "pooling": list(self.pooling), "model_hash": self.model_hash}, indent=2))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> PIKProbe:
+        import json
+
+        from safetensors.numpy import load_file
+
+        directory = Path(directory)
+        for name in ("pik.json", "pik.safetensors"):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory} holds no {name}; not a saved P(IK) probe")
+        meta = json.loads((directory / "pik.json").read_text())
+        probe = SuccessProbe.from_arrays(load_file(str(directory / "pik.safetensors")), "pik")
+        return cls(probe, layers=meta["layers"], pooling=meta["pooling"], model_hash=meta["model_hash"])
+
+
+class LocalGenerator:
+    """Greedy generation with a local model, returning token log-probabilities and, with a probe, P(IK)."""
+
+    def __init__(self, extractor: ActivationExtractor, *, name: str | None = None, pik_probe: PIKProbe | None = None,
+                 max_new_tokens: int = 32, readout: tuple[Any, str] | None = None) -> None:
+        """``readout`` = (layers, pooling) also returns the prefill's read-out in ``Generation.features``
+        (for training a P(IK) probe from the same pass); a ``pik_probe`` brings its own read-out."""
+        if pik_probe is not None:
+            pik_probe._check(extractor)
+            readout = (pik_probe.layers, pik_probe.pooling)
+        if readout is not None:
+            readout = (normalise_layers(readout[0], extractor.n_layers), normalise_pooling(readout[1]))
+        self.readout = readout
+        self.extractor = extractor
+        self.name = name or extractor.model_id
+        self.pik_probe = pik_probe
+        self.max_new_tokens = max_new_tokens
+
+    @property
+    def n_params(self) -> int:
+        """Parameters touched per token (embeddings excluded): the 2 x params x tokens FLOPs rule."""
+        model = self.extractor.model
+        embed = model.get_input_embeddings().weight.numel()
+        return int(sum(p.numel() for p in model.parameters()) - embed)
+
+    @torch.inference_mode()
+    def generate(self, query: Any, *, max_new_tokens: int | None = None) -> Generation:
+        ext = self.extractor
+        ids, _ = ext.tokenize([query])
+        input_ids = torch.tensor([ids[0]], dtype=torch.long, device=ext.device)
+        want_hidden = self.readout is not None
+        tok = ext.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        with ext._forward_lock:
+            out = ext.model.generate(
+                input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                max_new_tokens=max_new_tokens or self.max_new_tokens, output_scores=True,
+                output_hidden_states=want_hidden, return_dict_in_generate=True, pad_token_id=pad,
+            )
+        new = out.sequences[0, input_ids.shape[1]:]
+        scores = torch.stack(out.scores, dim=0)[:, 0, :].float()
+        logprobs = torch.log_softmax(scores, dim=-1).gather(1, new[:, None])[:, 0]
+        eos = set(np.atleast_1d(ext.model.generation_config.eos_token_id or []).tolist())
+        keep = [i for i, t in enumerate(new.tolist()) if t not in eos]
+        token_ids = [int(new[i]) for i in keep]
+        pik = features = None
+        if want_hidden:
+            prefill = out.hidden_states[0]  # one tensor per layer for the prompt, hidden_states convention
+            blocks = []
+            layers, pooling = self.readout
+            for layer in layers:
+                hidden = prefill[layer][0].float()
+                for pool in pooling:
+                    blocks.append(hidden[-1] if pool == "last" else hidden.mean(0))
+            features = torch.cat(blocks).cpu().numpy()
+            if self.pik_probe is not None:
+                pik = float(self.pik_probe.predict_features(features)[0])
+        return Generation(
+            text=tok.decode(token_ids, skip_special_tokens=True),
+            tokens=[tok.decode([t]) for t in token_ids],
+            logprobs=[float(logprobs[i]) for i in keep],
+            prompt_tokens=int(input_ids.shape[1]),
+            completion_tokens=int(len(new)),
+            pik=pik,
+            features=features,
+        )
+
+
+class OpenAIGenerator:
+    """An OpenAI-compatible chat endpoint asked for logprobs (the black-box rung)."""
+
+    def __init__(self, model: str, *, name: str | None = None, base_url: str | None = None,
+                 api_key: str | None = None, client: Any = None, max_new_tokens: int = 32,
+                 temperature: float = 0.0, timeout: float = 60.0) -> None:
+        if client is None:
+            from openai import OpenAI
+
+            client = OpenAI(base_url=base_url, api_key=api_key or os.environ.get("OPENAI_API_KEY") or "unused",
+                            timeout=timeout)
+        self.client = client
+        self.model = model
+        self.name = name or model
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+
+    def generate(self, query: Any, *, max_new_tokens: int | None = None) -> Generation:
+        messages = to_conversations([query])[0]
+        response = self.client.chat.completions.create(
+            model=self.model, messages=messages, logprobs=True, temperature=self.temperature,
+            max_tokens=max_new_tokens or self.max_new_tokens,
+        )
+        text = response.choices[0].message.content or ""
+        try:
+            tokens, logprobs = openai_token_logprobs(response)
+        except MissingLogprobsError:
+            tokens, logprobs = None, None
+        usage = response.usage
+        return Generation(text=text, tokens=tokens, logprobs=logprobs,
+                          prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
+                          completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0))
