@@ -4,6 +4,11 @@ A model is priced either per query (``cost_per_query``) or per token
 (``input_cost_per_1m`` / ``output_cost_per_1m`` with ``expected_output_tokens``). Prompt
 tokens are estimated at 4 characters a token, since the pool's own tokenizers are unknown
 here; logged per-query costs in the outcomes take precedence in evaluation.
+
+A model may also say where it is served, for ``difficulty-router serve``: ``base_url`` of an
+OpenAI-compatible endpoint, ``model`` (the endpoint's own model name, default the pool name),
+``api_key_env`` (the name of the environment variable holding its key, never the key itself, so
+pool files can be committed) and ``timeout`` in seconds. Pools without them keep routing offline.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +24,7 @@ from typing import Any
 import numpy as np
 
 CHARS_PER_TOKEN = 4.0
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 @dataclass(frozen=True)
@@ -27,10 +34,16 @@ class PoolModel:
     input_cost_per_1m: float | None = None
     output_cost_per_1m: float | None = None
     expected_output_tokens: float | None = None
+    # Where the model is served (optional; only ``difficulty-router serve`` needs them).
+    base_url: str | None = None
+    model: str | None = None
+    api_key_env: str | None = None
+    timeout: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"pool model name must be a non-empty string, got {self.name!r}")
+        self._check_backend()
         for key in ("cost_per_query", "input_cost_per_1m", "output_cost_per_1m", "expected_output_tokens"):
             value = getattr(self, key)
             if value is not None and (
@@ -46,6 +59,29 @@ class PoolModel:
             raise ValueError(f"pool model {self.name!r}: give cost_per_query or token prices, not both")
         if priced_by_token and (self.input_cost_per_1m is None or self.output_cost_per_1m is None):
             raise ValueError(f"pool model {self.name!r}: token pricing needs both input_cost_per_1m and output_cost_per_1m")
+
+    def _check_backend(self) -> None:
+        if self.base_url is not None and (
+            not isinstance(self.base_url, str) or not self.base_url.startswith(("http://", "https://"))
+        ):
+            raise ValueError(f"pool model {self.name!r}: base_url must be an http:// or https:// URL, got {self.base_url!r}")
+        if self.model is not None and (not isinstance(self.model, str) or not self.model.strip()):
+            raise ValueError(f"pool model {self.name!r}: model must be a non-empty string, got {self.model!r}")
+        if self.api_key_env is not None and (not isinstance(self.api_key_env, str) or not _ENV_NAME.match(self.api_key_env)):
+            raise ValueError(f"pool model {self.name!r}: api_key_env must name an environment variable "
+                             f"(letters, digits, underscores), got {self.api_key_env!r}")
+        if self.timeout is not None and (
+            isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float))
+            or not math.isfinite(self.timeout) or self.timeout <= 0
+        ):
+            raise ValueError(f"pool model {self.name!r}: timeout must be a positive number of seconds, got {self.timeout!r}")
+        if self.base_url is None and any(v is not None for v in (self.model, self.api_key_env, self.timeout)):
+            raise ValueError(f"pool model {self.name!r}: model, api_key_env and timeout describe a backend; give base_url too")
+
+    @property
+    def served_model(self) -> str:
+        """The name the backend itself knows this model by."""
+        return self.model or self.name
 
     def cost(self, prompt_chars: float) -> float:
         """Expected cost of one call with a prompt of ``prompt_chars`` characters."""
