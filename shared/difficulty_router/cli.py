@@ -1,4 +1,4 @@
-"""``difficulty-router`` command line: extract, train, evaluate, route, convert, demo."""
+"""``difficulty-router`` command line: extract, train, evaluate, route, serve, convert, demo."""
 
 from __future__ import annotations
 
@@ -162,6 +162,54 @@ def cmd_route(args) -> int:
     return 0
 
 
+def _router_dirs(values: list[str]) -> dict[str, str]:
+    """``DIR`` (served as ``router``) or ``NAME=DIR``, repeatable."""
+    from .server.app import DEFAULT_ROUTER_NAME
+
+    out: dict[str, str] = {}
+    for value in values:
+        name, sep, directory = value.partition("=")
+        if not sep:
+            name, directory = DEFAULT_ROUTER_NAME, value
+        if not name or not directory:
+            raise ValueError(f"--router {value!r}: expected DIR or NAME=DIR")
+        if name in out:
+            raise ValueError(f"--router: the name {name!r} is given twice")
+        out[name] = directory
+    return out
+
+
+def cmd_serve(args) -> int:
+    import os
+
+    from .pool import ModelPool
+    from .router import DifficultyRouter
+
+    try:
+        from .server import create_app, specs_from_pool
+        from .server.run import check_exposure, serve
+    except ImportError as exc:
+        raise ValueError(f"the server needs its extra ({exc.name} is missing): "
+                         f"pip install 'difficulty-router[server]'") from None
+
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            raise ValueError(f"--api-key-env {args.api_key_env}: that environment variable is not set or empty")
+    check_exposure(args.host, api_key, args.allow_unauthenticated)
+    specs = specs_from_pool(ModelPool.load(args.pool))  # refuses a pool without base_urls before loading anything
+    routers = {name: DifficultyRouter.load(d) for name, d in _router_dirs(args.router).items()}
+    app = create_app(routers, specs, api_key=api_key, max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000)
+    for name, router in routers.items():
+        print(f"router {name!r}: {router.models} ({router.policy.kind} {router.policy.parameter}="
+              f"{router.policy.value:.4g}), extractor {router.extractor.model_id} on {router.extractor.device}")
+    print(f"backends: {', '.join(f'{s.name} -> {s.base_url} ({s.model})' for s in specs)}")
+    print(f"serving http://{args.host}:{args.port}/v1 (auth {'on' if api_key else 'off'})", flush=True)
+    serve(app, args.host, args.port, log_level="info" if args.verbose else "warning")
+    return 0
+
+
 def cmd_convert(args) -> int:
     from .data import load_llmrouter, load_mmlu_pro, save_outcomes
 
@@ -279,6 +327,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--messages", action="store_true", help="QUERY is a JSON chat conversation")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_route)
+
+    p = sub.add_parser("serve", help="serve an OpenAI-compatible chat completions endpoint that routes")
+    p.add_argument("--router", required=True, action="append",
+                   help="saved router directory, served as model 'router'; or NAME=DIR (repeatable)")
+    p.add_argument("--pool", required=True, help="pool file whose models carry base_url (and model, api_key_env, timeout)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key-env", help="require 'Authorization: Bearer $VAR' from clients (VAR names the variable)")
+    p.add_argument("--allow-unauthenticated", action="store_true",
+                   help="allow a non-loopback --host without --api-key-env (only behind an authenticating proxy)")
+    p.add_argument("--max-batch", type=int, default=32, help="most requests decided in one forward pass")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest a request waits for others to batch with")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("convert", help="convert public routing data to an outcomes file")
     p.add_argument("kind", choices=["mmlu-pro", "llmrouter"])

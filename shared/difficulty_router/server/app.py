@@ -1,0 +1,230 @@
+"""The OpenAI-compatible routing server: ``create_app(routers, backends)`` returns a FastAPI app.
+
+``POST /v1/chat/completions`` with ``model`` set to a router's name (``router`` by default)
+routes the conversation and forwards the request, unchanged except for ``model``, to the
+chosen backend; a backend's own name bypasses routing. Backend failures escalate along the
+decision's ``fallbacks`` (more capable models); the client sees an error only when every
+candidate failed. The decision travels in ``x-router-*`` headers and in the body's ``model``
+(the backend that answered) and ``router`` fields, so unmodified OpenAI clients work and
+curious ones can read why.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from collections.abc import Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from ..queries import to_conversation
+from ..router import DifficultyRouter
+from .backends import BackendFailure, Backends, BackendSpec
+from .batching import MicroBatcher
+from .metrics import ServerMetrics
+from .schema import ApiError, parse_json, validate_chat_request
+
+logger = logging.getLogger(__name__)
+DEFAULT_ROUTER_NAME = "router"
+
+
+def _sse(data: Any) -> bytes:
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+def _error_response(error: ApiError, metrics: ServerMetrics):
+    metrics.errors.inc(str(error.status), error.type)
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+def _decision_headers(router_name: str | None, decision, served: str, tried: list[str], routing_s: float | None) -> dict:
+    headers = {"x-router-model": served}
+    if decision is None:
+        headers["x-router-decision"] = "direct"
+        return headers
+    headers.update({
+        "x-router-name": router_name,
+        "x-router-decision": decision.model,
+        "x-router-probabilities": json.dumps({m: round(p, 4) for m, p in decision.probabilities.items()},
+                                             separators=(",", ":")),
+        "x-router-difficulty": f"{decision.difficulty:.2f}",
+        "x-router-latency-ms": f"{1000 * routing_s:.2f}",
+    })
+    if len(tried) > 1:
+        headers["x-router-escalated-from"] = ",".join(tried[:-1])
+    return headers
+
+
+def create_app(routers: DifficultyRouter | Mapping[str, DifficultyRouter], backends: Backends | list[BackendSpec], *,
+               api_key: str | None = None, max_batch: int = 32, max_wait: float = 0.005,
+               metrics: ServerMetrics | None = None):
+    """Build the ASGI app.
+
+    ``routers``: one router (served as ``router``) or a mapping name -> router. ``backends``:
+    a :class:`Backends` or the specs to build one from; every model a router can choose needs
+    a backend. ``api_key``: when set, every endpoint but ``/health`` requires
+    ``Authorization: Bearer <api_key>``. ``max_batch`` / ``max_wait`` (seconds) bound the
+    micro-batches (``max_batch=1`` decides requests one by one).
+    """
+    if isinstance(routers, DifficultyRouter):
+        routers = {DEFAULT_ROUTER_NAME: routers}
+    routers = dict(routers)
+    if not routers:
+        raise ValueError("give at least one router")
+    if not isinstance(backends, Backends):
+        backends = Backends(backends)
+    for name, router in routers.items():
+        if name in backends:
+            raise ValueError(f"router name {name!r} is also a backend name; requests could not tell them apart")
+        missing = [m for m in router.models if m not in backends]
+        if missing:
+            raise ValueError(f"router {name!r} can choose {missing}, which have no backend (backends: {backends.names})")
+    metrics = metrics or ServerMetrics()
+
+    def batch_fn(router: DifficultyRouter):
+        def decide(conversations: list, exclude_key) -> list:
+            return router.route_batch(conversations, exclude=dict(exclude_key) or None, progress=False)
+        return decide
+
+    batchers = {name: MicroBatcher(batch_fn(r), max_batch=max_batch, max_wait=max_wait,
+                                   on_batch=metrics.observe_batch, name=name) for name, r in routers.items()}
+
+    async def authenticate(request: Request) -> None:
+        if api_key is None or request.url.path == "/health":
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    @asynccontextmanager
+    async def lifespan(app):
+        await backends.start()
+        try:
+            yield
+        finally:
+            for batcher in batchers.values():
+                await batcher.aclose()
+            await backends.aclose()
+
+    app = FastAPI(title="difficulty-router", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  dependencies=[Depends(authenticate)])
+    app.state.metrics, app.state.backends, app.state.routers = metrics, backends, routers
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        return _error_response(exc, metrics)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        logger.exception("unexpected error serving %s", request.url.path)
+        return _error_response(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"),
+                               metrics)
+
+    @app.get("/health")
+    async def health():
+        down = backends.down()
+        return {"status": "ok", "routers": list(routers),
+                "backends": {n: ("down" if n in down else "up") for n in backends.names}}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def list_models():
+        data = [{"id": name, "object": "model", "created": 0, "owned_by": "difficulty-router",
+                 "models": list(r.models)} for name, r in routers.items()]
+        data += [{"id": n, "object": "model", "created": 0, "owned_by": "difficulty-router-backend"}
+                 for n in backends.names]
+        return {"object": "list", "data": data}
+
+    async def decide(router_name: str, messages: list) -> tuple[Any, float]:
+        router = routers[router_name]
+        try:
+            conversation = to_conversation(messages)  # validated here so one bad query cannot fail a whole batch
+        except ValueError as exc:
+            raise ApiError(400, str(exc).replace("query: ", "", 1), param="messages") from None
+        down = {m: why for m, why in backends.down().items() if m in router.models}
+        if len(down) == len(router.models):
+            down = {}  # everything is down: try them anyway rather than refuse outright
+        start = time.perf_counter()
+        decision = await batchers[router_name].submit(conversation, frozenset(down.items()))
+        elapsed = time.perf_counter() - start
+        metrics.routing_latency.observe(elapsed)
+        metrics.routed.inc(router_name, decision.model)
+        return decision, elapsed
+
+    def failed(requested: str, failures: list[BackendFailure]) -> ApiError:
+        metrics.requests.inc(requested, "none")
+        last = failures[-1]
+        if not last.escalate:  # the backend refused the request itself: pass its verdict on
+            return ApiError(last.status, last.detail, param=None, code="backend_rejected_request")
+        detail = "; ".join(str(f) for f in failures)
+        status = 504 if all(f.kind == "timeout" for f in failures) else 502
+        return ApiError(status, f"every candidate backend failed: {detail}", type="api_error",
+                        code="backends_unavailable")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = validate_chat_request(parse_json(await request.body()))
+        requested = body["model"]
+        decision, routing_s = None, None
+        if requested in routers:
+            decision, routing_s = await decide(requested, body["messages"])
+            candidates = [decision.model, *decision.fallbacks]
+        elif requested in backends:
+            candidates = [requested]
+        else:
+            raise ApiError(404, f"The model '{requested}' does not exist; available: "
+                                f"{[*routers, *backends.names]}", param="model", code="model_not_found")
+        failures: list[BackendFailure] = []
+        for i, name in enumerate(candidates):
+            try:
+                if body.get("stream"):
+                    first, rest, close = await backends.stream(name, body)
+                else:
+                    data = await backends.complete(name, body)
+            except BackendFailure as failure:
+                metrics.backend_errors.inc(name, failure.kind)
+                failures.append(failure)
+                if not failure.escalate:
+                    break
+                if i + 1 < len(candidates):
+                    metrics.escalations.inc(name, candidates[i + 1])
+                    logger.warning("%s; escalating to %s", failure, candidates[i + 1])
+                continue
+            metrics.requests.inc(requested, name)
+            tried = candidates[: i + 1]
+            headers = _decision_headers(requested if decision else None, decision, name, tried, routing_s)
+            if body.get("stream"):
+                return StreamingResponse(_relay(first, rest, close, name), media_type="text/event-stream",
+                                         headers=headers)
+            data["model"] = name
+            data["router"] = {"requested": requested, "model": name, "tried": tried,
+                              "decision": decision.to_dict() if decision else None}
+            return JSONResponse(data, headers=headers)
+        raise failed(requested, failures)
+
+    async def _relay(first, rest, close, name: str):
+        try:
+            if first is not None:
+                first["model"] = name
+                yield _sse(first)
+            async for chunk in rest:
+                chunk["model"] = name
+                yield _sse(chunk)
+        except Exception as exc:  # headers are sent: report in-band, as OpenAI does
+            logger.warning("stream from %s broke: %s", name, exc)
+            metrics.backend_errors.inc(name, "stream_broken")
+            yield _sse(ApiError(502, f"{name}: the stream broke: {exc}", type="api_error").body())
+        finally:
+            await close()
+        yield b"data: [DONE]\n\n"
+
+    return app

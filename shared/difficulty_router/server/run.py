@@ -1,0 +1,39 @@
+"""Running the app under uvicorn, with the one safety rule: no unauthenticated server off loopback.
+
+A routing server holds the keys to paid backends; exposing it to a network without a token
+would let anyone spend them. Binding a non-loopback address therefore needs an API key, or
+an explicit ``allow_unauthenticated`` (for a server behind an authenticating proxy).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+
+def is_loopback(host: str) -> bool:
+    """True when every address ``host`` resolves to is a loopback address."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except socket.gaierror:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+
+
+def check_exposure(host: str, api_key: str | None, allow_unauthenticated: bool = False) -> None:
+    if api_key is None and not allow_unauthenticated and not is_loopback(host):
+        raise ValueError(f"refusing to serve on {host!r} without authentication: it is not a loopback address. "
+                         f"Set a token with --api-key-env VAR, or pass --allow-unauthenticated if a proxy in "
+                         f"front of the server authenticates clients")
+
+
+def serve(app, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info") -> None:
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
