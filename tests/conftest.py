@@ -35,3 +35,19 @@ def trained_router(extractor, sample_outcomes, sample_pool):
     """A real router: real extractor, real probes, fixed read-out (layer 15, last token) to keep it quick."""
     train = sample_outcomes.subset(range(240))
     return train_router(train, sample_pool, extractor, layers=[15], pooling="last", cv=3, progress=False)
+
+
+@pytest.fixture(scope="session")
+def llama_backends():
+    """Two real OpenAI-compatible backends (llama-cpp-python's server on SmolLM2-135M, one thread each).
+
+    Yields ``{"small": base_url, "large": base_url}``; each serves the model under its alias.
+    Both run the same GGUF: the tests check plumbing (routing, streaming, fallback), not quality.
+    """
+    from contextlib import ExitStack
+
+    from llama_servers import llama_server, smollm2_gguf
+
+    gguf = smollm2_gguf()
+    with ExitStack() as stack:
+        yield {alias: stack.enter_context(llama_server(gguf, alias)) for alias in ("small", "large")}
