@@ -1,7 +1,7 @@
 """LangChain adapter for difficulty_router: a routing step for LCEL chains and a routing chat model."""
 
 from ._convert import to_router_query
-from .chat_model import ChatDifficultyRouter, is_transient_error
+from .chat_model import CASCADE_KEY, ChatDifficultyRouter, is_transient_error, message_signals
 from .runnable import DifficultyRouterRunnable, route_to
 
-__all__ = ["ChatDifficultyRouter", "DifficultyRouterRunnable", "route_to", "to_router_query", "is_transient_error"]
+__all__ = ["ChatDifficultyRouter", "CASCADE_KEY", "message_signals", "DifficultyRouterRunnable", "route_to", "to_router_query", "is_transient_error"]

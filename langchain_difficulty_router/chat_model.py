@@ -8,13 +8,21 @@ Callbacks see the router's own chat-model run plus one child chain run per attem
 named after and tagged with the pool model tried. The pool model itself is called without
 the caller's callbacks: otherwise every streamed token and every usage record would be
 reported twice (once by the pool model's run, once by the router's).
+
+With ``cascade=`` (a :class:`difficulty_router.cascade.CascadePolicy`) the call walks the
+policy's ladder instead: the core :class:`~difficulty_router.cascade.CascadeRun` decides
+after each rung's answer whether to accept it or escalate; this class only calls the rung,
+reads its logprobs and token usage, and records them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import operator
 import os
 import uuid
+from dataclasses import asdict
 from types import SimpleNamespace
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
@@ -34,9 +42,14 @@ from langchain_core.runnables.utils import gather_with_concurrency
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
+from difficulty_router.cascade import CascadePolicy, CascadeRun, hybrid_start, pool_cost_fn
+from difficulty_router.confidence import MissingLogprobsError, openai_token_logprobs
+
 from ._convert import to_router_query
 
 META_KEY = "difficulty_router"
+CASCADE_KEY = "difficulty_router_cascade"
+"""``response_metadata`` key of the cascade record: every rung tried, its P(T)/P(IK), verdict and cost."""
 _DECISION_KWARG = "difficulty_router_decision"
 _RUN_KWARG = "difficulty_router_run"
 # Fragments of exception class names that mean "this provider is unavailable right now"
@@ -61,6 +74,29 @@ def _can_call_tools(model: Any) -> bool:
     return callable(getattr(model, "bind_tools", None))
 
 
+def message_signals(message: BaseMessage) -> dict[str, Any]:
+    """What a cascade rung's reply gives the policy: answer tokens, their logprobs, token usage.
+
+    Logprobs come from ``response_metadata["logprobs"]`` (ChatOpenAI and compatible models
+    put the OpenAI dict there when built with ``logprobs=True``); without them both are None
+    and the policy's ``on_missing_logprobs`` decides.
+    """
+    tokens = logprobs = None
+    raw = (message.response_metadata or {}).get("logprobs")
+    if raw is not None:
+        try:
+            tokens, logprobs = openai_token_logprobs(raw)
+        except MissingLogprobsError:
+            pass
+    usage = getattr(message, "usage_metadata", None) or {}
+    return {"tokens": tokens, "logprobs": logprobs, "prompt_tokens": int(usage.get("input_tokens") or 0),
+            "completion_tokens": int(usage.get("output_tokens") or 0)}
+
+
+def _join(chunks: list[AIMessageChunk]) -> AIMessageChunk:
+    return functools.reduce(operator.add, chunks) if chunks else AIMessageChunk(content="")
+
+
 class ChatDifficultyRouter(BaseChatModel):
     """Routes each call to the cheapest pool chat model the router expects to answer it.
 
@@ -73,13 +109,30 @@ class ChatDifficultyRouter(BaseChatModel):
             move on to the next more capable model; default :func:`is_transient_error`.
         max_retries: extra tries of the same model on such an error before escalating.
         stop: default stop sequences passed to the chosen model.
+        cascade: a ``CascadePolicy``: answer with the cheapest ladder rung and escalate while
+            its confidence (P(T) from the reply's logprobs, P(IK) from ``pik_scorers``) is
+            below the policy's thresholds. Every ladder name must be a key of ``models``.
+            Without a router the cascade alone decides; ``router`` may then be omitted.
+            Streaming buffers each rung's chunks until the policy accepts that rung, then
+            streams them out: a rejected rung's chunks never reach the caller, so the first
+            token arrives only after the accepted rung has finished. Rung errors that
+            ``escalate_on`` accepts escalate to the next rung. The record of every rung tried
+            is in ``response_metadata["difficulty_router_cascade"]`` (first chunk when streaming).
+        pik_scorers: ``{ladder model: callable(conversation) -> float}``: P(IK) for rungs with a
+            local probe, called with the conversation in the core's form (a list of OpenAI
+            message dicts), e.g. ``lambda q: float(probe.score(extractor, [q])[0])``.
+        skip_threshold: hybrid mode (needs ``router``): start at the first rung whose routing
+            probability is at least this, via ``difficulty_router.cascade.hybrid_start``.
         temperature, max_tokens, timeout: accepted so the router drops into code written for
             any chat model and reported to tracing; they do not override the pool models'
             own settings (configure each pool model itself).
     """
 
-    router: Any = Field(exclude=True)
+    router: Any = Field(default=None, exclude=True)
     models: dict[str, Any]
+    cascade: Any = Field(default=None, exclude=True)
+    pik_scorers: dict[str, Any] = Field(default_factory=dict, exclude=True)
+    skip_threshold: float | None = None
     tool_calling: dict[str, bool] = Field(default_factory=dict)
     escalate_on: Any = None
     max_retries: int | None = None
@@ -94,16 +147,21 @@ class ChatDifficultyRouter(BaseChatModel):
 
     @model_validator(mode="after")
     def _check_pool(self) -> ChatDifficultyRouter:
-        if not hasattr(self.router, "route_batch") or not hasattr(self.router, "models"):
-            raise TypeError(f"router must be a difficulty_router.DifficultyRouter, got {type(self.router).__name__}")
-        pool = list(self.router.models)
-        missing = [m for m in pool if m not in self.models]
-        extra = sorted(set(self.models) - set(pool))
-        if missing:
-            raise ValueError(f"no chat model given for pool model(s) {missing}; models= must map every "
-                             f"name in the router's pool {pool} to a chat model")
-        if extra:
-            raise ValueError(f"models= names {extra}, which are not in the router's pool {pool}")
+        if self.router is None and self.cascade is None:
+            raise ValueError("ChatDifficultyRouter needs a router, a cascade policy, or both")
+        if self.router is not None:
+            if not hasattr(self.router, "route_batch") or not hasattr(self.router, "models"):
+                raise TypeError(f"router must be a difficulty_router.DifficultyRouter, got {type(self.router).__name__}")
+            pool = list(self.router.models)
+            missing = [m for m in pool if m not in self.models]
+            extra = sorted(set(self.models) - set(pool))
+            if missing:
+                raise ValueError(f"no chat model given for pool model(s) {missing}; models= must map every "
+                                 f"name in the router's pool {pool} to a chat model")
+            if extra:
+                raise ValueError(f"models= names {extra}, which are not in the router's pool {pool}")
+        else:
+            pool = list(self.models)
         for name, model in self.models.items():
             if not isinstance(model, Runnable):
                 raise TypeError(f"models[{name!r}] is a {type(model).__name__}, not a LangChain chat model")
@@ -112,7 +170,37 @@ class ChatDifficultyRouter(BaseChatModel):
             raise ValueError(f"tool_calling= names {unknown}, which are not in the router's pool {pool}")
         if self.max_retries is not None and self.max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
+        self._check_cascade()
         return self
+
+    def _check_cascade(self) -> None:
+        if self.cascade is None:
+            if self.pik_scorers or self.skip_threshold is not None:
+                raise ValueError("pik_scorers= and skip_threshold= only apply with cascade=")
+            return
+        if not isinstance(self.cascade, CascadePolicy):
+            raise TypeError(f"cascade must be a difficulty_router.cascade.CascadePolicy, got "
+                            f"{type(self.cascade).__name__}")
+        ladder = list(self.cascade.ladder)
+        missing = [m for m in ladder if m not in self.models]
+        if missing:
+            raise ValueError(f"the cascade ladder names {missing}, which are not among the configured models "
+                             f"{list(self.models)}; give models= a chat model for every rung")
+        unknown = sorted(set(self.pik_scorers) - set(ladder))
+        if unknown:
+            raise ValueError(f"pik_scorers= names {unknown}, which are not on the cascade ladder {ladder}")
+        for name, scorer in self.pik_scorers.items():
+            if not callable(scorer):
+                raise TypeError(f"pik_scorers[{name!r}] must be callable(conversation) -> float")
+        if self.cascade.needs_pik:
+            lacking = [m for m in ladder[:-1] if m not in self.pik_scorers]
+            if lacking:
+                raise ValueError(f"the cascade policy uses P(IK) but rungs {lacking} have no pik_scorers= entry")
+        if self.skip_threshold is not None:
+            if self.router is None:
+                raise ValueError("skip_threshold= (hybrid mode) needs a router to read the start rung from")
+            if isinstance(self.skip_threshold, bool) or not 0 <= self.skip_threshold <= 1:
+                raise ValueError(f"skip_threshold must be in [0, 1], got {self.skip_threshold!r}")
 
     @classmethod
     def from_router_dir(cls, path: str | os.PathLike, models: dict[str, Any], *, extractor: Any = None,
@@ -130,7 +218,10 @@ class ChatDifficultyRouter(BaseChatModel):
     @property
     def _identifying_params(self) -> dict[str, Any]:
         policy = getattr(self.router, "policy", None)
-        return {"models": list(self.models), "policy": str(policy) if policy is not None else None}
+        params = {"models": list(self.models), "policy": str(policy) if policy is not None else None}
+        if self.cascade is not None:
+            params["cascade"] = list(self.cascade.ladder)
+        return params
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = LangSmithParams(ls_provider="difficulty_router", ls_model_type="chat",
@@ -178,6 +269,8 @@ class ChatDifficultyRouter(BaseChatModel):
 
     def _decide_batch(self, inputs: list[Any], kwargs: dict) -> list[str] | None:
         """Route a whole batch in one extraction; the per-call runs pick their decision up by token."""
+        if self.router is None or (self.cascade is not None and self.skip_threshold is None):
+            return None  # nothing to route: the cascade alone decides
         try:
             queries = [to_router_query(self._convert_input(x).to_messages()) for x in inputs]
             decisions = self.router.route_batch(queries, exclude=self._tool_exclusions(kwargs) or None,
@@ -239,6 +332,8 @@ class ChatDifficultyRouter(BaseChatModel):
         if self.streaming:
             from langchain_core.language_models.chat_models import generate_from_stream
             return generate_from_stream(self._stream(messages, stop, run_manager, **kwargs))
+        if self.cascade is not None:
+            return self._cascade_generate(messages, stop, run_manager, kwargs)
         decision = self._decide(messages, kwargs)
         failures: list[dict] = []
         for name in self._attempts(decision):
@@ -263,6 +358,9 @@ class ChatDifficultyRouter(BaseChatModel):
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         run_manager = self._take_run(run_manager, kwargs)
+        if self.cascade is not None:
+            yield from self._cascade_stream(messages, stop, run_manager, kwargs)
+            return
         decision = self._decide(messages, kwargs)
         failures: list[dict] = []
         for name in self._attempts(decision):
@@ -308,6 +406,8 @@ class ChatDifficultyRouter(BaseChatModel):
             from langchain_core.language_models.chat_models import agenerate_from_stream
             return await agenerate_from_stream(self._astream(messages, stop, run_manager, **kwargs))
         kwargs = dict(kwargs)
+        if self.cascade is not None:
+            return await self._acascade_generate(messages, stop, run_manager, kwargs)
         decision = await self._adecide(messages, kwargs)
         failures: list[dict] = []
         for name in self._attempts(decision):
@@ -334,6 +434,10 @@ class ChatDifficultyRouter(BaseChatModel):
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
         kwargs = dict(kwargs)
         run_manager = self._take_run(run_manager, kwargs)
+        if self.cascade is not None:
+            async for chunk in self._acascade_stream(messages, stop, run_manager, kwargs):
+                yield chunk
+            return
         decision = await self._adecide(messages, kwargs)
         failures: list[dict] = []
         for name in self._attempts(decision):
@@ -361,6 +465,160 @@ class ChatDifficultyRouter(BaseChatModel):
                     await child.on_chain_end({META_KEY: self._metadata(decision, name, failures)})
                 return
         raise self._exhausted(decision, failures)
+
+    # -- cascade: the core CascadeRun decides; these only call rungs and record replies --
+    def _cost_fn(self):
+        pool = getattr(self.router, "pool", None)
+        return pool_cost_fn(pool) if pool is not None else None
+
+    def _new_run(self, decision) -> CascadeRun:
+        start = hybrid_start(self.cascade, decision.probabilities, self.skip_threshold) if decision else None
+        return CascadeRun(self.cascade, start=start, decision=decision, cost_fn=self._cost_fn())
+
+    def _cascade_start(self, messages, kwargs) -> CascadeRun:
+        if self.skip_threshold is None:
+            kwargs.pop(_DECISION_KWARG, None)
+            return self._new_run(None)
+        return self._new_run(self._decide(messages, kwargs))
+
+    async def _acascade_start(self, messages, kwargs) -> CascadeRun:
+        if self.skip_threshold is None:
+            kwargs.pop(_DECISION_KWARG, None)
+            return self._new_run(None)
+        return self._new_run(await self._adecide(messages, kwargs))
+
+    def _pik(self, name: str, messages) -> float | None:
+        scorer = self.pik_scorers.get(name)
+        return None if scorer is None else float(scorer(to_router_query(list(messages))))
+
+    def _cascade_escalates(self, exc: BaseException) -> bool:
+        return not isinstance(exc, MissingLogprobsError) and self._should_escalate(exc)
+
+    def _cascade_inputs(self, messages, run: CascadeRun) -> dict:
+        return {"messages": messages, "cascade_rung": run.next_model,
+                "previous_attempts": [asdict(a) for a in run.attempts]}
+
+    def _cascade_child(self, run_manager, messages, run: CascadeRun):
+        if run_manager is None:
+            return None
+        name = run.next_model
+        return self._child_manager(run_manager, CallbackManager, name, run.attempts).on_chain_start(
+            {"name": name}, self._cascade_inputs(messages, run), name=name)
+
+    async def _acascade_child(self, run_manager, messages, run: CascadeRun):
+        if run_manager is None:
+            return None
+        name = run.next_model
+        return await self._child_manager(run_manager, AsyncCallbackManager, name, run.attempts).on_chain_start(
+            {"name": name}, self._cascade_inputs(messages, run), name=name)
+
+    def _cascade_meta(self, run: CascadeRun) -> dict:
+        served = run.result().model
+        record = {**(run.decision.to_dict() if run.decision is not None else {}), "mode": "cascade",
+                  "chosen": run.start, "served_by": served, "escalated": served != run.start,
+                  "attempts": [{"model": a.model, "error": a.error, "accepted": a.accepted} for a in run.attempts]}
+        return {META_KEY: record, CASCADE_KEY: run.metadata()["cascade"]}
+
+    def _cascade_tag(self, message: BaseMessage, run: CascadeRun) -> BaseMessage:
+        response_metadata = dict(message.response_metadata or {})
+        response_metadata.setdefault("model_name", run.result().model)
+        response_metadata.update(self._cascade_meta(run))
+        return message.model_copy(update={"response_metadata": response_metadata})
+
+    def _cascade_generate(self, messages, stop, run_manager, kwargs) -> ChatResult:
+        run = self._cascade_start(messages, kwargs)
+        while not run.done:
+            name = run.next_model
+            model, call = self._target(name, kwargs)
+            child = self._cascade_child(run_manager, messages, run)
+            try:
+                pik = self._pik(name, messages)
+                message = model.invoke(messages, {"callbacks": []}, stop=self._stop(stop), **call)
+                attempt = run.record(name, message.text, pik=pik, **message_signals(message))
+            except Exception as exc:
+                if child:
+                    child.on_chain_error(exc)
+                if not self._cascade_escalates(exc):
+                    raise
+                run.record_failure(name, exc)  # re-raises at the top of the ladder
+                continue
+            if child:
+                child.on_chain_end({"output": message, META_KEY: asdict(attempt)})
+        return ChatResult(generations=[ChatGeneration(message=self._cascade_tag(message, run))])
+
+    def _cascade_stream(self, messages, stop, run_manager, kwargs) -> Iterator[ChatGenerationChunk]:
+        run = self._cascade_start(messages, kwargs)
+        while not run.done:
+            name = run.next_model
+            model, call = self._target(name, kwargs)
+            child = self._cascade_child(run_manager, messages, run)
+            try:
+                pik = self._pik(name, messages)
+                # Buffered: the rung's chunks reach the caller only once the policy accepts it.
+                chunks = list(model.stream(messages, {"callbacks": []}, stop=self._stop(stop), **call))
+                message = _join(chunks)
+                attempt = run.record(name, message.text, pik=pik, **message_signals(message))
+            except Exception as exc:
+                if child:
+                    child.on_chain_error(exc)
+                if not self._cascade_escalates(exc):
+                    raise
+                run.record_failure(name, exc)
+                continue
+            if child:
+                child.on_chain_end({META_KEY: asdict(attempt)})
+        yield from self._cascade_release(chunks, run)
+
+    async def _acascade_generate(self, messages, stop, run_manager, kwargs) -> ChatResult:
+        run = await self._acascade_start(messages, kwargs)
+        while not run.done:
+            name = run.next_model
+            model, call = self._target(name, kwargs)
+            child = await self._acascade_child(run_manager, messages, run)
+            try:
+                pik = await run_in_executor(None, self._pik, name, messages)
+                message = await model.ainvoke(messages, {"callbacks": []}, stop=self._stop(stop), **call)
+                attempt = run.record(name, message.text, pik=pik, **message_signals(message))
+            except Exception as exc:
+                if child:
+                    await child.on_chain_error(exc)
+                if not self._cascade_escalates(exc):
+                    raise
+                run.record_failure(name, exc)
+                continue
+            if child:
+                await child.on_chain_end({"output": message, META_KEY: asdict(attempt)})
+        return ChatResult(generations=[ChatGeneration(message=self._cascade_tag(message, run))])
+
+    async def _acascade_stream(self, messages, stop, run_manager, kwargs) -> AsyncIterator[ChatGenerationChunk]:
+        run = await self._acascade_start(messages, kwargs)
+        while not run.done:
+            name = run.next_model
+            model, call = self._target(name, kwargs)
+            child = await self._acascade_child(run_manager, messages, run)
+            try:
+                pik = await run_in_executor(None, self._pik, name, messages)
+                chunks = [c async for c in model.astream(messages, {"callbacks": []}, stop=self._stop(stop), **call)]
+                message = _join(chunks)
+                attempt = run.record(name, message.text, pik=pik, **message_signals(message))
+            except Exception as exc:
+                if child:
+                    await child.on_chain_error(exc)
+                if not self._cascade_escalates(exc):
+                    raise
+                run.record_failure(name, exc)
+                continue
+            if child:
+                await child.on_chain_end({META_KEY: asdict(attempt)})
+        for chunk in self._cascade_release(chunks, run):
+            yield chunk
+
+    def _cascade_release(self, chunks: list[AIMessageChunk], run: CascadeRun) -> Iterator[ChatGenerationChunk]:
+        """The accepted rung's buffered chunks; the first carries the routing and cascade records."""
+        chunks = chunks or [AIMessageChunk(content="")]
+        yield ChatGenerationChunk(message=self._cascade_tag(chunks[0], run))
+        for chunk in chunks[1:]:
+            yield ChatGenerationChunk(message=chunk)
 
     # -- streaming: BaseChatModel.(a)stream does not hand _stream its run manager -----
     def _run_handle(self, config: RunnableConfig | None) -> tuple[RunnableConfig, str]:

@@ -7,10 +7,10 @@ failure and reports honest metadata.
 
 from ._convert import to_router_messages
 from .events import DifficultyEscalationEvent, DifficultyRouteEvent
-from .llm import CANNOT_CALL_TOOLS, ROUTING_KEY, DifficultyRouterLLM, calls_tools
+from .llm import CANNOT_CALL_TOOLS, CASCADE_KEY, ROUTING_KEY, DifficultyRouterLLM, calls_tools, response_signals
 from .selector import DifficultySelector
 
 __all__ = [
     "DifficultyRouterLLM", "DifficultySelector", "DifficultyRouteEvent", "DifficultyEscalationEvent",
-    "ROUTING_KEY", "CANNOT_CALL_TOOLS", "calls_tools", "to_router_messages",
+    "ROUTING_KEY", "CASCADE_KEY", "CANNOT_CALL_TOOLS", "response_signals", "calls_tools", "to_router_messages",
 ]

@@ -22,6 +22,9 @@ from llama_index.core.callbacks import CallbackManager
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import LLM, ToolSelection
 
+from difficulty_router.cascade import CascadePolicy, CascadeRun, hybrid_start, pool_cost_fn
+from difficulty_router.confidence import MissingLogprobsError, openai_token_logprobs
+
 from ._convert import check_router, route, to_router_messages, tool_conversation
 from .events import DifficultyEscalationEvent, DifficultyRouteEvent, dispatcher
 
@@ -31,6 +34,9 @@ if TYPE_CHECKING:
 
 ROUTING_KEY = "difficulty_router"
 """Key under which each response's ``additional_kwargs`` carries the routing record."""
+
+CASCADE_KEY = "difficulty_router_cascade"
+"""Key under which a cascade response's ``additional_kwargs`` carries every rung tried (P(T), P(IK), verdicts, costs)."""
 
 CANNOT_CALL_TOOLS = "cannot call tools"
 _END = object()
@@ -56,20 +62,54 @@ class DifficultyRouterLLM(FunctionCallingLLM):
         escalate: on an exception from the chosen LLM, retry on the more capable ones.
         callback_manager: forwarded to every candidate, which emit the LLM events; this
             wrapper emits none, so token counts are not doubled.
+        cascade: a ``difficulty_router.cascade.CascadePolicy``: ``chat``, ``complete`` and
+            their stream and async forms answer with the cheapest ladder rung and escalate
+            while its confidence is below the policy's thresholds; the core ``CascadeRun``
+            decides, this class only calls the rung and records its logprobs (P(T), read
+            from ``response.raw``, the OpenAI completion of OpenAI/OpenAILike LLMs built with
+            ``logprobs=True``, else from ``response.logprobs``) and token usage. Every ladder
+            name must be a key of ``llms``; without a router (``router=None``) the cascade
+            alone decides. Streaming buffers each rung's chunks until the policy accepts that
+            rung, then yields them: a rejected rung's chunks never reach the caller, so the
+            first chunk arrives only after the accepted rung has finished. Each response
+            carries the rungs tried in ``additional_kwargs["difficulty_router_cascade"]``.
+            With ``escalate`` an exception from a rung escalates to the next one. Tool calls
+            (``*_with_tools``, ``predict_and_call``) do not cascade: they use the router.
+        pik_scorers: ``{ladder model: callable(conversation) -> float}``: P(IK) for rungs with a
+            local probe, called with the conversation in the core's form (a list of OpenAI
+            message dicts, or the prompt string for ``complete``).
+        skip_threshold: hybrid mode (needs ``router``): start at the first rung whose routing
+            probability is at least this (``difficulty_router.cascade.hybrid_start``).
     """
 
     escalate: bool = Field(default=True, description="Retry on more capable candidates when the chosen one raises.")
 
     _router: Any = PrivateAttr()
     _llms: Dict[str, LLM] = PrivateAttr()
+    _cascade: Optional[CascadePolicy] = PrivateAttr(default=None)
+    _pik_scorers: Dict[str, Callable[[Any], float]] = PrivateAttr(default_factory=dict)
+    _skip_threshold: Optional[float] = PrivateAttr(default=None)
 
-    def __init__(self, router: Any, llms: Mapping[str, LLM], *, escalate: bool = True,
-                 callback_manager: Optional[CallbackManager] = None, **kwargs: Any) -> None:
-        check_router(router)
-        llms = _check_llms(router, llms)
+    def __init__(self, router: Any = None, llms: Optional[Mapping[str, LLM]] = None, *, escalate: bool = True,
+                 cascade: Optional[CascadePolicy] = None, pik_scorers: Optional[Mapping[str, Callable]] = None,
+                 skip_threshold: Optional[float] = None, callback_manager: Optional[CallbackManager] = None,
+                 **kwargs: Any) -> None:
+        if llms is None:
+            raise TypeError("DifficultyRouterLLM needs llms={name: LLM}")
+        if router is None and cascade is None:
+            raise ValueError("DifficultyRouterLLM needs a router, a cascade policy, or both")
+        if router is not None:
+            check_router(router)
+            llms = _check_llms(router, llms)
+        else:
+            llms = _check_llm_types(llms)
+        pik_scorers = _check_cascade(cascade, llms, dict(pik_scorers or {}), skip_threshold, router)
         super().__init__(escalate=escalate, callback_manager=callback_manager, **kwargs)
         self._router = router
         self._llms = llms
+        self._cascade = cascade
+        self._pik_scorers = pik_scorers
+        self._skip_threshold = skip_threshold
         if callback_manager is not None:
             self._forward_callback_manager(callback_manager)
 
@@ -97,6 +137,10 @@ class DifficultyRouterLLM(FunctionCallingLLM):
         return dict(self._llms)
 
     @property
+    def cascade(self) -> Optional[CascadePolicy]:
+        return self._cascade
+
+    @property
     def metadata(self) -> LLMMetadata:
         """What every candidate can take, since any of them may get the call."""
         metas = [llm.metadata for llm in self._llms.values()]
@@ -112,6 +156,7 @@ class DifficultyRouterLLM(FunctionCallingLLM):
 
     # -- routing and delegation --------------------------------------------------------
     def _tool_exclusions(self) -> Dict[str, str]:
+        self._need_router("tool calls")
         exclude = {name: CANNOT_CALL_TOOLS for name, llm in self._llms.items() if not calls_tools(llm)}
         if len(exclude) == len(self._llms):
             raise ValueError(
@@ -120,13 +165,21 @@ class DifficultyRouterLLM(FunctionCallingLLM):
             )
         return exclude
 
+    def _need_router(self, operation: str) -> None:
+        if self._router is None:
+            raise NotImplementedError(
+                f"{operation}: this DifficultyRouterLLM has a cascade and no router; the cascade serves chat, "
+                "complete and their stream/async forms, and tool calls need a router")
+
     def _decide(self, query: Any, exclude: Optional[Dict[str, str]], operation: str):
+        self._need_router(operation)
         decision = route(self._router, query, exclude)
         dispatcher.event(DifficultyRouteEvent(model=decision.model, decision=decision.to_dict(), operation=operation))
         return decision
 
     async def _adecide(self, query: Any, exclude: Optional[Dict[str, str]], operation: str):
         # A forward pass of the representative model; keep it off the event loop.
+        self._need_router(operation)
         decision = await asyncio.to_thread(route, self._router, query, exclude)
         dispatcher.event(DifficultyRouteEvent(model=decision.model, decision=decision.to_dict(), operation=operation))
         return decision
@@ -203,37 +256,116 @@ class DifficultyRouterLLM(FunctionCallingLLM):
             return _arelay(first, stream, self._record(decision, name, failures))
         raise AssertionError("unreachable")
 
+    # -- cascade: the core CascadeRun decides; these only call rungs and record replies --
+    def _new_run(self, decision: Any) -> CascadeRun:
+        start = hybrid_start(self._cascade, decision.probabilities, self._skip_threshold) if decision else None
+        pool = getattr(self._router, "pool", None)
+        return CascadeRun(self._cascade, start=start, decision=decision,
+                          cost_fn=pool_cost_fn(pool) if pool is not None else None)
+
+    def _pik(self, name: str, query: Any) -> Optional[float]:
+        scorer = self._pik_scorers.get(name)
+        return None if scorer is None else float(scorer(query))
+
+    def _escalates(self, exc: Exception) -> bool:
+        return self.escalate and not isinstance(exc, MissingLogprobsError)
+
+    def _rung_done(self, run: CascadeRun, name: str, attempt: Any, operation: str) -> None:
+        if not attempt.accepted:
+            dispatcher.event(DifficultyEscalationEvent(failed_model=name, error=attempt.reason or attempt.error or "",
+                                                       next_model=run.next_model, operation=operation))
+
+    def _cascade_serve(self, query: Any, operation: str, call: Callable[[LLM], Any], *, stream: bool = False) -> Any:
+        decision = self._decide(query, None, operation) if self._skip_threshold is not None else None
+        run = self._new_run(decision)
+        while not run.done:
+            name = run.next_model
+            try:
+                pik = self._pik(name, query)
+                # Streams are buffered: a rung's chunks reach the caller only once the policy accepts it.
+                reply = list(call(self._llms[name])) if stream else call(self._llms[name])
+                attempt = run.record(name, _reply_text(reply), pik=pik, **response_signals(reply))
+            except Exception as exc:
+                if not self._escalates(exc):
+                    raise
+                attempt = run.record_failure(name, exc)  # re-raises at the top of the ladder
+            self._rung_done(run, name, attempt, operation)
+        return _release(reply, run) if stream else _annotate_cascade(reply, run)
+
+    async def _acascade_serve(self, query: Any, operation: str, call: Callable[[LLM], Any], *,
+                              stream: bool = False) -> Any:
+        decision = await self._adecide(query, None, operation) if self._skip_threshold is not None else None
+        run = self._new_run(decision)
+        while not run.done:
+            name = run.next_model
+            try:
+                pik = await asyncio.to_thread(self._pik, name, query) if name in self._pik_scorers else None
+                reply = await call(self._llms[name])
+                if stream:
+                    reply = [chunk async for chunk in reply]
+                attempt = run.record(name, _reply_text(reply), pik=pik, **response_signals(reply))
+            except Exception as exc:
+                if not self._escalates(exc):
+                    raise
+                attempt = run.record_failure(name, exc)
+            self._rung_done(run, name, attempt, operation)
+        return _arelease(reply, run) if stream else _annotate_cascade(reply, run)
+
     # -- chat and completion -----------------------------------------------------------
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        if self._cascade is not None:
+            return self._cascade_serve(to_router_messages(messages), "chat", lambda llm: llm.chat(messages, **kwargs))
         decision = self._decide(to_router_messages(messages), None, "chat")
         return self._serve(decision, "chat", lambda llm: llm.chat(messages, **kwargs))
 
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        if self._cascade is not None:
+            return self._cascade_serve(_prompt(prompt), "complete",
+                                       lambda llm: llm.complete(prompt, formatted=formatted, **kwargs))
         decision = self._decide(_prompt(prompt), None, "complete")
         return self._serve(decision, "complete", lambda llm: llm.complete(prompt, formatted=formatted, **kwargs))
 
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        if self._cascade is not None:
+            return self._cascade_serve(to_router_messages(messages), "stream_chat",
+                                       lambda llm: llm.stream_chat(messages, **kwargs), stream=True)
         decision = self._decide(to_router_messages(messages), None, "stream_chat")
         return self._serve_stream(decision, "stream_chat", lambda llm: llm.stream_chat(messages, **kwargs))
 
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
+        if self._cascade is not None:
+            return self._cascade_serve(_prompt(prompt), "stream_complete",
+                                       lambda llm: llm.stream_complete(prompt, formatted=formatted, **kwargs), stream=True)
         decision = self._decide(_prompt(prompt), None, "stream_complete")
         return self._serve_stream(decision, "stream_complete",
                                   lambda llm: llm.stream_complete(prompt, formatted=formatted, **kwargs))
 
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        if self._cascade is not None:
+            return await self._acascade_serve(to_router_messages(messages), "achat",
+                                              lambda llm: llm.achat(messages, **kwargs))
         decision = await self._adecide(to_router_messages(messages), None, "achat")
         return await self._aserve(decision, "achat", lambda llm: llm.achat(messages, **kwargs))
 
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        if self._cascade is not None:
+            return await self._acascade_serve(_prompt(prompt), "acomplete",
+                                              lambda llm: llm.acomplete(prompt, formatted=formatted, **kwargs))
         decision = await self._adecide(_prompt(prompt), None, "acomplete")
         return await self._aserve(decision, "acomplete", lambda llm: llm.acomplete(prompt, formatted=formatted, **kwargs))
 
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
+        if self._cascade is not None:
+            return await self._acascade_serve(to_router_messages(messages), "astream_chat",
+                                              lambda llm: llm.astream_chat(messages, **kwargs), stream=True)
         decision = await self._adecide(to_router_messages(messages), None, "astream_chat")
         return await self._aserve_stream(decision, "astream_chat", lambda llm: llm.astream_chat(messages, **kwargs))
 
     async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
+        if self._cascade is not None:
+            return await self._acascade_serve(_prompt(prompt), "astream_complete",
+                                              lambda llm: llm.astream_complete(prompt, formatted=formatted, **kwargs),
+                                              stream=True)
         decision = await self._adecide(_prompt(prompt), None, "astream_complete")
         return await self._aserve_stream(decision, "astream_complete",
                                          lambda llm: llm.astream_complete(prompt, formatted=formatted, **kwargs))
@@ -374,6 +506,121 @@ async def _arelay(first: Any, stream: AsyncIterator[Any], record: Dict[str, Any]
     yield _annotate(first, record)
     async for chunk in stream:
         yield _annotate(chunk, record)
+
+
+def response_signals(reply: Any) -> Dict[str, Any]:
+    """A rung's reply (one response, or a stream's chunks) -> answer tokens, their logprobs, token usage.
+
+    Logprobs come from ``raw`` (the OpenAI completion or stream chunk for OpenAI/OpenAILike
+    LLMs), else from ``response.logprobs`` (LlamaIndex's per-position alternatives; the most
+    likely one is taken, which is the generated token under greedy decoding). Missing: None.
+    """
+    parts = reply if isinstance(reply, list) else [reply]
+    tokens: List[str] = []
+    values: List[float] = []
+    prompt_tokens = completion_tokens = 0
+    for part in parts:
+        found = _part_logprobs(part)
+        if found is not None:
+            tokens += found[0]
+            values += found[1]
+        usage = getattr(getattr(part, "raw", None), "usage", None)
+        extra = getattr(part, "additional_kwargs", None) or {}
+        p = getattr(usage, "prompt_tokens", None) or extra.get("prompt_tokens")
+        c = getattr(usage, "completion_tokens", None) or extra.get("completion_tokens")
+        prompt_tokens, completion_tokens = int(p or prompt_tokens), int(c or completion_tokens)
+    return {"tokens": tokens or None, "logprobs": values or None, "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens}
+
+
+def _part_logprobs(part: Any) -> Optional[tuple]:
+    raw = getattr(part, "raw", None)
+    if raw is not None:
+        try:
+            return openai_token_logprobs(raw)
+        except MissingLogprobsError:
+            pass
+    alternatives = getattr(part, "logprobs", None)
+    if alternatives:
+        best = [max(options, key=lambda lp: lp.logprob) for options in alternatives if options]
+        if best:
+            return [lp.token for lp in best], [float(lp.logprob) for lp in best]
+    return None
+
+
+def _reply_text(reply: Any) -> str:
+    if isinstance(reply, list):  # a stream: the last chunk holds the whole text
+        if not reply:
+            return ""
+        reply = reply[-1]
+    if isinstance(reply, ChatResponse):
+        return reply.message.content or ""
+    return getattr(reply, "text", "") or ""
+
+
+def _cascade_record(run: CascadeRun) -> Dict[str, Any]:
+    served = run.result().model
+    return {**(run.decision.to_dict() if run.decision is not None else {}), "mode": "cascade", "start": run.start,
+            "served_by": served, "escalations": {a.model: a.error or a.reason for a in run.attempts if not a.accepted}}
+
+
+def _annotate_cascade(response: Any, run: CascadeRun, record: Optional[Dict[str, Any]] = None,
+                      cascade: Optional[Dict[str, Any]] = None) -> Any:
+    response = _annotate(response, record or _cascade_record(run))
+    response.additional_kwargs[CASCADE_KEY] = cascade or run.metadata()["cascade"]
+    return response
+
+
+def _release(chunks: List[Any], run: CascadeRun) -> Iterator[Any]:
+    record, cascade = _cascade_record(run), run.metadata()["cascade"]
+    for chunk in chunks:
+        yield _annotate_cascade(chunk, run, record, cascade)
+
+
+async def _arelease(chunks: List[Any], run: CascadeRun) -> AsyncIterator[Any]:
+    record, cascade = _cascade_record(run), run.metadata()["cascade"]
+    for chunk in chunks:
+        yield _annotate_cascade(chunk, run, record, cascade)
+
+
+def _check_cascade(cascade: Any, llms: Dict[str, LLM], pik_scorers: Dict[str, Any], skip_threshold: Any,
+                   router: Any) -> Dict[str, Any]:
+    if cascade is None:
+        if pik_scorers or skip_threshold is not None:
+            raise ValueError("pik_scorers= and skip_threshold= only apply with cascade=")
+        return {}
+    if not isinstance(cascade, CascadePolicy):
+        raise TypeError(f"cascade must be a difficulty_router.cascade.CascadePolicy, got {type(cascade).__name__}")
+    ladder = list(cascade.ladder)
+    missing = [m for m in ladder if m not in llms]
+    if missing:
+        raise ValueError(f"the cascade ladder names {missing}, which are not among the configured llms "
+                         f"{list(llms)}; give llms= an LLM for every rung")
+    unknown = sorted(set(pik_scorers) - set(ladder))
+    if unknown:
+        raise ValueError(f"pik_scorers= names {unknown}, which are not on the cascade ladder {ladder}")
+    for name, scorer in pik_scorers.items():
+        if not callable(scorer):
+            raise TypeError(f"pik_scorers[{name!r}] must be callable(conversation) -> float")
+    if cascade.needs_pik:
+        lacking = [m for m in ladder[:-1] if m not in pik_scorers]
+        if lacking:
+            raise ValueError(f"the cascade policy uses P(IK) but rungs {lacking} have no pik_scorers= entry")
+    if skip_threshold is not None:
+        if router is None:
+            raise ValueError("skip_threshold= (hybrid mode) needs a router to read the start rung from")
+        if isinstance(skip_threshold, bool) or not 0 <= skip_threshold <= 1:
+            raise ValueError(f"skip_threshold must be in [0, 1], got {skip_threshold!r}")
+    return pik_scorers
+
+
+def _check_llm_types(llms: Any) -> Dict[str, LLM]:
+    if not isinstance(llms, Mapping) or not llms:
+        raise TypeError(f"llms must be a non-empty mapping {{name: LLM}}, got {llms!r}")
+    for name, llm in llms.items():
+        if not isinstance(llm, LLM):
+            raise TypeError(f"llms[{name!r}] must be a llama_index LLM, got {type(llm).__name__}")
+    return dict(llms)
 
 
 def _check_llms(router: Any, llms: Any) -> Dict[str, LLM]:

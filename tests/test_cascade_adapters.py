@@ -1,0 +1,275 @@
+"""Cascade mode in the LangChain and LlamaIndex adapters, against real OpenAI-compatible backends.
+
+The rungs are two llama-cpp-python servers on SmolLM2-135M (``llama_backends``), called
+through the real framework clients (langchain-openai's ChatOpenAI, LlamaIndex's OpenAILike)
+with logprobs on. Both serve the same weights, so the rungs differ in answer length (3 and
+6 new tokens, greedy): which rung answered shows in the text. Thresholds of 0 and 1 force
+acceptance at the first rung or escalation to the second; P(T) values are the servers' own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from langchain_core.messages import HumanMessage
+from langchain_openai import ChatOpenAI
+from llama_index.core.base.llms.types import ChatMessage
+from llama_index.llms.openai_like import OpenAILike
+
+from difficulty_router.cascade import CascadePolicy
+from difficulty_router.confidence import MissingLogprobsError
+from langchain_difficulty_router import CASCADE_KEY, ChatDifficultyRouter
+from llamaindex_difficulty_router import CASCADE_KEY as LI_CASCADE_KEY
+from llamaindex_difficulty_router import ROUTING_KEY, DifficultyRouterLLM
+
+SMALL, LARGE = "small", "large"
+TOKENS = {SMALL: 3, LARGE: 6}
+QUESTION = "What is the capital of France?"
+WEAK = "mistralai/Mixtral-8x7B-Instruct-v0.1"
+STRONG = "gpt-4-1106-preview"
+
+
+def policy(threshold: float = 0.5, **kwargs) -> CascadePolicy:
+    return CascadePolicy(ladder=[SMALL, LARGE], pt_threshold=threshold, **kwargs)
+
+
+def check_pt(value) -> None:
+    assert value is not None and 0 < value <= 1
+
+
+# --------------------------------------------------------------------------------------
+# LangChain
+# --------------------------------------------------------------------------------------
+def chat_openai(base_url: str, alias: str, *, logprobs: bool = True, max_tokens: int | None = None) -> ChatOpenAI:
+    # llama-cpp-python 0.3.36 ignores max_completion_tokens (what ChatOpenAI sends for max_tokens),
+    # so the limit goes in the body under the older name.
+    extra = {"logprobs": True, "top_logprobs": 1} if logprobs else {}
+    return ChatOpenAI(base_url=base_url, api_key="unused", model=alias, temperature=0, max_retries=0,
+                      extra_body={"max_tokens": max_tokens or TOKENS[alias]}, **extra)
+
+
+@pytest.fixture(scope="module")
+def lc_models(llama_backends):
+    return {alias: chat_openai(url, alias) for alias, url in llama_backends.items()}
+
+
+@pytest.fixture(scope="module")
+def lc_direct(lc_models):
+    """Each rung's own answer, called directly (greedy, so the cascade must reproduce it)."""
+    return {alias: model.invoke(QUESTION).text for alias, model in lc_models.items()}
+
+
+def test_langchain_accepts_first_rung(lc_models, lc_direct):
+    chat = ChatDifficultyRouter(models=lc_models, cascade=policy(0.0))
+    message = chat.invoke([HumanMessage(QUESTION)])
+    assert message.text == lc_direct[SMALL]
+    record = message.response_metadata[CASCADE_KEY]
+    assert record["model"] == SMALL and record["start"] == SMALL and record["escalations"] == 0
+    (attempt,) = record["attempts"]
+    assert attempt["model"] == SMALL and attempt["accepted"] and attempt["text"] == lc_direct[SMALL]
+    check_pt(attempt["pt"])
+    assert attempt["completion_tokens"] == TOKENS[SMALL] and attempt["prompt_tokens"] > 0
+    assert message.response_metadata["difficulty_router"]["served_by"] == SMALL
+
+
+def test_langchain_escalates_to_second_rung(lc_models, lc_direct):
+    chat = ChatDifficultyRouter(models=lc_models, cascade=policy(1.0))
+    message = chat.invoke(QUESTION)
+    assert message.text == lc_direct[LARGE]
+    record = message.response_metadata[CASCADE_KEY]
+    assert record["model"] == LARGE and record["escalations"] == 1
+    first, second = record["attempts"]
+    assert (first["model"], first["accepted"], first["text"]) == (SMALL, False, lc_direct[SMALL])
+    assert first["reason"].startswith("P(T)") and "< 1" in first["reason"]
+    assert (second["model"], second["accepted"], second["reason"]) == (LARGE, True, "top of the ladder")
+    check_pt(first["pt"])
+    check_pt(second["pt"])
+    meta = message.response_metadata["difficulty_router"]
+    assert meta["served_by"] == LARGE and meta["escalated"] and [a["model"] for a in meta["attempts"]] == [SMALL, LARGE]
+
+
+def test_langchain_stream_emits_only_the_accepted_rung(lc_models, lc_direct):
+    chat = ChatDifficultyRouter(models=lc_models, cascade=policy(1.0))
+    chunks = list(chat.stream(QUESTION))
+    direct = list(lc_models[LARGE].stream(QUESTION))
+    assert "".join(c.text for c in chunks) == lc_direct[LARGE]  # the small rung's answer is not in the stream
+    assert [c.text for c in chunks] == [c.text for c in direct]
+    record = chunks[0].response_metadata[CASCADE_KEY]
+    assert [a["model"] for a in record["attempts"]] == [SMALL, LARGE]
+    check_pt(record["attempts"][0]["pt"])
+    assert all(CASCADE_KEY not in c.response_metadata for c in chunks[1:])
+
+
+def test_langchain_async_and_streaming_flag(lc_models, lc_direct):
+    chat = ChatDifficultyRouter(models=lc_models, cascade=policy(1.0))
+
+    async def go():
+        message = await chat.ainvoke(QUESTION)
+        chunks = [c async for c in chat.astream(QUESTION)]
+        return message, chunks
+
+    message, chunks = asyncio.run(go())
+    assert message.text == lc_direct[LARGE]
+    assert "".join(c.text for c in chunks) == lc_direct[LARGE]
+    assert [a["model"] for a in chunks[0].response_metadata[CASCADE_KEY]["attempts"]] == [SMALL, LARGE]
+    # streaming=True: invoke goes through the buffered stream and still returns the accepted rung
+    streamed = ChatDifficultyRouter(models=lc_models, cascade=policy(0.0), streaming=True).invoke(QUESTION)
+    assert streamed.text == lc_direct[SMALL]
+    assert streamed.response_metadata[CASCADE_KEY]["model"] == SMALL
+
+
+def test_langchain_missing_logprobs(llama_backends, lc_models, lc_direct):
+    models = {SMALL: chat_openai(llama_backends[SMALL], SMALL, logprobs=False), LARGE: lc_models[LARGE]}
+    with pytest.raises(MissingLogprobsError, match="no logprobs"):
+        ChatDifficultyRouter(models=models, cascade=policy(0.0)).invoke(QUESTION)
+    message = ChatDifficultyRouter(models=models, cascade=policy(0.0, on_missing_logprobs="escalate")).invoke(QUESTION)
+    assert message.text == lc_direct[LARGE]
+    first, second = message.response_metadata[CASCADE_KEY]["attempts"]
+    assert first["pt"] is None and first["reason"] == "no logprobs: escalating" and second["accepted"]
+
+
+def test_langchain_validates_ladder_and_scorers(lc_models):
+    with pytest.raises(ValueError, match=r"ladder names \['medium'\].*not among the configured models"):
+        ChatDifficultyRouter(models=lc_models, cascade=CascadePolicy(ladder=[SMALL, "medium"]))
+    with pytest.raises(ValueError, match="needs a router, a cascade policy, or both"):
+        ChatDifficultyRouter(models=lc_models)
+    with pytest.raises(ValueError, match="uses P\\(IK\\) but rungs \\['small'\\]"):
+        ChatDifficultyRouter(models=lc_models, cascade=policy(signals=("pik",)))
+    with pytest.raises(ValueError, match="needs a router"):
+        ChatDifficultyRouter(models=lc_models, cascade=policy(), skip_threshold=0.5)
+
+
+def test_langchain_pik_scorer(lc_models, lc_direct):
+    seen = []
+
+    def scorer(conversation):
+        seen.append(conversation)
+        return 0.9 if len(seen) == 1 else 0.2
+
+    chat = ChatDifficultyRouter(models=lc_models, pik_scorers={SMALL: scorer},
+                                cascade=policy(0.0, signals=("pt", "pik"), pik_threshold=0.5))
+    accepted = chat.invoke(QUESTION).response_metadata[CASCADE_KEY]
+    assert seen[0] == [{"role": "user", "content": QUESTION}]
+    assert [(a["model"], a["pik"], a["accepted"]) for a in accepted["attempts"]] == [(SMALL, 0.9, True)]
+    escalated = chat.invoke(QUESTION)
+    first, second = escalated.response_metadata[CASCADE_KEY]["attempts"]
+    assert first["pik"] == 0.2 and first["reason"] == "P(IK) 0.200 < 0.5" and second["model"] == LARGE
+    assert escalated.text == lc_direct[LARGE]
+
+
+def test_langchain_hybrid_start(trained_router, llama_backends, lc_direct):
+    """With a router and skip_threshold, the pre-generation decision picks the start rung."""
+    models = {WEAK: chat_openai(llama_backends[SMALL], SMALL), STRONG: chat_openai(llama_backends[LARGE], LARGE)}
+    cascade = CascadePolicy(ladder=[WEAK, STRONG], pt_threshold=0.0)
+    low = ChatDifficultyRouter(router=trained_router, models=models, cascade=cascade, skip_threshold=0.0)
+    record = low.invoke(QUESTION).response_metadata[CASCADE_KEY]
+    assert record["start"] == WEAK and record["decision"]["model"] in (WEAK, STRONG)
+    high = ChatDifficultyRouter(router=trained_router, models=models, cascade=cascade, skip_threshold=1.0)
+    message = high.invoke(QUESTION)
+    record = message.response_metadata[CASCADE_KEY]
+    assert record["start"] == STRONG and [a["model"] for a in record["attempts"]] == [STRONG]
+    assert message.text == lc_direct[LARGE]
+    assert record["attempts"][0]["cost"] > 0  # priced from the router's pool and the real token counts
+
+
+# --------------------------------------------------------------------------------------
+# LlamaIndex
+# --------------------------------------------------------------------------------------
+def openai_like(base_url: str, alias: str, *, logprobs: bool = True) -> OpenAILike:
+    return OpenAILike(api_base=base_url, api_key="unused", model=alias, is_chat_model=True, logprobs=logprobs,
+                      top_logprobs=1, max_tokens=TOKENS[alias], temperature=0, context_window=2048, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def li_llms(llama_backends):
+    return {alias: openai_like(url, alias) for alias, url in llama_backends.items()}
+
+
+@pytest.fixture(scope="module")
+def li_direct(li_llms):
+    messages = [ChatMessage(role="user", content=QUESTION)]
+    return {alias: llm.chat(messages).message.content for alias, llm in li_llms.items()}
+
+
+MESSAGES = [ChatMessage(role="user", content=QUESTION)]
+
+
+def test_llamaindex_accepts_first_rung(li_llms, li_direct):
+    llm = DifficultyRouterLLM(llms=li_llms, cascade=policy(0.0))
+    response = llm.chat(MESSAGES)
+    assert response.message.content == li_direct[SMALL]
+    record = response.additional_kwargs[LI_CASCADE_KEY]
+    (attempt,) = record["attempts"]
+    assert attempt["model"] == SMALL and attempt["accepted"] and attempt["completion_tokens"] == TOKENS[SMALL]
+    check_pt(attempt["pt"])
+    assert response.additional_kwargs[ROUTING_KEY]["served_by"] == SMALL
+
+
+def test_llamaindex_escalates_chat_and_complete(li_llms, li_direct):
+    llm = DifficultyRouterLLM(llms=li_llms, cascade=policy(1.0))
+    response = llm.chat(MESSAGES)
+    assert response.message.content == li_direct[LARGE]
+    first, second = response.additional_kwargs[LI_CASCADE_KEY]["attempts"]
+    assert (first["model"], first["accepted"], first["text"]) == (SMALL, False, li_direct[SMALL])
+    assert (second["model"], second["accepted"]) == (LARGE, True)
+    check_pt(first["pt"])
+    check_pt(second["pt"])
+    assert response.additional_kwargs[ROUTING_KEY]["escalations"][SMALL].startswith("P(T)")
+    completion = llm.complete(QUESTION)
+    assert completion.text == li_direct[LARGE]  # a chat model: complete sends the prompt as the user turn
+    assert [a["model"] for a in completion.additional_kwargs[LI_CASCADE_KEY]["attempts"]] == [SMALL, LARGE]
+
+
+def test_llamaindex_stream_emits_only_the_accepted_rung(li_llms, li_direct):
+    llm = DifficultyRouterLLM(llms=li_llms, cascade=policy(1.0))
+    chunks = list(llm.stream_chat(MESSAGES))
+    direct = list(li_llms[LARGE].stream_chat(MESSAGES))
+    assert [c.delta for c in chunks] == [c.delta for c in direct]
+    assert "".join(c.delta or "" for c in chunks) == li_direct[LARGE]
+    assert chunks[-1].message.content == li_direct[LARGE]
+    for chunk in chunks:
+        record = chunk.additional_kwargs[LI_CASCADE_KEY]
+        assert [a["model"] for a in record["attempts"]] == [SMALL, LARGE]
+    check_pt(chunks[0].additional_kwargs[LI_CASCADE_KEY]["attempts"][0]["pt"])  # P(T) from the streamed chunks
+
+
+def test_llamaindex_async(li_llms, li_direct):
+    llm = DifficultyRouterLLM(llms=li_llms, cascade=policy(1.0))
+
+    async def go():
+        response = await llm.achat(MESSAGES)
+        chunks = [c async for c in await llm.astream_chat(MESSAGES)]
+        completion = [c async for c in await llm.astream_complete(QUESTION)]
+        return response, chunks, completion
+
+    response, chunks, completion = asyncio.run(go())
+    assert response.message.content == li_direct[LARGE]
+    assert "".join(c.delta or "" for c in chunks) == li_direct[LARGE]
+    assert completion[-1].text == li_direct[LARGE]
+    assert [a["model"] for a in completion[-1].additional_kwargs[LI_CASCADE_KEY]["attempts"]] == [SMALL, LARGE]
+
+
+def test_llamaindex_missing_logprobs(llama_backends, li_llms, li_direct):
+    llms = {SMALL: openai_like(llama_backends[SMALL], SMALL, logprobs=False), LARGE: li_llms[LARGE]}
+    with pytest.raises(MissingLogprobsError):
+        DifficultyRouterLLM(llms=llms, cascade=policy(0.0)).chat(MESSAGES)
+    response = DifficultyRouterLLM(llms=llms, cascade=policy(0.0, on_missing_logprobs="escalate")).chat(MESSAGES)
+    assert response.message.content == li_direct[LARGE]
+    first, _ = response.additional_kwargs[LI_CASCADE_KEY]["attempts"]
+    assert first["pt"] is None and first["reason"] == "no logprobs: escalating"
+
+
+def test_llamaindex_validation_and_pik(li_llms, li_direct):
+    with pytest.raises(ValueError, match=r"ladder names \['medium'\].*not among the configured llms"):
+        DifficultyRouterLLM(llms=li_llms, cascade=CascadePolicy(ladder=["medium", LARGE]))
+    with pytest.raises(ValueError, match="needs a router, a cascade policy, or both"):
+        DifficultyRouterLLM(llms=li_llms)
+    llm = DifficultyRouterLLM(llms=li_llms, cascade=policy(signals=("pik",), pik_threshold=0.5),
+                              pik_scorers={SMALL: lambda conversation: 0.1 if "France" in conversation[-1]["content"] else 1.0})
+    response = llm.chat(MESSAGES)
+    first, second = response.additional_kwargs[LI_CASCADE_KEY]["attempts"]
+    assert first["pik"] == 0.1 and not first["accepted"] and second["model"] == LARGE
+    assert response.message.content == li_direct[LARGE]
+    with pytest.raises(NotImplementedError, match="tool calls need a router"):
+        llm.chat_with_tools([], user_msg=QUESTION)
