@@ -231,3 +231,41 @@ def test_malformed_requests_get_a_clear_openai_style_error(server, body, status,
     assert needle in error["message"]
     if status == 404:
         assert error["code"] == "model_not_found"
+
+
+def test_serve_command_end_to_end(trained_router, llama_backends, tmp_path):
+    """`difficulty-router serve` as a user starts it: a saved router, a pool file with base_urls."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    trained_router.save(tmp_path / "router")
+    (tmp_path / "pool.yaml").write_text(
+        f"models:\n"
+        f"  - {{name: {WEAK}, cost_per_query: 0.0006, base_url: '{llama_backends['small']}', model: small}}\n"
+        f"  - {{name: {STRONG}, cost_per_query: 0.03, base_url: '{llama_backends['large']}', model: large, timeout: 30}}\n")
+    port = free_port()
+    cli = Path(sys.executable).with_name("difficulty-router")
+    process = subprocess.Popen([str(cli), "serve", "--router", str(tmp_path / "router"), "--pool",
+                                str(tmp_path / "pool.yaml"), "--port", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "serve did not come up"
+            time.sleep(0.3)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        completion = client.chat.completions.create(model="router", messages=MESSAGES, max_tokens=3)
+        assert completion.model == trained_router.route(MESSAGES).model
+        assert [m.id for m in client.models.list().data] == ["router", WEAK, STRONG]
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=30)[0]
+    assert f"serving http://127.0.0.1:{port}/v1 (auth off)" in output
