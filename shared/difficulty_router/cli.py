@@ -200,11 +200,17 @@ def cmd_serve(args) -> int:
     check_exposure(args.host, api_key, args.allow_unauthenticated)
     specs = specs_from_pool(ModelPool.load(args.pool))  # refuses a pool without base_urls before loading anything
     routers = {name: DifficultyRouter.load(d) for name, d in _router_dirs(args.router).items()}
-    app = create_app(routers, specs, api_key=api_key, max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000)
+    max_batch = args.max_batch
+    if max_batch is None:  # measured (benchmarks/server_load.py): a CPU forward pass is compute-bound, and
+        # padding a batch to its longest prompt costs more than batching saves; accelerators gain from batches
+        on_cpu = all(r.extractor.device.type == "cpu" for r in routers.values())
+        max_batch = 1 if on_cpu else 32
+    app = create_app(routers, specs, api_key=api_key, max_batch=max_batch, max_wait=args.max_wait_ms / 1000)
     for name, router in routers.items():
         print(f"router {name!r}: {router.models} ({router.policy.kind} {router.policy.parameter}="
               f"{router.policy.value:.4g}), extractor {router.extractor.model_id} on {router.extractor.device}")
     print(f"backends: {', '.join(f'{s.name} -> {s.base_url} ({s.model})' for s in specs)}")
+    print(f"micro-batching: up to {max_batch} requests or {args.max_wait_ms:g} ms")
     print(f"serving http://{args.host}:{args.port}/v1 (auth {'on' if api_key else 'off'})", flush=True)
     serve(app, args.host, args.port, log_level="info" if args.verbose else "warning")
     return 0
@@ -337,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key-env", help="require 'Authorization: Bearer $VAR' from clients (VAR names the variable)")
     p.add_argument("--allow-unauthenticated", action="store_true",
                    help="allow a non-loopback --host without --api-key-env (only behind an authenticating proxy)")
-    p.add_argument("--max-batch", type=int, default=32, help="most requests decided in one forward pass")
+    p.add_argument("--max-batch", type=int,
+                   help="most requests decided in one forward pass (default: 32 on a GPU/MPS extractor, 1 on CPU)")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest a request waits for others to batch with")
     p.set_defaults(func=cmd_serve)
 
