@@ -222,3 +222,51 @@ def test_cascade_runs_real_rungs_and_prices_attempts(extractor, pik_probe):
     assert [a.model for a in strict.attempts] == ["small", "large"] and strict.cost == pytest.approx(first.cost + 0.5)
     with pytest.raises(ValueError, match="no generator for ladder rungs"):
         Cascade([small], CascadePolicy(["small", "large"]))
+
+
+# -- a real OpenAI-compatible endpoint (llama-cpp-python's server on loopback) -----------------
+@pytest.fixture(scope="module")
+def llama_endpoint():
+    from llama_servers import llama_server
+
+    from difficulty_router.model_store import resolve
+
+    source = resolve("smollm2-135m")
+    with llama_server(f"{source.path}/{source.gguf_file}", "smol") as base_url:
+        yield base_url
+
+
+def test_openai_endpoint_logprobs_drive_the_cascade(llama_endpoint, extractor):
+    from openai import OpenAI
+
+    from difficulty_router import OpenAIGenerator
+
+    remote = OpenAIGenerator("smol", name="remote", base_url=llama_endpoint, max_new_tokens=5)
+    out = remote.generate("Name one colour.")
+    assert out.text and out.logprobs and len(out.tokens) == len(out.logprobs) and out.completion_tokens > 0
+    assert all(lp <= 0 for lp in out.logprobs)
+    # the endpoint's P(T) agrees in kind with the same weights run locally: a real probability, not a default
+    assert 0 < answer_confidence(out.logprobs, "mean", out.tokens) <= 1
+
+    # asked without logprobs, the endpoint sends none: a clear error, or escalation as configured
+    client = OpenAI(base_url=llama_endpoint, api_key="unused")
+    bare = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
+    with pytest.raises(MissingLogprobsError):
+        openai_token_logprobs(bare)
+
+    class NoLogprobs:  # the same real endpoint, called the way a client that cannot ask for logprobs would
+        name = "remote"
+
+        def generate(self, query, max_new_tokens=None):
+            reply = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": query}],
+                                                   max_tokens=3)
+            from difficulty_router.generation import Generation
+
+            return Generation(reply.choices[0].message.content or "", None, None, 0, 0)
+
+    local = LocalGenerator(extractor, name="local", max_new_tokens=3)
+    with pytest.raises(MissingLogprobsError, match="no logprobs"):
+        Cascade([NoLogprobs(), local], CascadePolicy(["remote", "local"])).run("Hi")
+    escalated = Cascade([NoLogprobs(), local], CascadePolicy(["remote", "local"], on_missing_logprobs="escalate")).run("Hi")
+    assert [a.model for a in escalated.attempts] == ["remote", "local"]
+    assert escalated.attempts[0].reason == "no logprobs: escalating"

@@ -188,7 +188,7 @@ class OpenAIGenerator:
     def generate(self, query: Any, *, max_new_tokens: int | None = None) -> Generation:
         messages = to_conversations([query])[0]
         response = self.client.chat.completions.create(
-            model=self.model, messages=messages, logprobs=True, temperature=self.temperature,
+            model=self.model, messages=messages, logprobs=True, top_logprobs=1, temperature=self.temperature,
             max_tokens=max_new_tokens or self.max_new_tokens,
         )
         text = response.choices[0].message.content or ""
