@@ -416,7 +416,7 @@ class CascadeRun:
     def record_failure(self, model: str, error: BaseException) -> Attempt:
         """The rung raised (provider down, timeout): escalate, or re-raise at the top of the ladder."""
         if model != self.next_model:
-            raise ValueError(f"expected an answer from {model!r}, got one from {self.next_model!r}")
+            raise ValueError(f"expected an answer from {self.next_model!r}, got one from {model!r}")
         if self.policy.rung(model) == len(self.policy.ladder) - 1:
             raise error
         attempt = Attempt(model, "", accepted=False, reason=f"failed: {type(error).__name__}", error=str(error))
