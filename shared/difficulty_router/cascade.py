@@ -129,9 +129,13 @@ class CascadePolicy:
     def combined(self, model: str, pt: float, pik: float) -> float:
         if model not in self.combiners:
             raise ValueError(f"rung {model!r} has no learned combiner; call fit_combiner() on labelled rows first")
+        return float(self._combined_score(model, np.asarray(pt, dtype=np.float64), np.asarray(pik, dtype=np.float64)))
+
+    def _combined_score(self, model: str, pt: np.ndarray, pik: np.ndarray) -> np.ndarray:
+        """The learned combiner's confidence: one formula for live decisions and for replays."""
         w_pt, w_pik, bias = self.combiners[model]
-        z = w_pt * float(_logit(pt)) + w_pik * float(_logit(pik)) + bias
-        return 1.0 / (1.0 + math.exp(-max(min(z, 40.0), -40.0)))
+        z = np.clip(w_pt * _logit(pt) + w_pik * _logit(pik) + bias, -40.0, 40.0)
+        return 1.0 / (1.0 + np.exp(-z))
 
     def decide(self, model: str, pt: float | None, pik: float | None) -> tuple[bool, str]:
         """Accept this rung's answer? Returns the verdict and a reason a person can read."""
@@ -168,8 +172,9 @@ class CascadePolicy:
         pt, pik = np.asarray(pt, dtype=np.float64), np.asarray(pik, dtype=np.float64)
         out = np.empty_like(pt)
         for j, model in enumerate(self.ladder[:-1]):
-            w_pt, w_pik, bias = self.combiners[model]
-            out[:, j] = 1 / (1 + np.exp(-(w_pt * _logit(pt[:, j]) + w_pik * _logit(pik[:, j]) + bias)))
+            if model not in self.combiners:
+                raise ValueError(f"rung {model!r} has no learned combiner; call fit_combiner() on labelled rows first")
+            out[:, j] = self._combined_score(model, pt[:, j], pik[:, j])
         out[:, -1] = 1.0
         return out
 
@@ -192,12 +197,12 @@ class CascadePolicy:
         """(n, rungs) bool: would each rung's answer be accepted (logged signals, no missing values)."""
         n = len(pt if pt is not None else pik)
         accept = np.ones((n, len(self.ladder)), dtype=bool)
+        if self.combine == "learned":
+            score = self.confidence_matrix(pt, pik)
+            for j, model in enumerate(self.ladder[:-1]):
+                accept[:, j] = score[:, j] >= self.combined_threshold[model]
+            return accept
         for j, model in enumerate(self.ladder[:-1]):
-            if self.combine == "learned":
-                w_pt, w_pik, bias = self.combiners[model]
-                score = 1 / (1 + np.exp(-(w_pt * _logit(pt[:, j]) + w_pik * _logit(pik[:, j]) + bias)))
-                accept[:, j] = score >= self.combined_threshold[model]
-                continue
             if "pt" in self.signals:
                 accept[:, j] &= pt[:, j] >= self.pt_threshold[model]
             if "pik" in self.signals:
