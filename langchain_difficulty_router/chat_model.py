@@ -525,7 +525,9 @@ class ChatDifficultyRouter(BaseChatModel):
         response_metadata.update(self._cascade_meta(run))
         return message.model_copy(update={"response_metadata": response_metadata})
 
-    def _cascade_generate(self, messages, stop, run_manager, kwargs) -> ChatResult:
+    def _cascade_loop(self, messages, stop, run_manager, kwargs, streaming: bool):
+        """Drive the core CascadeRun to its accepted rung; returns the run, its message and, when
+        streaming, that rung's buffered chunks (a rung's chunks reach the caller only once accepted)."""
         run = self._cascade_start(messages, kwargs)
         while not run.done:
             name = run.next_model
@@ -533,7 +535,11 @@ class ChatDifficultyRouter(BaseChatModel):
             child = self._cascade_child(run_manager, messages, run)
             try:
                 pik = self._pik(name, messages)
-                message = model.invoke(messages, {"callbacks": []}, stop=self._stop(stop), **call)
+                if streaming:
+                    chunks = list(model.stream(messages, {"callbacks": []}, stop=self._stop(stop), **call))
+                    message = _join(chunks)
+                else:
+                    chunks, message = None, model.invoke(messages, {"callbacks": []}, stop=self._stop(stop), **call)
                 attempt = run.record(name, message.text, pik=pik, **message_signals(message))
             except Exception as exc:
                 if child:
@@ -544,32 +550,10 @@ class ChatDifficultyRouter(BaseChatModel):
                 continue
             if child:
                 child.on_chain_end({"output": message, META_KEY: asdict(attempt)})
-        return ChatResult(generations=[ChatGeneration(message=self._cascade_tag(message, run))])
+        return run, message, chunks
 
-    def _cascade_stream(self, messages, stop, run_manager, kwargs) -> Iterator[ChatGenerationChunk]:
-        run = self._cascade_start(messages, kwargs)
-        while not run.done:
-            name = run.next_model
-            model, call = self._target(name, kwargs)
-            child = self._cascade_child(run_manager, messages, run)
-            try:
-                pik = self._pik(name, messages)
-                # Buffered: the rung's chunks reach the caller only once the policy accepts it.
-                chunks = list(model.stream(messages, {"callbacks": []}, stop=self._stop(stop), **call))
-                message = _join(chunks)
-                attempt = run.record(name, message.text, pik=pik, **message_signals(message))
-            except Exception as exc:
-                if child:
-                    child.on_chain_error(exc)
-                if not self._cascade_escalates(exc):
-                    raise
-                run.record_failure(name, exc)
-                continue
-            if child:
-                child.on_chain_end({META_KEY: asdict(attempt)})
-        yield from self._cascade_release(chunks, run)
-
-    async def _acascade_generate(self, messages, stop, run_manager, kwargs) -> ChatResult:
+    async def _acascade_loop(self, messages, stop, run_manager, kwargs, streaming: bool):
+        """The async twin of _cascade_loop (same steps, awaited calls)."""
         run = await self._acascade_start(messages, kwargs)
         while not run.done:
             name = run.next_model
@@ -577,7 +561,12 @@ class ChatDifficultyRouter(BaseChatModel):
             child = await self._acascade_child(run_manager, messages, run)
             try:
                 pik = await run_in_executor(None, self._pik, name, messages)
-                message = await model.ainvoke(messages, {"callbacks": []}, stop=self._stop(stop), **call)
+                if streaming:
+                    chunks = [c async for c in model.astream(messages, {"callbacks": []}, stop=self._stop(stop), **call)]
+                    message = _join(chunks)
+                else:
+                    chunks = None
+                    message = await model.ainvoke(messages, {"callbacks": []}, stop=self._stop(stop), **call)
                 attempt = run.record(name, message.text, pik=pik, **message_signals(message))
             except Exception as exc:
                 if child:
@@ -588,28 +577,22 @@ class ChatDifficultyRouter(BaseChatModel):
                 continue
             if child:
                 await child.on_chain_end({"output": message, META_KEY: asdict(attempt)})
+        return run, message, chunks
+
+    def _cascade_generate(self, messages, stop, run_manager, kwargs) -> ChatResult:
+        run, message, _ = self._cascade_loop(messages, stop, run_manager, kwargs, streaming=False)
+        return ChatResult(generations=[ChatGeneration(message=self._cascade_tag(message, run))])
+
+    def _cascade_stream(self, messages, stop, run_manager, kwargs) -> Iterator[ChatGenerationChunk]:
+        run, _, chunks = self._cascade_loop(messages, stop, run_manager, kwargs, streaming=True)
+        yield from self._cascade_release(chunks, run)
+
+    async def _acascade_generate(self, messages, stop, run_manager, kwargs) -> ChatResult:
+        run, message, _ = await self._acascade_loop(messages, stop, run_manager, kwargs, streaming=False)
         return ChatResult(generations=[ChatGeneration(message=self._cascade_tag(message, run))])
 
     async def _acascade_stream(self, messages, stop, run_manager, kwargs) -> AsyncIterator[ChatGenerationChunk]:
-        run = await self._acascade_start(messages, kwargs)
-        while not run.done:
-            name = run.next_model
-            model, call = self._target(name, kwargs)
-            child = await self._acascade_child(run_manager, messages, run)
-            try:
-                pik = await run_in_executor(None, self._pik, name, messages)
-                chunks = [c async for c in model.astream(messages, {"callbacks": []}, stop=self._stop(stop), **call)]
-                message = _join(chunks)
-                attempt = run.record(name, message.text, pik=pik, **message_signals(message))
-            except Exception as exc:
-                if child:
-                    await child.on_chain_error(exc)
-                if not self._cascade_escalates(exc):
-                    raise
-                run.record_failure(name, exc)
-                continue
-            if child:
-                await child.on_chain_end({META_KEY: asdict(attempt)})
+        run, _, chunks = await self._acascade_loop(messages, stop, run_manager, kwargs, streaming=True)
         for chunk in self._cascade_release(chunks, run):
             yield chunk
 
