@@ -225,23 +225,14 @@ def test_cascade_runs_real_rungs_and_prices_attempts(extractor, pik_probe):
 
 
 # -- a real OpenAI-compatible endpoint (llama-cpp-python's server on loopback) -----------------
-@pytest.fixture(scope="module")
-def llama_endpoint():
-    from llama_servers import llama_server
-
-    from difficulty_router.model_store import resolve
-
-    source = resolve("smollm2-135m")
-    with llama_server(f"{source.path}/{source.gguf_file}", "smol") as base_url:
-        yield base_url
-
-
-def test_openai_endpoint_logprobs_drive_the_cascade(llama_endpoint, extractor):
+def test_openai_endpoint_logprobs_drive_the_cascade(llama_backends, extractor):
     from openai import OpenAI
 
     from difficulty_router import OpenAIGenerator
 
-    remote = OpenAIGenerator("smol", name="remote", base_url=llama_endpoint, max_new_tokens=5)
+    llama_endpoint = llama_backends["small"]  # the session's server on SmolLM2, serving it as "small"
+
+    remote = OpenAIGenerator("small", name="remote", base_url=llama_endpoint, max_new_tokens=5)
     out = remote.generate("Name one colour.")
     assert out.text and out.logprobs and len(out.tokens) == len(out.logprobs) and out.completion_tokens > 0
     assert all(lp <= 0 for lp in out.logprobs)
@@ -250,7 +241,7 @@ def test_openai_endpoint_logprobs_drive_the_cascade(llama_endpoint, extractor):
 
     # asked without logprobs, the endpoint sends none: a clear error, or escalation as configured
     client = OpenAI(base_url=llama_endpoint, api_key="unused")
-    bare = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
+    bare = client.chat.completions.create(model="small", messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
     with pytest.raises(MissingLogprobsError):
         openai_token_logprobs(bare)
 
@@ -258,7 +249,7 @@ def test_openai_endpoint_logprobs_drive_the_cascade(llama_endpoint, extractor):
         name = "remote"
 
         def generate(self, query, max_new_tokens=None):
-            reply = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": query}],
+            reply = client.chat.completions.create(model="small", messages=[{"role": "user", "content": query}],
                                                    max_tokens=3)
             from difficulty_router.generation import Generation
 
