@@ -17,7 +17,7 @@ rung's answer does not depend on whether it is later accepted.
   model's accuracy") and reported on the other half.
 
 Usage: ``python benchmarks/fetch_models.py qwen2.5-coder-0.5b qwen2.5-coder-1.5b`` then
-``python benchmarks/cascade_ladder.py --n 300``. Answers are cached per model under
+``python benchmarks/cascade_ladder.py --n 200 --max-chars 800 --options 4`` (the README's run). Answers are cached per model under
 ``~/.cache/difficulty-router/cascade`` so the analysis can be rerun without regenerating.
 """
 
@@ -107,15 +107,19 @@ def grade(text: str, tokens: list[str], logprobs: list[float]) -> tuple[str | No
 
 
 def collect(model: str, questions: list[dict], max_new_tokens: int, backend: str = "transformers") -> dict:
+    """Every question answered by one rung, cached per model and question set."""
     path = cache_root() / "cascade" / f"{model}-{len(questions)}-{hash_ids(questions)}.npz"
     if path.is_file():
         data = np.load(path, allow_pickle=False)
         return {k: data[k] for k in data.files}
-    if backend == "llama-cpp":
-        data = collect_llama_cpp(model, questions, max_new_tokens)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, **data)
-        return data
+    run = collect_llama_cpp if backend == "llama-cpp" else collect_transformers
+    data = run(model, questions, max_new_tokens)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **data)
+    return data
+
+
+def collect_transformers(model: str, questions: list[dict], max_new_tokens: int) -> dict:
     extractor = ActivationExtractor(model, dtype="float32")
     layer = ROUTER_LAYER if model == LADDER[0] else extractor.n_layers // 2
     generator = LocalGenerator(extractor, name=model, max_new_tokens=max_new_tokens, readout=([layer], "last"))
@@ -138,9 +142,6 @@ def collect(model: str, questions: list[dict], max_new_tokens: int, backend: str
     data = {k: np.asarray(v) for k, v in rows.items()}
     data["n_params"] = np.asarray(generator.n_params)
     data["readout_layer"] = np.asarray(layer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **data)
-    del extractor, generator
     return data
 
 
@@ -150,8 +151,6 @@ def collect_llama_cpp(model: str, questions: list[dict], max_new_tokens: int) ->
     token counts matter (no logprobs: llama.cpp would compute logits for every prompt token); greedy
     decoding with the GGUF's own chat template."""
     from llama_cpp import Llama
-
-    from difficulty_router.model_store import resolve
 
     source = resolve(model)
     llm = Llama(model_path=f"{source.path}/{source.gguf_file}", n_ctx=2048, n_threads=2, verbose=False)
@@ -166,12 +165,9 @@ def collect_llama_cpp(model: str, questions: list[dict], max_new_tokens: int) ->
         choice = out["choices"][0]
         text = choice["message"]["content"] or ""
         right, _ = grade_row(q, text, [], [])
-        lps, letter_lp = [0.0], 0.0  # unused: the top rung always accepts
         rows["correct"].append(float(right))
-        rows["pt_first"].append(np.exp(lps[0]))
-        rows["pt_mean"].append(np.exp(np.mean(lps)))
-        rows["pt_min"].append(np.exp(np.min(lps)))
-        rows["pt_letter"].append(np.exp(letter_lp))
+        for key in ("pt_first", "pt_mean", "pt_min", "pt_letter"):
+            rows[key].append(1.0)  # never read: the top rung always accepts
         rows["prompt_tokens"].append(out["usage"]["prompt_tokens"])
         rows["completion_tokens"].append(out["usage"]["completion_tokens"])
     data = {k: np.asarray(v) for k, v in rows.items()}
