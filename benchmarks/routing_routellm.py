@@ -85,8 +85,7 @@ def main() -> None:
         rows.append(["all of MMLU (paper)", name, num(apgr), pct(c50), pct(c80), "-"])
     # the default run keeps the plain names the README quotes; other subsets get their size in the name
     tag = f"{extractor.model_id}" + ("" if args.limit == 6000 else f"_{args.limit}")
-    plot_report(last_report, RESULTS / ("routellm_mmlu.png" if args.extractor == "smollm2-135m" and args.limit == 6000
-                                        else f"routellm_mmlu_{tag}.png"),
+    plot_report(last_report, RESULTS / ("routellm_mmlu.png" if tag == "smollm2-135m" else f"routellm_mmlu_{tag}.png"),
                 title=f"RouteLLM MMLU, {args.extractor}, {payload['fractions'][str(args.fractions[-1])]['n_test']} held-out rows")
     md = (f"RouteLLM MMLU (GPT-4 vs Mixtral-8x7B), {len(outcomes)} of {n_clean} clean rows (seed {args.seed}), "
           f"extractor {extractor.model_id}, candidate layers {list(features.layers)}, max {args.max_tokens} tokens; "
