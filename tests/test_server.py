@@ -31,6 +31,11 @@ def specs(llama_backends, weak_url=None, strong_url=None):
             BackendSpec(STRONG, strong_url or llama_backends["large"], "large", timeout=60)]
 
 
+def openai_client(url: str, api_key: str = "unused") -> openai.OpenAI:
+    """The real openai client pointed at a routing server; no retries, so a failure shows at once."""
+    return openai.OpenAI(base_url=url + "/v1", api_key=api_key, max_retries=0)
+
+
 def dead_url() -> str:
     return f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
 
@@ -44,7 +49,7 @@ def server(trained_router, llama_backends):
 
 @pytest.fixture
 def client(server):
-    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0)
+    return openai_client(server[0])
 
 
 def test_non_stream_routes_and_reports_the_decision(server, client, trained_router):
@@ -147,7 +152,7 @@ def test_fallback_when_the_chosen_backend_is_stopped(trained_router, llama_backe
     cheapest_first = with_policy(trained_router, "threshold", 0.0)  # always picks WEAK, the cheaper model
     app = create_app(cheapest_first, Backends(specs(llama_backends, weak_url=doomed), cooldown=0))
     with running(app) as url:
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        client = openai_client(url)
         raw = client.chat.completions.with_raw_response.create(model="router", messages=MESSAGES, max_tokens=4)
         assert raw.headers["x-router-decision"] == WEAK
         assert raw.headers["x-router-model"] == raw.parse().model == STRONG
@@ -164,7 +169,7 @@ def test_a_failed_backend_is_routed_around_while_down(trained_router, llama_back
     cheapest_first = with_policy(trained_router, "threshold", 0.0)
     app = create_app(cheapest_first, Backends(specs(llama_backends, weak_url=dead_url()), cooldown=60))
     with running(app) as url:
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        client = openai_client(url)
         first = client.chat.completions.create(model="router", messages=MESSAGES, max_tokens=2)
         second = client.chat.completions.with_raw_response.create(model="router", messages=MESSAGES, max_tokens=2)
         health = httpx.get(url + "/health").json()
@@ -178,7 +183,7 @@ def test_a_failed_backend_is_routed_around_while_down(trained_router, llama_back
 def test_error_only_when_every_backend_fails(trained_router, llama_backends):
     app = create_app(trained_router, specs(llama_backends, weak_url=dead_url(), strong_url=dead_url()))
     with running(app) as url:
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        client = openai_client(url)
         with pytest.raises(openai.APIStatusError) as info:
             client.chat.completions.create(model="router", messages=MESSAGES, max_tokens=2)
     assert info.value.status_code == 502
@@ -191,7 +196,7 @@ def test_error_only_when_every_backend_fails(trained_router, llama_backends):
 def test_auth_refuses_requests_without_the_token(trained_router, llama_backends):
     app = create_app(trained_router, specs(llama_backends), api_key="s3cret")
     with running(app) as url:
-        anonymous = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)
+        anonymous = openai_client(url, "wrong")
         with pytest.raises(openai.AuthenticationError) as info:
             anonymous.chat.completions.create(model="router", messages=MESSAGES, max_tokens=2)
         assert info.value.body["code"] == "invalid_api_key"
@@ -200,7 +205,7 @@ def test_auth_refuses_requests_without_the_token(trained_router, llama_backends)
         assert httpx.get(url + "/metrics").status_code == 401
         assert httpx.post(url + "/v1/chat/completions", json={}).status_code == 401  # auth before validation
         assert httpx.get(url + "/health").status_code == 200
-        allowed = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0)
+        allowed = openai_client(url, "s3cret")
         assert allowed.chat.completions.create(model="router", messages=MESSAGES, max_tokens=2).model in (WEAK, STRONG)
 
 
@@ -261,7 +266,7 @@ def test_serve_command_end_to_end(trained_router, llama_backends, tmp_path):
                 pass
             assert time.monotonic() < deadline, "serve did not come up"
             time.sleep(0.3)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        client = openai_client(f"http://127.0.0.1:{port}")
         completion = client.chat.completions.create(model="router", messages=MESSAGES, max_tokens=3)
         assert completion.model == trained_router.route(MESSAGES).model
         assert [m.id for m in client.models.list().data] == ["router", WEAK, STRONG]
