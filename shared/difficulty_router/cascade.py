@@ -127,12 +127,12 @@ class CascadePolicy:
 
     # -- one decision ----------------------------------------------------------------
     def combined(self, model: str, pt: float, pik: float) -> float:
-        if model not in self.combiners:
-            raise ValueError(f"rung {model!r} has no learned combiner; call fit_combiner() on labelled rows first")
         return float(self._combined_score(model, np.asarray(pt, dtype=np.float64), np.asarray(pik, dtype=np.float64)))
 
     def _combined_score(self, model: str, pt: np.ndarray, pik: np.ndarray) -> np.ndarray:
         """The learned combiner's confidence: one formula for live decisions and for replays."""
+        if model not in self.combiners:
+            raise ValueError(f"rung {model!r} has no learned combiner; call fit_combiner() on labelled rows first")
         w_pt, w_pik, bias = self.combiners[model]
         z = np.clip(w_pt * _logit(pt) + w_pik * _logit(pik) + bias, -40.0, 40.0)
         return 1.0 / (1.0 + np.exp(-z))
@@ -172,8 +172,6 @@ class CascadePolicy:
         pt, pik = np.asarray(pt, dtype=np.float64), np.asarray(pik, dtype=np.float64)
         out = np.empty_like(pt)
         for j, model in enumerate(self.ladder[:-1]):
-            if model not in self.combiners:
-                raise ValueError(f"rung {model!r} has no learned combiner; call fit_combiner() on labelled rows first")
             out[:, j] = self._combined_score(model, pt[:, j], pik[:, j])
         out[:, -1] = 1.0
         return out
