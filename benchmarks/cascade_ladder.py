@@ -42,6 +42,7 @@ from _common import machine, need_data, write_results  # noqa: E402
 from difficulty_router import ActivationExtractor, SuccessProbe, cache_root  # noqa: E402
 from difficulty_router.cascade import CascadePolicy, simulate  # noqa: E402
 from difficulty_router.generation import LocalGenerator  # noqa: E402
+from difficulty_router.metrics import frontier  # noqa: E402
 from difficulty_router.model_store import resolve  # noqa: E402
 
 LADDER = ["smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
@@ -264,7 +265,8 @@ def main() -> None:
         rows = np.flatnonzero(test)
         results.append({"method": name, "accuracy": float(correct[rows, chosen].mean()), "gflops": float(spent.mean()),
                         "share": np.bincount(chosen, minlength=k).tolist(), "setting": best.get("setting")})
-        curves[name] = frontier([(float(p["cost"]), float(p["accuracy"])) for p in points_fn(test)])
+        # only the envelope is kept: the hybrid alone searches ~160,000 settings
+        curves[name] = [(float(p["cost"]), float(p["accuracy"])) for p in frontier(points_fn(test))]
 
     for j, model in enumerate(LADDER):
         results.append({"method": f"only {model}", "accuracy": float(correct[test, j].mean()),
@@ -365,17 +367,6 @@ def main() -> None:
     write_results(name, "\n".join(lines), payload)
     plot(curves, results, name, task)
     print("\n".join(lines))
-
-
-def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The (cost, accuracy) points no cheaper setting beats: the envelope the plot draws, and all the
-    results file keeps (the hybrid alone searches ~160,000 settings)."""
-    out, best = [], -1.0
-    for cost, acc in sorted(points, key=lambda p: (p[0], -p[1])):
-        if acc > best:
-            out.append((cost, acc))
-            best = acc
-    return out
 
 
 def _tried_cost(chosen, flops_rows, start=None):
