@@ -61,7 +61,8 @@ def main() -> None:
     proba = router.probe.predict_proba(features.select(layers=router.layers, pooling=router.pooling).features[test_idx])
     report = evaluate_router(router, test, train=train, seed=args.seed, proba=proba)
     threshold = evaluate_proba(proba, test, router.estimated_costs(test), router.capability, "threshold", args.seed)
-    plot_report(report, RESULTS / "mmlu_pro.png", title=f"MMLU-Pro 7-model ladder, {args.extractor}, {len(test)} held-out")
+    result_name = f"mmlu_pro_{extractor.model_id}"  # one name for the table, the JSON and the plot
+    plot_report(report, RESULTS / f"{result_name}.png", title=f"MMLU-Pro 7-model ladder, {args.extractor}, {len(test)} held-out")
 
     singles = md_table(["model", "price in/out per 1M", "held-out accuracy", "mean cost per query",
                         "cross-validated AUROC of its probe"],
@@ -79,7 +80,7 @@ def main() -> None:
           f"{report['oracle_accuracy']:.3f}.\n\n"
           + md_table(["predictor", "cost to match the best model", "best-to-oracle gap closed",
                       "best accuracy on the curve", "frontier auc"], rows))
-    write_results(f"mmlu_pro_{extractor.model_id}", md, {
+    write_results(result_name, md, {
         "machine": machine(), "n": len(outcomes), "prices": LADDER, "output_tokens": OUTPUT_TOKENS,
         "readout": router.info["readout"], "cv_auroc": router.info["cv_auroc"],
         "single_models": report["single_models"],

@@ -83,15 +83,15 @@ def main() -> None:
         last_report = report
     for name, apgr, c50, c80 in PUBLISHED:
         rows.append(["all of MMLU (paper)", name, num(apgr), pct(c50), pct(c80), "-"])
-    # the default run keeps the plain names the README quotes; other subsets get their size in the name
-    tag = f"{extractor.model_id}" + ("" if args.limit == 6000 else f"_{args.limit}")
-    plot_report(last_report, RESULTS / ("routellm_mmlu.png" if tag == "smollm2-135m" else f"routellm_mmlu_{tag}.png"),
+    # one name for a run's table, JSON and plot; subsets other than the default 6,000 rows carry their size
+    result_name = f"routellm_mmlu_{extractor.model_id}" + ("" if args.limit == 6000 else f"_{args.limit}")
+    plot_report(last_report, RESULTS / f"{result_name}.png",
                 title=f"RouteLLM MMLU, {args.extractor}, {payload['fractions'][str(args.fractions[-1])]['n_test']} held-out rows")
     md = (f"RouteLLM MMLU (GPT-4 vs Mixtral-8x7B), {len(outcomes)} of {n_clean} clean rows (seed {args.seed}), "
           f"extractor {extractor.model_id}, candidate layers {list(features.layers)}, max {args.max_tokens} tokens; "
           f"extraction {extract_s:.0f} s on {machine()}.\n\n"
           + md_table(["labelled share", "predictor", "APGR", "CPT(50%)", "CPT(80%)", "cost to match GPT-4"], rows))
-    write_results(f"routellm_mmlu_{tag}", md, payload)
+    write_results(result_name, md, payload)
 
 
 if __name__ == "__main__":
