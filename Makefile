@@ -18,7 +18,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[plot]'
 	touch $(STAMP)
 
+# llama-cpp-python is built from source. GGML_NATIVE=OFF builds for a fixed, portable x86-64 target
+# (AVX2/FMA/F16C) instead of -march=native, and the AMX kernels stay off: a native build on an Intel Xeon
+# with AMX segfaults at `ldtilecfg` on the first completion. --no-cache-dir keeps pip from reusing a wheel
+# that was built natively elsewhere. The same build then runs on AMD EPYC and on Intel Xeon with or without AMX.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DGGML_CPU_ALL_VARIANTS=OFF -DGGML_BACKEND_DL=OFF -DLLAMA_CURL=OFF
+
 $(DEV_STAMP): $(STAMP)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q --no-cache-dir 'llama-cpp-python[server]>=0.3.16'
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(DEV_STAMP)
 

@@ -51,3 +51,35 @@ def llama_backends():
     gguf = smollm2_gguf()
     with ExitStack() as stack:
         yield {alias: stack.enter_context(llama_server(gguf, alias)) for alias in ("small", "large")}
+
+
+@pytest.fixture(scope="session")
+def llama_tool_backends():
+    """Two real llama.cpp backends on SmolLM2-135M that emit tool calls (``chatml-function-calling``).
+
+    ``tool_choice="auto"`` lets the model choose between a message and a tool call under a grammar,
+    a named ``tool_choice`` forces that tool with schema-constrained arguments; ``"required"`` is not
+    implemented by llama-cpp-python (HTTP 500). The arguments are valid JSON for the tool's schema,
+    but SmolLM2-135M picks their values poorly (asked for magic_function(3) it sends ``{"input": 10}``):
+    tests assert the plumbing, never that the values are right.
+    """
+    from contextlib import ExitStack
+
+    from llama_servers import llama_server, smollm2_gguf
+
+    gguf = smollm2_gguf()
+    with ExitStack() as stack:
+        yield {alias: stack.enter_context(llama_server(gguf, alias, chat_format="chatml-function-calling"))
+               for alias in ("small", "large")}
+
+
+@pytest.fixture(autouse=True)
+def _llama_servers_stay_alive():
+    """Fail the test that a llama.cpp backend died in, with the server's own output, instead of
+    letting every later test time out on "Connection refused"."""
+    yield
+    from llama_servers import dead_servers
+
+    dead = dead_servers()
+    if dead:
+        pytest.fail("a llama.cpp backend died during this test:\n" + "\n\n".join(dead), pytrace=False)

@@ -6,12 +6,20 @@
         client = openai.OpenAI(base_url=base_url, api_key="none")
         client.chat.completions.create(model="small", messages=[...], logprobs=True, top_logprobs=2)
 
-``llama_server(gguf_path, alias, *, port=None, n_ctx=2048, n_threads=1, timeout=60)`` starts
-``python -m llama_cpp.server`` on 127.0.0.1 (a free port unless one is given) with
-``--logits_all true`` so chat completions can return ``logprobs``, waits until
-``/v1/models`` answers, yields the base URL, and terminates the process afterwards. If the
-server dies or does not answer within ``timeout`` seconds, it raises RuntimeError with the
-server's output. One thread per server by default: CI machines have two cores.
+``llama_server(gguf_path, alias, *, port=None, n_ctx=2048, n_threads=1, timeout=60, chat_format=None)``
+starts ``python -m llama_cpp.server`` on 127.0.0.1 (a free port unless one is given) with
+``--logits_all true`` so chat completions can return ``logprobs``, waits until ``/v1/models``
+answers, then sends one real one-token chat completion (a build that crashes on its first
+matrix multiply, as a native llama.cpp build does on AMX CPUs, fails here and not 25 tests
+later), yields the base URL, and terminates the process afterwards. If the server dies or
+does not answer within ``timeout`` seconds, it raises RuntimeError with the server's output.
+``chat_format="chatml-function-calling"`` serves tool calls for ``tool_choice="auto"`` and a
+named tool (the GGUF's own template honours only a named tool). One thread per server by
+default: CI machines have two cores.
+
+Every server started here is registered in ``RUNNING``; ``dead_servers()`` lists those whose
+process has exited, with their output, so a fixture can fail a test with the real cause
+instead of a "Connection refused".
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import json
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -51,9 +60,28 @@ def _answers(url: str) -> bool:
         return False
 
 
+#: base URL -> (alias, process, output reader) of every server running now
+RUNNING: dict[str, tuple[str, subprocess.Popen, object]] = {}
+
+
+def dead_servers() -> list[str]:
+    """One message per registered server whose process has exited: alias, exit code, last output."""
+    return [f"llama_cpp.server {alias!r} ({url}) exited with code {process.returncode}:\n{output()}"
+            for url, (alias, process, output) in list(RUNNING.items()) if process.poll() is not None]
+
+
+def _first_completion(base_url: str, alias: str) -> None:
+    """One real chat completion of one token: the first matrix multiply runs here."""
+    body = json.dumps({"model": alias, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}).encode()
+    request = urllib.request.Request(f"{base_url}/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        json.load(response)
+
+
 @contextlib.contextmanager
 def llama_server(gguf_path: str | os.PathLike, alias: str, *, port: int | None = None, n_ctx: int = 2048,
-                 n_threads: int = 1, timeout: float = 60.0) -> Iterator[str]:
+                 n_threads: int = 1, timeout: float = 60.0, chat_format: str | None = None) -> Iterator[str]:
     """Run a llama.cpp OpenAI-compatible server for the duration of the block; yields its base URL."""
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
@@ -62,6 +90,8 @@ def llama_server(gguf_path: str | os.PathLike, alias: str, *, port: int | None =
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_path), "--model_alias", alias,
            "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(n_ctx), "--logits_all", "true",
            "--n_threads", str(n_threads), "--n_threads_batch", str(n_threads), "--verbose", "false"]
+    if chat_format:
+        cmd += ["--chat_format", chat_format]
     log = tempfile.TemporaryFile(mode="w+")
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}/v1"
@@ -79,8 +109,18 @@ def llama_server(gguf_path: str | os.PathLike, alias: str, *, port: int | None =
                 raise RuntimeError(f"llama_cpp.server for {alias!r} did not answer on port {port} "
                                    f"within {timeout:.0f} s:\n{output()}")
             time.sleep(0.2)
+        try:
+            _first_completion(base_url, alias)
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
+            time.sleep(0.5)  # let a crashing process finish writing and exit
+            state = f"exited with code {process.returncode}" if process.poll() is not None else "is still running"
+            raise RuntimeError(f"llama_cpp.server for {alias!r} failed its first chat completion ({exc}); the "
+                               f"process {state}. A llama.cpp built natively on a CPU with AMX crashes here: "
+                               f"reinstall it with `make install` (portable build).\n{output()}") from exc
+        RUNNING[base_url] = (alias, process, output)
         yield base_url
     finally:
+        RUNNING.pop(base_url, None)
         if process.poll() is None:
             process.terminate()
             try:
