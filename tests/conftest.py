@@ -7,6 +7,7 @@ dequantisation) and the router trains once on 240 real RouteLLM MMLU rows.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from difficulty_router import ActivationExtractor, ModelPool, load_outcomes, train_router
 from difficulty_router.datasets import ROUTELLM_MMLU_POOL, ROUTELLM_MMLU_SAMPLE
@@ -17,7 +18,24 @@ STRONG = "gpt-4-1106-preview"
 
 @pytest.fixture(scope="session")
 def extractor() -> ActivationExtractor:
+    """The extractor as users get it: dtype "auto" (bf16 on CPUs with native bf16, else float32)."""
     return ActivationExtractor("smollm2-135m", layers=15, pooling="last")
+
+
+@pytest.fixture(scope="session")
+def extractors_by_dtype(extractor) -> dict[str, ActivationExtractor]:
+    """One extractor per numeric path, whatever this CPU picks for "auto": bf16 runs everywhere
+    (emulated where the CPU has no native bf16), so both paths are tested on every machine."""
+    out = {}
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        out[name] = extractor if extractor.dtype == dtype else ActivationExtractor(
+            "smollm2-135m", layers=15, pooling="last", dtype=name)
+    return out
+
+
+@pytest.fixture(params=["float32", "bfloat16"])
+def any_dtype_extractor(request, extractors_by_dtype) -> ActivationExtractor:
+    return extractors_by_dtype[request.param]
 
 
 @pytest.fixture(scope="session")

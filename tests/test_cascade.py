@@ -181,7 +181,14 @@ def pik_probe(extractor):
     return PIKProbe.fit(extractor, questions, correct, layers=15, cv=3, progress=False)
 
 
-def test_local_generation_logprobs_match_a_full_forward_pass(extractor, pik_probe):
+#: incremental decoding with a KV cache vs one full forward pass: float32 agrees to rounding; bf16
+#: rounds each step's activations differently (measured: at most 7e-6 nats in float32, 0.05 in bf16)
+LOGPROB_ATOL = {torch.float32: 1e-3, torch.bfloat16: 0.25}
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_local_generation_logprobs_match_a_full_forward_pass(dtype_name, extractors_by_dtype, pik_probe):
+    extractor = extractors_by_dtype[dtype_name]
     generator = LocalGenerator(extractor, name="small", pik_probe=pik_probe, max_new_tokens=6)
     query = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of France?"}]
     out = generator.generate(query)
@@ -192,7 +199,8 @@ def test_local_generation_logprobs_match_a_full_forward_pass(extractor, pik_prob
     with torch.inference_mode():
         logits = extractor.model(full).logits[0].float()
     expected = torch.log_softmax(logits[len(prompt_ids[0]) - 1 : -1], -1).gather(1, full[0, len(prompt_ids[0]):, None])
-    assert np.allclose(out.logprobs, expected[:, 0].numpy(), atol=1e-3)
+    atol = LOGPROB_ATOL[extractor.dtype]
+    assert np.abs(np.array(out.logprobs) - expected[:, 0].numpy()).max() <= atol
     # P(IK) from the generation's own prefill equals the probe on the extractor's read-out
     assert out.pik == pytest.approx(float(pik_probe.score(extractor, [query])[0]), abs=1e-4)
 

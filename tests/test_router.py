@@ -1,9 +1,11 @@
 """The router end to end on real parts: SmolLM2 features, probes trained on real RouteLLM MMLU rows."""
 
+import copy
 import json
 
 import numpy as np
 import pytest
+import torch
 
 from difficulty_router import DifficultyRouter, Policy, RouteDecision
 from difficulty_router.evaluation import evaluate_router, plot_report, report_table
@@ -26,23 +28,72 @@ def test_route_returns_a_full_decision(trained_router):
     json.dumps(d.to_dict())
 
 
-def test_route_batch_matches_route(trained_router):
-    batch = trained_router.route_batch([EASY, HARD])
-    for query, decision in zip([EASY, HARD], batch):
-        single = trained_router.route(query)
-        assert single.model == decision.model
+QUERIES = [EASY, HARD, "What is 2 + 2?", "Name the capital of Italy.",
+           "Prove that every finite integral domain is a field.",
+           [{"role": "system", "content": "You are a tax lawyer."},
+            {"role": "user", "content": "Does section 1031 cover a swap of shares in two private companies?"}],
+           "Which planet is closest to the Sun?\nA. Venus\nB. Mercury\nC. Mars\nD. Earth\nAnswer:",
+           "Compute the determinant of the 3x3 matrix [[2, -1, 0], [-1, 2, -1], [0, -1, 2]] and explain each step."]
+#: how far P(success) may move between ``route`` and ``route_batch`` (padding changes the kernels'
+#: summation order): measured at most 6e-7 in float32 and 7e-3 in bfloat16 on these queries
+PROBA_ATOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+
+
+def decision_margin(decision) -> float:
+    """How far a decision is from flipping, in probability units (what batch noise must exceed)."""
+    p = np.array(list(decision.probabilities.values()))
+    cost = np.array([decision.costs[m] for m in decision.probabilities])
+    if decision.policy == "utility":
+        utility = np.sort(p - decision.threshold * cost / cost.max())
+        return float(utility[-1] - utility[-2])
+    return float(np.abs(p - decision.threshold).min())
+
+
+def router_in(dtype_name, trained_router, extractors_by_dtype):
+    """The session router (probes trained on the auto-dtype features) served by an extractor in
+    ``dtype_name``: what a router trained on one CPU kind does on the other."""
+    clone = copy.copy(trained_router)
+    clone.extractor = extractors_by_dtype[dtype_name]
+    return clone
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_route_batch_matches_route(dtype_name, trained_router, extractors_by_dtype):
+    """The promise: probabilities agree within the dtype's tolerance, and a decision differs only
+    for a query whose margin lies within it (bf16 batch noise cannot flip a clear decision)."""
+    router = router_in(dtype_name, trained_router, extractors_by_dtype)
+    tolerance = PROBA_ATOL[router.extractor.dtype]
+    batch = router.route_batch(QUERIES)
+    for query, batched in zip(QUERIES, batch):
+        single = router.route(query)
         for m in single.probabilities:
-            assert single.probabilities[m] == pytest.approx(decision.probabilities[m], abs=1e-4)
+            assert single.probabilities[m] == pytest.approx(batched.probabilities[m], abs=tolerance)
+        if single.model != batched.model:
+            assert decision_margin(single) <= 2 * tolerance, (query, single.probabilities, batched.probabilities)
+    assert sum(router.route(q).model == d.model for q, d in zip(QUERIES, batch)) >= len(QUERIES) - 1
 
 
 def test_policies_reach_both_models(trained_router):
+    """At the extremes one model takes everything; in between the share moves monotonically and
+    both models serve some of the same queries."""
     router = trained_router
     old = router.policy
+    p_weak = router.predict_proba(QUERIES)[:, router.models.index(WEAK)]
     try:
-        router.policy = Policy("utility", 100.0)
-        assert router.route(HARD).model == WEAK
-        router.policy = Policy("threshold", 1.0)
-        assert router.route(EASY).model == STRONG
+        strong_share = []
+        for tau in (0.0, *np.quantile(p_weak, [0.25, 0.5, 0.75]), 1.0):
+            router.policy = Policy("threshold", float(tau))
+            chosen = [d.model for d in router.route_batch(QUERIES)]
+            strong_share.append(chosen.count(STRONG))
+            # threshold rule: exactly the queries whose P(weak right) is below tau go to the strong model
+            assert chosen == [STRONG if p < tau else WEAK for p in p_weak]
+        assert strong_share[0] == 0 and strong_share[-1] == len(QUERIES)
+        assert strong_share == sorted(strong_share) and 0 < strong_share[2] < len(QUERIES)
+        weak_share = []
+        for lam in (0.0, 0.01, 0.1, 1.0, 100.0):
+            router.policy = Policy("utility", lam)
+            weak_share.append([d.model for d in router.route_batch(QUERIES)].count(WEAK))
+        assert weak_share == sorted(weak_share) and weak_share[-1] == len(QUERIES)
     finally:
         router.policy = old
 
