@@ -29,7 +29,7 @@ $(DEV_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(DEV_STAMP)
 
-.PHONY: install demo test test-all
+.PHONY: install demo test
 install: $(DEV_STAMP)
 
 demo: $(STAMP)
@@ -37,6 +37,3 @@ demo: $(STAMP)
 
 test: $(DEV_STAMP)
 	$(PY) -m pytest -q
-
-test-all: $(DEV_STAMP)
-	$(PY) -m pytest -q -m ''

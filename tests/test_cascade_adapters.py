@@ -273,3 +273,56 @@ def test_llamaindex_validation_and_pik(li_llms, li_direct):
     assert response.message.content == li_direct[LARGE]
     with pytest.raises(NotImplementedError, match="tool calls need a router"):
         llm.chat_with_tools([], user_msg=QUESTION)
+
+
+# --------------------------------------------------------------------------------------
+# A rung that fails: its port refuses connections (a real outage, not a fake model)
+# --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def refused_url():
+    from llama_servers import free_port
+
+    return f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+
+
+def test_langchain_cascade_escalates_past_a_failing_rung(refused_url, lc_models, lc_direct):
+    models = {SMALL: chat_openai(refused_url, SMALL), LARGE: lc_models[LARGE]}
+    message = ChatDifficultyRouter(models=models, cascade=policy(0.0)).invoke(QUESTION)
+    assert message.text == lc_direct[LARGE]
+    first, second = message.response_metadata[CASCADE_KEY]["attempts"]
+    assert first["model"] == SMALL and not first["accepted"] and first["error"] == "Connection error."  # openai.APIConnectionError
+    assert second["model"] == LARGE and second["accepted"]
+    streamed = list(ChatDifficultyRouter(models=models, cascade=policy(0.0)).stream(QUESTION))
+    assert "".join(c.text for c in streamed) == lc_direct[LARGE]
+
+
+def test_langchain_cascade_rung_error_outside_escalate_on_propagates(refused_url, lc_models):
+    import openai
+
+    models = {SMALL: chat_openai(refused_url, SMALL), LARGE: lc_models[LARGE]}
+    chat = ChatDifficultyRouter(models=models, cascade=policy(0.0), escalate_on=TimeoutError)
+    with pytest.raises(openai.APIConnectionError):
+        chat.invoke(QUESTION)
+    everything_down = ChatDifficultyRouter(models={SMALL: chat_openai(refused_url, SMALL),
+                                                   LARGE: chat_openai(refused_url, LARGE)}, cascade=policy(0.0))
+    with pytest.raises(openai.APIConnectionError):
+        asyncio.run(everything_down.ainvoke(QUESTION))
+
+
+def test_llamaindex_cascade_escalates_past_a_failing_rung(refused_url, li_llms, li_direct):
+    llms = {SMALL: openai_like(refused_url, SMALL), LARGE: li_llms[LARGE]}
+    response = DifficultyRouterLLM(llms=llms, cascade=policy(0.0)).chat(MESSAGES)
+    assert response.message.content == li_direct[LARGE]
+    first, second = response.additional_kwargs[LI_CASCADE_KEY]["attempts"]
+    assert first["model"] == SMALL and not first["accepted"] and first["error"] == "Connection error."  # openai.APIConnectionError
+    assert second["model"] == LARGE and second["accepted"]
+    chunks = list(DifficultyRouterLLM(llms=llms, cascade=policy(0.0)).stream_chat(MESSAGES))
+    assert "".join(c.delta or "" for c in chunks) == li_direct[LARGE]
+
+
+def test_llamaindex_cascade_without_escalation_raises_the_rung_error(refused_url, li_llms):
+    import openai
+
+    llms = {SMALL: openai_like(refused_url, SMALL), LARGE: li_llms[LARGE]}
+    with pytest.raises(openai.APIConnectionError):
+        DifficultyRouterLLM(llms=llms, cascade=policy(0.0), escalate=False).chat(MESSAGES)

@@ -72,7 +72,7 @@ def cmd_extract(args) -> int:
                                     pooling=args.pooling, device=args.device, dtype=args.dtype,
                                     max_tokens=args.max_tokens, batch_size=args.batch_size)
     loaded = time.perf_counter()
-    result = extractor.extract(queries, progress=None if args.progress else False)
+    result = extractor.extract(queries, progress=args.progress)
     done = time.perf_counter()
     np.savez(args.output, features=result.features, layers=np.array(result.layers), pooling=np.array(result.pooling),
              n_tokens=result.n_tokens, truncated=result.truncated, model_id=np.array(result.model_id),
@@ -121,7 +121,7 @@ def cmd_train(args) -> int:
     extractor = ActivationExtractor(args.extractor, max_tokens=args.max_tokens, device=args.device,
                                     feature_cache=_feature_cache(args))
     router = train_router(outcomes, pool, extractor, layers=_layers(args.layers), pooling=args.pooling,
-                          policy=args.policy, cv=args.cv, seed=args.seed, progress=True)
+                          policy=args.policy, cv=args.cv, seed=args.seed, progress=args.progress is not False)
     router.info["training"]["data"] = str(args.data)
     router.save(args.out)
     _print_training(router)
@@ -252,11 +252,12 @@ def cmd_demo(args) -> int:
     extractor = ActivationExtractor(DEFAULT_MODEL, max_tokens=args.max_tokens, feature_cache=_feature_cache(args))
     print(f"extractor: {extractor.model_id} ({extractor.n_layers} layers, hidden {extractor.hidden_size}) "
           f"on {extractor.device}, loaded in {time.perf_counter() - start:.1f} s")
-    router = train_router(train, pool, extractor, layers=_layers(args.layers), policy=args.policy, seed=args.seed)
+    router = train_router(train, pool, extractor, layers=_layers(args.layers), policy=args.policy, seed=args.seed,
+                          progress=args.progress is not False)
     _print_training(router)
     out = Path(args.out)
     router.save(out)
-    report = evaluate_router(router, test, train=train, seed=args.seed, progress=True)
+    report = evaluate_router(router, test, train=train, seed=args.seed, progress=args.progress is not False)
     plot = plot_report(report, out / "evaluation.png", title="RouteLLM MMLU sample: GPT-4 vs Mixtral, held-out")
     (out / "evaluation.json").write_text(json.dumps(report, indent=1))
     print("\nheld-out evaluation (same rows for every predictor):")
@@ -282,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def progress_arg(p):
+        p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                       help="progress bars on stderr (default: on for long work)")
+
     def cache_args(p):
         p.add_argument("--feature-cache", help=f"feature cache directory (default {cache_root() / 'features'})")
         p.add_argument("--no-feature-cache", action="store_true", help="do not read or write cached features")
@@ -297,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--progress", action="store_true", default=True)
+    progress_arg(p)
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("train", help="train a router from an outcomes file")
@@ -314,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     cache_args(p)
+    progress_arg(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a router on labelled rows against baselines")
@@ -365,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--seed", type=int, default=0)
     cache_args(p)
+    progress_arg(p)
     p.set_defaults(func=cmd_demo)
     return parser
 

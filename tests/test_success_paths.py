@@ -1,0 +1,81 @@
+"""The paths a new user walks first, run for real: `difficulty-router train` and `demo`, the two
+examples as scripts, and the llama.cpp build the test backends run on."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from difficulty_router import DifficultyRouter
+from difficulty_router.cli import main
+from difficulty_router.data import save_outcomes
+from difficulty_router.datasets import ROUTELLM_MMLU_POOL
+
+from conftest import STRONG, WEAK
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_llama_cpp_build_is_portable():
+    """A native llama.cpp build on an AMX Xeon segfaults at its first completion; AVX-512 code would
+    fault on AMD EPYC without it. The test install builds neither (Makefile LLAMA_CMAKE_ARGS)."""
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info().decode()
+    assert "AVX2 = 1" in info, info
+    assert "AMX" not in info and "AVX512" not in info, f"llama.cpp was built natively, not portably: {info}"
+
+
+def test_train_command_saves_a_working_router(sample_outcomes, extractor, tmp_path, capsys):
+    rows = sample_outcomes.subset(range(400, 560))
+    save_outcomes(rows, tmp_path / "outcomes.jsonl.gz")
+    assert main(["train", "--data", str(tmp_path / "outcomes.jsonl.gz"), "--pool", str(ROUTELLM_MMLU_POOL),
+                 "--out", str(tmp_path / "router"), "--layers", "15", "--pooling", "last", "--cv", "3",
+                 "--no-progress", "--no-feature-cache"]) == 0
+    out = capsys.readouterr()
+    assert "cross-validated AUROC per model" in out.out and f"saved router to {tmp_path / 'router'}" in out.out
+    assert "extracting" not in out.err  # --no-progress switched the bars off
+    manifest = json.loads((tmp_path / "router" / "manifest.json").read_text())
+    assert manifest["info"]["training"]["data"] == str(tmp_path / "outcomes.jsonl.gz")
+    router = DifficultyRouter.load(tmp_path / "router", extractor=extractor)
+    # the probes learnt something from these rows: in-sample they rank each model's successes first
+    proba = router.predict_proba(rows.queries)
+    for j, name in enumerate(router.models):
+        assert roc_auc_score(rows.scores[:, rows.models.index(name)] > 0.5, proba[:, j]) > 0.6, name
+
+
+def test_demo_command_trains_evaluates_and_plots(tmp_path, capsys):
+    out_dir = tmp_path / "demo"
+    assert main(["demo", "--train-rows", "160", "--test-rows", "120", "--layers", "15", "--max-tokens", "256",
+                 "--out", str(out_dir), "--no-progress", "--no-feature-cache"]) == 0
+    printed = capsys.readouterr().out
+    assert "160 training rows, 120 held-out rows" in printed
+    assert "held-out evaluation (same rows for every predictor)" in printed and "example decisions:" in printed
+    report = json.loads((out_dir / "evaluation.json").read_text())
+    assert report["n"] == 120 and 0.0 <= report["apgr"] <= 1.0
+    assert set(report["baselines"]) >= {"random", "length", "tfidf"}
+    assert (out_dir / "evaluation.png").stat().st_size > 10_000
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    assert {m["name"] for m in manifest["pool"]["models"]} == {WEAK, STRONG}
+
+
+@pytest.mark.parametrize("script, sections", [
+    ("langchain_quickstart.py", ["1) LCEL", "2) ChatDifficultyRouter", "3) as the model of a LangChain agent"]),
+    ("llamaindex_quickstart.py", ["1) a query engine", "2) the decision", "3) RouterQueryEngine", "4) a ReAct agent"]),
+])
+def test_example_runs(script, sections):
+    """Each example runs as a user would run it, in its own process, offline."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / script)], capture_output=True, text=True,
+                          timeout=900, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for section in sections:
+        assert section in done.stdout, done.stdout
+    assert "Traceback" not in done.stderr
