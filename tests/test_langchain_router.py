@@ -1,30 +1,46 @@
 """LangChain adapter: standard langchain_tests suites plus chain, agent, streaming and escalation tests.
 
-Real pieces: the router (real SmolLM2 extractor, real probes trained on RouteLLM MMLU rows)
-and, as pool chat models, langchain-huggingface's ChatHuggingFace over a local SmolLM2
-text-generation pipeline (greedy, a few new tokens). SmolLM2-135M cannot call tools, so the
-tool, agent and structured-output tests use small scripted fakes; each says so.
+Real pieces: the router (real SmolLM2 extractor, real probes trained on RouteLLM MMLU rows) and,
+as pool chat models, langchain-openai's ChatOpenAI over real llama-cpp-python servers on
+SmolLM2-135M (``llama_backends``: the GGUF's own chat template; ``llama_tool_backends``:
+``chatml-function-calling``, which emits real tool calls). Outages are real too: a port with
+nothing listening (connection refused), and ``LoopbackServer``, a real HTTP server on 127.0.0.1
+that records the request bodies it receives and either stages a provider's error status
+(429, 400, 503), answers too late (a timeout), or relays the request to a real llama.cpp server.
+
+Fakes remain only where no real part can do the job: ``GatedStreamModel`` (proving that
+nothing buffers a stream needs a model that waits for the consumer) and ``GenericFakeChatModel``
+as the one chat model at hand that does not implement ``bind_tools`` (it is never called).
+
+SmolLM2-135M answers poorly, so tool tests assert the plumbing (the tool named, arguments valid
+for its schema, the ToolMessage carrying the tool's real output), never the argument values.
 """
 
 from __future__ import annotations
 
-import copy
+import json
+import statistics
 import threading
+import time
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import httpx
 import openai
 import pytest
 from langchain_core.callbacks import UsageMetadataCallbackHandler
 from langchain_core.language_models import BaseChatModel
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.output_parsers.openai_tools import PydanticToolsParser
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables.router import RouterRunnable
 from langchain_core.tools import tool
-from langchain_core.utils.function_calling import convert_to_openai_tool
+from langchain_openai import ChatOpenAI
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
+from llama_servers import free_port
 from pydantic import BaseModel, Field
 
 from difficulty_router import Policy
@@ -32,45 +48,121 @@ from langchain_difficulty_router import ChatDifficultyRouter, DifficultyRouterRu
 
 WEAK = "mistralai/Mixtral-8x7B-Instruct-v0.1"
 STRONG = "gpt-4-1106-preview"
-SMOL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+ALIAS = {WEAK: "small", STRONG: "large"}
+COUNT = "Count from 1 to 10, separated by commas."
 
 
 # --------------------------------------------------------------------------------------
-# Real local chat models
+# Real pool models and real loopback HTTP servers
 # --------------------------------------------------------------------------------------
-def _local_chat_class():
-    from langchain_huggingface import ChatHuggingFace
-
-    class LocalChatHuggingFace(ChatHuggingFace):
-        """ChatHuggingFace raises NotImplementedError for async on local pipelines; use
-        BaseChatModel's defaults, which run the sync path in a worker thread."""
-
-        _agenerate = BaseChatModel._agenerate
-        _astream = BaseChatModel._astream
-
-    return LocalChatHuggingFace
+def chat_openai(base_url: str, alias: str, max_tokens: int = 8, **kwargs) -> ChatOpenAI:
+    """A real ChatOpenAI client. llama-cpp-python 0.3.36 ignores ``max_completion_tokens`` (what
+    ChatOpenAI sends for max_tokens), so the limit goes in the body under the older name."""
+    return ChatOpenAI(base_url=base_url, api_key="none", model=alias, temperature=0, max_retries=0,
+                      extra_body={"max_tokens": max_tokens}, **kwargs)
 
 
-@pytest.fixture(scope="session")
-def local_chat_models(extractor):
-    """Two real SmolLM2 chat models (short and longer answers) sharing one model copy.
+def refused_url() -> str:
+    """The base URL of a port nothing listens on: every request gets a real "connection refused"."""
+    return f"http://127.0.0.1:{free_port()}/v1"
 
-    The copy matters: the extractor captures activations with forward hooks on its own
-    model, and generation must not run through those hooks.
+
+class LoopbackServer:
+    """A real HTTP server on 127.0.0.1 (``http.server`` in a thread), in front of a real backend.
+
+    It records the JSON body of every POST in ``bodies``. Then, in order: it waits ``delay``
+    seconds (a provider too slow for the client's timeout); answers the first ``fail_times``
+    requests with HTTP ``status`` and an OpenAI-style error JSON (it stages a provider's
+    429/400/503 on a real socket); and relays every other request to ``upstream`` (a real
+    llama.cpp server), returning its answer unchanged.
+
+    With ``null_content=""`` the relayed body has ``"content": null`` on assistant messages replaced
+    by ``""``: the OpenAI API allows null content on a tool-calling assistant message (ChatOpenAI
+    sends it for every tool call in a history), but llama-cpp-python 0.3.36 rejects it with
+    HTTP 500. ``bodies`` records what the client sent, before that fix.
     """
-    from langchain_huggingface import HuggingFacePipeline
-    from transformers import pipeline
 
-    model = copy.deepcopy(extractor.model)
-    cls = _local_chat_class()
-    out = {}
-    for name, new_tokens in ((WEAK, 6), (STRONG, 10)):
-        tokenizer = copy.deepcopy(extractor.tokenizer)  # fast tokenizers are not safe to share across threads
-        pipe = pipeline("text-generation", model=model, tokenizer=tokenizer, max_new_tokens=new_tokens,
-                        do_sample=False, return_full_text=False)
-        llm = HuggingFacePipeline(pipeline=pipe, model_id=SMOL)
-        out[name] = cls(llm=llm, tokenizer=tokenizer, model_id=SMOL)
-    return out
+    def __init__(self, upstream: str | None = None, *, status: int | None = None, fail_times: float = float("inf"),
+                 delay: float = 0.0, null_content: str | None = None):
+        self.upstream, self.status, self.fail_times, self.delay = upstream, status, fail_times, delay
+        self.null_content = null_content
+        self.bodies: list[dict] = []
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                owner.bodies.append(json.loads(body or b"{}"))
+                if owner.delay:
+                    time.sleep(owner.delay)
+                try:
+                    if owner.status is not None and len(owner.bodies) <= owner.fail_times:
+                        self._send(owner.status, "application/json", json.dumps({"error": {
+                            "message": f"staged HTTP {owner.status}", "type": "staged_error",
+                            "code": str(owner.status)}}).encode())
+                        return
+                    suffix = self.path.split("/v1", 1)[1]
+                    if owner.null_content is not None:
+                        body = owner.fixed(body)
+                    request = urllib.request.Request(owner.upstream + suffix, data=body,
+                                                     headers={"Content-Type": "application/json"})
+                    try:
+                        with urllib.request.urlopen(request, timeout=60) as response:
+                            self._send(response.status, response.headers.get("Content-Type"), response.read())
+                    except urllib.error.HTTPError as exc:
+                        self._send(exc.code, exc.headers.get("Content-Type"), exc.read())
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout test)
+
+            def _send(self, code: int, content_type: str | None, payload: bytes):
+                self.send_response(code)
+                self.send_header("Content-Type", content_type or "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+
+    def fixed(self, body: bytes) -> bytes:
+        request = json.loads(body)
+        for message in request.get("messages", []):
+            if message.get("role") == "assistant" and message.get("content") is None:
+                message["content"] = self.null_content
+        return json.dumps(request).encode()
+
+    def __enter__(self) -> LoopbackServer:
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture(scope="module")
+def pool(llama_backends):
+    """Two real pool models: ChatOpenAI over the two llama.cpp servers (GGUF chat template)."""
+    return {name: chat_openai(llama_backends[alias], alias) for name, alias in ALIAS.items()}
+
+
+@pytest.fixture(scope="module")
+def tool_urls(llama_tool_backends):
+    """Base URLs of the chatml-function-calling servers, each behind a relay that fixes the
+    ``content: null`` llama-cpp-python rejects in tool-call histories (see LoopbackServer)."""
+    with LoopbackServer(llama_tool_backends["small"], null_content="") as small, \
+            LoopbackServer(llama_tool_backends["large"], null_content="") as large:
+        yield {"small": small.url, "large": large.url}
+
+
+@pytest.fixture(scope="module")
+def tool_pool(tool_urls):
+    """Two real tool-calling pool models: ChatOpenAI over the chatml-function-calling servers."""
+    return {name: chat_openai(tool_urls[alias], alias, max_tokens=16) for name, alias in ALIAS.items()}
 
 
 @pytest.fixture
@@ -80,45 +172,27 @@ def router(trained_router, monkeypatch):
     return trained_router
 
 
+@pytest.fixture
+def weak_first(router):
+    """Threshold 0: the router picks the weak model (cheapest with P >= 0) for every query."""
+    router.policy = Policy("threshold", 0.0)
+    return router
+
+
+def served(message) -> str:
+    return message.response_metadata["difficulty_router"]["served_by"]
+
+
 # --------------------------------------------------------------------------------------
-# Fakes, only where a real local model cannot do the job
+# The one fake that stays
 # --------------------------------------------------------------------------------------
-class ScriptedToolModel(BaseChatModel):
-    """A tool-calling chat model (SmolLM2-135M cannot produce tool calls).
-
-    With tools bound and no tool result yet, it calls the first tool with ``tool_args``;
-    otherwise it answers ``"<label>: <last message text>"``. Every call is recorded.
-    """
-
-    label: str = "scripted"
-    tool_args: dict = Field(default_factory=dict)
-    usage: dict | None = None
-    calls: list = Field(default_factory=list)
-
-    @property
-    def _llm_type(self) -> str:
-        return "scripted-tool-model"
-
-    def bind_tools(self, tools, *, tool_choice=None, **kwargs):
-        return self.bind(tools=[convert_to_openai_tool(t) for t in tools], tool_choice=tool_choice, **kwargs)
-
-    def _reply(self, messages, stop, kwargs) -> AIMessage:
-        self.calls.append({"messages": messages, "stop": stop, "kwargs": kwargs})
-        tools = kwargs.get("tools") or []
-        if tools and not isinstance(messages[-1], ToolMessage):
-            name = tools[0]["function"]["name"]
-            return AIMessage(content="", tool_calls=[{"name": name, "args": self.tool_args, "id": f"call_{len(self.calls)}"}],
-                             usage_metadata=self.usage, response_metadata={"model_name": self.label})
-        return AIMessage(content=f"{self.label}: {messages[-1].text}", usage_metadata=self.usage,
-                         response_metadata={"model_name": self.label})
-
-    def _generate(self, messages, stop=None, run_manager=None, **kwargs):
-        return ChatResult(generations=[ChatGeneration(message=self._reply(messages, stop, kwargs))])
-
-
 class GatedStreamModel(BaseChatModel):
     """Streams two chunks and waits between them until the consumer has seen the first:
-    if anything between the model and the caller buffered, the gate would never open."""
+    if anything between the model and the caller buffered, the gate would never open.
+
+    A fake on purpose: a real backend cannot be made to wait for the consumer, so only a
+    model holding its second chunk back can prove that the first one was passed on at once.
+    """
 
     gate: threading.Event = Field(default_factory=threading.Event)
     model_config = {"arbitrary_types_allowed": True}
@@ -137,38 +211,47 @@ class GatedStreamModel(BaseChatModel):
         yield ChatGenerationChunk(message=AIMessageChunk(content="second"))
 
 
-class FailingModel(BaseChatModel):
-    """Always raises ``error`` (a provider outage cannot be staged with a local model)."""
-
-    error: BaseException
-    model_config = {"arbitrary_types_allowed": True}
-
-    @property
-    def _llm_type(self) -> str:
-        return "failing"
-
-    def _generate(self, messages, stop=None, run_manager=None, **kwargs):
-        raise self.error
-
-    def _stream(self, messages, stop=None, run_manager=None, **kwargs):
-        raise self.error
-        yield  # pragma: no cover
-
-
-def rate_limit() -> openai.RateLimitError:
-    response = httpx.Response(429, request=httpx.Request("POST", "https://api.example/v1/chat/completions"))
-    return openai.RateLimitError("rate limited", response=response, body=None)
+def tool_less_model() -> GenericFakeChatModel:
+    """A chat model that does not implement ``bind_tools`` (every real chat model installed here
+    does); the router must skip it for tool calls, so it is never called."""
+    return GenericFakeChatModel(messages=iter([]))
 
 
 # --------------------------------------------------------------------------------------
 # Standard suites
 # --------------------------------------------------------------------------------------
+REQUIRED_500 = ("the test binds tool_choice='any', which ChatOpenAI sends as 'required'; llama-cpp-python "
+                "0.3.36 answers 'required' with HTTP 500 (not implemented). A named tool_choice through the "
+                "router is tested in test_bind_tools_rebinds_on_chosen_and_skips_tool_less_models")
+STRUCTURED_500 = ("with_structured_output (BaseChatModel's, inherited by the router) binds the schema with "
+                  "tool_choice='any' -> 'required' -> HTTP 500 from llama-cpp-python 0.3.36. Structured output "
+                  "over a named tool is tested in test_structured_output_through_router")
+MODEL_OVERRIDE = ("the router has no model name of its own: a per-call model= is passed on to whichever pool "
+                  "model is chosen, and llama-cpp-python echoes any requested name, so the test could not fail")
+
+
+def skipped_upstream(reason: str):
+    """An override of an upstream standard test that skips it with ``reason``. langchain_tests'
+    test_no_overrides_DO_NOT_OVERRIDE requires every override to carry an xfail mark with a reason;
+    the body skips first, so the test is reported as skipped with that reason and never runs."""
+
+    @pytest.mark.xfail(reason=reason)
+    def test(self) -> None:
+        pytest.skip(reason)
+
+    return test
+
+
 # The suites' async tests carry no async marker (they expect an auto mode); anyio runs them on asyncio.
 @pytest.mark.anyio
 class TestStandardUnit(ChatModelUnitTests):
+    """Real ChatOpenAI pool models; unit tests never call them, so they point at a closed port."""
+
     @pytest.fixture(autouse=True)
-    def _pool(self, trained_router, local_chat_models):
-        type(self)._params = {"router": trained_router, "models": dict(local_chat_models)}
+    def _pool(self, trained_router):
+        url = refused_url()
+        type(self)._params = {"router": trained_router,
+                              "models": {name: chat_openai(url, alias) for name, alias in ALIAS.items()}}
 
     @property
     def chat_model_class(self):
@@ -181,16 +264,20 @@ class TestStandardUnit(ChatModelUnitTests):
 
 @pytest.mark.anyio
 class TestStandardIntegration(ChatModelIntegrationTests):
-    """Over two real local SmolLM2 chat models (ChatHuggingFace pipelines).
+    """Over two real ChatOpenAI clients of the chatml-function-calling llama.cpp servers (through
+    the ``tool_urls`` relays, which only fix the null content llama-cpp-python rejects).
 
-    Capability flags are those of that pool: no tool calling or structured output
-    (SmolLM2-135M cannot), and ChatHuggingFace reports no token usage for local pipelines.
-    Tool calling through the router is covered with scripted fakes further down.
+    The pool models send ``tool_choice="auto"`` unless a call names one: that is the OpenAI API's
+    documented default when tools are present, which llama-cpp-python does not apply by itself
+    (without a tool_choice it never calls a tool). Upstream tests that cannot pass on these
+    backends are overridden below with the precise reason.
     """
 
     @pytest.fixture(autouse=True)
-    def _pool(self, trained_router, local_chat_models):
-        type(self)._params = {"router": trained_router, "models": dict(local_chat_models)}
+    def _pool(self, trained_router, tool_urls):
+        type(self)._params = {"router": trained_router, "models": {
+            name: chat_openai(tool_urls[alias], alias, model_kwargs={"tool_choice": "auto"})
+            for name, alias in ALIAS.items()}}
 
     @property
     def chat_model_class(self):
@@ -202,32 +289,70 @@ class TestStandardIntegration(ChatModelIntegrationTests):
 
     @property
     def has_tool_calling(self):
-        return False
+        return True
+
+    @property
+    def has_tool_choice(self):
+        return True
 
     @property
     def has_structured_output(self):
-        return False
+        return True
+
+    @property
+    def supports_json_mode(self):
+        return True
 
     @property
     def returns_usage_metadata(self):
-        return False
+        return True
+
+    test_usage_metadata_streaming = skipped_upstream(
+        "llama-cpp-python 0.3.36 ignores stream_options.include_usage: no streamed chunk carries token usage "
+        "(invoke usage is checked by test_usage_metadata)")
+    test_tool_calling = skipped_upstream(REQUIRED_500 + "; with no tool_choice it would assert args == "
+                                         "{'input': 3}, which SmolLM2-135M does not produce")
+    test_tool_calling_async = skipped_upstream(REQUIRED_500)
+    test_tool_calling_with_no_arguments = skipped_upstream(REQUIRED_500)
+    test_bind_runnables_as_tools = skipped_upstream(REQUIRED_500)
+    test_tool_choice = skipped_upstream(REQUIRED_500 + " (the test tries 'any' before the named tool)")
+    test_structured_few_shot_examples = skipped_upstream(REQUIRED_500)
+    test_unicode_tool_call_integration = skipped_upstream(REQUIRED_500 + " (force_tool_call=True means 'any')")
+    test_tool_message_histories_list_content = skipped_upstream(
+        "llama-cpp-python 0.3.36 rejects an assistant message whose content is a list of parts (HTTP 500, "
+        "'Input should be a valid string'), which the OpenAI API allows; the string-content history runs")
+    test_structured_output = skipped_upstream(STRUCTURED_500)
+    test_structured_output_async = skipped_upstream(STRUCTURED_500)
+    test_structured_output_pydantic_2_v1 = skipped_upstream(STRUCTURED_500)
+    test_structured_output_optional_param = skipped_upstream(STRUCTURED_500)
+    test_json_mode = skipped_upstream(STRUCTURED_500 + " (method='json_mode' is ignored by BaseChatModel."
+                                      "with_structured_output, although the backends honour response_format "
+                                      "{'type': 'json_object'})")
+    test_invoke_with_model_override = skipped_upstream(MODEL_OVERRIDE)
+    test_ainvoke_with_model_override = skipped_upstream(MODEL_OVERRIDE)
+    test_stream_with_model_override = skipped_upstream(MODEL_OVERRIDE)
+    test_astream_with_model_override = skipped_upstream(MODEL_OVERRIDE)
 
 
 # --------------------------------------------------------------------------------------
 # Construction and conversion
 # --------------------------------------------------------------------------------------
-def test_unknown_or_missing_pool_names_fail_at_construction(router, local_chat_models):
+def test_unknown_or_missing_pool_names_fail_at_construction(router, pool):
     with pytest.raises(ValueError, match="no runnable is registered") as exc:
-        DifficultyRouterRunnable(router, runnables={WEAK: local_chat_models[WEAK]})
+        DifficultyRouterRunnable(router, runnables={WEAK: pool[WEAK]})
     assert STRONG in str(exc.value)
     with pytest.raises(ValueError, match=STRONG):
-        route_to(router, {WEAK: local_chat_models[WEAK], "gpt-5": local_chat_models[STRONG]})
+        route_to(router, {WEAK: pool[WEAK], "gpt-5": pool[STRONG]})
     with pytest.raises(ValueError, match="no chat model given"):
-        ChatDifficultyRouter(router=router, models={WEAK: local_chat_models[WEAK]})
+        ChatDifficultyRouter(router=router, models={WEAK: pool[WEAK]})
     with pytest.raises(ValueError, match="not in the router's pool"):
-        ChatDifficultyRouter(router=router, models={**local_chat_models, "gpt-5": local_chat_models[STRONG]})
+        ChatDifficultyRouter(router=router, models={**pool, "gpt-5": pool[STRONG]})
     with pytest.raises(TypeError, match="DifficultyRouter"):
-        ChatDifficultyRouter(router="my-router", models=local_chat_models)
+        ChatDifficultyRouter(router="my-router", models=pool)
+    with pytest.raises(ValueError, match="tool_calling= names"):
+        ChatDifficultyRouter(router=router, models=pool, tool_calling={"gpt-5": True})
+    with pytest.raises(ValueError, match="max_retries"):
+        ChatDifficultyRouter(router=router, models=pool, max_retries=-1)
 
 
 def test_bad_inputs_name_the_problem():
@@ -237,13 +362,12 @@ def test_bad_inputs_name_the_problem():
         to_router_query([])
 
 
-def test_router_reads_the_whole_conversation(router, monkeypatch):
-    """Scripted pool models: ChatHuggingFace refuses ToolMessages; what matters here is what the router reads."""
+def test_router_reads_the_whole_conversation(router, tool_pool, monkeypatch):
+    """The router routes on the whole conversation (tool turns included), not the last message."""
     seen = []
     real_route = router.route
     monkeypatch.setattr(router, "route", lambda q, **kw: seen.append(q) or real_route(q, **kw))
-    chat = ChatDifficultyRouter(router=router, models={WEAK: ScriptedToolModel(label="w"),
-                                                       STRONG: ScriptedToolModel(label="s")})
+    chat = ChatDifficultyRouter(router=router, models=tool_pool)
     conversation = [
         SystemMessage("You are a terse tutor of organic chemistry."),
         HumanMessage("What does SN2 stand for?"),
@@ -258,25 +382,28 @@ def test_router_reads_the_whole_conversation(router, monkeypatch):
     last_turn = real_route("And why does it invert stereochemistry?").probabilities
     assert out.response_metadata["difficulty_router"]["probabilities"] == pytest.approx(full)
     assert full != pytest.approx(last_turn)  # the history changed what the router read
+    assert out.text == tool_pool[served(out)].invoke(conversation).text  # the backend got the whole conversation
 
 
 # --------------------------------------------------------------------------------------
-# DifficultyRouterRunnable + RouterRunnable over real local models
+# DifficultyRouterRunnable + RouterRunnable over real backends
 # --------------------------------------------------------------------------------------
 @pytest.fixture
-def routed_chain(router, local_chat_models):
+def routed_chain(router, pool):
     prompt = ChatPromptTemplate.from_messages([("system", "Answer briefly."), ("human", "{question}")])
-    step = DifficultyRouterRunnable(router, runnables=local_chat_models)
-    return prompt, step, prompt | step | RouterRunnable(runnables=dict(local_chat_models))
+    step = DifficultyRouterRunnable(router, runnables=pool)
+    return prompt, step, prompt | step | RouterRunnable(runnables=dict(pool))
 
 
-def test_router_runnable_chain_invoke_and_batch(routed_chain, router, monkeypatch):
+def test_router_runnable_chain_invoke_and_batch(routed_chain, router, pool, monkeypatch):
+    """The step emits the router's choice; the chain's answer is that model's own answer."""
     prompt, step, chain = routed_chain
     value = prompt.invoke({"question": "What is the capital of France?"})
     routed = step.invoke(value)
     assert set(routed) == {"key", "input"} and routed["input"] is value
     assert routed["key"] == router.route(to_router_query(value)).model
-    assert isinstance(chain.invoke({"question": "What is the capital of France?"}), AIMessage)
+    out = chain.invoke({"question": "What is the capital of France?"})
+    assert out.text == pool[routed["key"]].invoke(value).text and out.response_metadata["model_name"] == ALIAS[routed["key"]]
 
     calls = []
     real = router.route_batch
@@ -292,41 +419,64 @@ async def test_router_runnable_chain_async_and_stream(routed_chain, router, monk
     _, _, chain = routed_chain
     chunks = list(chain.stream({"question": "Say hello."}))
     assert len(chunks) > 1 and all(isinstance(c, AIMessageChunk) for c in chunks)
-    assert isinstance(await chain.ainvoke({"question": "Say hello."}), AIMessage)
+    whole = await chain.ainvoke({"question": "Say hello."})
+    assert "".join(c.text for c in chunks) == whole.text  # greedy: streamed and invoked answers agree
     achunks = [c async for c in chain.astream({"question": "Say hello."})]
-    assert len(achunks) > 1
+    assert "".join(c.text for c in achunks) == whole.text and len(achunks) > 1
     calls = []
     real = router.route_batch
     monkeypatch.setattr(router, "route_batch", lambda qs, **kw: calls.append(len(qs)) or real(qs, **kw))
     outs = await chain.abatch([{"question": "1+1?"}, {"question": "Define entropy."}])
-    assert len(outs) == 2 and calls == [2]
+    assert len(outs) == 2 and all(o.text for o in outs) and calls == [2]
 
 
 # --------------------------------------------------------------------------------------
-# ChatDifficultyRouter
+# ChatDifficultyRouter: routing
 # --------------------------------------------------------------------------------------
-def test_easy_and_hard_queries_are_routed_differently(router, local_chat_models):
-    """Real extractor and probes. The probe must rank the easy query as likelier to be
-    solved by the weak model; the operating point is then set between the two scores
-    (a threshold policy), which is what calibration does on real traffic."""
-    easy = "What is 2 + 3?"
-    hard = ("Let f be a holomorphic function on the unit disk with |f(z)| <= 1 and f(0) = 0. Using the "
-            "Schwarz-Pick lemma, determine the maximum possible value of |f'(1/2)| and justify every step.")
-    p_easy, p_hard = (router.route(q).probabilities[WEAK] for q in (easy, hard))
-    assert p_easy > p_hard
-    router.policy = Policy("threshold", (p_easy + p_hard) / 2)
-    chat = ChatDifficultyRouter(router=router, models=local_chat_models)
-    out_easy, out_hard = chat.batch([easy, hard])
-    meta_easy = out_easy.response_metadata["difficulty_router"]
-    meta_hard = out_hard.response_metadata["difficulty_router"]
-    assert (meta_easy["chosen"], meta_hard["chosen"]) == (WEAK, STRONG)
-    assert meta_easy["difficulty"] < meta_hard["difficulty"]
-    assert set(meta_easy["probabilities"]) == {WEAK, STRONG} and meta_easy["expected_cost"] > 0
+EASY = ["What is 2 + 3?", "What is the capital of France?", "How many legs does a dog have?",
+        "What colour is the sky on a clear day?", "What is 10 minus 4?", "How many days are in a week?",
+        "What is the opposite of hot?", "Which animal says meow?"]
+HARD = [
+    "Let f be holomorphic on the unit disk with |f(z)| <= 1 and f(0) = 0. Using the Schwarz-Pick lemma, "
+    "determine the maximum possible value of |f'(1/2)| and justify every step.",
+    "Prove that every finite group of order p^2, for a prime p, is abelian, and classify such groups up to isomorphism.",
+    "A 2 kg block slides down a 30 degree incline with kinetic friction coefficient 0.2 after being released from "
+    "rest 5 m up the slope; compute its speed at the bottom and the heat dissipated, showing each step.",
+    "Compute the number of lattice paths from (0,0) to (10,10) using unit steps right and up that never rise "
+    "above the diagonal y = x, and derive the closed form you use.",
+    "In a Cournot duopoly with inverse demand P = 120 - Q and marginal costs 20 and 30, derive both firms' "
+    "reaction functions, the equilibrium quantities, price and profits.",
+    "Evaluate the integral of x^2 e^(-x) sin(x) from 0 to infinity, showing every integration by parts or the "
+    "complex-exponential method you use.",
+    "Given the recurrence T(n) = 3T(n/4) + n log n, determine its asymptotic growth with the master theorem, "
+    "checking the regularity condition explicitly.",
+    "Explain why the Krebs cycle intermediate oxaloacetate is limiting in fasting hepatocytes and trace how "
+    "gluconeogenesis and ketogenesis compete for it, naming each enzyme involved.",
+]
+
+
+def test_easy_and_hard_queries_are_routed_differently(router, pool):
+    """The probe ranks easy questions as likelier to be solved by the weak model than hard multi-step
+    ones (mean P(weak right) and a pairwise AUROC over 8 + 8 questions). A threshold between the two
+    groups' medians then sends most easy questions to WEAK and most hard ones to STRONG."""
+    p_easy = [d.probabilities[WEAK] for d in router.route_batch(EASY, progress=False)]
+    p_hard = [d.probabilities[WEAK] for d in router.route_batch(HARD, progress=False)]
+    assert statistics.mean(p_easy) > statistics.mean(p_hard)
+    auroc = statistics.mean(float(e > h) + 0.5 * float(e == h) for e in p_easy for h in p_hard)
+    assert auroc > 0.75, (p_easy, p_hard)
+    router.policy = Policy("threshold", (statistics.median(p_easy) + statistics.median(p_hard)) / 2)
+    chat = ChatDifficultyRouter(router=router, models=pool)
+    outs = chat.batch(EASY + HARD)
+    chosen = [o.response_metadata["difficulty_router"]["chosen"] for o in outs]
+    assert chosen[:8].count(WEAK) >= 5 and chosen[8:].count(STRONG) >= 5, chosen
+    assert all(served(o) == c and o.response_metadata["model_name"] == ALIAS[c] for o, c in zip(outs, chosen))
+    meta = outs[0].response_metadata["difficulty_router"]
+    assert meta["probabilities"][WEAK] == pytest.approx(p_easy[0])
 
 
 @pytest.mark.asyncio
-async def test_astream_events_order_and_no_duplicates(router, local_chat_models):
-    chat = ChatDifficultyRouter(router=router, models=local_chat_models)
+async def test_astream_events_order_and_no_duplicates(router, pool):
+    chat = ChatDifficultyRouter(router=router, models=pool)
     events = [e async for e in chat.astream_events("Name a colour.", version="v2")]
     kinds = [e["event"] for e in events]
     router_run = events[0]["run_id"]
@@ -336,11 +486,12 @@ async def test_astream_events_order_and_no_duplicates(router, local_chat_models)
     streams = [i for i, k in enumerate(kinds) if k == "on_chat_model_stream"]
     assert streams and child_start < streams[0] and streams[-1] < child_end
     chosen = events[-1]["data"]["output"].response_metadata["difficulty_router"]["chosen"]
+    assert chosen == router.route("Name a colour.").model
     assert events[child_start]["name"] == chosen and f"difficulty_router:{chosen}" in events[child_start]["tags"]
     assert kinds.count("on_chat_model_start") == 1  # the pool model's own run is not reported twice
     assert all(events[i]["run_id"] == router_run for i in streams)
     streamed = "".join(events[i]["data"]["chunk"].text for i in streams)
-    assert streamed == events[-1]["data"]["output"].text and streamed
+    assert streamed == events[-1]["data"]["output"].text == pool[chosen].invoke("Name a colour.").text
 
 
 def test_stream_passes_tokens_as_they_arrive(router):
@@ -353,63 +504,187 @@ def test_stream_passes_tokens_as_they_arrive(router):
     assert "".join(texts) == "first second"
 
 
-def test_usage_preserved_not_double_counted(router):
-    usage = {"input_tokens": 7, "output_tokens": 3, "total_tokens": 10}
-    pool = {WEAK: ScriptedToolModel(label="w", usage=usage), STRONG: ScriptedToolModel(label="s", usage=usage)}
+# --------------------------------------------------------------------------------------
+# Pass-through: usage, stop, sampling fields
+# --------------------------------------------------------------------------------------
+def test_usage_preserved_not_double_counted(router, pool):
+    """The backend's own token usage is on the routed message, and callbacks count it once."""
     chat = ChatDifficultyRouter(router=router, models=pool)
     handler = UsageMetadataCallbackHandler()
     out = chat.invoke("What is 2 + 3?", config={"callbacks": [handler]})
-    assert out.usage_metadata["total_tokens"] == 10
-    assert sum(u["total_tokens"] for u in handler.usage_metadata.values()) == 10
+    direct = pool[served(out)].invoke("What is 2 + 3?")
+    assert out.usage_metadata == direct.usage_metadata and out.usage_metadata["input_tokens"] > 0
+    usage = out.usage_metadata
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
+    assert sum(u["total_tokens"] for u in handler.usage_metadata.values()) == out.usage_metadata["total_tokens"]
 
 
-def test_stop_and_call_kwargs_pass_through(router):
-    pool = {WEAK: ScriptedToolModel(label="w"), STRONG: ScriptedToolModel(label="s")}
+def test_real_stop_sequence_and_default_stop(router, llama_backends):
+    """A stop sequence cuts the backend's own output there; the router's default stop= reaches the
+    backend when a call gives none, and a call's stop overrides it."""
+    pool = {name: chat_openai(llama_backends[alias], alias, max_tokens=16) for name, alias in ALIAS.items()}
+    plain = ChatDifficultyRouter(router=router, models=pool)
+    full = plain.invoke(COUNT)
+    assert "4" in full.text and full.response_metadata["finish_reason"] == "length", full.text
+    cut = plain.invoke(COUNT, stop=["4"])
+    assert cut.text == full.text.split("4")[0] and cut.response_metadata["finish_reason"] == "stop"
+    defaulted = ChatDifficultyRouter(router=router, models=pool, stop=["4"])
+    assert defaulted.invoke(COUNT).text == cut.text
+    assert defaulted.invoke(COUNT, stop=["3"]).text == full.text.split("3")[0]
+    assert "".join(c.text for c in defaulted.stream(COUNT)) == cut.text
+
+
+def test_stop_and_call_kwargs_pass_through(router, llama_backends):
+    """stop, seed, top_p and temperature given to the router reach the backend's request body
+    (recorded by a real loopback HTTP server relaying to llama.cpp) and take effect there."""
+    with LoopbackServer(llama_backends["small"]) as weak, LoopbackServer(llama_backends["large"]) as strong:
+        relays = {WEAK: weak, STRONG: strong}
+        pool = {name: chat_openai(relays[name].url, alias, max_tokens=16) for name, alias in ALIAS.items()}
+        chat = ChatDifficultyRouter(router=router, models=pool)
+        out = chat.invoke(COUNT, stop=["4"], seed=11, top_p=0.5, temperature=1.3)
+        body = relays[served(out)].bodies[-1]
+        assert (body["stop"], body["seed"], body["top_p"], body["temperature"]) == (["4"], 11, 0.5, 1.3)
+        assert (weak.bodies + strong.bodies) == [body]  # one request, to the served model only
+        direct = pool[served(out)].invoke(COUNT, stop=["4"], seed=11, top_p=0.5, temperature=1.3)
+        assert out.text == direct.text  # same seed at the backend: the same sample
+        assert "4" not in out.text
+
+
+def test_sampling_seed_changes_the_backend_sample(router, llama_backends):
+    """The seed passed through the router is the one llama.cpp samples with: the same seed gives
+    the same sample, another seed (at temperature 1.5) a different one."""
+    pool = {name: chat_openai(llama_backends[alias], alias, max_tokens=16) for name, alias in ALIAS.items()}
     chat = ChatDifficultyRouter(router=router, models=pool)
-    out = chat.invoke("Count to five.", stop=["4"], seed=11)
-    served = pool[out.response_metadata["difficulty_router"]["served_by"]]
-    assert served.calls[-1]["stop"] == ["4"] and served.calls[-1]["kwargs"]["seed"] == 11
+    kw = {"temperature": 1.5, "top_p": 0.9}
+    first, again, other = (chat.invoke(COUNT, seed=s, **kw).text for s in (1, 1, 2))
+    assert first == again and first != other, (first, other)
 
 
-def test_real_stop_sequence_and_default_stop(router, local_chat_models):
-    chat = ChatDifficultyRouter(router=router, models=local_chat_models, stop=["zzz"])
-    assert isinstance(chat.invoke("Say hi.", stop=["."]), AIMessage)
+# --------------------------------------------------------------------------------------
+# Escalation on real outages
+# --------------------------------------------------------------------------------------
+def test_escalates_on_rate_limit_to_real_model(weak_first, pool, llama_backends):
+    """The weak provider answers HTTP 429 (a real HTTP server staging a provider's rate limit):
+    the call escalates to the strong model, whose real answer is returned, sync and streaming."""
+    with LoopbackServer(status=429) as limited:
+        chat = ChatDifficultyRouter(router=weak_first, models={WEAK: chat_openai(limited.url, "small"),
+                                                               STRONG: pool[STRONG]})
+        out = chat.invoke("What is 2 + 3?")
+        meta = out.response_metadata["difficulty_router"]
+        assert meta["chosen"] == WEAK and meta["served_by"] == STRONG and meta["escalated"]
+        assert meta["attempts"][0]["model"] == WEAK and "RateLimitError" in meta["attempts"][0]["error"]
+        assert meta["attempts"][1] == {"model": STRONG, "error": None}
+        assert out.text == pool[STRONG].invoke("What is 2 + 3?").text
+        chunks = list(chat.stream("What is 2 + 3?"))
+        assert chunks[0].response_metadata["difficulty_router"]["served_by"] == STRONG
+        assert "".join(c.text for c in chunks) == out.text
+        assert len(limited.bodies) == 2  # each call asked the weak provider exactly once
 
 
-def test_escalates_on_rate_limit_to_real_model(router, local_chat_models):
-    """The weak model is a stand-in for a provider returning 429; the threshold 0 policy makes
-    the router pick it (cheapest model with P >= 0) so the escalation path is exercised."""
-    router.policy = Policy("threshold", 0.0)
-    chat = ChatDifficultyRouter(router=router, models={WEAK: FailingModel(error=rate_limit()),
-                                                       STRONG: local_chat_models[STRONG]})
-    out = chat.invoke("What is 2 + 3?")
+@pytest.mark.asyncio
+async def test_escalation_async_on_timeout_and_refused(weak_first, pool):
+    """A provider slower than the client's timeout, and one whose port refuses connections, both
+    escalate to the strong model (async)."""
+    with LoopbackServer(delay=3.0) as slow:
+        chat = ChatDifficultyRouter(router=weak_first, models={
+            WEAK: chat_openai(slow.url, "small", timeout=0.5), STRONG: pool[STRONG]})
+        out = await chat.ainvoke("Hi")
+        meta = out.response_metadata["difficulty_router"]
+        assert meta["served_by"] == STRONG and "TimeoutError" in meta["attempts"][0]["error"]
+    refused = ChatDifficultyRouter(router=weak_first, models={WEAK: chat_openai(refused_url(), "small"),
+                                                              STRONG: pool[STRONG]})
+    out = await refused.ainvoke("Hi")
     meta = out.response_metadata["difficulty_router"]
-    assert meta["chosen"] == WEAK and meta["served_by"] == STRONG and meta["escalated"]
-    assert meta["attempts"][0]["model"] == WEAK and "RateLimitError" in meta["attempts"][0]["error"]
-    assert out.content
-    chunks = list(chat.stream("What is 2 + 3?"))
+    assert meta["served_by"] == STRONG and "ConnectionError" in meta["attempts"][0]["error"]
+    chunks = [c async for c in refused.astream("Hi")]
     assert chunks[0].response_metadata["difficulty_router"]["served_by"] == STRONG
 
 
 @pytest.mark.asyncio
-async def test_escalation_async_and_all_fail(router):
-    router.policy = Policy("threshold", 0.0)
-    ok = ScriptedToolModel(label="strong")
-    chat = ChatDifficultyRouter(router=router, models={WEAK: FailingModel(error=TimeoutError("slow")), STRONG: ok})
-    out = await chat.ainvoke("Hi")
-    assert out.response_metadata["difficulty_router"]["served_by"] == STRONG
-    both_down = ChatDifficultyRouter(router=router, models={WEAK: FailingModel(error=rate_limit()),
-                                                            STRONG: FailingModel(error=ConnectionError("down"))})
-    with pytest.raises(ConnectionError) as exc:
-        await both_down.ainvoke("Hi")
-    assert "every eligible model failed" in "".join(exc.value.__notes__)
-    bug = ChatDifficultyRouter(router=router, models={WEAK: FailingModel(error=KeyError("bug")), STRONG: ok})
-    with pytest.raises(KeyError):  # a programming error is not an outage: no escalation
-        bug.invoke("Hi")
+async def test_all_fail_raises_the_last_error_with_every_attempt(weak_first):
+    """Both providers down (429 and connection refused): the last provider's own exception is
+    raised, annotated with every attempt."""
+    with LoopbackServer(status=429) as limited:
+        both_down = ChatDifficultyRouter(router=weak_first, models={
+            WEAK: chat_openai(limited.url, "small"), STRONG: chat_openai(refused_url(), "large")})
+        with pytest.raises(openai.APIConnectionError) as exc:
+            await both_down.ainvoke("Hi")
+        note = "".join(exc.value.__notes__)
+        assert "every eligible model failed (2 attempts" in note and "RateLimitError" in note
+        with pytest.raises(openai.APIConnectionError):
+            both_down.invoke("Hi")
+        assert len(limited.bodies) == 2
+
+
+def test_non_transient_error_is_not_escalated(weak_first):
+    """A provider's HTTP 400 is the caller's error, not an outage: it propagates, and the strong
+    provider is never asked."""
+    with LoopbackServer(status=400) as bad, LoopbackServer(status=429) as strong:
+        chat = ChatDifficultyRouter(router=weak_first, models={WEAK: chat_openai(bad.url, "small"),
+                                                               STRONG: chat_openai(strong.url, "large")})
+        with pytest.raises(openai.BadRequestError):
+            chat.invoke("Hi")
+        with pytest.raises(openai.BadRequestError):
+            list(chat.stream("Hi"))
+        assert len(bad.bodies) == 2 and strong.bodies == []
+
+
+def test_max_retries_retries_the_same_model_before_escalating(weak_first, pool):
+    """max_retries=2: the rate-limited weak provider is asked 3 times (counted at a real loopback
+    server staging a 429), then the strong model serves; the attempts list records all of it."""
+    with LoopbackServer(status=429) as limited:
+        chat = ChatDifficultyRouter(router=weak_first, max_retries=2,
+                                    models={WEAK: chat_openai(limited.url, "small"), STRONG: pool[STRONG]})
+        out = chat.invoke("Hi")
+        assert len(limited.bodies) == 3
+        meta = out.response_metadata["difficulty_router"]
+        assert [a["model"] for a in meta["attempts"]] == [WEAK, WEAK, WEAK, STRONG] and meta["served_by"] == STRONG
+        list(chat.stream("Hi"))
+        assert len(limited.bodies) == 6
+
+
+def test_max_retries_recovers_on_the_same_model(weak_first, llama_backends):
+    """A provider that rate-limits once and then answers: one retry makes the weak model serve."""
+    with LoopbackServer(llama_backends["small"], status=429, fail_times=1) as flaky, \
+            LoopbackServer(status=503) as strong:
+        chat = ChatDifficultyRouter(router=weak_first, max_retries=1,
+                                    models={WEAK: chat_openai(flaky.url, "small"), STRONG: chat_openai(strong.url, "large")})
+        out = chat.invoke("Hi")
+        meta = out.response_metadata["difficulty_router"]
+        assert meta["served_by"] == WEAK and not meta["escalated"] and len(flaky.bodies) == 2
+        assert [a["model"] for a in meta["attempts"]] == [WEAK, WEAK] and strong.bodies == []
+        assert out.text == chat_openai(llama_backends["small"], "small").invoke("Hi").text
+
+
+def test_escalate_on_exception_type(weak_first, pool):
+    """escalate_on=openai.BadRequestError: a 400 now escalates, and a 429 (not that type) propagates."""
+    with LoopbackServer(status=400) as bad, LoopbackServer(status=429) as limited:
+        chat = ChatDifficultyRouter(router=weak_first, escalate_on=openai.BadRequestError,
+                                    models={WEAK: chat_openai(bad.url, "small"), STRONG: pool[STRONG]})
+        out = chat.invoke("Hi")
+        assert served(out) == STRONG and "Error code: 400" in out.response_metadata["difficulty_router"]["attempts"][0]["error"]
+        limited_chat = ChatDifficultyRouter(router=weak_first, escalate_on=openai.BadRequestError,
+                                            models={WEAK: chat_openai(limited.url, "small"), STRONG: pool[STRONG]})
+        with pytest.raises(openai.RateLimitError):
+            limited_chat.invoke("Hi")
+
+
+def test_escalate_on_predicate(weak_first, pool):
+    """escalate_on=<predicate>: only errors it accepts (HTTP 503 here) escalate; a 429 propagates."""
+    rule = lambda exc: getattr(exc, "status_code", None) == 503  # noqa: E731
+    with LoopbackServer(status=503) as down, LoopbackServer(status=429) as limited:
+        chat = ChatDifficultyRouter(router=weak_first, escalate_on=rule,
+                                    models={WEAK: chat_openai(down.url, "small"), STRONG: pool[STRONG]})
+        assert served(chat.invoke("Hi")) == STRONG
+        other = ChatDifficultyRouter(router=weak_first, escalate_on=rule,
+                                     models={WEAK: chat_openai(limited.url, "small"), STRONG: pool[STRONG]})
+        with pytest.raises(openai.RateLimitError):
+            other.invoke("Hi")
+        assert len(limited.bodies) == 1
 
 
 # --------------------------------------------------------------------------------------
-# Tools, structured output, agents (scripted fakes: SmolLM2-135M cannot call tools)
+# Tools, structured output, agents (real tool calls from chatml-function-calling backends)
 # --------------------------------------------------------------------------------------
 @tool
 def add(a: int, b: int) -> int:
@@ -417,53 +692,104 @@ def add(a: int, b: int) -> int:
     return a + b
 
 
-def test_bind_tools_rebinds_on_chosen_and_skips_tool_less_models(router):
-    no_tools = GenericFakeChatModel(messages=iter([AIMessage("plain")]))  # implements no bind_tools
-    strong = ScriptedToolModel(label="s", tool_args={"a": 2, "b": 3})
-    chat = ChatDifficultyRouter(router=router, models={WEAK: no_tools, STRONG: strong})
-    bound = chat.bind_tools([add], tool_choice="any")
-    out = bound.invoke("What is 2 + 3? Use the tool.")
+def check_add_call(call: dict) -> None:
+    """The call names ``add`` with integer arguments a and b (valid for its schema; values not checked)."""
+    assert call["name"] == "add" and set(call["args"]) == {"a", "b"}, call
+    assert all(isinstance(v, int) for v in call["args"].values()), call
+
+
+def test_bind_tools_rebinds_on_chosen_and_skips_tool_less_models(router, llama_tool_backends):
+    """A model without bind_tools is skipped for tool calls; the tools and the named tool_choice are
+    re-bound on the model that serves, and reach its backend (recorded by a real relay server)."""
+    with LoopbackServer(llama_tool_backends["large"]) as relay:
+        strong = chat_openai(relay.url, "large", max_tokens=16)
+        chat = ChatDifficultyRouter(router=router, models={WEAK: tool_less_model(), STRONG: strong})
+        out = chat.bind_tools([add], tool_choice="add").invoke("What is 2 + 3? Use the tool.")
+        meta = out.response_metadata["difficulty_router"]
+        assert meta["served_by"] == STRONG and meta["skipped"] == {WEAK: "cannot call tools"}
+        check_add_call(out.tool_calls[0])
+        (body,) = relay.bodies
+        assert [t["function"]["name"] for t in body["tools"]] == ["add"]
+        assert body["tool_choice"] == {"type": "function", "function": {"name": "add"}}
+
+
+def test_tool_calling_override_forces_tool_less(weak_first, tool_pool):
+    """tool_calling={WEAK: False}: a tool-capable weak model is treated as tool-less, so a tool call
+    goes to STRONG with the skip recorded; plain calls still go to WEAK."""
+    chat = ChatDifficultyRouter(router=weak_first, models=tool_pool, tool_calling={WEAK: False})
+    out = chat.bind_tools([add], tool_choice="add").invoke("What is 2 + 3?")
     meta = out.response_metadata["difficulty_router"]
     assert meta["served_by"] == STRONG and meta["skipped"] == {WEAK: "cannot call tools"}
-    assert out.tool_calls[0]["name"] == "add" and out.tool_calls[0]["args"] == {"a": 2, "b": 3}
-    assert strong.calls[-1]["kwargs"]["tools"][0]["function"]["name"] == "add"
-    assert strong.calls[-1]["kwargs"]["tool_choice"] == "any"
+    check_add_call(out.tool_calls[0])
+    assert served(chat.invoke("What is 2 + 3?")) == WEAK
+    default = ChatDifficultyRouter(router=weak_first, models=tool_pool)
+    out = default.bind_tools([add], tool_choice="add").invoke("What is 2 + 3?")
+    assert served(out) == WEAK and out.response_metadata["difficulty_router"]["skipped"] == {}
 
 
-def test_structured_output_through_router(router):
+def test_tool_calling_override_forces_tool_capable(weak_first, llama_tool_backends):
+    """A weak model whose profile denies tool calling is skipped by default; tool_calling={WEAK: True}
+    makes it serve the tool call itself (it really can: its backend emits the call)."""
+    denied = chat_openai(llama_tool_backends["small"], "small", max_tokens=16, profile={"tool_calling": False})
+    strong = chat_openai(llama_tool_backends["large"], "large", max_tokens=16)
+    by_profile = ChatDifficultyRouter(router=weak_first, models={WEAK: denied, STRONG: strong})
+    out = by_profile.bind_tools([add], tool_choice="add").invoke("What is 2 + 3?")
+    assert served(out) == STRONG and out.response_metadata["difficulty_router"]["skipped"] == {WEAK: "cannot call tools"}
+    forced = ChatDifficultyRouter(router=weak_first, models={WEAK: denied, STRONG: strong}, tool_calling={WEAK: True})
+    out = forced.bind_tools([add], tool_choice="add").invoke("What is 2 + 3?")
+    meta = out.response_metadata["difficulty_router"]
+    assert meta["served_by"] == WEAK and meta["skipped"] == {} and out.response_metadata["model_name"] == "small"
+    check_add_call(out.tool_calls[0])
+
+
+def test_structured_output_through_router(router, tool_pool):
+    """A schema bound as a named tool through the router parses into the pydantic model (the
+    backend's grammar makes the arguments valid for the schema); the raw message keeps the record."""
+
     class Sum(BaseModel):
         """The sum of two numbers."""
 
         total: int
 
-    pool = {WEAK: ScriptedToolModel(label="w", tool_args={"total": 5}),
-            STRONG: ScriptedToolModel(label="s", tool_args={"total": 5})}
-    chat = ChatDifficultyRouter(router=router, models=pool)
-    assert chat.with_structured_output(Sum).invoke("2 + 3?") == Sum(total=5)
-    raw = chat.with_structured_output(Sum, include_raw=True).invoke("2 + 3?")
-    assert raw["parsed"] == Sum(total=5) and "difficulty_router" in raw["raw"].response_metadata
+    chat = ChatDifficultyRouter(router=router, models=tool_pool)
+    raw = chat.bind_tools([Sum], tool_choice="Sum").invoke("What is 2 + 3?")
+    parsed = PydanticToolsParser(tools=[Sum], first_tool_only=True).invoke(raw)
+    assert isinstance(parsed, Sum) and parsed == Sum(**raw.tool_calls[0]["args"])
+    assert raw.response_metadata["difficulty_router"]["chosen"] == router.route("What is 2 + 3?").model
 
 
-def test_agent_loop_with_tool(router):
+def test_agent_loop_with_tool(router, tool_pool):
+    """langchain.agents.create_agent over the router: the first model turn calls the real tool (a
+    middleware names it, since SmolLM2 is unreliable at choosing), the tool runs on the arguments the
+    model chose, and the second turn answers in text. Every model turn is served by a tool-capable model."""
     from langchain.agents import create_agent
+    from langchain.agents.middleware import wrap_model_call
 
-    strong = ScriptedToolModel(label="s", tool_args={"a": 20, "b": 22})
-    chat = ChatDifficultyRouter(router=router, models={WEAK: GenericFakeChatModel(messages=iter([])), STRONG: strong})
-    agent = create_agent(chat, tools=[add])
-    result = agent.invoke({"messages": [HumanMessage("What is 20 + 22?")]})
-    messages = result["messages"]
-    assert isinstance(messages[-2], ToolMessage) and messages[-2].content == "42"
-    assert messages[-1].content == "s: 42"
-    assert all(m.response_metadata["difficulty_router"]["served_by"] == STRONG
-               for m in messages if isinstance(m, AIMessage))
+    @wrap_model_call
+    def first_turn_calls_add(request, handler):
+        if not any(isinstance(m, ToolMessage) for m in request.messages):
+            request = request.override(tool_choice="add")
+        return handler(request)
+
+    chat = ChatDifficultyRouter(router=router, models={WEAK: tool_less_model(), STRONG: tool_pool[STRONG]})
+    agent = create_agent(chat, tools=[add], middleware=[first_turn_calls_add])
+    messages = agent.invoke({"messages": [HumanMessage("What is 20 + 22?")]})["messages"]
+    assert [type(m).__name__ for m in messages] == ["HumanMessage", "AIMessage", "ToolMessage", "AIMessage"]
+    call = messages[1].tool_calls[0]
+    check_add_call(call)
+    assert messages[2].tool_call_id == call["id"] and messages[2].content == str(add.invoke(call["args"]))
+    assert not messages[3].tool_calls and messages[3].text
+    for m in (messages[1], messages[3]):
+        meta = m.response_metadata["difficulty_router"]
+        assert meta["served_by"] == STRONG and meta["skipped"] == {WEAK: "cannot call tools"}
 
 
-def test_from_router_dir(router, extractor, local_chat_models, tmp_path):
+def test_from_router_dir(router, extractor, pool, tmp_path):
     router.save(tmp_path / "r")
-    chat = ChatDifficultyRouter.from_router_dir(tmp_path / "r", models=local_chat_models, extractor=extractor)
+    chat = ChatDifficultyRouter.from_router_dir(tmp_path / "r", models=pool, extractor=extractor)
     query = "What is the boiling point of water at sea level?"
     out = chat.invoke(query)
     assert out.response_metadata["difficulty_router"]["probabilities"] == pytest.approx(
         router.route(query).probabilities)
     with pytest.raises(FileNotFoundError):
-        ChatDifficultyRouter.from_router_dir(tmp_path / "missing", models=local_chat_models, extractor=extractor)
+        ChatDifficultyRouter.from_router_dir(tmp_path / "missing", models=pool, extractor=extractor)
