@@ -17,14 +17,13 @@ reads its logprobs and token usage, and records them.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import operator
 import os
 import uuid
 from dataclasses import asdict
 from types import SimpleNamespace
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 from langchain_core.callbacks import (
@@ -42,6 +41,7 @@ from langchain_core.runnables.utils import gather_with_concurrency
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
+from difficulty_router.errors import is_transient_error
 from difficulty_router.cascade import CascadePolicy, CascadeRun, hybrid_start, pool_cost_fn
 from difficulty_router.confidence import MissingLogprobsError, openai_token_logprobs
 
@@ -52,19 +52,6 @@ CASCADE_KEY = "difficulty_router_cascade"
 """``response_metadata`` key of the cascade record: every rung tried, its P(T)/P(IK), verdict and cost."""
 _DECISION_KWARG = "difficulty_router_decision"
 _RUN_KWARG = "difficulty_router_run"
-# Fragments of exception class names that mean "this provider is unavailable right now"
-# across SDKs (openai, anthropic, httpx, google, ...), none of which this package imports.
-_TRANSIENT_NAMES = ("RateLimit", "Timeout", "TimedOut", "Connection", "Overloaded", "ServiceUnavailable",
-                    "InternalServerError", "ResourceExhausted", "TooManyRequests")
-
-
-def is_transient_error(exc: BaseException) -> bool:
-    """Default escalation test: rate limits, timeouts, connection and server-side errors."""
-    if isinstance(exc, (TimeoutError, ConnectionError, asyncio.TimeoutError)):
-        return True
-    return any(frag in cls.__name__ for cls in type(exc).__mro__ for frag in _TRANSIENT_NAMES)
-
-
 def _can_call_tools(model: Any) -> bool:
     if isinstance(model, BaseChatModel):
         if type(model).bind_tools is BaseChatModel.bind_tools:

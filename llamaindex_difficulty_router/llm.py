@@ -24,6 +24,7 @@ from llama_index.core.llms.llm import LLM, ToolSelection
 
 from difficulty_router.cascade import CascadePolicy, CascadeRun, hybrid_start, pool_cost_fn
 from difficulty_router.confidence import MissingLogprobsError, openai_token_logprobs
+from difficulty_router.errors import is_transient_error
 
 from ._convert import check_router, route, to_router_messages, tool_conversation
 from .events import DifficultyEscalationEvent, DifficultyRouteEvent, dispatcher
@@ -59,7 +60,10 @@ class DifficultyRouterLLM(FunctionCallingLLM):
     Args:
         router: a trained ``difficulty_router.DifficultyRouter``.
         llms: ``{pool name: LLM}``, one per pool model, no others.
-        escalate: on an exception from the chosen LLM, retry on the more capable ones.
+        escalate: on a transient error from the chosen LLM (an outage, rate limit, timeout or
+            server error: ``difficulty_router.errors.is_transient_error``, the LangChain adapter's
+            rule too), retry on the more capable ones. Other exceptions (a bug in the calling code
+            or a tool, a rejected request) propagate from the first model without escalating.
         callback_manager: forwarded to every candidate, which emit the LLM events; this
             wrapper emits none, so token counts are not doubled.
         cascade: a ``difficulty_router.cascade.CascadePolicy``: ``chat``, ``complete`` and
@@ -73,7 +77,7 @@ class DifficultyRouterLLM(FunctionCallingLLM):
             rung, then yields them: a rejected rung's chunks never reach the caller, so the
             first chunk arrives only after the accepted rung has finished. Each response
             carries the rungs tried in ``additional_kwargs["difficulty_router_cascade"]``.
-            With ``escalate`` an exception from a rung escalates to the next one. Tool calls
+            With ``escalate`` a transient error from a rung escalates to the next one. Tool calls
             (``*_with_tools``, ``predict_and_call``) do not cascade: they use the router.
         pik_scorers: ``{ladder model: callable(conversation) -> float}``: P(IK) for rungs with a
             local probe, called with the conversation in the core's form (a list of OpenAI
@@ -82,7 +86,7 @@ class DifficultyRouterLLM(FunctionCallingLLM):
             probability is at least this (``difficulty_router.cascade.hybrid_start``).
     """
 
-    escalate: bool = Field(default=True, description="Retry on more capable candidates when the chosen one raises.")
+    escalate: bool = Field(default=True, description="Retry on more capable candidates when the chosen one fails transiently.")
 
     _router: Any = PrivateAttr()
     _llms: Dict[str, LLM] = PrivateAttr()
@@ -206,6 +210,8 @@ class DifficultyRouterLLM(FunctionCallingLLM):
             try:
                 response = call(self._llms[name])
             except Exception as exc:
+                if not is_transient_error(exc):
+                    raise
                 self._failed(order, i, exc, failures, operation)
                 if i + 1 == len(order):
                     raise
@@ -219,6 +225,8 @@ class DifficultyRouterLLM(FunctionCallingLLM):
             try:
                 response = await call(self._llms[name])
             except Exception as exc:
+                if not is_transient_error(exc):
+                    raise
                 self._failed(order, i, exc, failures, operation)
                 if i + 1 == len(order):
                     raise
@@ -235,6 +243,8 @@ class DifficultyRouterLLM(FunctionCallingLLM):
                 stream = iter(call(self._llms[name]))
                 first = next(stream, _END)
             except Exception as exc:
+                if not is_transient_error(exc):
+                    raise
                 self._failed(order, i, exc, failures, operation)
                 if i + 1 == len(order):
                     raise
@@ -249,6 +259,8 @@ class DifficultyRouterLLM(FunctionCallingLLM):
                 stream = (await call(self._llms[name])).__aiter__()
                 first = await anext(stream, _END)
             except Exception as exc:
+                if not is_transient_error(exc):
+                    raise
                 self._failed(order, i, exc, failures, operation)
                 if i + 1 == len(order):
                     raise
@@ -268,7 +280,7 @@ class DifficultyRouterLLM(FunctionCallingLLM):
         return None if scorer is None else float(scorer(query))
 
     def _escalates(self, exc: Exception) -> bool:
-        return self.escalate and not isinstance(exc, MissingLogprobsError)
+        return self.escalate and not isinstance(exc, MissingLogprobsError) and is_transient_error(exc)
 
     def _rung_done(self, run: CascadeRun, name: str, attempt: Any, operation: str) -> None:
         if not attempt.accepted:

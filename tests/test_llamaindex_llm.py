@@ -402,10 +402,6 @@ def test_escalates_on_a_server_error_in_every_call_form(cheapest_router, llama_b
                                       "achat_with_tools")]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "DifficultyRouterLLM escalates on every exception (llm.py _serve/_aserve/_serve_stream: `except Exception`), "
-    "so a bug in the caller's own code is retried on the next model and the user's tool runs twice; the "
-    "LangChain adapter escalates only on transient errors (is_transient_error) - a known inconsistency"))
 def test_a_bug_in_a_tool_is_not_escalated(cheapest_router, llama_tool_backends, recorder):
     """A programming error (a tool raising KeyError, surfaced by predict_and_call(error_on_tool_error=True))
     is the caller's: it propagates from the first model, the tool runs once, nothing escalates."""
@@ -425,9 +421,6 @@ def test_a_bug_in_a_tool_is_not_escalated(cheapest_router, llama_tool_backends, 
     assert recorder.of(DifficultyEscalationEvent) == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "DifficultyRouterLLM escalates on every exception (`except Exception` in _serve), so a TypeError from a "
-    "misspelt argument is retried on every more capable model before it reaches the caller"))
 def test_a_misspelt_argument_is_not_escalated(cheapest_router, llama_backends, recorder):
     """A TypeError raised by the client for an argument it does not take (a bug in the calling code)
     reaches the caller from the first model, without trying the others."""
