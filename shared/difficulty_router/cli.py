@@ -131,7 +131,6 @@ def cmd_train(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .evaluation import evaluate_router, plot_report, report_table
-    from .extractor import ActivationExtractor
     from .router import DifficultyRouter
 
     router = DifficultyRouter.load(args.router, feature_cache=_feature_cache(args))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
