@@ -40,6 +40,7 @@ from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
+from conftest import proba_atol
 from llama_servers import free_port
 from pydantic import BaseModel, Field
 
@@ -471,7 +472,8 @@ def test_easy_and_hard_queries_are_routed_differently(router, pool):
     assert chosen[:8].count(WEAK) >= 5 and chosen[8:].count(STRONG) >= 5, chosen
     assert all(served(o) == c and o.response_metadata["model_name"] == ALIAS[c] for o, c in zip(outs, chosen))
     meta = outs[0].response_metadata["difficulty_router"]
-    assert meta["probabilities"][WEAK] == pytest.approx(p_easy[0])
+    # the same query in another batch: equal within the dtype's batch tolerance
+    assert meta["probabilities"][WEAK] == pytest.approx(p_easy[0], abs=proba_atol(router))
 
 
 @pytest.mark.asyncio

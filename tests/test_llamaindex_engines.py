@@ -29,12 +29,12 @@ from llama_index.core.query_engine import RouterQueryEngine
 from llama_index.core.tools import FunctionTool, QueryEngineTool
 from llama_index.llms.huggingface import HuggingFaceLLM
 from llama_index.llms.openai_like import OpenAILike
+from conftest import proba_atol
 
 from difficulty_router import DifficultyRouter, Policy
 from llamaindex_difficulty_router import (
     CANNOT_CALL_TOOLS,
     ROUTING_KEY,
-    DifficultyRouteEvent,
     DifficultyRouterLLM,
     DifficultySelector,
     to_router_messages,
@@ -351,4 +351,5 @@ def test_easy_and_hard_queries_go_to_different_models(p_weak, split_router, weak
     to_weak = sum(records[q]["served_by"] == WEAK for q in EASY_QUERIES)
     to_strong = sum(records[q]["served_by"] == STRONG for q in HARD_QUERIES)
     assert to_weak > len(EASY_QUERIES) / 2 and to_strong > len(HARD_QUERIES) / 2, (to_weak, to_strong)
-    assert all(records[q]["probabilities"][WEAK] == pytest.approx(p, abs=1e-3) for q, p in zip(EASY_QUERIES, easy))
+    tolerance = proba_atol(split_router)  # routed alone here, in a batch for p_weak
+    assert all(records[q]["probabilities"][WEAK] == pytest.approx(p, abs=tolerance) for q, p in zip(EASY_QUERIES, easy))

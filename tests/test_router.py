@@ -5,12 +5,11 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from difficulty_router import DifficultyRouter, Policy, RouteDecision
 from difficulty_router.evaluation import evaluate_router, plot_report, report_table
 
-from conftest import STRONG, WEAK
+from conftest import STRONG, WEAK, proba_atol
 
 HARD = "Let p = (1, 2, 5, 4)(2, 3) in S_5 . Find the index of <p> in S_5.\nA. 8\nB. 2\nC. 24\nD. 120\nAnswer:"
 EASY = "What colour is the sky on a clear day?\nA. Blue\nB. Green\nC. Red\nD. Black\nAnswer:"
@@ -34,9 +33,6 @@ QUERIES = [EASY, HARD, "What is 2 + 2?", "Name the capital of Italy.",
             {"role": "user", "content": "Does section 1031 cover a swap of shares in two private companies?"}],
            "Which planet is closest to the Sun?\nA. Venus\nB. Mercury\nC. Mars\nD. Earth\nAnswer:",
            "Compute the determinant of the 3x3 matrix [[2, -1, 0], [-1, 2, -1], [0, -1, 2]] and explain each step."]
-#: how far P(success) may move between ``route`` and ``route_batch`` (padding changes the kernels'
-#: summation order): measured at most 6e-7 in float32 and 7e-3 in bfloat16 on these queries
-PROBA_ATOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 
 def decision_margin(decision) -> float:
@@ -62,7 +58,7 @@ def test_route_batch_matches_route(dtype_name, trained_router, extractors_by_dty
     """The promise: probabilities agree within the dtype's tolerance, and a decision differs only
     for a query whose margin lies within it (bf16 batch noise cannot flip a clear decision)."""
     router = router_in(dtype_name, trained_router, extractors_by_dtype)
-    tolerance = PROBA_ATOL[router.extractor.dtype]
+    tolerance = proba_atol(router)
     batch = router.route_batch(QUERIES)
     for query, batched in zip(QUERIES, batch):
         single = router.route(query)
