@@ -41,9 +41,9 @@ from langchain_core.runnables.utils import gather_with_concurrency
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
-from difficulty_router.errors import is_transient_error
 from difficulty_router.cascade import CascadePolicy, CascadeRun, hybrid_start, pool_cost_fn
 from difficulty_router.confidence import MissingLogprobsError, openai_token_logprobs
+from difficulty_router.errors import is_transient_error
 
 from ._convert import to_router_query
 
@@ -52,6 +52,8 @@ CASCADE_KEY = "difficulty_router_cascade"
 """``response_metadata`` key of the cascade record: every rung tried, its P(T)/P(IK), verdict and cost."""
 _DECISION_KWARG = "difficulty_router_decision"
 _RUN_KWARG = "difficulty_router_run"
+
+
 def _can_call_tools(model: Any) -> bool:
     if isinstance(model, BaseChatModel):
         if type(model).bind_tools is BaseChatModel.bind_tools:
