@@ -167,6 +167,19 @@ def test_feature_cache_serves_second_run(extractor, tmp_path, monkeypatch):
     assert np.array_equal(mean_only, first[:, 3 * 576 :])
 
 
+def test_feature_cache_keeps_dtypes_apart(extractors_by_dtype, tmp_path, monkeypatch):
+    """A bf16 extractor sharing a cache directory with a float32 one never gets float32 rows (and back)."""
+    cache = FeatureCache(tmp_path)
+    fp32, bf16 = extractors_by_dtype["float32"], extractors_by_dtype["bfloat16"]
+    monkeypatch.setattr(fp32, "feature_cache", cache)
+    monkeypatch.setattr(bf16, "feature_cache", cache)
+    from_fp32 = fp32.extract(QUERIES).features
+    from_bf16 = bf16.extract(QUERIES).features
+    assert not np.array_equal(from_fp32, from_bf16)  # computed in bf16, not read from the float32 rows
+    assert np.array_equal(fp32.extract(QUERIES).features, from_fp32)
+    assert np.array_equal(bf16.extract(QUERIES).features, from_bf16)
+
+
 @pytest.mark.parametrize(
     "bad, message",
     [

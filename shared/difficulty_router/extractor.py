@@ -271,6 +271,15 @@ class ActivationExtractor:
     def model_id(self) -> str:
         return self.source.model_id
 
+    @property
+    def _cache_key(self) -> str:
+        """What cached rows are filed under: the weights, and the numeric path unless it is float32
+        (bf16 rows differ from float32 ones by 1-2%, so one must never be served for the other;
+        float32 keeps the plain weight hash, so caches written before this distinction stay valid)."""
+        if self.dtype == torch.float32:
+            return self.model_hash
+        return f"{self.model_hash}|{str(self.dtype).removeprefix('torch.')}"
+
     def describe(self) -> dict:
         """What a saved router records to recognise this extractor later."""
         return {
@@ -330,7 +339,7 @@ class ActivationExtractor:
         if cache is not None:
             todo = []
             for i, x in enumerate(ids):
-                row = cache.load(self.model_hash, layer_idx, pools, x, self.hidden_size)
+                row = cache.load(self._cache_key, layer_idx, pools, x, self.hidden_size)
                 if row is None:
                     todo.append(i)
                 else:
@@ -344,7 +353,7 @@ class ActivationExtractor:
                 features[batch] = self._forward([ids[i] for i in batch], layer_idx, pools)
                 if cache is not None:
                     for i in batch:
-                        cache.store(self.model_hash, layer_idx, pools, ids[i], features[i], self.hidden_size)
+                        cache.store(self._cache_key, layer_idx, pools, ids[i], features[i], self.hidden_size)
                 bar.update(len(batch))
         if truncated.any():
             logger.info("%d of %d prompts were longer than %d tokens and kept their last tokens",
