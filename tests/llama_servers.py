@@ -25,13 +25,13 @@ instead of a "Connection refused".
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-import json
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -50,6 +50,12 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def dead_url() -> str:
+    """A base URL on a free loopback port that nothing listens on: every request gets a real
+    "connection refused", as from a provider that is down."""
+    return f"http://127.0.0.1:{free_port()}/v1"
 
 
 def _answers(url: str) -> bool:

@@ -16,6 +16,7 @@ from langchain_core.messages import HumanMessage
 from langchain_openai import ChatOpenAI
 from llama_index.core.base.llms.types import ChatMessage
 from llama_index.llms.openai_like import OpenAILike
+from llama_servers import dead_url
 
 from difficulty_router.cascade import CascadePolicy
 from difficulty_router.confidence import MissingLogprobsError
@@ -278,15 +279,8 @@ def test_llamaindex_validation_and_pik(li_llms, li_direct):
 # --------------------------------------------------------------------------------------
 # A rung that fails: its port refuses connections (a real outage, not a fake model)
 # --------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def refused_url():
-    from llama_servers import free_port
-
-    return f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
-
-
-def test_langchain_cascade_escalates_past_a_failing_rung(refused_url, lc_models, lc_direct):
-    models = {SMALL: chat_openai(refused_url, SMALL), LARGE: lc_models[LARGE]}
+def test_langchain_cascade_escalates_past_a_failing_rung(lc_models, lc_direct):
+    models = {SMALL: chat_openai(dead_url(), SMALL), LARGE: lc_models[LARGE]}
     message = ChatDifficultyRouter(models=models, cascade=policy(0.0)).invoke(QUESTION)
     assert message.text == lc_direct[LARGE]
     first, second = message.response_metadata[CASCADE_KEY]["attempts"]
@@ -296,21 +290,21 @@ def test_langchain_cascade_escalates_past_a_failing_rung(refused_url, lc_models,
     assert "".join(c.text for c in streamed) == lc_direct[LARGE]
 
 
-def test_langchain_cascade_rung_error_outside_escalate_on_propagates(refused_url, lc_models):
+def test_langchain_cascade_rung_error_outside_escalate_on_propagates(lc_models):
     import openai
 
-    models = {SMALL: chat_openai(refused_url, SMALL), LARGE: lc_models[LARGE]}
+    models = {SMALL: chat_openai(dead_url(), SMALL), LARGE: lc_models[LARGE]}
     chat = ChatDifficultyRouter(models=models, cascade=policy(0.0), escalate_on=TimeoutError)
     with pytest.raises(openai.APIConnectionError):
         chat.invoke(QUESTION)
-    everything_down = ChatDifficultyRouter(models={SMALL: chat_openai(refused_url, SMALL),
-                                                   LARGE: chat_openai(refused_url, LARGE)}, cascade=policy(0.0))
+    everything_down = ChatDifficultyRouter(models={SMALL: chat_openai(dead_url(), SMALL),
+                                                   LARGE: chat_openai(dead_url(), LARGE)}, cascade=policy(0.0))
     with pytest.raises(openai.APIConnectionError):
         asyncio.run(everything_down.ainvoke(QUESTION))
 
 
-def test_llamaindex_cascade_escalates_past_a_failing_rung(refused_url, li_llms, li_direct):
-    llms = {SMALL: openai_like(refused_url, SMALL), LARGE: li_llms[LARGE]}
+def test_llamaindex_cascade_escalates_past_a_failing_rung(li_llms, li_direct):
+    llms = {SMALL: openai_like(dead_url(), SMALL), LARGE: li_llms[LARGE]}
     response = DifficultyRouterLLM(llms=llms, cascade=policy(0.0)).chat(MESSAGES)
     assert response.message.content == li_direct[LARGE]
     first, second = response.additional_kwargs[LI_CASCADE_KEY]["attempts"]
@@ -320,9 +314,9 @@ def test_llamaindex_cascade_escalates_past_a_failing_rung(refused_url, li_llms, 
     assert "".join(c.delta or "" for c in chunks) == li_direct[LARGE]
 
 
-def test_llamaindex_cascade_without_escalation_raises_the_rung_error(refused_url, li_llms):
+def test_llamaindex_cascade_without_escalation_raises_the_rung_error(li_llms):
     import openai
 
-    llms = {SMALL: openai_like(refused_url, SMALL), LARGE: li_llms[LARGE]}
+    llms = {SMALL: openai_like(dead_url(), SMALL), LARGE: li_llms[LARGE]}
     with pytest.raises(openai.APIConnectionError):
         DifficultyRouterLLM(llms=llms, cascade=policy(0.0), escalate=False).chat(MESSAGES)

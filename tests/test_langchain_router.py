@@ -41,7 +41,7 @@ from langchain_openai import ChatOpenAI
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
 from conftest import proba_atol
-from llama_servers import free_port
+from llama_servers import dead_url
 from pydantic import BaseModel, Field
 
 from difficulty_router import Policy
@@ -61,11 +61,6 @@ def chat_openai(base_url: str, alias: str, max_tokens: int = 8, **kwargs) -> Cha
     ChatOpenAI sends for max_tokens), so the limit goes in the body under the older name."""
     return ChatOpenAI(base_url=base_url, api_key="none", model=alias, temperature=0, max_retries=0,
                       extra_body={"max_tokens": max_tokens}, **kwargs)
-
-
-def refused_url() -> str:
-    """The base URL of a port nothing listens on: every request gets a real "connection refused"."""
-    return f"http://127.0.0.1:{free_port()}/v1"
 
 
 class LoopbackServer:
@@ -250,7 +245,7 @@ class TestStandardUnit(ChatModelUnitTests):
 
     @pytest.fixture(autouse=True)
     def _pool(self, trained_router):
-        url = refused_url()
+        url = dead_url()
         type(self)._params = {"router": trained_router,
                               "models": {name: chat_openai(url, alias) for name, alias in ALIAS.items()}}
 
@@ -593,7 +588,7 @@ async def test_escalation_async_on_timeout_and_refused(weak_first, pool):
         out = await chat.ainvoke("Hi")
         meta = out.response_metadata["difficulty_router"]
         assert meta["served_by"] == STRONG and "TimeoutError" in meta["attempts"][0]["error"]
-    refused = ChatDifficultyRouter(router=weak_first, models={WEAK: chat_openai(refused_url(), "small"),
+    refused = ChatDifficultyRouter(router=weak_first, models={WEAK: chat_openai(dead_url(), "small"),
                                                               STRONG: pool[STRONG]})
     out = await refused.ainvoke("Hi")
     meta = out.response_metadata["difficulty_router"]
@@ -608,7 +603,7 @@ async def test_all_fail_raises_the_last_error_with_every_attempt(weak_first):
     raised, annotated with every attempt."""
     with LoopbackServer(status=429) as limited:
         both_down = ChatDifficultyRouter(router=weak_first, models={
-            WEAK: chat_openai(limited.url, "small"), STRONG: chat_openai(refused_url(), "large")})
+            WEAK: chat_openai(limited.url, "small"), STRONG: chat_openai(dead_url(), "large")})
         with pytest.raises(openai.APIConnectionError) as exc:
             await both_down.ainvoke("Hi")
         note = "".join(exc.value.__notes__)

@@ -29,7 +29,7 @@ from llama_index.core.prompts import PromptTemplate
 from llama_index.core.tools import FunctionTool
 from llama_index.llms.huggingface import HuggingFaceLLM
 from llama_index.llms.openai_like import OpenAILike
-from llama_servers import RUNNING, free_port, llama_server, smollm2_gguf
+from llama_servers import RUNNING, dead_url, llama_server, smollm2_gguf
 
 from difficulty_router import DifficultyRouter, Policy
 from llamaindex_difficulty_router import (
@@ -109,11 +109,6 @@ def openai_like(base_url: str, alias: str, *, max_tokens: int = 8, is_chat_model
                       context_window=2048)
 
 
-def nothing_listens() -> str:
-    """A base URL no request is ever sent to (for metadata-only candidates)."""
-    return f"http://127.0.0.1:{free_port()}/v1"
-
-
 @pytest.fixture(scope="module")
 def stopped_backend() -> str:
     """The base URL of a real llama.cpp server that has been shut down: connections are refused, as in an outage."""
@@ -143,7 +138,7 @@ def test_metadata_is_what_every_candidate_can_take(cheapest_router, weak_llm, st
     assert meta.is_function_calling_model is False  # HuggingFaceLLM cannot call tools
     assert WEAK in meta.model_name and STRONG in meta.model_name
 
-    completion_only = openai_like(nothing_listens(), "large", is_chat_model=False)  # a real tool-calling client
+    completion_only = openai_like(dead_url(), "large", is_chat_model=False)  # a real tool-calling client
     tools = DifficultyRouterLLM(router=cheapest_router, llms={WEAK: weak_llm, STRONG: completion_only})
     assert tools.metadata.is_function_calling_model is True  # one candidate can call tools
     assert tools.metadata.is_chat_model is False  # not every candidate is a chat model

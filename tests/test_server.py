@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 from conftest import STRONG, WEAK
-from llama_servers import free_port, llama_server, smollm2_gguf
+from llama_servers import dead_url, free_port, llama_server, smollm2_gguf
 from server_helpers import running, with_policy
 
 from difficulty_router.server import Backends, BackendSpec, create_app
@@ -34,10 +34,6 @@ def specs(llama_backends, weak_url=None, strong_url=None):
 def openai_client(url: str, api_key: str = "unused") -> openai.OpenAI:
     """The real openai client pointed at a routing server; no retries, so a failure shows at once."""
     return openai.OpenAI(base_url=url + "/v1", api_key=api_key, max_retries=0)
-
-
-def dead_url() -> str:
-    return f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
 
 
 @pytest.fixture(scope="module")
