@@ -66,6 +66,18 @@ def trained_router(extractor, sample_outcomes, sample_pool):
     return train_router(train, sample_pool, extractor, layers=[15], pooling="last", cv=3, progress=False)
 
 
+def _small_and_large(chat_format: str | None = None):
+    """Yields ``{"small": base_url, "large": base_url}``: two llama.cpp servers on the embedded GGUF."""
+    from contextlib import ExitStack
+
+    from llama_servers import llama_server, smollm2_gguf
+
+    gguf = smollm2_gguf()
+    with ExitStack() as stack:
+        yield {alias: stack.enter_context(llama_server(gguf, alias, chat_format=chat_format))
+               for alias in ("small", "large")}
+
+
 @pytest.fixture(scope="session")
 def llama_backends():
     """Two real OpenAI-compatible backends (llama-cpp-python's server on SmolLM2-135M, one thread each).
@@ -73,13 +85,7 @@ def llama_backends():
     Yields ``{"small": base_url, "large": base_url}``; each serves the model under its alias.
     Both run the same GGUF: the tests check plumbing (routing, streaming, fallback), not quality.
     """
-    from contextlib import ExitStack
-
-    from llama_servers import llama_server, smollm2_gguf
-
-    gguf = smollm2_gguf()
-    with ExitStack() as stack:
-        yield {alias: stack.enter_context(llama_server(gguf, alias)) for alias in ("small", "large")}
+    yield from _small_and_large()
 
 
 @pytest.fixture(scope="session")
@@ -92,14 +98,7 @@ def llama_tool_backends():
     but SmolLM2-135M picks their values poorly (asked for magic_function(3) it sends ``{"input": 10}``):
     tests assert the plumbing, never that the values are right.
     """
-    from contextlib import ExitStack
-
-    from llama_servers import llama_server, smollm2_gguf
-
-    gguf = smollm2_gguf()
-    with ExitStack() as stack:
-        yield {alias: stack.enter_context(llama_server(gguf, alias, chat_format="chatml-function-calling"))
-               for alias in ("small", "large")}
+    yield from _small_and_large(chat_format="chatml-function-calling")
 
 
 @pytest.fixture(autouse=True)

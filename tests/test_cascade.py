@@ -181,6 +181,18 @@ def pik_probe(extractor):
     return PIKProbe.fit(extractor, questions, correct, layers=15, cv=3, progress=False)
 
 
+def teacher_forced_logprobs(extractor, query, answer: str) -> tuple[list[int], np.ndarray]:
+    """The answer's token ids and their log-probabilities under one full forward pass of the local
+    model over the chat-templated query followed by the answer."""
+    prompt_ids, _ = extractor.tokenize([query])
+    answer_ids = extractor.tokenizer(answer, add_special_tokens=False)["input_ids"]
+    full = torch.tensor([prompt_ids[0] + answer_ids])
+    with torch.inference_mode():
+        logits = extractor.model(full).logits[0].float()
+    start = len(prompt_ids[0])
+    return answer_ids, torch.log_softmax(logits[start - 1 : -1], -1).gather(1, full[0, start:, None])[:, 0].numpy()
+
+
 #: incremental decoding with a KV cache vs one full forward pass: float32 agrees to rounding; bf16
 #: rounds each step's activations differently (measured: at most 7e-6 nats in float32, 0.05 in bf16)
 LOGPROB_ATOL = {torch.float32: 1e-3, torch.bfloat16: 0.25}
@@ -193,14 +205,9 @@ def test_local_generation_logprobs_match_a_full_forward_pass(dtype_name, extract
     query = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of France?"}]
     out = generator.generate(query)
     assert out.text and len(out.logprobs) == len(out.tokens) and all(lp <= 0 for lp in out.logprobs)
-    prompt_ids, _ = extractor.tokenize([query])
-    answer_ids = extractor.tokenizer(out.text, add_special_tokens=False)["input_ids"]
-    full = torch.tensor([prompt_ids[0] + answer_ids])
-    with torch.inference_mode():
-        logits = extractor.model(full).logits[0].float()
-    expected = torch.log_softmax(logits[len(prompt_ids[0]) - 1 : -1], -1).gather(1, full[0, len(prompt_ids[0]):, None])
+    _, expected = teacher_forced_logprobs(extractor, query, out.text)
     atol = LOGPROB_ATOL[extractor.dtype]
-    assert np.abs(np.array(out.logprobs) - expected[:, 0].numpy()).max() <= atol
+    assert np.abs(np.array(out.logprobs) - expected).max() <= atol
     # P(IK) from the generation's own prefill equals the probe on the extractor's read-out
     assert out.pik == pytest.approx(float(pik_probe.score(extractor, [query])[0]), abs=1e-4)
 
@@ -247,14 +254,8 @@ def test_openai_endpoint_logprobs_drive_the_cascade(llama_backends, extractor):
     # the endpoint's logprobs are the model's own: the same weights run locally (dequantised, teacher-forced on
     # the endpoint's answer) give the same tokens and log-probabilities up to llama.cpp's quantised arithmetic
     # (measured: at most 0.23 nats per token, P(T) within 0.03)
-    prompt_ids, _ = extractor.tokenize(["Name one colour."])
-    answer_ids = extractor.tokenizer(out.text, add_special_tokens=False)["input_ids"]
+    answer_ids, local = teacher_forced_logprobs(extractor, "Name one colour.", out.text)
     assert [extractor.tokenizer.decode([t]) for t in answer_ids] == out.tokens
-    full = torch.tensor([prompt_ids[0] + answer_ids])
-    with torch.inference_mode():
-        logits = extractor.model(full).logits[0].float()
-    local = torch.log_softmax(logits[len(prompt_ids[0]) - 1 : -1], -1).gather(1, full[0, len(prompt_ids[0]):, None])
-    local = local[:, 0].numpy()
     assert np.abs(np.array(out.logprobs) - local).max() < 0.5
     assert answer_confidence(out.logprobs, "mean", out.tokens) == pytest.approx(
         answer_confidence(list(local), "mean", out.tokens), abs=0.1)
