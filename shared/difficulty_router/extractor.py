@@ -223,7 +223,7 @@ class ActivationExtractor:
         device: ``"auto"`` picks cuda, then mps, then cpu.
         dtype: ``"auto"`` is $DIFFICULTY_ROUTER_DTYPE when set, else bf16 on GPUs and on CPUs with
             native bf16 (AVX512-BF16 or AMX), float32 otherwise. Features agree across dtypes and
-            batch compositions only to the dtype's precision: see ``FEATURE_TOLERANCE``.
+            batch compositions only to the dtype's precision: see ``FEATURE_RTOL``.
         max_tokens: longer prompts keep their last ``max_tokens`` tokens (the question sits at the end).
         batch_size, max_batch_tokens: bounds of one forward pass (queries, and padded tokens).
         feature_cache: a directory or FeatureCache that memoises rows across runs.
