@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from difficulty_router.policies import Policy, pick_operating_point, sweep
+from difficulty_router.policies import Policy, dominated, fit_margin, pick_operating_point, sweep
 
 P = np.array([[0.9, 0.95, 0.97], [0.3, 0.7, 0.9], [0.1, 0.2, 0.4]])
 COSTS = np.array([[1.0, 5.0, 20.0]] * 3)
@@ -55,3 +55,42 @@ def test_operating_point_for_targets():
         pick_operating_point(points, "lambda", target_cost=0.5)
     with pytest.raises(ValueError, match="exactly one"):
         pick_operating_point(points, "lambda")
+
+
+def test_utility_margin_keeps_the_most_capable_model_unless_another_clearly_beats_it():
+    # row 0: model 1 beats model 2 by 0.05 in P; row 1: by 0.3
+    p = np.array([[0.2, 0.65, 0.6], [0.1, 0.9, 0.6]])
+    costs = np.array([[1.0, 20.0, 20.0]] * 2)
+    assert Policy("utility", 0.0).choose(p, costs, CAPABILITY).tolist() == [1, 1]
+    assert Policy("utility", 0.0, margin=0.1).choose(p, costs, CAPABILITY).tolist() == [2, 1]
+    assert Policy("utility", 0.0, margin=1.0).choose(p, costs, CAPABILITY).tolist() == [2, 2]
+    # cost still wins when lambda is large: the margin is in utility units
+    assert Policy("utility", 100.0, margin=1.0).choose(p, costs, CAPABILITY).tolist() == [0, 0]
+    # the margin survives sweeps and serialisation
+    assert {Policy("utility", 0.3, 0.2).with_value(0.5).margin, Policy.from_dict(Policy("utility", 0.3, 0.2).to_dict()).margin} == {0.2}
+    with pytest.raises(ValueError, match="margin"):
+        Policy("utility", 0.1, margin=2.0)
+
+
+def test_fit_margin_needs_a_proven_gain_to_leave_the_best_model():
+    rng = np.random.default_rng(0)
+    n = 2000
+    correct = np.column_stack([rng.random(n) < 0.5, rng.random(n) < 0.7]).astype(float)
+    costs, capability = np.tile([1.0, 1.0], (n, 1)), correct.mean(axis=0)
+    noise = rng.random((n, 2))  # probabilities that know nothing
+    margin, table = fit_margin(noise, correct, costs, capability)
+    assert margin == 1.0 and len(table) > 1
+    assert (Policy("utility", 0.0, margin).choose(noise, costs, capability) == 1).all()
+    informed = np.clip(correct + rng.normal(0, 0.2, correct.shape), 0, 1)  # knows which model is right
+    margin, _ = fit_margin(informed, correct, costs, capability)
+    assert margin < 1.0
+    chosen = Policy("utility", 0.0, margin).choose(informed, costs, capability)
+    assert correct[np.arange(n), chosen].mean() > correct[:, 1].mean() + 0.05
+
+
+def test_dominated_models_are_found_and_pins_are_respected():
+    names = ["cheap", "pricey-weak", "strong"]
+    out = dominated([0.5, 0.45, 0.8], [1.0, 5.0, 10.0], names)
+    assert list(out) == ["pricey-weak"] and "cheap" in out["pricey-weak"]
+    assert dominated([0.5, 0.45, 0.8], [1.0, 5.0, 10.0], names, keep=("pricey-weak",)) == {}
+    assert dominated([0.5, 0.5], [1.0, 1.0], ["a", "b"]) == {}  # a tie dominates nobody

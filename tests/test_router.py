@@ -174,12 +174,44 @@ def test_evaluation_report_has_the_promised_keys(trained_router, sample_outcomes
     for key in ("n", "auc", "baselines", "apgr", "cpt50", "cpt80", "best_model", "best_model_accuracy",
                 "best_model_cost", "cost_to_match_best", "oracle_gap_closed", "curve"):
         assert key in report
-    assert set(report["baselines"]) == {"random", "length", "tfidf", "oracle"}
+    assert set(report["baselines"]) == {"random", "length", "tfidf", "knn", "oracle"}
     for base in report["baselines"].values():
         assert {"auc", "apgr", "cpt50", "cpt80", "cost_to_match_best", "oracle_gap_closed"} <= set(base)
     assert report["baselines"]["oracle"]["apgr"] > 1.0  # the oracle beats every real router
     assert report["best_model"] == STRONG
-    assert "router (utility)" in report_table(report)
+    # 95% bootstrap intervals for the router and each real baseline, and the router's paired margin
+    intervals, margin = report["intervals"], report["margin"]
+    assert intervals["metric"] == "apgr" and margin["baseline"] in ("length", "tfidf", "knn")
+    for name in ("router", "length", "tfidf", "knn"):
+        lo, hi = intervals[name]
+        value = report["apgr"] if name == "router" else report["baselines"][name]["apgr"]
+        assert lo < hi and lo - 0.02 <= value <= hi + 0.02
+    lo, hi = margin["interval"]
+    assert lo < margin["difference"] + 0.02 and margin["difference"] - 0.02 < hi
+    table = report_table(report)
+    assert "router (utility)" in table and f"best baseline ({margin['baseline']})" in table
     png = plot_report(report, tmp_path / "p.png")
     assert png.stat().st_size > 10_000
     json.dumps(report)
+
+
+def test_most_accuracy_seeking_point_is_the_best_single_model(trained_router, sample_outcomes):
+    """On real held-out rows, the utility policy at value 0 routes exactly like always calling the best
+    model, unless training measured (95% lower bound above zero) that leaving it gains accuracy."""
+    router = trained_router
+    held = sample_outcomes.subset(range(240, 480)).select_models(router.models)
+    margin = router.info["utility_margin"]
+    assert router.policy.margin == margin["margin"]
+    curve = router.operating_curve(held)
+    at_zero = next(p for p in curve if p["lambda"] == 0.0)
+    best = int(np.argmax(router.capability))
+    if margin["margin"] == 1.0:
+        assert at_zero["share"][best] == len(held)
+        assert at_zero["accuracy"] == pytest.approx(held.scores[:, best].mean())
+        from difficulty_router.metrics import pool_summary
+
+        costs = router.estimated_costs(held).mean(axis=0)
+        assert pool_summary(curve, held.scores, costs, router.models)["cost_to_match_best"] <= 1.0
+    else:
+        chosen = next(row for row in margin["candidates"] if row["margin"] == margin["margin"])
+        assert chosen["gain_low95"] > 0

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .model_store import DEFAULT_MODEL, cache_root
+from .families import FAMILIES
 
 
 def _layers(values: list[str] | None):
@@ -102,9 +103,19 @@ def _print_training(router) -> None:
         best = sorted(info["readout_sweep"], key=lambda r: -np.nan_to_num(r["cv_auroc"], nan=-1))[:5]
         print("read-out sweep (mean CV AUROC, top 5): " + ", ".join(
             f"L{r['layer']}/{r['pooling']} {r['cv_auroc']:.3f}" for r in best))
-    print("cross-validated AUROC per model:")
+    print("cross-validated AUROC of the activation probe per model:")
     for m, a in info["cv_auroc"].items():
         print(f"  {m}: {a:.3f}" if a == a else f"  {m}: - (always right or always wrong in training)")
+    if info.get("families"):
+        metric = "APGR" if len(router.models) == 2 else "frontier AUC"
+        print(f"feature families by cross-validated routing quality ({metric} on out-of-fold predictions): "
+              + ", ".join(f"{r['family']} {r['cv_routing_quality']:.3f}" for r in info["families"])
+              + f" -> {router.family}")
+    for m, reason in router.dropped.items():
+        print(f"not routed to {m}: {reason}")
+    if router.policy.margin:
+        print(f"utility margin {router.policy.margin:g}: another model must beat the most capable one by this much "
+              "(measured on out-of-fold predictions)")
     point = info["default_operating_point"]
     print(f"default operating point ({router.policy.kind} {router.policy.parameter}={router.policy.value:.4g}): "
           f"out-of-fold accuracy {point['accuracy']:.3f} at mean cost {point['cost']:.4g}")
@@ -121,7 +132,8 @@ def cmd_train(args) -> int:
     extractor = ActivationExtractor(args.extractor, max_tokens=args.max_tokens, device=args.device,
                                     feature_cache=_feature_cache(args))
     router = train_router(outcomes, pool, extractor, layers=_layers(args.layers), pooling=args.pooling,
-                          policy=args.policy, cv=args.cv, seed=args.seed, progress=args.progress is not False)
+                          policy=args.policy, cv=args.cv, seed=args.seed, progress=args.progress is not False,
+                          families=args.families, keep_models=args.keep_models or ())
     router.info["training"]["data"] = str(args.data)
     router.save(args.out)
     _print_training(router)
@@ -312,6 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", nargs="+", help="candidate read-out layers (default: middle layers)")
     p.add_argument("--pooling", choices=["last", "mean", "both"], help="fix the pooling instead of sweeping it")
     p.add_argument("--policy", default="utility", choices=["utility", "threshold"])
+    p.add_argument("--families", nargs="+", choices=list(FAMILIES), default=list(FAMILIES),
+                   help="feature families to compare by cross-validation (default: all; the best is kept)")
+    p.add_argument("--keep-models", nargs="+", metavar="MODEL",
+                   help="route to these models even if training finds them dominated on accuracy and cost")
     p.add_argument("--cv", type=int, default=5)
     p.add_argument("--limit", type=int, help="train on a seeded random subset of this many rows")
     p.add_argument("--max-tokens", type=int, default=2048)

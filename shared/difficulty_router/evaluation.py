@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .baselines import BASELINES, baseline_proba
+from .baselines import BASELINES, NEEDS_FEATURES, baseline_proba
 from .data import Outcomes
+from .families import routing_quality
 from .metrics import apgr_cpt, pool_summary
 from .policies import Policy, sweep
 from .router import DifficultyRouter, realised_costs
@@ -19,10 +20,17 @@ def _two_model_score(proba: np.ndarray, kind: str, weak: int, strong: int) -> np
     return proba[:, strong] - proba[:, weak] if kind == "utility" else 1.0 - proba[:, weak]
 
 
-def evaluate_proba(proba, outcomes: Outcomes, costs, capability, kind: str, seed: int = 0) -> dict:
-    """Curve and headline numbers for one predictor of P(success)."""
+def evaluate_proba(proba, outcomes: Outcomes, costs, capability, kind: str | Policy, seed: int = 0,
+                   eligible: np.ndarray | None = None) -> dict:
+    """Curve and headline numbers for one predictor of P(success).
+
+    ``kind`` is a policy kind, or a :class:`Policy` whose margin the sweep keeps; ``eligible``
+    masks models a router does not route to (dominated ones it dropped in training).
+    """
+    policy = kind if isinstance(kind, Policy) else Policy(kind)
+    kind = policy.kind
     realised = realised_costs(outcomes, costs)
-    points = sweep(Policy(kind), proba, costs, capability, outcomes.scores, realised)
+    points = sweep(policy, proba, costs, capability, outcomes.scores, realised, eligible)
     model_costs = realised.mean(axis=0)
     out = pool_summary(points, outcomes.scores, model_costs, outcomes.models)
     out["curve"] = points
@@ -36,26 +44,60 @@ def evaluate_proba(proba, outcomes: Outcomes, costs, capability, kind: str, seed
     return out
 
 
+def bootstrap_quality(predictions: dict[str, np.ndarray], outcomes: Outcomes, costs, capability,
+                      n_boot: int = 200, seed: int = 0) -> dict[str, list[float]]:
+    """95% percentile intervals of each predictor's routing quality over bootstrap resamples of the rows.
+
+    Every predictor is scored on the same resamples, so intervals of differences are paired too
+    (keys ``a - b`` for each pair asked for via ``predictions`` order: the first minus each other).
+    """
+    rng = np.random.default_rng(seed)
+    names = list(predictions)
+    draws = {name: [] for name in names}
+    n = len(outcomes)
+    for _ in range(n_boot):
+        rows = rng.integers(0, n, n)
+        for name in names:
+            draws[name].append(routing_quality(predictions[name][rows], outcomes.scores[rows], costs[rows], capability, seed))
+    out = {name: np.percentile(v, [2.5, 97.5]).tolist() for name, v in draws.items()}
+    first = np.array(draws[names[0]])
+    for name in names[1:]:
+        out[f"{names[0]} - {name}"] = np.percentile(first - np.array(draws[name]), [2.5, 97.5]).tolist()
+    return out
+
+
 def evaluate_router(router: DifficultyRouter, outcomes: Outcomes, *, train: Outcomes | None = None,
-                    seed: int = 0, proba: np.ndarray | None = None, progress: bool | None = None) -> dict:
+                    seed: int = 0, proba: np.ndarray | None = None, progress: bool | None = None,
+                    features: np.ndarray | None = None, train_features: np.ndarray | None = None,
+                    n_boot: int = 200) -> dict:
     """Everything ``difficulty-router evaluate --json`` prints.
 
     The router's own policy kind decides; the other policy is reported too, under ``policies``.
+    ``features``/``train_features`` are the router's read-out of the rows (extracted when not
+    given); the kNN baseline votes over them. ``intervals`` holds 95% bootstrap intervals of
+    the routing quality (APGR for two models, frontier AUC otherwise) of the router and each
+    baseline on these rows, and of the router's margin over the best baseline.
     """
     router.pool.check_against(outcomes.models, "the evaluation data")
     outcomes = outcomes.select_models(router.models)
+    if features is None:
+        features = router.features(outcomes.queries, progress).features
     if proba is None:
-        proba = router.predict_proba(outcomes.queries, progress=progress)
+        proba = router.proba_from(outcomes.queries, features)
+    if train is not None and train_features is None:
+        train_features = router.features(train.queries, progress).features
     costs = router.estimated_costs(outcomes)
     capability = router.capability
     report = {"n": len(outcomes), "models": list(router.models), "policy": router.policy.kind,
               "operating_point": router.policy.to_dict()}
-    policies = {kind: evaluate_proba(proba, outcomes, costs, capability, kind, seed) for kind in ("utility", "threshold")}
+    eligible = router.eligibility(len(outcomes), None)
+    policies = {kind: evaluate_proba(proba, outcomes, costs, capability, router.policy if kind == router.policy.kind else kind,
+                                     seed, eligible) for kind in ("utility", "threshold")}
     report.update(policies[router.policy.kind])
     report["policies"] = {k: {key: v for key, v in p.items() if key not in ("curve", "pgr_curve")}
                           for k, p in policies.items()}
     # the policy's current setting on these rows
-    chosen = router.policy.choose(proba, costs, capability)
+    chosen = router.policy.choose(proba, costs, capability, eligible)
     rows = np.arange(len(outcomes))
     report["at_operating_point"] = {
         "accuracy": float(outcomes.scores[rows, chosen].mean()),
@@ -67,9 +109,22 @@ def evaluate_router(router: DifficultyRouter, outcomes: Outcomes, *, train: Outc
         for j, m in enumerate(router.models)
     }
     report["baselines"] = {}
+    predictions = {}
     for name in BASELINES:
-        p = baseline_proba(name, outcomes, train=train.select_models(router.models) if train is not None else None, seed=seed)
-        report["baselines"][name] = evaluate_proba(p, outcomes, costs, capability, router.policy.kind, seed)
+        predictions[name] = baseline_proba(name, outcomes, train=train.select_models(router.models) if train is not None else None,
+                                           seed=seed, train_features=train_features, test_features=features)
+        report["baselines"][name] = evaluate_proba(predictions[name], outcomes, costs, capability, router.policy.kind, seed,
+                                                   eligible)
+    metric = "apgr" if report.get("apgr") is not None else "auc"
+    contenders = [b for b in BASELINES if b not in ("random", "oracle")]
+    best = max(contenders, key=lambda b: report["baselines"][b][metric] if report["baselines"][b].get(metric) is not None else -1)
+    if n_boot:
+        intervals = bootstrap_quality({"router": proba, **{b: predictions[b] for b in contenders}},
+                                      outcomes, costs, capability, n_boot=n_boot, seed=seed)
+        report["intervals"] = {"metric": metric, "n_boot": n_boot, **intervals}
+        report["margin"] = {"metric": metric, "baseline": best,
+                            "difference": report[metric] - report["baselines"][best][metric] if report.get(metric) is not None else None,
+                            "interval": intervals[f"router - {best}"]}
     return report
 
 
@@ -97,6 +152,15 @@ def report_table(report: dict) -> str:
     op = report["at_operating_point"]
     lines.append("")
     lines.append(f"n = {report['n']}; single models: {singles}")
+    if "margin" in report and report["margin"]["difference"] is not None:
+        margin, metric = report["margin"], report["margin"]["metric"].upper()
+        lo, hi = margin["interval"]
+        lines.append(f"95% bootstrap intervals ({report['intervals']['n_boot']} resamples of these rows), {metric}: "
+                     + ", ".join(f"{k} [{v[0]:.3f}, {v[1]:.3f}]" for k, v in report["intervals"].items()
+                                 if isinstance(v, list) and " - " not in k))
+        verdict = ("beats" if lo > 0 else "loses to" if hi < 0 else "is not distinguishable from")
+        lines.append(f"router {verdict} the best baseline ({margin['baseline']}) on these rows: "
+                     f"{metric} margin {margin['difference']:+.3f}, 95% interval [{lo:+.3f}, {hi:+.3f}]")
     lines.append(f"at the saved operating point ({report['operating_point']['kind']} "
                  f"{report['operating_point']['value']:.4g}): accuracy {op['accuracy']:.3f}, cost {op['cost']:.3g}, "
                  f"calls {op['share']}")

@@ -23,10 +23,16 @@ def normalised_costs(costs: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class Policy:
     """``threshold``: cheapest model with P(success) >= value, else the most capable.
-    ``utility``: argmax of P(success) - value * normalised cost."""
+    ``utility``: argmax of P(success) - value * normalised cost; with a ``margin``, a model
+    other than the most capable one is chosen only when its utility beats the most capable
+    one's by more than the margin. The margin is the probes' measured noise (training fits
+    it on out-of-fold predictions), so at value 0 the router equals the best single model
+    unless a predicted gain has proved real.
+    """
 
     kind: str = "utility"
     value: float = 0.1
+    margin: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in POLICY_KINDS:
@@ -35,13 +41,15 @@ class Policy:
             raise ValueError(f"policy value must be a finite non-negative number, got {self.value}")
         if self.kind == "threshold" and self.value > 1:
             raise ValueError(f"threshold tau must lie in [0, 1], got {self.value}")
+        if not np.isfinite(self.margin) or not 0 <= self.margin <= 1:
+            raise ValueError(f"policy margin must lie in [0, 1], got {self.margin}")
 
     @property
     def parameter(self) -> str:
         return "tau" if self.kind == "threshold" else "lambda"
 
     def with_value(self, value: float) -> Policy:
-        return Policy(self.kind, float(value))
+        return Policy(self.kind, float(value), self.margin)
 
     def choose(self, proba: np.ndarray, costs: np.ndarray, capability: np.ndarray,
                eligible: np.ndarray | None = None) -> np.ndarray:
@@ -61,7 +69,13 @@ class Policy:
             utility = proba - self.value * costs
             # ties (equal utility) go to the cheaper model
             utility = np.where(eligible, utility - 1e-12 * costs, -np.inf)
-            return utility.argmax(axis=1)
+            chosen = utility.argmax(axis=1)
+            if self.margin > 0:
+                rows = np.arange(n)
+                anchor = np.where(eligible, capability[None, :], -np.inf).argmax(axis=1)
+                stay = utility[rows, chosen] - utility[rows, anchor] <= self.margin
+                chosen = np.where(stay, anchor, chosen)
+            return chosen
         order = np.argsort(costs + 1e-9 * (1 - capability / max(capability.max(), 1)), axis=1, kind="stable")
         chosen = np.empty(n, dtype=np.int64)
         strongest = np.where(eligible, capability[None, :], -np.inf).argmax(axis=1)
@@ -80,21 +94,68 @@ class Policy:
         return np.r_[0.0, np.logspace(-4, 2, 240)]
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "value": self.value}
+        return {"kind": self.kind, "value": self.value, "margin": self.margin}
 
     @classmethod
     def from_dict(cls, data: dict) -> Policy:
-        return cls(kind=data["kind"], value=float(data["value"]))
+        return cls(kind=data["kind"], value=float(data["value"]), margin=float(data.get("margin", 0.0)))
 
 
-def sweep(policy: Policy, proba, costs, capability, correct, realised_costs=None) -> list[dict]:
+#: margins tried by :func:`fit_margin`; 1 means "never leave the most capable model at value 0"
+MARGINS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
+
+
+def fit_margin(proba, correct, costs, capability, eligible=None) -> tuple[float, list[dict]]:
+    """The margin a utility policy needs before leaving the most capable model, from out-of-fold predictions.
+
+    For each candidate margin, the accuracy-seeking router (value 0) is compared row by row
+    with always calling the most capable model. Margins whose deviations gain accuracy with
+    a 95% lower bound above zero qualify and the one with the largest gain wins; if none
+    does, the margin is 1 and the router at value 0 *is* the best single model.
+    """
+    correct = np.asarray(correct, dtype=np.float64)
+    n = len(correct)
+    rows = np.arange(n)
+    eligible = np.ones(correct.shape, dtype=bool) if eligible is None else eligible
+    anchor = np.where(eligible, np.asarray(capability)[None, :], -np.inf).argmax(axis=1)
+    table, best = [], (1.0, 0.0)
+    for margin in MARGINS:
+        chosen = Policy("utility", 0.0, margin).choose(proba, costs, capability, eligible)
+        diff = correct[rows, chosen] - correct[rows, anchor]
+        gain = float(diff.mean())
+        low = gain - 1.96 * float(diff.std(ddof=1)) / np.sqrt(n) if n > 1 else -np.inf
+        table.append({"margin": margin, "deviations": int((chosen != anchor).sum()), "gain": gain, "gain_low95": low})
+        if (chosen != anchor).any() and low > 0 and gain > best[1]:
+            best = (margin, gain)
+    return best[0], table
+
+
+def dominated(accuracy, cost, names, keep=()) -> dict[str, str]:
+    """Models another model beats on both accuracy and cost (at least as good on both, better on one).
+
+    Returned as name -> reason; models in ``keep`` are never listed.
+    """
+    accuracy, cost = np.asarray(accuracy, dtype=np.float64), np.asarray(cost, dtype=np.float64)
+    out = {}
+    for j, name in enumerate(names):
+        if name in keep:
+            continue
+        for k, other in enumerate(names):
+            if k != j and accuracy[k] >= accuracy[j] and cost[k] <= cost[j] and (accuracy[k] > accuracy[j] or cost[k] < cost[j]):
+                out[name] = (f"dominated in training by {other}: accuracy {accuracy[k]:.3f} >= {accuracy[j]:.3f} "
+                             f"at cost {cost[k]:.3g} <= {cost[j]:.3g}")
+                break
+    return out
+
+
+def sweep(policy: Policy, proba, costs, capability, correct, realised_costs=None, eligible=None) -> list[dict]:
     """Accuracy and mean cost at every operating point of ``policy`` on labelled rows."""
     correct = np.asarray(correct, dtype=np.float64)
     realised = np.asarray(costs if realised_costs is None else realised_costs, dtype=np.float64)
     rows = np.arange(len(correct))
     points = []
     for value in policy.grid():
-        chosen = policy.with_value(value).choose(proba, costs, capability)
+        chosen = policy.with_value(value).choose(proba, costs, capability, eligible)
         points.append({
             policy.parameter: float(value),
             "accuracy": float(correct[rows, chosen].mean()),

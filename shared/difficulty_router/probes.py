@@ -10,12 +10,13 @@ plain safetensors + JSON and loading it executes nothing.
 from __future__ import annotations
 
 import numpy as np
+from scipy import sparse
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import KFold, StratifiedKFold
 from tqdm.auto import tqdm
 
-DEFAULT_CS = (0.001, 0.003, 0.01, 0.03, 0.1)
+DEFAULT_CS = (0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03)
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -46,14 +47,83 @@ def _check_xy(X, Y=None):
 
 
 def _fit_logistic(Z, y, C, seed):
-    """L2 logistic regression on soft labels: each row counts y times as 1 and 1-y times as 0."""
+    """L2 logistic regression on soft labels: each row counts y times as 1 and 1-y times as 0.
+
+    ``Z`` may be dense or scipy-sparse (the lexical read-out is sparse).
+    """
     soft = not np.isin(y, (0.0, 1.0)).all()
     clf = LogisticRegression(C=C, max_iter=500, random_state=seed)
     if soft:
-        clf.fit(np.vstack([Z, Z]), np.r_[np.ones(len(y)), np.zeros(len(y))], sample_weight=np.r_[y, 1 - y])
+        stacked = sparse.vstack([Z, Z]).tocsr() if sparse.issparse(Z) else np.vstack([Z, Z])
+        clf.fit(stacked, np.r_[np.ones(len(y)), np.zeros(len(y))], sample_weight=np.r_[y, 1 - y])
     else:
         clf.fit(Z, y.astype(int))
     return clf.coef_[0], float(clf.intercept_[0])
+
+
+def shared_folds(Y: np.ndarray, cv: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One set of CV folds for every model and every feature family.
+
+    Stratified on which models get the row right (small pools) or how many do (larger
+    ones), so each fold sees the pool's spread of difficulty; using the same folds everywhere is what makes out-of-fold
+    predictions of different families stackable and comparable.
+    """
+    Y = np.asarray(Y, dtype=np.float64)
+    if Y.ndim == 1:
+        Y = Y[:, None]
+    hard = (Y >= 0.5).astype(int)
+    correct = hard @ (1 << np.arange(hard.shape[1])) if hard.shape[1] <= 4 else hard.sum(axis=1)
+    # adjacent counts too rare to appear in every fold are merged, lowest first
+    strata, group, size = np.zeros(len(Y), dtype=int), 0, 0
+    for value, count in zip(*np.unique(correct, return_counts=True)):
+        strata[correct == value] = group
+        size += count
+        if size >= cv:
+            group, size = group + 1, 0
+    if size and group:  # a small remainder joins the group below it
+        strata[strata == group] = group - 1
+    if strata.max() == 0:
+        return list(KFold(cv, shuffle=True, random_state=seed).split(Y))
+    return list(StratifiedKFold(cv, shuffle=True, random_state=seed).split(np.zeros(len(Y)), strata))
+
+
+def fit_calibrated_columns(Z, Y: np.ndarray, folds, Cs, seed: int = 0, progress: bool = False, desc: str = "probes") -> dict:
+    """One L2 logistic regression per column of ``Y``, C by out-of-fold AUROC, Platt-scaled on out-of-fold scores.
+
+    Returns plain arrays: ``coef`` (m, d), ``intercept``, ``platt`` (m, 2), ``C``, ``cv_auroc``,
+    and the out-of-fold ``oof_logit`` (before Platt) and ``oof_proba`` (after) that stacking
+    and family selection read.
+    """
+    m, d = Y.shape[1], Z.shape[1]
+    out = {"coef": np.zeros((m, d)), "intercept": np.zeros(m), "platt": np.zeros((m, 2)), "C": np.zeros(m),
+           "cv_auroc": np.full(m, np.nan), "oof_logit": np.zeros(Y.shape), "oof_proba": np.zeros(Y.shape)}
+    for j in tqdm(range(m), disable=not progress, desc=desc, unit="model"):
+        y = Y[:, j]
+        hard = (y >= 0.5).astype(int)
+        if np.bincount(hard, minlength=2).min() < len(folds):  # (almost) always right or wrong: a constant is honest
+            out["platt"][j] = (0.0, _logit(y.mean()))
+            out["oof_logit"][:, j] = _logit(y.mean())
+            out["oof_proba"][:, j] = y.mean()
+            continue
+        best = (-np.inf, None, None)
+        for C in Cs:
+            oof = np.zeros(len(y))
+            for train, test in folds:
+                if np.ptp(hard[train]) == 0:
+                    oof[test] = _logit(y[train].mean())
+                    continue
+                w, b = _fit_logistic(Z[train], y[train], C, seed)
+                oof[test] = Z[test] @ w + b
+            auc = _auroc(y, oof)
+            if auc > best[0] + 1e-4:
+                best = (auc, C, oof)
+        auc, C, oof = best
+        out["C"][j], out["cv_auroc"][j] = C, auc
+        out["platt"][j] = _platt(oof, y)
+        out["oof_logit"][:, j] = oof
+        out["oof_proba"][:, j] = _sigmoid(out["platt"][j, 0] * oof + out["platt"][j, 1])
+        out["coef"][j], out["intercept"][j] = _fit_logistic(Z, y, C, seed)
+    return out
 
 
 def _auroc(y, score) -> float:
@@ -126,43 +196,18 @@ class SuccessProbe:
         self.n_components = n_components
         self.seed = seed
 
-    def fit(self, X, Y, progress: bool = False, names: list[str] | None = None) -> SuccessProbe:
+    def fit(self, X, Y, progress: bool = False, names: list[str] | None = None, folds=None) -> SuccessProbe:
+        """``folds`` (train, test) index pairs; default :func:`shared_folds` of ``Y``."""
         X, Y = _check_xy(X, Y)
         if len(X) < 2 * self.cv:
             raise ValueError(f"need at least {2 * self.cv} labelled rows to fit with {self.cv}-fold CV, got {len(X)}")
         self.standardizer_ = Standardizer(self.n_components).fit(X)
         Z = self.standardizer_.transform(X)
-        m = Y.shape[1]
-        self.coef_ = np.zeros((m, Z.shape[1]))
-        self.intercept_ = np.zeros(m)
-        self.platt_ = np.zeros((m, 2))
-        self.C_ = np.zeros(m)
-        self.cv_auroc_ = np.full(m, np.nan)
-        self.oof_proba_ = np.zeros_like(Y)
-        for j in tqdm(range(m), disable=not progress, desc="probes", unit="model"):
-            y = Y[:, j]
-            hard = (y >= 0.5).astype(int)
-            counts = np.bincount(hard, minlength=2)
-            if counts.min() < self.cv:  # (almost) always right or always wrong: a constant is the honest probe
-                self.platt_[j] = (0.0, _logit(y.mean()))
-                self.oof_proba_[:, j] = y.mean()
-                continue
-            folds = list(StratifiedKFold(self.cv, shuffle=True, random_state=self.seed).split(Z, hard))
-            best = (-np.inf, None, None)
-            for C in self.Cs:
-                oof = np.zeros(len(y))
-                for train, test in folds:
-                    w, b = _fit_logistic(Z[train], y[train], C, self.seed)
-                    oof[test] = Z[test] @ w + b
-                auc = _auroc(y, oof)
-                if auc > best[0] + 1e-4:
-                    best = (auc, C, oof)
-            auc, C, oof = best
-            self.C_[j], self.cv_auroc_[j] = C, auc
-            self.platt_[j] = _platt(oof, y)
-            self.oof_proba_[:, j] = _sigmoid(self.platt_[j, 0] * oof + self.platt_[j, 1])
-            self.coef_[j], self.intercept_[j] = _fit_logistic(Z, y, C, self.seed)
-        self.names_ = list(names) if names is not None else [str(j) for j in range(m)]
+        fitted = fit_calibrated_columns(Z, Y, folds or shared_folds(Y, self.cv, self.seed), self.Cs, self.seed, progress)
+        self.coef_, self.intercept_, self.platt_ = fitted["coef"], fitted["intercept"], fitted["platt"]
+        self.C_, self.cv_auroc_ = fitted["C"], fitted["cv_auroc"]
+        self.oof_logit_, self.oof_proba_ = fitted["oof_logit"], fitted["oof_proba"]
+        self.names_ = list(names) if names is not None else [str(j) for j in range(Y.shape[1])]
         return self
 
     def decision_function(self, X) -> np.ndarray:

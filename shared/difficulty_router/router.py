@@ -16,6 +16,8 @@ import numpy as np
 from .data import Outcomes
 from .decision import RouteDecision
 from .extractor import ActivationExtractor, normalise_pooling
+from .families import FAMILIES, StackedProbe, stack_inputs
+from .lexical import LexicalProbe
 from .policies import Policy, pick_operating_point, sweep
 from .pool import ModelPool
 from .probes import DifficultyProbe, SuccessProbe, derived_difficulty
@@ -31,6 +33,8 @@ ARRAYS = "probes.safetensors"
 class DifficultyRouter:
     """Routes each query to the cheapest pool model expected to answer it well.
 
+    ``family`` says what predicts success: the activation probe, the lexical probe, or
+    their ``stacked`` combination (training picks it by cross-validated routing quality).
     Build one with :func:`difficulty_router.train_router` (or ``DifficultyRouter.fit``),
     or load a saved one with :meth:`load`.
     """
@@ -38,7 +42,24 @@ class DifficultyRouter:
     def __init__(self, extractor: ActivationExtractor, pool: ModelPool, probe: SuccessProbe, *,
                  layers: Sequence[int], pooling: Sequence[str], capability: Sequence[float],
                  policy: Policy | None = None, difficulty_probe: DifficultyProbe | None = None,
-                 info: dict | None = None) -> None:
+                 info: dict | None = None, family: str = "activation", lexical: LexicalProbe | None = None,
+                 stack: StackedProbe | None = None, dropped: dict[str, str] | None = None) -> None:
+        if family not in FAMILIES:
+            raise ValueError(f"unknown feature family {family!r}; expected one of {FAMILIES}")
+        if family in ("lexical", "stacked") and lexical is None:
+            raise ValueError(f"the {family!r} family needs a lexical probe")
+        if family == "stacked" and stack is None:
+            raise ValueError("the 'stacked' family needs a stack")
+        for name, part in (("lexical probe", lexical), ("stack", stack)):
+            if part is not None and part.coef_.shape[0] != len(pool):
+                raise ValueError(f"the {name} predicts {part.coef_.shape[0]} models, the pool has {len(pool)}")
+        if stack is not None and stack.coef_.shape[1] != 2 * len(pool) + 1:
+            raise ValueError(f"the stack reads {stack.coef_.shape[1]} inputs; a pool of {len(pool)} gives {2 * len(pool) + 1}")
+        self.family, self.lexical, self.stack = family, lexical, stack
+        self.dropped = dict(dropped or {})
+        unknown = [m for m in self.dropped if m not in pool.names]
+        if unknown or len(self.dropped) >= len(pool):
+            raise ValueError(f"dropped models {sorted(self.dropped)} must be pool models, and at least one must stay")
         self.extractor = extractor
         self.pool = pool
         self.probe = probe
@@ -71,9 +92,22 @@ class DifficultyRouter:
 
     def predict_proba(self, queries: Sequence[Any], progress: bool | None = None) -> np.ndarray:
         """(n_queries, n_models) calibrated P(success), columns in ``self.models`` order."""
-        return self.probe.predict_proba(self.features(queries, progress).features)
+        conversations = to_conversations(queries)
+        return self.proba_from(conversations, self.features(conversations, progress).features)
 
-    def _eligibility(self, n: int, exclude: dict[str, str] | None) -> np.ndarray:
+    def proba_from(self, conversations: Sequence[Any], features: np.ndarray) -> np.ndarray:
+        """P(success) from conversations and their activation read-out, by the router's feature family."""
+        if self.family == "activation":
+            return self.probe.predict_proba(features)
+        texts = [conversation_text(c) for c in conversations]
+        if self.family == "lexical":
+            return self.lexical.predict_proba(texts)
+        inputs = stack_inputs(self.probe.decision_function(features), self.lexical.decision_function(texts), texts)
+        return self.stack.predict_proba(inputs)
+
+    def eligibility(self, n: int, exclude: dict[str, str] | None) -> np.ndarray:
+        """Models that may serve: not excluded by the caller, and not dropped in training as dominated
+        (dropped models come back only when the caller's exclusions leave nothing else)."""
         mask = np.ones((n, len(self.models)), dtype=bool)
         for name in exclude or {}:
             if name not in self.models:
@@ -81,7 +115,10 @@ class DifficultyRouter:
             mask[:, self.models.index(name)] = False
         if not mask[0].any():
             raise ValueError(f"every pool model is excluded ({dict(exclude)}); nothing can serve this query")
-        return mask
+        kept = mask.copy()
+        for name in self.dropped:
+            kept[:, self.models.index(name)] = False
+        return kept if kept[0].any() else mask
 
     def route(self, query: Any, *, exclude: dict[str, str] | None = None) -> RouteDecision:
         """Decide for one query (a string or a chat conversation)."""
@@ -97,13 +134,16 @@ class DifficultyRouter:
         start = time.perf_counter()
         conversations = to_conversations(queries)
         extraction = self.features(conversations, progress)
-        proba = self.probe.predict_proba(extraction.features)
+        proba = self.proba_from(conversations, extraction.features)
         costs = self.pool.costs([len(conversation_text(c)) for c in conversations])
-        eligible = self._eligibility(len(conversations), exclude)
+        eligible = self.eligibility(len(conversations), exclude)
         chosen = self.policy.choose(proba, costs, self.capability, eligible)
         difficulty = self.difficulty(proba, extraction.features)
         elapsed = (time.perf_counter() - start) * 1000 / len(conversations)
         order = self.capability_order()
+        skipped = dict(exclude or {})
+        skipped.update({m: reason for m, reason in self.dropped.items()
+                        if m not in skipped and not eligible[0, self.models.index(m)]})
         decisions = []
         for i, j in enumerate(chosen):
             name = self.models[j]
@@ -120,7 +160,7 @@ class DifficultyRouter:
                 parameter=self.policy.parameter,
                 threshold=self.policy.value,
                 fallbacks=fallbacks,
-                skipped=dict(exclude or {}),
+                skipped=dict(skipped),
                 truncated=bool(extraction.truncated[i]),
                 latency_ms=elapsed,
             ))
@@ -138,8 +178,10 @@ class DifficultyRouter:
         if proba is None:
             proba = self.predict_proba(outcomes.queries)
         costs = self.estimated_costs(outcomes)
-        return sweep(Policy(kind or self.policy.kind), proba, costs, self.capability, outcomes.scores,
-                     realised_costs=realised_costs(outcomes, costs))
+        kind = kind or self.policy.kind
+        policy = self.policy if kind == self.policy.kind else Policy(kind)
+        return sweep(policy, proba, costs, self.capability, outcomes.scores,
+                     realised_costs=realised_costs(outcomes, costs), eligible=self.eligibility(len(outcomes), None))
 
     def estimated_costs(self, outcomes: Outcomes) -> np.ndarray:
         return self.pool.costs([len(conversation_text(c)) for c in outcomes.queries])
@@ -166,7 +208,8 @@ class DifficultyRouter:
         kind = kind or self.policy.kind
         point = pick_operating_point(points, Policy(kind).parameter, target_cost=target_cost,
                                      target_accuracy=target_accuracy)
-        self.policy = Policy(kind, point[Policy(kind).parameter])
+        margin = self.policy.margin if kind == self.policy.kind else 0.0
+        self.policy = Policy(kind, point[Policy(kind).parameter], margin)
         self.info["calibration"] = {"n": len(outcomes), "target_cost": target_cost,
                                     "target_accuracy": target_accuracy, "point": point}
         return point
@@ -181,9 +224,17 @@ class DifficultyRouter:
         arrays = self.probe.arrays("success")
         if self.difficulty_probe is not None:
             arrays.update(self.difficulty_probe.arrays("difficulty"))
+        if self.lexical is not None:
+            arrays.update(self.lexical.arrays("lexical"))
+        if self.stack is not None:
+            arrays.update(self.stack.arrays("stack"))
         arrays["capability"] = self.capability
-        arrays = {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in arrays.items()}
-        save_file(arrays, str(directory / ARRAYS))
+        arrays = {k: np.ascontiguousarray(v, dtype=np.int64 if np.issubdtype(np.asarray(v).dtype, np.integer) else np.float64)
+                  for k, v in arrays.items()}
+        # what the arrays mean travels inside the hashed file, so editing it is caught like editing an array
+        metadata = {"family": self.family,
+                    "lexical": json.dumps(self.lexical.config() if self.lexical is not None else None)}
+        save_file(arrays, str(directory / ARRAYS), metadata=metadata)
         manifest = {
             "format": FORMAT,
             "extractor": self.extractor.describe(),
@@ -191,6 +242,9 @@ class DifficultyRouter:
             "pool": self.pool.to_dict(),
             "policy": self.policy.to_dict(),
             "has_difficulty_probe": self.difficulty_probe is not None,
+            "family": self.family,
+            "lexical": self.lexical.config() if self.lexical is not None else None,
+            "dropped": self.dropped,
             "arrays_sha256": _sha256(directory / ARRAYS),
             "versions": _versions(),
             "info": self.info,
@@ -202,6 +256,7 @@ class DifficultyRouter:
     def load(cls, directory: str | os.PathLike, extractor: ActivationExtractor | None = None,
              **extractor_kwargs) -> DifficultyRouter:
         """Load a saved router; refuses bundles that were altered or that belong to another extractor."""
+        from safetensors import safe_open
         from safetensors.numpy import load_file
 
         directory = Path(directory)
@@ -219,6 +274,13 @@ class DifficultyRouter:
         if digest != manifest.get("arrays_sha256"):
             raise ValueError(f"{directory / ARRAYS} does not match the hash in its manifest; the bundle was altered")
         arrays = load_file(str(directory / ARRAYS))
+        with safe_open(str(directory / ARRAYS), framework="numpy") as fh:
+            metadata = fh.metadata() or {}
+        family = metadata.get("family", "activation")
+        lexical_config = json.loads(metadata.get("lexical", "null"))
+        if family != manifest.get("family", "activation") or lexical_config != manifest.get("lexical"):
+            raise ValueError(f"{directory / MANIFEST} describes a different feature family than {ARRAYS} holds; "
+                             "the bundle was altered")
         readout = manifest["readout"]
         described = manifest["extractor"]
         if extractor is None:
@@ -234,13 +296,16 @@ class DifficultyRouter:
             raise ValueError("the extractor's shape differs from the one the router was trained on")
         probe = SuccessProbe.from_arrays(arrays, "success")
         difficulty_probe = DifficultyProbe.from_arrays(arrays, "difficulty") if manifest.get("has_difficulty_probe") else None
+        lexical = LexicalProbe.from_arrays(lexical_config, arrays, "lexical") if lexical_config is not None else None
+        stack = StackedProbe.from_arrays(arrays, "stack") if "stack.coef" in arrays else None
         return cls(extractor, ModelPool.from_dict(manifest["pool"], source=str(directory / MANIFEST)), probe,
                    layers=readout["layers"], pooling=readout["pooling"], capability=arrays["capability"],
                    policy=Policy.from_dict(manifest["policy"]), difficulty_probe=difficulty_probe,
-                   info=manifest.get("info", {}))
+                   info=manifest.get("info", {}), family=family, lexical=lexical, stack=stack,
+                   dropped=manifest.get("dropped") or {})
 
     def __repr__(self) -> str:
-        return (f"DifficultyRouter(extractor={self.extractor.model_id!r}, layers={self.layers}, "
+        return (f"DifficultyRouter(extractor={self.extractor.model_id!r}, family={self.family!r}, layers={self.layers}, "
                 f"pooling={self.pooling}, models={self.models}, policy={self.policy})")
 
 

@@ -1,0 +1,195 @@
+"""Feature families: the lexical read-out, the stack, and their choice by cross-validation.
+
+Routers are trained with the real embedded extractor on real RouteLLM MMLU rows; the
+selection tests use synthetic sets built so that exactly one family can carry the label.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import pickle
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from difficulty_router import DifficultyRouter, FeatureCache, train_router
+from difficulty_router.families import FAMILIES, fit_families
+from difficulty_router.lexical import LexicalFeatures, LexicalProbe
+
+
+QUERIES = ["What is 2 + 2?", "Prove that every finite integral domain is a field.",
+           [{"role": "system", "content": "You are a tax lawyer."},
+            {"role": "user", "content": "Does section 1031 cover a swap of shares in two private companies?"}],
+           "Which planet is closest to the Sun?\nA. Venus\nB. Mercury\nC. Mars\nD. Earth\nAnswer:"]
+
+
+@pytest.fixture(scope="module")
+def routers_by_family(extractor, sample_outcomes, sample_pool, tmp_path_factory):
+    """One router per family, each forced to it (training keeps what it is given when only one is
+    allowed); they share one feature cache so the 200 rows are extracted once."""
+    cached = copy.copy(extractor)
+    cached.feature_cache = FeatureCache(tmp_path_factory.mktemp("features"))
+    train = sample_outcomes.subset(range(200))
+    routers = {f: train_router(train, sample_pool, cached, layers=[15], pooling="last", cv=3, progress=False,
+                               families=(f,)) for f in FAMILIES}
+    for f, router in routers.items():
+        assert router.family == f
+        router.extractor = extractor
+    return routers
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_round_trips_with_identical_decisions_and_no_pickle(family, routers_by_family, extractor,
+                                                                          tmp_path, monkeypatch):
+    router = routers_by_family[family]
+    path = router.save(tmp_path / "r")
+    assert json.loads((path / "manifest.json").read_text())["family"] == family
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("loading a router must not unpickle anything")
+
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
+    loaded = DifficultyRouter.load(path, extractor=extractor)
+    assert loaded.family == family
+    before, after = router.route_batch(QUERIES), loaded.route_batch(QUERIES)
+    for a, b in zip(before, after):
+        assert a.model == b.model
+        assert a.probabilities == pytest.approx(b.probabilities, abs=1e-12)
+
+
+def test_families_predict_differently(routers_by_family):
+    """The three families are different predictors, not one under three names."""
+    proba = {f: r.predict_proba(QUERIES) for f, r in routers_by_family.items()}
+    assert not np.allclose(proba["activation"], proba["lexical"], atol=1e-3)
+    assert not np.allclose(proba["stacked"], proba["lexical"], atol=1e-3)
+    assert not np.allclose(proba["stacked"], proba["activation"], atol=1e-3)
+
+
+def _rewrite_arrays(router, arrays_path, arrays):
+    save_file(arrays, str(arrays_path), metadata={"family": router.family, "lexical": json.dumps(router.lexical.config())})
+
+
+def test_tampered_lexical_arrays_are_refused(routers_by_family, extractor, tmp_path):
+    router = routers_by_family["lexical"]
+    path = router.save(tmp_path / "r")
+    arrays = load_file(str(path / "probes.safetensors"))
+    arrays["lexical.idf"] = arrays["lexical.idf"] * 1.5
+    _rewrite_arrays(router, path / "probes.safetensors", arrays)
+    with pytest.raises(ValueError, match="altered"):
+        DifficultyRouter.load(path, extractor=extractor)
+
+    # the n-gram settings live inside the hashed file; a manifest that claims others is refused
+    path = router.save(tmp_path / "r2")
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["lexical"]["ngram_range"] = [1, 3]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="altered"):
+        DifficultyRouter.load(path, extractor=extractor)
+
+
+def test_inconsistent_lexical_arrays_are_refused_even_with_a_matching_hash(routers_by_family, extractor, tmp_path):
+    """Arrays rewritten *and* re-hashed (a hand-made bundle) are still checked for sense."""
+    import hashlib
+
+    router = routers_by_family["lexical"]
+    path = router.save(tmp_path / "r")
+    arrays = load_file(str(path / "probes.safetensors"))
+    arrays["lexical.columns"] = arrays["lexical.columns"][::-1].copy()
+    _rewrite_arrays(router, path / "probes.safetensors", arrays)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["arrays_sha256"] = hashlib.sha256((path / "probes.safetensors").read_bytes()).hexdigest()
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="lexical arrays are inconsistent"):
+        DifficultyRouter.load(path, extractor=extractor)
+
+
+# -- selection by cross-validation, on sets where only one family can know the answer ------------------
+
+WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
+         "quebec romeo sierra tango uniform victor whiskey xray yankee zulu").split()
+
+
+def _synthetic(signal: str, n: int = 400, seed: int = 0):
+    """Two models, the strong one right more often. ``signal`` says what decides the weak model's success:
+    a keyword in the text ("words") or a direction in the read-out ("readout"); the other family sees noise."""
+    rng = np.random.default_rng(seed)
+    features = rng.normal(size=(n, 32))
+    texts = [" ".join(rng.choice(WORDS, 12)) for _ in range(n)]
+    if signal == "words":
+        flag = rng.random(n) < 0.5
+        texts = [t + (" quantum" if f else " garden") for t, f in zip(texts, flag)]
+        weak_right = np.where(flag, rng.random(n) < 0.15, rng.random(n) < 0.85)
+    else:
+        score = features @ rng.normal(size=32)
+        weak_right = rng.random(n) < 1 / (1 + np.exp(-2.5 * score / score.std()))
+    strong_right = weak_right | (rng.random(n) < 0.5)
+    scores = np.column_stack([weak_right, strong_right]).astype(float)
+    costs = np.tile([1.0, 10.0], (n, 1))
+    return features, texts, scores, costs, scores.mean(axis=0)
+
+
+@pytest.mark.parametrize("signal, expected", [("words", "lexical"), ("readout", "activation")])
+def test_cross_validation_picks_the_family_that_carries_the_label(signal, expected):
+    features, texts, scores, costs, capability = _synthetic(signal)
+    fit = fit_families(features, texts, scores, costs, capability)
+    table = {row["family"]: row["cv_routing_quality"] for row in fit.table}
+    assert set(table) == set(FAMILIES)
+    assert fit.family in (expected, "stacked"), table
+    # the family without the signal is near chance; the chosen one is far above it
+    other = "activation" if expected == "lexical" else "lexical"
+    assert table[expected] > table[other] + 0.15, table
+    # the stack never falls clearly below the family that knows
+    assert table["stacked"] >= table[expected] - 0.03, table
+
+
+def test_stack_beats_either_family_when_each_knows_half():
+    """Each family carries a different half of the signal: the stack, which sees both, must win."""
+    rng = np.random.default_rng(1)
+    n = 500
+    features = rng.normal(size=(n, 32))
+    flag = rng.random(n) < 0.5
+    texts = [" ".join(rng.choice(WORDS, 12)) + (" quantum" if f else " garden") for f in flag]
+    direction = features @ rng.normal(size=32)
+    score = 1.5 * direction / direction.std() + np.where(flag, -1.5, 1.5)
+    weak_right = rng.random(n) < 1 / (1 + np.exp(-score))
+    strong_right = weak_right | (rng.random(n) < 0.5)
+    scores = np.column_stack([weak_right, strong_right]).astype(float)
+    fit = fit_families(features, texts, scores, np.tile([1.0, 10.0], (n, 1)), scores.mean(axis=0))
+    table = {row["family"]: row["cv_routing_quality"] for row in fit.table}
+    assert fit.family == "stacked", table
+    assert table["stacked"] > max(table["activation"], table["lexical"]) + 0.02, table
+    aurocs = {row["family"]: row["cv_auroc"] for row in fit.table}
+    assert aurocs["stacked"] > max(aurocs["activation"], aurocs["lexical"]) + 0.05, aurocs
+
+
+def test_lexical_features_match_scikit_learn_tfidf():
+    """The hashed read-out is tf-idf as scikit-learn computes it (sublinear tf, smooth idf, l2)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    texts = ["the cat sat on the mat", "the dog sat", "a cat and a dog", "the the the cat"]
+    ours = LexicalFeatures("word", (1, 1), min_df=1).fit(texts).transform(texts).toarray()
+    theirs = TfidfVectorizer(token_pattern=r"(?u)\b\w+\b", sublinear_tf=True).fit_transform(texts).toarray()
+    # the same values up to column order (hashing vs a vocabulary)
+    assert np.allclose(np.sort(ours, axis=1), np.sort(theirs, axis=1), atol=1e-12)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(analyzer="bytes"), "analyzer"), (dict(ngram_range=(3, 1)), "ngram_range"), (dict(min_df=0), "min_df")])
+def test_lexical_settings_are_validated(bad, message):
+    with pytest.raises(ValueError, match=message):
+        LexicalFeatures(**bad)
+
+
+def test_lexical_probe_rejects_non_text():
+    with pytest.raises(ValueError, match="need strings; item 1 is int"):
+        LexicalProbe().fit(["a b", 3, "c d"] * 5, np.ones(15))
+
+
+def test_unknown_family_is_refused(extractor, sample_outcomes, sample_pool):
+    with pytest.raises(ValueError, match="families must be a non-empty subset"):
+        train_router(sample_outcomes.subset(range(60)), sample_pool, extractor, layers=[15], pooling="last", cv=3,
+                     progress=False, families=("tfidf",))
