@@ -77,3 +77,17 @@ def pct(x) -> str:
 
 def num(x, digits: int = 3) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
+
+
+def extract_cached(extractor_id: str, max_tokens: int, queries, layers, progress: bool = True):
+    """(extractor, features of every query at ``layers`` with both poolings, seconds): through the shared
+    feature cache, so benchmarks that read the same rows extract them once."""
+    import time
+
+    from difficulty_router import ActivationExtractor, FeatureCache, cache_root
+
+    layers = [int(x) if float(x).is_integer() else x for x in layers]
+    extractor = ActivationExtractor(extractor_id, max_tokens=max_tokens, feature_cache=FeatureCache(cache_root() / "features"))
+    start = time.perf_counter()
+    features = extractor.extract(queries, layers=layers, pooling="both", progress=progress)
+    return extractor, features, time.perf_counter() - start

@@ -6,9 +6,10 @@ late 2024); every model is charged the prompt (4 characters a token) plus 300 ou
 tokens of chain-of-thought. Each split holds out half of a seeded ``--limit``-row subset.
 
 LLMRouter: its own pool and prices (``models.json``, USD per million tokens), the prompt
-plus 200 output tokens; scores are its 0..1 per-model scores. Each split trains on
-``--limit`` rows drawn from its train file and tests on its whole test file (500 rows),
-so the test rows are the same in every split.
+plus 200 output tokens; scores are its 0..1 per-model scores. It trains on a seeded
+``--limit``-row subset of its train file and tests on its whole test file (500 rows). With
+``--splits 1`` that is its own single split, with intervals from a bootstrap of the test
+rows; with more splits each trains on a different 80% of the subset.
 
 Every predictor goes through the same utility policy sweep on the same rows, drops the
 same dominated models (found on the training rows), and fits its margin the same way on
@@ -17,22 +18,20 @@ model's accuracy (share of that model's cost), the share of the best-to-oracle g
 the frontier AUC, and how often P(stronger) < P(weaker) for pairs of models.
 
     python benchmarks/routing_pools.py mmlu-pro --limit 3000 --splits 5
-    python benchmarks/routing_pools.py llmrouter --limit 2000 --splits 5
+    python benchmarks/routing_pools.py llmrouter --limit 2000 --splits 1
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from _common import RESULTS, machine, md_table, need_data, write_results
+from _common import extract_cached, machine, md_table, need_data, write_results
 from routing_routellm import interval
-from difficulty_router import (ActivationExtractor, FeatureCache, ModelPool, PoolModel, cache_root, load_llmrouter,
-                               load_mmlu_pro, train_router)
+from difficulty_router import ModelPool, PoolModel, load_llmrouter, load_mmlu_pro, train_router
 from difficulty_router.baselines import baseline_proba
 from difficulty_router.metrics import pool_summary
 from difficulty_router.policies import Policy, fit_margin, sweep
@@ -92,8 +91,8 @@ def inversions(proba: np.ndarray, capability: np.ndarray) -> float:
     return count / total if total else float("nan")
 
 
-def score(proba, oof, test, train, costs_test, costs_train, capability, eligible_train, eligible_test) -> dict:
-    margin = fit_margin(oof, train.scores, costs_train, capability, eligible_train)[0] if oof is not None else 0.0
+def score(proba, margin, test, costs_test, capability, eligible_test) -> dict:
+    """Headline numbers of one predictor's utility curve on the test rows."""
     realised = realised_costs(test, costs_test)
     points = sweep(Policy("utility", margin=margin), proba, costs_test, capability, test.scores, realised, eligible_test)
     out = pool_summary(points, test.scores, realised.mean(axis=0), test.models)
@@ -108,6 +107,7 @@ def main() -> None:
     parser.add_argument("--extractor", default="smollm2-135m")
     parser.add_argument("--limit", type=int, default=3000)
     parser.add_argument("--splits", type=int, default=5)
+    parser.add_argument("--bootstrap", type=int, default=200, help="resamples of the test rows when --splits is 1")
     parser.add_argument("--layers", nargs="+", type=float, default=[0.4, 0.5])
     parser.add_argument("--max-tokens", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
@@ -115,23 +115,22 @@ def main() -> None:
     args = parser.parse_args()
 
     outcomes, pool, fixed_test = load(args.data, args.limit, args.seed)
-    layers = [int(x) if float(x).is_integer() else x for x in args.layers]
-    extractor = ActivationExtractor(args.extractor, max_tokens=args.max_tokens,
-                                    feature_cache=FeatureCache(cache_root() / "features"))
-    start = time.perf_counter()
-    features = extractor.extract(outcomes.queries, layers=layers, pooling="both", progress=args.progress)
-    extract_s = time.perf_counter() - start
+    extractor, features, extract_s = extract_cached(args.extractor, args.max_tokens, outcomes.queries, args.layers,
+                                                    args.progress)
+    layers = list(features.layers)
 
     results = {p: {m: [] for m in METRICS} for p in PREDICTORS}
+    boot = {p: {m: [] for m in METRICS} for p in PREDICTORS}
     chosen, dropped_sets, singles = [], [], []
     for s in tqdm(range(args.splits), desc="splits", disable=not args.progress):
         rng = np.random.default_rng(args.seed + 1 + s)
         if fixed_test is None:
             order = rng.permutation(len(outcomes))
             train_idx, test_idx = np.sort(order[: len(order) // 2]), np.sort(order[len(order) // 2:])
-        else:  # LLMRouter: its own test file, a bootstrap-free resample of the training rows per split
+        else:  # LLMRouter: its own test file; with several splits each trains on 80% of the training rows
             pool_rows = np.arange(fixed_test[0])
-            train_idx, test_idx = np.sort(rng.choice(pool_rows, int(0.8 * len(pool_rows)), replace=False)), fixed_test
+            share = 1.0 if args.splits == 1 else 0.8
+            train_idx, test_idx = np.sort(rng.choice(pool_rows, int(share * len(pool_rows)), replace=False)), fixed_test
         train, test = outcomes.subset(train_idx), outcomes.subset(test_idx)
         router = train_router(train, pool, extractor, layers=layers, seed=args.seed, progress=False)
         chosen.append(f"{router.family}, L{'+'.join(map(str, router.layers))} {'+'.join(router.pooling)}, "
@@ -155,29 +154,45 @@ def main() -> None:
             predictions[name] = (baseline_proba(kind, test, train=train, seed=args.seed, **feats),
                                  baseline_proba(kind, train, seed=args.seed, **oof_feats))
         predictions["random"] = (baseline_proba("random", test, seed=args.seed + s), None)
-        for name, (proba, oof) in predictions.items():
-            rep = score(proba, oof, test, train, costs_train, costs_test, capability, eligible_train, eligible_test)
+        margins = {name: fit_margin(oof, train.scores, costs_train, capability, eligible_train)[0] if oof is not None
+                   else 0.0 for name, (proba, oof) in predictions.items()}
+        for name, (proba, _) in predictions.items():
+            rep = score(proba, margins[name], test, costs_test, capability, eligible_test)
             for m in METRICS:
                 value = rep[m]
                 results[name][m].append(np.nan if value is None else value)
+        if args.splits == 1:  # one split: 95% intervals from a bootstrap of the test rows, the same resamples for all
+            boot_rng = np.random.default_rng(args.seed)
+            for _ in tqdm(range(args.bootstrap), desc="bootstrap", disable=not args.progress):
+                rows = boot_rng.integers(0, len(test), len(test))
+                for name, (proba, _) in predictions.items():
+                    rep = score(proba[rows], margins[name], test.subset(rows), costs_test[rows], capability,
+                                eligible_test[rows])
+                    for m in METRICS:
+                        boot[name][m].append(np.nan if rep[m] is None else rep[m])
         realised = realised_costs(test, costs_test)
         singles.append({m: (float(test.scores[:, j].mean()), float(realised[:, j].mean())) for j, m in enumerate(test.models)})
         print(f"split {s}: router {chosen[-1]}, cost to match best {results['router']['cost_to_match_best'][-1]}, "
               f"gap closed {results['router']['oracle_gap_closed'][-1]:.3f}; tfidf "
               f"{results['tfidf (tuned)']['cost_to_match_best'][-1]}", flush=True)
 
-    def cell(values, percent=False):
-        values = np.asarray(values, dtype=np.float64)
+    def cell(p, m, percent=False):
+        values = np.asarray(results[p][m], dtype=np.float64)
         reached = np.isfinite(values)
         if not reached.any():
             return "never"
-        mean, lo, hi = interval(values[reached]) if reached.sum() > 1 else (float(values[reached][0]),) * 3
         f = (lambda x: f"{100 * x:.1f}%") if percent else (lambda x: f"{x:.3f}")
+        if args.splits == 1:
+            draws = np.asarray(boot[p][m], dtype=np.float64)
+            hit = np.isfinite(draws)
+            lo, hi = np.percentile(draws[hit], [2.5, 97.5]) if hit.any() else (np.nan, np.nan)
+            return f"{f(values[0])} [{f(lo)}, {f(hi)}]" + ("" if hit.all() else f" (reached in {hit.mean():.0%} of resamples)")
+        mean, lo, hi = interval(values[reached]) if reached.sum() > 1 else (float(values[reached][0]),) * 3
         text = f"{f(mean)} [{f(lo)}, {f(hi)}]" if reached.sum() > 1 else f(mean)
         return text + ("" if reached.all() else f" ({reached.sum()}/{len(values)} splits reach it)")
 
-    rows = [[p, cell(results[p]["cost_to_match_best"], True), cell(results[p]["oracle_gap_closed"]),
-             cell(results[p]["auc"]), cell(results[p]["inversions"], True)] for p in PREDICTORS]
+    rows = [[p, cell(p, "cost_to_match_best", True), cell(p, "oracle_gap_closed"), cell(p, "auc"),
+             cell(p, "inversions", True)] for p in PREDICTORS]
     models = list(singles[0])
     single_rows = [[m, f"{np.mean([s[m][0] for s in singles]):.3f}", f"${np.mean([s[m][1] for s in singles]):.6f}",
                     f"{sum(m in d for d in dropped_sets)}/{len(dropped_sets)}"] for m in models]
@@ -188,7 +203,10 @@ def main() -> None:
           + f"; extractor {extractor.model_id}, candidate layers {list(features.layers)}; extraction {extract_s:.0f} s "
           f"(0 when cached) on {machine()}.\n\n"
           + md_table(["model", "test accuracy (mean)", "mean cost per query", "dropped as dominated"], single_rows)
-          + "\n\nMean over splits with its 95% t-interval. Cost to match the best: the cheapest point of the "
+          + ("\n\nOne split: the value on the test rows with a 95% interval from "
+             f"{args.bootstrap} bootstrap resamples of them (margins and models fixed)." if args.splits == 1 else
+             "\n\nMean over splits with its 95% t-interval.")
+          + " Cost to match the best: the cheapest point of the "
           "predictor's curve reaching the best single model's test accuracy, as a share of that model's cost. "
           "Inversions: how often a model at least 5 points more accurate in training gets the lower P(success).\n\n"
           + md_table(["predictor", "cost to match the best model", "best-to-oracle gap closed", "frontier AUC",

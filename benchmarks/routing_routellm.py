@@ -26,8 +26,8 @@ import numpy as np
 from scipy import stats
 from tqdm.auto import tqdm
 
-from _common import RESULTS, md_table, machine, num, pct, routellm_clean, write_results
-from difficulty_router import ActivationExtractor, FeatureCache, ModelPool, cache_root, train_router
+from _common import extract_cached, RESULTS, md_table, machine, num, pct, routellm_clean, write_results
+from difficulty_router import ModelPool, train_router
 from difficulty_router.baselines import baseline_proba, knn_proba
 from difficulty_router.datasets import ROUTELLM_MMLU_POOL
 from difficulty_router.metrics import apgr_cpt
@@ -75,12 +75,9 @@ def main() -> None:
     pool = ModelPool.load(ROUTELLM_MMLU_POOL)
     outcomes = outcomes.select_models(pool.names)
     weak, strong = np.argsort(outcomes.scores.mean(axis=0))
-    layers = [int(x) if float(x).is_integer() else x for x in args.layers]
-    extractor = ActivationExtractor(args.extractor, max_tokens=args.max_tokens,
-                                    feature_cache=FeatureCache(cache_root() / "features"))
-    start = time.perf_counter()
-    features = extractor.extract(outcomes.queries, layers=layers, pooling="both", progress=args.progress)
-    extract_s = time.perf_counter() - start
+    extractor, features, extract_s = extract_cached(args.extractor, args.max_tokens, outcomes.queries, args.layers,
+                                                    args.progress)
+    layers = list(features.layers)
     texts = [conversation_text(c) for c in outcomes.queries]
     half = len(outcomes) // 2
     labels = [n for n in args.labels if n <= half]

@@ -39,7 +39,9 @@ def test_train_command_saves_a_working_router(sample_outcomes, extractor, tmp_pa
                  "--out", str(tmp_path / "router"), "--layers", "15", "--pooling", "last", "--cv", "3",
                  "--no-progress", "--no-feature-cache"]) == 0
     out = capsys.readouterr()
-    assert "cross-validated AUROC per model" in out.out and f"saved router to {tmp_path / 'router'}" in out.out
+    assert "cross-validated AUROC of the activation probe per model" in out.out
+    assert "feature families by cross-validated routing quality (APGR" in out.out
+    assert f"saved router to {tmp_path / 'router'}" in out.out
     assert "extracting" not in out.err  # --no-progress switched the bars off
     manifest = json.loads((tmp_path / "router" / "manifest.json").read_text())
     assert manifest["info"]["training"]["data"] == str(tmp_path / "outcomes.jsonl.gz")
@@ -59,7 +61,11 @@ def test_demo_command_trains_evaluates_and_plots(tmp_path, capsys):
     assert "held-out evaluation (same rows for every predictor)" in printed and "example decisions:" in printed
     report = json.loads((out_dir / "evaluation.json").read_text())
     assert report["n"] == 120 and 0.0 <= report["apgr"] <= 1.0
-    assert set(report["baselines"]) >= {"random", "length", "tfidf"}
+    assert set(report["baselines"]) >= {"random", "length", "tfidf", "knn"}
+    # the demo says in one line whether the router beats the best baseline, with the interval
+    verdict = next(line for line in printed.splitlines() if "the best baseline" in line)
+    assert report["margin"]["baseline"] in verdict and "95% interval" in verdict
+    assert any(word in verdict for word in ("beats", "loses to", "is not distinguishable from"))
     assert (out_dir / "evaluation.png").stat().st_size > 10_000
     manifest = json.loads((out_dir / "manifest.json").read_text())
     assert {m["name"] for m in manifest["pool"]["models"]} == {WEAK, STRONG}

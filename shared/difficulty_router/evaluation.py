@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .baselines import BASELINES, NEEDS_FEATURES, baseline_proba
+from .baselines import BASELINES, baseline_proba
 from .data import Outcomes
 from .families import routing_quality
 from .metrics import apgr_cpt, pool_summary

@@ -51,6 +51,7 @@ class LexicalFeatures:
         counts = self._hasher().transform(_check_texts(texts)).tocsc()
         df = np.diff(counts.indptr)
         self.columns_ = np.flatnonzero(df >= self.min_df).astype(np.int64)
+        self._lookup = None
         if len(self.columns_) == 0:
             raise ValueError(f"no n-gram occurs in {self.min_df} or more training texts; the lexical read-out is empty")
         # scikit-learn's smoothed idf
@@ -58,7 +59,16 @@ class LexicalFeatures:
         return self
 
     def transform(self, texts: Sequence[str]) -> sparse.csr_matrix:
-        counts = self._hasher().transform(_check_texts(texts)).tocsc()[:, self.columns_].tocsr().astype(np.float64)
+        hashed = self._hasher().transform(_check_texts(texts)).tocsr()
+        # hashed column -> kept column (or -1), O(non-zeros) per call rather than a 2**20-wide slice
+        if getattr(self, "_lookup", None) is None:
+            self._lookup = np.full(self.n_features, -1, dtype=np.int64)
+            self._lookup[self.columns_] = np.arange(len(self.columns_))
+        mapped = self._lookup[hashed.indices]
+        keep = mapped >= 0
+        rows = np.repeat(np.arange(hashed.shape[0]), np.diff(hashed.indptr))[keep]
+        counts = sparse.csr_matrix((hashed.data[keep].astype(np.float64), (rows, mapped[keep])),
+                                   shape=(hashed.shape[0], len(self.columns_)))
         counts.data = 1.0 + np.log(counts.data)
         counts = counts @ sparse.diags(self.idf_)
         norms = np.sqrt(np.asarray(counts.multiply(counts).sum(axis=1)).ravel())
@@ -85,6 +95,7 @@ class LexicalFeatures:
             raise ValueError("saved lexical arrays are inconsistent (columns must be sorted, unique and in range; "
                              "idf finite and >= 1)")
         self.columns_, self.idf_ = columns.astype(np.int64), idf.astype(np.float64)
+        self._lookup = None
         return self
 
 

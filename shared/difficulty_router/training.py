@@ -71,6 +71,9 @@ def train_router(outcomes: Outcomes, pool: ModelPool, extractor: ActivationExtra
     unknown = [f for f in families if f not in FAMILIES]
     if not families or unknown:
         raise ValueError(f"families must be a non-empty subset of {FAMILIES}, got {families}")
+    pinned = [m for m in keep_models if m not in pool.names]
+    if pinned:
+        raise ValueError(f"keep_models {pinned} are not in the pool {pool.names}")
     pool.check_against(outcomes.models)
     outcomes = outcomes.select_models(pool.names)
     if len(outcomes) < 2 * cv:
@@ -95,9 +98,6 @@ def train_router(outcomes: Outcomes, pool: ModelPool, extractor: ActivationExtra
     if outcomes.difficulty is not None and (outcomes.difficulty > 0).sum() >= 20:
         labelled = outcomes.difficulty > 0
         difficulty_probe = DifficultyProbe().fit(extraction.features[labelled], outcomes.difficulty[labelled])
-    pinned = [m for m in keep_models if m not in pool.names]
-    if pinned:
-        raise ValueError(f"keep_models {pinned} are not in the pool {pool.names}")
     realised = realised_costs(outcomes, costs)
     dropped = dominated(capability, realised.mean(axis=0), pool.names, keep=tuple(keep_models))
     router = DifficultyRouter(extractor, pool, probe, layers=chosen_layers, pooling=chosen_pooling,
