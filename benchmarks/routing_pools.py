@@ -134,7 +134,7 @@ def main() -> None:
         train, test = outcomes.subset(train_idx), outcomes.subset(test_idx)
         router = train_router(train, pool, extractor, layers=layers, seed=args.seed, progress=False)
         chosen.append(f"{router.family}, L{'+'.join(map(str, router.layers))} {'+'.join(router.pooling)}, "
-                      f"margin {router.policy.margin:g}")
+                      f"margin {router.utility_margin:g}")
         dropped_sets.append(sorted(router.dropped))
         X = features.select(layers=router.layers, pooling=router.pooling).features
         capability = router.capability

@@ -193,3 +193,18 @@ def test_unknown_family_is_refused(extractor, sample_outcomes, sample_pool):
     with pytest.raises(ValueError, match="families must be a non-empty subset"):
         train_router(sample_outcomes.subset(range(60)), sample_pool, extractor, layers=[15], pooling="last", cv=3,
                      progress=False, families=("tfidf",))
+
+
+def test_a_lexical_family_that_cannot_be_fitted_is_skipped_not_fatal():
+    """Prompts without text (e.g. image-only turns) leave the activation family to route alone."""
+    rng = np.random.default_rng(0)
+    n = 60
+    features = rng.normal(size=(n, 8))
+    texts = [""] * n
+    scores = np.column_stack([rng.random(n) < 0.4, rng.random(n) < 0.8]).astype(float)
+    fit = fit_families(features, texts, scores, np.tile([1.0, 10.0], (n, 1)), scores.mean(axis=0), cv=3)
+    assert fit.family == "activation" and fit.lexical is None
+    assert {row["family"]: row["cv_routing_quality"] for row in fit.table}["lexical"] is None
+    with pytest.raises(ValueError, match="lexical family cannot be fitted"):
+        fit_families(features, texts, scores, np.tile([1.0, 10.0], (n, 1)), scores.mean(axis=0), cv=3,
+                     families=("lexical",))

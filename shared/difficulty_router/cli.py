@@ -109,12 +109,13 @@ def _print_training(router) -> None:
     if info.get("families"):
         metric = "APGR" if len(router.models) == 2 else "frontier AUC"
         print(f"feature families by cross-validated routing quality ({metric} on out-of-fold predictions): "
-              + ", ".join(f"{r['family']} {r['cv_routing_quality']:.3f}" for r in info["families"])
+              + ", ".join(f"{r['family']} {r['cv_routing_quality']:.3f}" if r["cv_routing_quality"] is not None
+                          else f"{r['family']} skipped ({r['skipped']})" for r in info["families"])
               + f" -> {router.family}")
     for m, reason in router.dropped.items():
         print(f"not routed to {m}: {reason}")
-    if router.policy.margin:
-        print(f"utility margin {router.policy.margin:g}: another model must beat the most capable one by this much "
+    if router.utility_margin:
+        print(f"utility margin {router.utility_margin:g}: another model must beat the most capable one by this much "
               "(measured on out-of-fold predictions)")
     point = info["default_operating_point"]
     print(f"default operating point ({router.policy.kind} {router.policy.parameter}={router.policy.value:.4g}): "

@@ -91,7 +91,8 @@ def evaluate_router(router: DifficultyRouter, outcomes: Outcomes, *, train: Outc
     report = {"n": len(outcomes), "models": list(router.models), "policy": router.policy.kind,
               "operating_point": router.policy.to_dict()}
     eligible = router.eligibility(len(outcomes), None)
-    policies = {kind: evaluate_proba(proba, outcomes, costs, capability, router.policy if kind == router.policy.kind else kind,
+    policies = {kind: evaluate_proba(proba, outcomes, costs, capability,
+                                     Policy(kind, margin=router.utility_margin if kind == "utility" else 0.0),
                                      seed, eligible) for kind in ("utility", "threshold")}
     report.update(policies[router.policy.kind])
     report["policies"] = {k: {key: v for key, v in p.items() if key not in ("curve", "pgr_curve")}

@@ -134,16 +134,24 @@ def fit_families(features: np.ndarray, texts: Sequence[str], scores: np.ndarray,
         features, scores, progress=progress, names=list(names) if names is not None else None, folds=folds)
     oof = {"activation": probe.oof_proba_}
     lexical = stack = None
+    skipped = {}
     if "lexical" in families or "stacked" in families:
-        lexical = LexicalProbe(cv=cv, seed=seed).fit(texts, scores, folds=folds, progress=progress)
-        oof["lexical"] = lexical.oof_proba_
-    if "stacked" in families:
+        try:
+            lexical = LexicalProbe(cv=cv, seed=seed).fit(texts, scores, folds=folds, progress=progress)
+            oof["lexical"] = lexical.oof_proba_
+        except ValueError as exc:  # e.g. no n-gram occurs twice in a tiny or unusual training set
+            if "activation" not in families:
+                raise ValueError(f"the lexical family cannot be fitted on these rows: {exc}") from None
+            skipped = {"lexical": str(exc), "stacked": f"needs the lexical family: {exc}"}
+    if "stacked" in families and lexical is not None:
         stack = StackedProbe(seed=seed).fit(stack_inputs(probe.oof_logit_, lexical.oof_logit_, texts), scores, folds)
         oof["stacked"] = stack.oof_proba_
     table = [{"family": f, "cv_routing_quality": routing_quality(oof[f], scores, costs, capability, seed),
-              "cv_auroc": mean_auroc(oof[f], scores)} for f in families]
-    best = table[0]
-    for row in table[1:]:
+              "cv_auroc": mean_auroc(oof[f], scores)} if f in oof else
+             {"family": f, "cv_routing_quality": None, "cv_auroc": None, "skipped": skipped[f]} for f in families]
+    scored = [row for row in table if row["cv_routing_quality"] is not None]
+    best = scored[0]
+    for row in scored[1:]:
         if row["cv_routing_quality"] > best["cv_routing_quality"] + 1e-4:
             best = row
     return FamilyFit(best["family"], probe, lexical, stack, oof, table)

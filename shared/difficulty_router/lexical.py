@@ -129,15 +129,22 @@ class LexicalProbe:
         folds = folds or shared_folds(Y, self.cv, self.seed)
         self.candidate_scores_ = []
         best = None
+        errors = []
         for analyzer, ngrams in self.candidates:
             # the vocabulary is learned on all rows: only which n-grams exist, never the labels
-            features = LexicalFeatures(analyzer, ngrams).fit(texts)
+            try:
+                features = LexicalFeatures(analyzer, ngrams).fit(texts)
+            except ValueError as exc:  # nothing of this kind occurs twice; other candidates may still work
+                errors.append(f"{analyzer} {ngrams[0]}-{ngrams[1]}: {exc}")
+                continue
             fitted = fit_calibrated_columns(features.transform(texts), Y, folds, self.Cs, self.seed, progress,
                                             desc=f"lexical {analyzer} {ngrams[0]}-{ngrams[1]}")
             score = float(np.nanmean(fitted["cv_auroc"])) if np.isfinite(fitted["cv_auroc"]).any() else 0.5
             self.candidate_scores_.append({"analyzer": analyzer, "ngram_range": list(ngrams), "cv_auroc": score})
             if best is None or score > best[0] + 1e-4:
                 best = (score, features, fitted)
+        if best is None:
+            raise ValueError("; ".join(errors))
         _, self.features_, fitted = best
         self.coef_, self.intercept_, self.platt_ = fitted["coef"], fitted["intercept"], fitted["platt"]
         self.C_, self.cv_auroc_ = fitted["C"], fitted["cv_auroc"]

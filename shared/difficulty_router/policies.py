@@ -97,6 +97,11 @@ class Policy:
         return {"kind": self.kind, "value": self.value, "margin": self.margin}
 
     @classmethod
+    def from_point(cls, kind: str, point: dict) -> Policy:
+        """The policy at one point of a :func:`sweep`."""
+        return cls(kind, float(point["tau" if kind == "threshold" else "lambda"]), float(point.get("margin", 0.0)))
+
+    @classmethod
     def from_dict(cls, data: dict) -> Policy:
         return cls(kind=data["kind"], value=float(data["value"]), margin=float(data.get("margin", 0.0)))
 
@@ -149,20 +154,36 @@ def dominated(accuracy, cost, names, keep=()) -> dict[str, str]:
 
 
 def sweep(policy: Policy, proba, costs, capability, correct, realised_costs=None, eligible=None) -> list[dict]:
-    """Accuracy and mean cost at every operating point of ``policy`` on labelled rows."""
+    """Accuracy and mean cost at every operating point of ``policy`` on labelled rows.
+
+    A utility sweep ends with the point (value 0, margin 1) that always calls the most
+    capable eligible model, so every curve can match the best single model at its cost.
+    Each point carries its setting (``lambda`` and ``margin``, or ``tau``).
+    """
     correct = np.asarray(correct, dtype=np.float64)
     realised = np.asarray(costs if realised_costs is None else realised_costs, dtype=np.float64)
-    rows = np.arange(len(correct))
     points = []
     for value in policy.grid():
         chosen = policy.with_value(value).choose(proba, costs, capability, eligible)
-        points.append({
-            policy.parameter: float(value),
-            "accuracy": float(correct[rows, chosen].mean()),
-            "cost": float(realised[rows, chosen].mean()),
-            "share": np.bincount(chosen, minlength=correct.shape[1]).tolist(),
-        })
+        points.append(_point(policy.with_value(value), chosen, correct, realised))
+    if policy.kind == "utility" and policy.margin < 1.0:
+        # the accuracy-seeking end of every utility curve: always the most capable eligible model
+        stay = Policy("utility", 0.0, 1.0)
+        points.append(_point(stay, stay.choose(proba, costs, capability, eligible), correct, realised))
     return points
+
+
+def _point(policy: Policy, chosen: np.ndarray, correct: np.ndarray, realised: np.ndarray) -> dict:
+    rows = np.arange(len(correct))
+    point = {
+        policy.parameter: float(policy.value),
+        "accuracy": float(correct[rows, chosen].mean()),
+        "cost": float(realised[rows, chosen].mean()),
+        "share": np.bincount(chosen, minlength=correct.shape[1]).tolist(),
+    }
+    if policy.kind == "utility":
+        point["margin"] = float(policy.margin)
+    return point
 
 
 def pick_operating_point(points: list[dict], parameter: str, *, target_cost: float | None = None,

@@ -81,6 +81,15 @@ class DifficultyRouter:
     def models(self) -> list[str]:
         return self.pool.names
 
+    @property
+    def utility_margin(self) -> float:
+        """The margin training measured for the utility policy (curves and calibration sweep with it; the
+        policy in use may sit at the sweep's end, margin 1, "always the most capable model")."""
+        fitted = self.info.get("utility_margin", {}).get("margin")
+        if fitted is not None:
+            return float(fitted)
+        return self.policy.margin if self.policy.kind == "utility" else 0.0
+
     def capability_order(self) -> list[str]:
         """Pool models from least to most capable (training accuracy, then cost)."""
         costs = self.pool.costs([0.0])[0]
@@ -179,7 +188,7 @@ class DifficultyRouter:
             proba = self.predict_proba(outcomes.queries)
         costs = self.estimated_costs(outcomes)
         kind = kind or self.policy.kind
-        policy = self.policy if kind == self.policy.kind else Policy(kind)
+        policy = Policy(kind, margin=self.utility_margin if kind == "utility" else 0.0)
         return sweep(policy, proba, costs, self.capability, outcomes.scores,
                      realised_costs=realised_costs(outcomes, costs), eligible=self.eligibility(len(outcomes), None))
 
@@ -208,8 +217,7 @@ class DifficultyRouter:
         kind = kind or self.policy.kind
         point = pick_operating_point(points, Policy(kind).parameter, target_cost=target_cost,
                                      target_accuracy=target_accuracy)
-        margin = self.policy.margin if kind == self.policy.kind else 0.0
-        self.policy = Policy(kind, point[Policy(kind).parameter], margin)
+        self.policy = Policy.from_point(kind, point)
         self.info["calibration"] = {"n": len(outcomes), "target_cost": target_cost,
                                     "target_accuracy": target_accuracy, "point": point}
         return point

@@ -122,8 +122,7 @@ def train_router(outcomes: Outcomes, pool: ModelPool, extractor: ActivationExtra
         weak, strong = np.argsort(capability)
         comparison["utility"].update(apgr_cpt(oof[:, strong] - oof[:, weak], outcomes.scores[:, weak], outcomes.scores[:, strong], seed))
         comparison["threshold"].update(apgr_cpt(1 - oof[:, weak], outcomes.scores[:, weak], outcomes.scores[:, strong], seed))
-    router.policy = Policy(policy, comparison[policy]["point"][Policy(policy).parameter],
-                           margin if policy == "utility" else 0.0)
+    router.policy = Policy.from_point(policy, comparison[policy]["point"])
     router.info = {
         "training": outcomes.summary(),
         "readout_sweep": sweep_table,
