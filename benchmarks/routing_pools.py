@@ -199,7 +199,8 @@ def main() -> None:
     title = {"mmlu-pro": "MMLU-Pro seven-model ladder", "llmrouter": "LLMRouter pool"}[args.data]
     md = (f"{title}: {len(outcomes)} rows, {args.splits} splits "
           + ("(half train / half test each)" if fixed_test is None else
-             f"(train on 80% of {fixed_test[0]} training rows, test on the {len(fixed_test)} rows of its test file)")
+             f"(train on {'all' if args.splits == 1 else '80% of'} {fixed_test[0]} training rows, test on the "
+             f"{len(fixed_test)} rows of its test file)")
           + f"; extractor {extractor.model_id}, candidate layers {list(features.layers)}; extraction {extract_s:.0f} s "
           f"(0 when cached) on {machine()}.\n\n"
           + md_table(["model", "test accuracy (mean)", "mean cost per query", "dropped as dominated"], single_rows)
