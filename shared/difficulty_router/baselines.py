@@ -13,9 +13,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 
 from .data import Outcomes
-from .families import length_feature
+from .families import length_feature, mean_auroc
 from .lexical import LexicalProbe
-from .probes import Standardizer, _auroc, shared_folds
+from .probes import Standardizer, shared_folds
 from .queries import conversation_text
 
 BASELINES = ("random", "length", "tfidf", "knn", "oracle")
@@ -66,8 +66,7 @@ def knn_proba(train_features: np.ndarray, train_scores: np.ndarray, test_feature
         oof = np.zeros(Y.shape)
         for tr, te in folds:
             oof[te] = _knn_vote(Ztr[tr], Y[tr], Ztr[te], k)
-        aucs = [a for a in (_auroc(Y[:, j], oof[:, j]) for j in range(Y.shape[1])) if np.isfinite(a)]
-        score = float(np.mean(aucs)) if aucs else 0.5
+        score = np.nan_to_num(mean_auroc(oof, Y), nan=0.5)
         if score > best[0] + 1e-4:
             best = (score, k)
     return _knn_vote(Ztr, Y, Zte, best[1]), best[1]

@@ -164,8 +164,8 @@ def sweep(policy: Policy, proba, costs, capability, correct, realised_costs=None
     realised = np.asarray(costs if realised_costs is None else realised_costs, dtype=np.float64)
     points = []
     for value in policy.grid():
-        chosen = policy.with_value(value).choose(proba, costs, capability, eligible)
-        points.append(_point(policy.with_value(value), chosen, correct, realised))
+        setting = policy.with_value(value)
+        points.append(_point(setting, setting.choose(proba, costs, capability, eligible), correct, realised))
     if policy.kind == "utility" and policy.margin < 1.0:
         # the accuracy-seeking end of every utility curve: always the most capable eligible model
         stay = Policy("utility", 0.0, 1.0)
