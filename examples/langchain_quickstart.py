@@ -79,8 +79,9 @@ def main() -> None:
         full = None
         for chunk in chat.stream(query):
             full = chunk if full is None else full + chunk
-        decision = full.response_metadata["difficulty_router"]
-        print(f"   {decision['served_by']:40s} difficulty {decision['difficulty']:.1f}/5 "
+        record = full.response_metadata["difficulty_router"]
+        decision = record["decision"]
+        print(f"   {record['served_by']:40s} difficulty {decision['difficulty']:.1f}/5 "
               f"P(success)={ {k[:12]: round(v, 2) for k, v in decision['probabilities'].items()} } "
               f"-> {full.content!r}")
 

@@ -72,8 +72,9 @@ def main() -> None:
     print("\n2) the decision on each response (chat)")
     for question in (easy, hard):
         reply = llm.chat([ChatMessage(role="user", content=question)])
-        d = reply.additional_kwargs[ROUTING_KEY]
-        print(f"   {d['served_by']:40s} difficulty {d['difficulty']:.1f}/5 "
+        record = reply.additional_kwargs[ROUTING_KEY]
+        d = record["decision"]
+        print(f"   {record['served_by']:40s} difficulty {d['difficulty']:.1f}/5 "
               f"P(success)={ {k[:12]: round(v, 2) for k, v in d['probabilities'].items()} } "
               f"-> {reply.message.content.strip()!r}")
 

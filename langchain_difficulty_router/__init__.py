@@ -1,7 +1,12 @@
 """LangChain adapter for difficulty_router: a routing step for LCEL chains and a routing chat model."""
 
+from difficulty_router.dispatch import RECORD_KEY
+from difficulty_router.errors import is_transient_error
+
 from ._convert import to_router_query
-from .chat_model import CASCADE_KEY, ChatDifficultyRouter, is_transient_error, message_signals
+from ._tracing import message_reply
+from .chat_model import ChatDifficultyRouter
 from .runnable import DifficultyRouterRunnable, route_to
 
-__all__ = ["ChatDifficultyRouter", "CASCADE_KEY", "message_signals", "DifficultyRouterRunnable", "route_to", "to_router_query", "is_transient_error"]
+__all__ = ["ChatDifficultyRouter", "RECORD_KEY", "message_reply", "DifficultyRouterRunnable", "route_to",
+           "to_router_query", "is_transient_error"]

@@ -66,7 +66,7 @@ class DifficultySelector(BaseSelector):
         dispatcher.event(DifficultyRouteEvent(model=decision.model, decision=decision.to_dict(), operation="select"))
         probs = ", ".join(f"{m}={p:.2f}" for m, p in decision.probabilities.items())
         reason = (f"difficulty router chose {decision.model}: difficulty {decision.difficulty:.2f}/5, "
-                  f"P(success) {probs}; {decision.policy} {decision.parameter}={decision.threshold:g}, "
+                  f"P(success) {probs}; {decision.policy} {decision.parameter}={decision.parameter_value:g}, "
                   f"expected cost {decision.expected_cost:.6g}")
         return SelectorResult(selections=[SingleSelection(index=self._choice_models.index(decision.model), reason=reason)])
 

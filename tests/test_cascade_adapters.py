@@ -20,8 +20,7 @@ from llama_servers import dead_url
 
 from difficulty_router.cascade import CascadePolicy
 from difficulty_router.confidence import MissingLogprobsError
-from langchain_difficulty_router import CASCADE_KEY, ChatDifficultyRouter
-from llamaindex_difficulty_router import CASCADE_KEY as LI_CASCADE_KEY
+from langchain_difficulty_router import RECORD_KEY, ChatDifficultyRouter
 from llamaindex_difficulty_router import ROUTING_KEY, DifficultyRouterLLM
 
 SMALL, LARGE = "small", "large"
@@ -65,10 +64,10 @@ def test_langchain_accepts_first_rung(lc_models, lc_direct):
     chat = ChatDifficultyRouter(models=lc_models, cascade=policy(0.0))
     message = chat.invoke([HumanMessage(QUESTION)])
     assert message.text == lc_direct[SMALL]
-    record = message.response_metadata[CASCADE_KEY]
-    assert record["model"] == SMALL and record["start"] == SMALL and record["escalations"] == 0
+    record = message.response_metadata[RECORD_KEY]
+    assert record["served_by"] == SMALL and record["chosen"] == SMALL and not record["escalated"]
     (attempt,) = record["attempts"]
-    assert attempt["model"] == SMALL and attempt["accepted"] and attempt["text"] == lc_direct[SMALL]
+    assert attempt["model"] == SMALL and (attempt["outcome"] == "accepted") and attempt["text"] == lc_direct[SMALL]
     check_pt(attempt["pt"])
     assert attempt["completion_tokens"] == TOKENS[SMALL] and attempt["prompt_tokens"] > 0
     assert message.response_metadata["difficulty_router"]["served_by"] == SMALL
@@ -78,16 +77,20 @@ def test_langchain_escalates_to_second_rung(lc_models, lc_direct):
     chat = ChatDifficultyRouter(models=lc_models, cascade=policy(1.0))
     message = chat.invoke(QUESTION)
     assert message.text == lc_direct[LARGE]
-    record = message.response_metadata[CASCADE_KEY]
-    assert record["model"] == LARGE and record["escalations"] == 1
+    record = message.response_metadata[RECORD_KEY]
+    assert record["served_by"] == LARGE and record["escalated"]
     first, second = record["attempts"]
-    assert (first["model"], first["accepted"], first["text"]) == (SMALL, False, lc_direct[SMALL])
+    assert (first["model"], (first["outcome"] == "accepted"), first["text"]) == (SMALL, False, lc_direct[SMALL])
     assert first["reason"].startswith("P(T)") and "< 1" in first["reason"]
-    assert (second["model"], second["accepted"], second["reason"]) == (LARGE, True, "top of the ladder")
+    assert (second["model"], (second["outcome"] == "accepted"), second["reason"]) == (LARGE, True, "top of the ladder")
     check_pt(first["pt"])
     check_pt(second["pt"])
     meta = message.response_metadata["difficulty_router"]
     assert meta["served_by"] == LARGE and meta["escalated"] and [a["model"] for a in meta["attempts"]] == [SMALL, LARGE]
+    # usage_metadata counts the rejected rung's tokens too: what the call really cost
+    assert message.usage_metadata["input_tokens"] == first["prompt_tokens"] + second["prompt_tokens"] > 0
+    assert message.usage_metadata["output_tokens"] == first["completion_tokens"] + second["completion_tokens"]
+    assert meta["usage"]["total_tokens"] == message.usage_metadata["total_tokens"]
 
 
 def test_langchain_stream_emits_only_the_accepted_rung(lc_models, lc_direct):
@@ -96,10 +99,10 @@ def test_langchain_stream_emits_only_the_accepted_rung(lc_models, lc_direct):
     direct = list(lc_models[LARGE].stream(QUESTION))
     assert "".join(c.text for c in chunks) == lc_direct[LARGE]  # the small rung's answer is not in the stream
     assert [c.text for c in chunks] == [c.text for c in direct]
-    record = chunks[0].response_metadata[CASCADE_KEY]
+    record = chunks[0].response_metadata[RECORD_KEY]
     assert [a["model"] for a in record["attempts"]] == [SMALL, LARGE]
     check_pt(record["attempts"][0]["pt"])
-    assert all(CASCADE_KEY not in c.response_metadata for c in chunks[1:])
+    assert all(RECORD_KEY not in c.response_metadata for c in chunks[1:])
 
 
 def test_langchain_async_and_streaming_flag(lc_models, lc_direct):
@@ -113,11 +116,11 @@ def test_langchain_async_and_streaming_flag(lc_models, lc_direct):
     message, chunks = asyncio.run(go())
     assert message.text == lc_direct[LARGE]
     assert "".join(c.text for c in chunks) == lc_direct[LARGE]
-    assert [a["model"] for a in chunks[0].response_metadata[CASCADE_KEY]["attempts"]] == [SMALL, LARGE]
+    assert [a["model"] for a in chunks[0].response_metadata[RECORD_KEY]["attempts"]] == [SMALL, LARGE]
     # streaming=True: invoke goes through the buffered stream and still returns the accepted rung
     streamed = ChatDifficultyRouter(models=lc_models, cascade=policy(0.0), streaming=True).invoke(QUESTION)
     assert streamed.text == lc_direct[SMALL]
-    assert streamed.response_metadata[CASCADE_KEY]["model"] == SMALL
+    assert streamed.response_metadata[RECORD_KEY]["served_by"] == SMALL
 
 
 def test_langchain_missing_logprobs(llama_backends, lc_models, lc_direct):
@@ -126,8 +129,8 @@ def test_langchain_missing_logprobs(llama_backends, lc_models, lc_direct):
         ChatDifficultyRouter(models=models, cascade=policy(0.0)).invoke(QUESTION)
     message = ChatDifficultyRouter(models=models, cascade=policy(0.0, on_missing_logprobs="escalate")).invoke(QUESTION)
     assert message.text == lc_direct[LARGE]
-    first, second = message.response_metadata[CASCADE_KEY]["attempts"]
-    assert first["pt"] is None and first["reason"] == "no logprobs: escalating" and second["accepted"]
+    first, second = message.response_metadata[RECORD_KEY]["attempts"]
+    assert first["pt"] is None and first["reason"] == "no logprobs: escalating" and (second["outcome"] == "accepted")
 
 
 def test_langchain_validates_ladder_and_scorers(lc_models):
@@ -150,11 +153,11 @@ def test_langchain_pik_scorer(lc_models, lc_direct):
 
     chat = ChatDifficultyRouter(models=lc_models, pik_scorers={SMALL: scorer},
                                 cascade=policy(0.0, signals=("pt", "pik"), pik_threshold=0.5))
-    accepted = chat.invoke(QUESTION).response_metadata[CASCADE_KEY]
+    accepted = chat.invoke(QUESTION).response_metadata[RECORD_KEY]
     assert seen[0] == [{"role": "user", "content": QUESTION}]
-    assert [(a["model"], a["pik"], a["accepted"]) for a in accepted["attempts"]] == [(SMALL, 0.9, True)]
+    assert [(a["model"], a["pik"], (a["outcome"] == "accepted")) for a in accepted["attempts"]] == [(SMALL, 0.9, True)]
     escalated = chat.invoke(QUESTION)
-    first, second = escalated.response_metadata[CASCADE_KEY]["attempts"]
+    first, second = escalated.response_metadata[RECORD_KEY]["attempts"]
     assert first["pik"] == 0.2 and first["reason"] == "P(IK) 0.200 < 0.5" and second["model"] == LARGE
     assert escalated.text == lc_direct[LARGE]
 
@@ -164,12 +167,12 @@ def test_langchain_hybrid_start(trained_router, llama_backends, lc_direct):
     models = {WEAK: chat_openai(llama_backends[SMALL], SMALL), STRONG: chat_openai(llama_backends[LARGE], LARGE)}
     cascade = CascadePolicy(ladder=[WEAK, STRONG], pt_threshold=0.0)
     low = ChatDifficultyRouter(router=trained_router, models=models, cascade=cascade, skip_threshold=0.0)
-    record = low.invoke(QUESTION).response_metadata[CASCADE_KEY]
-    assert record["start"] == WEAK and record["decision"]["model"] in (WEAK, STRONG)
+    record = low.invoke(QUESTION).response_metadata[RECORD_KEY]
+    assert record["chosen"] == WEAK and record["decision"]["model"] in (WEAK, STRONG)
     high = ChatDifficultyRouter(router=trained_router, models=models, cascade=cascade, skip_threshold=1.0)
     message = high.invoke(QUESTION)
-    record = message.response_metadata[CASCADE_KEY]
-    assert record["start"] == STRONG and [a["model"] for a in record["attempts"]] == [STRONG]
+    record = message.response_metadata[RECORD_KEY]
+    assert record["chosen"] == STRONG and [a["model"] for a in record["attempts"]] == [STRONG]
     assert message.text == lc_direct[LARGE]
     assert record["attempts"][0]["cost"] > 0  # priced from the router's pool and the real token counts
 
@@ -200,9 +203,9 @@ def test_llamaindex_accepts_first_rung(li_llms, li_direct):
     llm = DifficultyRouterLLM(llms=li_llms, cascade=policy(0.0))
     response = llm.chat(MESSAGES)
     assert response.message.content == li_direct[SMALL]
-    record = response.additional_kwargs[LI_CASCADE_KEY]
+    record = response.additional_kwargs[RECORD_KEY]
     (attempt,) = record["attempts"]
-    assert attempt["model"] == SMALL and attempt["accepted"] and attempt["completion_tokens"] == TOKENS[SMALL]
+    assert attempt["model"] == SMALL and (attempt["outcome"] == "accepted") and attempt["completion_tokens"] == TOKENS[SMALL]
     check_pt(attempt["pt"])
     assert response.additional_kwargs[ROUTING_KEY]["served_by"] == SMALL
 
@@ -211,15 +214,15 @@ def test_llamaindex_escalates_chat_and_complete(li_llms, li_direct):
     llm = DifficultyRouterLLM(llms=li_llms, cascade=policy(1.0))
     response = llm.chat(MESSAGES)
     assert response.message.content == li_direct[LARGE]
-    first, second = response.additional_kwargs[LI_CASCADE_KEY]["attempts"]
-    assert (first["model"], first["accepted"], first["text"]) == (SMALL, False, li_direct[SMALL])
-    assert (second["model"], second["accepted"]) == (LARGE, True)
+    first, second = response.additional_kwargs[RECORD_KEY]["attempts"]
+    assert (first["model"], (first["outcome"] == "accepted"), first["text"]) == (SMALL, False, li_direct[SMALL])
+    assert (second["model"], (second["outcome"] == "accepted")) == (LARGE, True)
     check_pt(first["pt"])
     check_pt(second["pt"])
-    assert response.additional_kwargs[ROUTING_KEY]["escalations"][SMALL].startswith("P(T)")
+    assert response.additional_kwargs[ROUTING_KEY]["attempts"][0]["reason"].startswith("P(T)")
     completion = llm.complete(QUESTION)
     assert completion.text == li_direct[LARGE]  # a chat model: complete sends the prompt as the user turn
-    assert [a["model"] for a in completion.additional_kwargs[LI_CASCADE_KEY]["attempts"]] == [SMALL, LARGE]
+    assert [a["model"] for a in completion.additional_kwargs[RECORD_KEY]["attempts"]] == [SMALL, LARGE]
 
 
 def test_llamaindex_stream_emits_only_the_accepted_rung(li_llms, li_direct):
@@ -230,9 +233,9 @@ def test_llamaindex_stream_emits_only_the_accepted_rung(li_llms, li_direct):
     assert "".join(c.delta or "" for c in chunks) == li_direct[LARGE]
     assert chunks[-1].message.content == li_direct[LARGE]
     for chunk in chunks:
-        record = chunk.additional_kwargs[LI_CASCADE_KEY]
+        record = chunk.additional_kwargs[RECORD_KEY]
         assert [a["model"] for a in record["attempts"]] == [SMALL, LARGE]
-    check_pt(chunks[0].additional_kwargs[LI_CASCADE_KEY]["attempts"][0]["pt"])  # P(T) from the streamed chunks
+    check_pt(chunks[0].additional_kwargs[RECORD_KEY]["attempts"][0]["pt"])  # P(T) from the streamed chunks
 
 
 def test_llamaindex_async(li_llms, li_direct):
@@ -248,7 +251,7 @@ def test_llamaindex_async(li_llms, li_direct):
     assert response.message.content == li_direct[LARGE]
     assert "".join(c.delta or "" for c in chunks) == li_direct[LARGE]
     assert completion[-1].text == li_direct[LARGE]
-    assert [a["model"] for a in completion[-1].additional_kwargs[LI_CASCADE_KEY]["attempts"]] == [SMALL, LARGE]
+    assert [a["model"] for a in completion[-1].additional_kwargs[RECORD_KEY]["attempts"]] == [SMALL, LARGE]
 
 
 def test_llamaindex_missing_logprobs(llama_backends, li_llms, li_direct):
@@ -257,7 +260,7 @@ def test_llamaindex_missing_logprobs(llama_backends, li_llms, li_direct):
         DifficultyRouterLLM(llms=llms, cascade=policy(0.0)).chat(MESSAGES)
     response = DifficultyRouterLLM(llms=llms, cascade=policy(0.0, on_missing_logprobs="escalate")).chat(MESSAGES)
     assert response.message.content == li_direct[LARGE]
-    first, _ = response.additional_kwargs[LI_CASCADE_KEY]["attempts"]
+    first, _ = response.additional_kwargs[RECORD_KEY]["attempts"]
     assert first["pt"] is None and first["reason"] == "no logprobs: escalating"
 
 
@@ -269,8 +272,8 @@ def test_llamaindex_validation_and_pik(li_llms, li_direct):
     llm = DifficultyRouterLLM(llms=li_llms, cascade=policy(signals=("pik",), pik_threshold=0.5),
                               pik_scorers={SMALL: lambda conversation: 0.1 if "France" in conversation[-1]["content"] else 1.0})
     response = llm.chat(MESSAGES)
-    first, second = response.additional_kwargs[LI_CASCADE_KEY]["attempts"]
-    assert first["pik"] == 0.1 and not first["accepted"] and second["model"] == LARGE
+    first, second = response.additional_kwargs[RECORD_KEY]["attempts"]
+    assert first["pik"] == 0.1 and not (first["outcome"] == "accepted") and second["model"] == LARGE
     assert response.message.content == li_direct[LARGE]
     with pytest.raises(NotImplementedError, match="tool calls need a router"):
         llm.chat_with_tools([], user_msg=QUESTION)
@@ -283,9 +286,9 @@ def test_langchain_cascade_escalates_past_a_failing_rung(lc_models, lc_direct):
     models = {SMALL: chat_openai(dead_url(), SMALL), LARGE: lc_models[LARGE]}
     message = ChatDifficultyRouter(models=models, cascade=policy(0.0)).invoke(QUESTION)
     assert message.text == lc_direct[LARGE]
-    first, second = message.response_metadata[CASCADE_KEY]["attempts"]
-    assert first["model"] == SMALL and not first["accepted"] and first["error"] == "Connection error."  # openai.APIConnectionError
-    assert second["model"] == LARGE and second["accepted"]
+    first, second = message.response_metadata[RECORD_KEY]["attempts"]
+    assert first["model"] == SMALL and not (first["outcome"] == "accepted") and first["error"].endswith("ConnectionError: Connection error.")  # openai.APIConnectionError
+    assert second["model"] == LARGE and (second["outcome"] == "accepted")
     streamed = list(ChatDifficultyRouter(models=models, cascade=policy(0.0)).stream(QUESTION))
     assert "".join(c.text for c in streamed) == lc_direct[LARGE]
 
@@ -307,9 +310,9 @@ def test_llamaindex_cascade_escalates_past_a_failing_rung(li_llms, li_direct):
     llms = {SMALL: openai_like(dead_url(), SMALL), LARGE: li_llms[LARGE]}
     response = DifficultyRouterLLM(llms=llms, cascade=policy(0.0)).chat(MESSAGES)
     assert response.message.content == li_direct[LARGE]
-    first, second = response.additional_kwargs[LI_CASCADE_KEY]["attempts"]
-    assert first["model"] == SMALL and not first["accepted"] and first["error"] == "Connection error."  # openai.APIConnectionError
-    assert second["model"] == LARGE and second["accepted"]
+    first, second = response.additional_kwargs[RECORD_KEY]["attempts"]
+    assert first["model"] == SMALL and not (first["outcome"] == "accepted") and first["error"].endswith("ConnectionError: Connection error.")  # openai.APIConnectionError
+    assert second["model"] == LARGE and (second["outcome"] == "accepted")
     chunks = list(DifficultyRouterLLM(llms=llms, cascade=policy(0.0)).stream_chat(MESSAGES))
     assert "".join(c.delta or "" for c in chunks) == li_direct[LARGE]
 

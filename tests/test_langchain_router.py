@@ -28,7 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import openai
 import pytest
-from langchain_core.callbacks import UsageMetadataCallbackHandler
+from langchain_core.callbacks import BaseCallbackHandler, UsageMetadataCallbackHandler
 from langchain_core.language_models import BaseChatModel
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage, ToolMessage
@@ -339,7 +339,7 @@ def test_unknown_or_missing_pool_names_fail_at_construction(router, pool):
     assert STRONG in str(exc.value)
     with pytest.raises(ValueError, match=STRONG):
         route_to(router, {WEAK: pool[WEAK], "gpt-5": pool[STRONG]})
-    with pytest.raises(ValueError, match="no chat model given"):
+    with pytest.raises(ValueError, match="has nothing for the pool model"):
         ChatDifficultyRouter(router=router, models={WEAK: pool[WEAK]})
     with pytest.raises(ValueError, match="not in the router's pool"):
         ChatDifficultyRouter(router=router, models={**pool, "gpt-5": pool[STRONG]})
@@ -376,7 +376,7 @@ def test_router_reads_the_whole_conversation(router, tool_pool, monkeypatch):
     assert [m["role"] for m in seen[0]] == ["system", "user", "assistant", "tool", "assistant", "user"]
     full = real_route(to_router_query(conversation)).probabilities
     last_turn = real_route("And why does it invert stereochemistry?").probabilities
-    assert out.response_metadata["difficulty_router"]["probabilities"] == pytest.approx(full)
+    assert out.response_metadata["difficulty_router"]["decision"]["probabilities"] == pytest.approx(full)
     assert full != pytest.approx(last_turn)  # the history changed what the router read
     assert out.text == tool_pool[served(out)].invoke(conversation).text  # the backend got the whole conversation
 
@@ -468,7 +468,7 @@ def test_easy_and_hard_queries_are_routed_differently(router, pool):
     assert all(served(o) == c and o.response_metadata["model_name"] == ALIAS[c] for o, c in zip(outs, chosen))
     meta = outs[0].response_metadata["difficulty_router"]
     # the same query in another batch: equal within the dtype's batch tolerance
-    assert meta["probabilities"][WEAK] == pytest.approx(p_easy[0], abs=proba_atol(router))
+    assert meta["decision"]["probabilities"][WEAK] == pytest.approx(p_easy[0], abs=proba_atol(router))
 
 
 @pytest.mark.asyncio
@@ -570,7 +570,7 @@ def test_escalates_on_rate_limit_to_real_model(weak_first, pool, llama_backends)
         meta = out.response_metadata["difficulty_router"]
         assert meta["chosen"] == WEAK and meta["served_by"] == STRONG and meta["escalated"]
         assert meta["attempts"][0]["model"] == WEAK and "RateLimitError" in meta["attempts"][0]["error"]
-        assert meta["attempts"][1] == {"model": STRONG, "error": None}
+        assert (meta["attempts"][1]["model"], meta["attempts"][1]["outcome"]) == (STRONG, "accepted")
         assert out.text == pool[STRONG].invoke("What is 2 + 3?").text
         chunks = list(chat.stream("What is 2 + 3?"))
         assert chunks[0].response_metadata["difficulty_router"]["served_by"] == STRONG
@@ -703,7 +703,7 @@ def test_bind_tools_rebinds_on_chosen_and_skips_tool_less_models(router, llama_t
         chat = ChatDifficultyRouter(router=router, models={WEAK: tool_less_model(), STRONG: strong})
         out = chat.bind_tools([add], tool_choice="add").invoke("What is 2 + 3? Use the tool.")
         meta = out.response_metadata["difficulty_router"]
-        assert meta["served_by"] == STRONG and meta["skipped"] == {WEAK: "cannot call tools"}
+        assert meta["served_by"] == STRONG and meta["decision"]["skipped"] == {WEAK: "cannot call tools"}
         check_add_call(out.tool_calls[0])
         (body,) = relay.bodies
         assert [t["function"]["name"] for t in body["tools"]] == ["add"]
@@ -716,12 +716,12 @@ def test_tool_calling_override_forces_tool_less(weak_first, tool_pool):
     chat = ChatDifficultyRouter(router=weak_first, models=tool_pool, tool_calling={WEAK: False})
     out = chat.bind_tools([add], tool_choice="add").invoke("What is 2 + 3?")
     meta = out.response_metadata["difficulty_router"]
-    assert meta["served_by"] == STRONG and meta["skipped"] == {WEAK: "cannot call tools"}
+    assert meta["served_by"] == STRONG and meta["decision"]["skipped"] == {WEAK: "cannot call tools"}
     check_add_call(out.tool_calls[0])
     assert served(chat.invoke("What is 2 + 3?")) == WEAK
     default = ChatDifficultyRouter(router=weak_first, models=tool_pool)
     out = default.bind_tools([add], tool_choice="add").invoke("What is 2 + 3?")
-    assert served(out) == WEAK and out.response_metadata["difficulty_router"]["skipped"] == {}
+    assert served(out) == WEAK and out.response_metadata["difficulty_router"]["decision"]["skipped"] == {}
 
 
 def test_tool_calling_override_forces_tool_capable(weak_first, llama_tool_backends):
@@ -731,11 +731,11 @@ def test_tool_calling_override_forces_tool_capable(weak_first, llama_tool_backen
     strong = chat_openai(llama_tool_backends["large"], "large", max_tokens=16)
     by_profile = ChatDifficultyRouter(router=weak_first, models={WEAK: denied, STRONG: strong})
     out = by_profile.bind_tools([add], tool_choice="add").invoke("What is 2 + 3?")
-    assert served(out) == STRONG and out.response_metadata["difficulty_router"]["skipped"] == {WEAK: "cannot call tools"}
+    assert served(out) == STRONG and out.response_metadata["difficulty_router"]["decision"]["skipped"] == {WEAK: "cannot call tools"}
     forced = ChatDifficultyRouter(router=weak_first, models={WEAK: denied, STRONG: strong}, tool_calling={WEAK: True})
     out = forced.bind_tools([add], tool_choice="add").invoke("What is 2 + 3?")
     meta = out.response_metadata["difficulty_router"]
-    assert meta["served_by"] == WEAK and meta["skipped"] == {} and out.response_metadata["model_name"] == "small"
+    assert meta["served_by"] == WEAK and meta["decision"]["skipped"] == {} and out.response_metadata["model_name"] == "small"
     check_add_call(out.tool_calls[0])
 
 
@@ -778,7 +778,7 @@ def test_agent_loop_with_tool(router, tool_pool):
     assert not messages[3].tool_calls and messages[3].text
     for m in (messages[1], messages[3]):
         meta = m.response_metadata["difficulty_router"]
-        assert meta["served_by"] == STRONG and meta["skipped"] == {WEAK: "cannot call tools"}
+        assert meta["served_by"] == STRONG and meta["decision"]["skipped"] == {WEAK: "cannot call tools"}
 
 
 def test_from_router_dir(router, extractor, pool, tmp_path):
@@ -786,7 +786,95 @@ def test_from_router_dir(router, extractor, pool, tmp_path):
     chat = ChatDifficultyRouter.from_router_dir(tmp_path / "r", models=pool, extractor=extractor)
     query = "What is the boiling point of water at sea level?"
     out = chat.invoke(query)
-    assert out.response_metadata["difficulty_router"]["probabilities"] == pytest.approx(
+    assert out.response_metadata["difficulty_router"]["decision"]["probabilities"] == pytest.approx(
         router.route(query).probabilities)
     with pytest.raises(FileNotFoundError):
         ChatDifficultyRouter.from_router_dir(tmp_path / "missing", models=pool, extractor=extractor)
+
+
+# --------------------------------------------------------------------------------------
+# What a demanding LangChain user expects of a chat model (issue 20)
+# --------------------------------------------------------------------------------------
+class StartCapture(BaseCallbackHandler):
+    """Records what each chat-model run start says about itself (tags, metadata, ls_* params)."""
+
+    def __init__(self):
+        self.tags, self.metadata = [], []
+
+    def on_chat_model_start(self, serialized, messages, *, tags=None, metadata=None, **kwargs):
+        self.tags.append(list(tags or []))
+        self.metadata.append(dict(metadata or {}))
+
+
+def test_tracing_names_the_routed_models_provider_and_model(weak_first, pool):
+    """LangSmith prices a call from ls_provider/ls_model_name: they are the served pool model's own."""
+    chat = ChatDifficultyRouter(router=weak_first, models=pool)
+    capture = StartCapture()
+    chat.invoke("What is 2 + 3?", {"callbacks": [capture]})
+    list(chat.stream("What is 2 + 3?", {"callbacks": [capture]}))
+    assert len(capture.metadata) == 2
+    for metadata in capture.metadata:
+        assert (metadata["ls_provider"], metadata["ls_model_name"]) == ("openai", "small")
+
+
+def test_caller_config_reaches_the_pool_model(weak_first, pool, llama_backends):
+    """Tags, metadata and configurable fields of the caller's config reach the pool model (its own
+    callbacks see them, and a configurable field changes the request it sends)."""
+    from langchain_core.runnables import ConfigurableField
+
+    seen = StartCapture()
+    with LoopbackServer(llama_backends["small"]) as relay:
+        weak = chat_openai(relay.url, "small", callbacks=[seen]).configurable_fields(
+            model_name=ConfigurableField(id="weak_model_name"))
+        chat = ChatDifficultyRouter(router=weak_first, models={WEAK: weak, STRONG: pool[STRONG]})
+        chat.invoke("Hi", {"tags": ["caller-tag"], "metadata": {"caller": "yes"},
+                           "configurable": {"weak_model_name": "renamed-by-caller"}})
+    assert relay.bodies[-1]["model"] == "renamed-by-caller"
+    assert "caller-tag" in seen.tags[-1] and seen.metadata[-1]["caller"] == "yes"
+
+
+def test_llm_cache_hits_on_a_repeated_batch(weak_first, pool, llama_backends):
+    """Routing plumbing stays out of invocation kwargs, which are part of the LLM cache key: a
+    repeated batch is answered from the cache (the pool model's own cache is off, so only the
+    router's can hit), with no request reaching the backend."""
+    from langchain_core.caches import InMemoryCache
+    from langchain_core.globals import set_llm_cache
+
+    prompts = ["What is 2 + 3?", "Name a colour."]
+    with LoopbackServer(llama_backends["small"]) as relay:
+        chat = ChatDifficultyRouter(router=weak_first, models={WEAK: chat_openai(relay.url, "small", cache=False),
+                                                               STRONG: pool[STRONG]})
+        set_llm_cache(InMemoryCache())
+        try:
+            first = chat.batch(prompts)
+            again = chat.batch(prompts)
+        finally:
+            set_llm_cache(None)
+    assert len(relay.bodies) == 2
+    assert [m.text for m in again] == [m.text for m in first]
+
+
+def test_structured_output_uses_the_chosen_models_native_method(weak_first, pool, llama_backends):
+    """method='json_mode' reaches the pool model's own with_structured_output (ChatOpenAI sends
+    response_format json_object), instead of becoming tool calling on the router."""
+
+    with LoopbackServer(llama_backends["small"]) as relay:
+        chat = ChatDifficultyRouter(router=weak_first, models={WEAK: chat_openai(relay.url, "small", max_tokens=64),
+                                                               STRONG: pool[STRONG]})
+        out = chat.with_structured_output(None, method="json_mode", include_raw=True).invoke(
+            "Reply with a JSON object with a key 'answer'.")
+    body = relay.bodies[-1]
+    assert body["response_format"] == {"type": "json_object"} and "tools" not in body
+    assert out["raw"].response_metadata["difficulty_router"]["served_by"] == WEAK
+    assert out["parsing_error"] is None and isinstance(out["parsed"], dict)
+
+
+def test_profile_is_what_the_pool_can_promise(router, pool):
+    weak = chat_openai(dead_url(), "small", profile={"tool_calling": False, "max_input_tokens": 8000,
+                                                      "structured_output": True})
+    strong = chat_openai(dead_url(), "large", profile={"tool_calling": True, "max_input_tokens": 4000,
+                                                        "structured_output": False})
+    chat = ChatDifficultyRouter(router=router, models={WEAK: weak, STRONG: strong})
+    assert chat.profile == {"tool_calling": True, "max_input_tokens": 4000, "structured_output": False}
+    assert ChatDifficultyRouter(router=router, models=pool, profile={"tool_calling": False}).profile == {
+        "tool_calling": False}  # a profile the user gives wins

@@ -352,4 +352,4 @@ def test_easy_and_hard_queries_go_to_different_models(p_weak, split_router, weak
     to_strong = sum(records[q]["served_by"] == STRONG for q in HARD_QUERIES)
     assert to_weak > len(EASY_QUERIES) / 2 and to_strong > len(HARD_QUERIES) / 2, (to_weak, to_strong)
     tolerance = proba_atol(split_router)  # routed alone here, in a batch for p_weak
-    assert all(records[q]["probabilities"][WEAK] == pytest.approx(p, abs=tolerance) for q, p in zip(EASY_QUERIES, easy))
+    assert all(records[q]["decision"]["probabilities"][WEAK] == pytest.approx(p, abs=tolerance) for q, p in zip(EASY_QUERIES, easy))

@@ -32,6 +32,9 @@ from llama_index.llms.openai_like import OpenAILike
 from llama_servers import RUNNING, dead_url, llama_server, smollm2_gguf
 
 from difficulty_router import DifficultyRouter, Policy
+import openai
+from llama_index.core.base.llms.types import CompletionResponse, LLMMetadata
+from llama_index.core.llms.custom import CustomLLM
 from llamaindex_difficulty_router import (
     CANNOT_CALL_TOOLS,
     ROUTING_KEY,
@@ -145,7 +148,7 @@ def test_metadata_is_what_every_candidate_can_take(cheapest_router, weak_llm, st
 
 
 def test_construction_errors_name_the_problem(cheapest_router, weak_llm, strong_llm):
-    with pytest.raises(ValueError, match=r"no LLM for the pool models \['gpt-4-1106-preview'\]"):
+    with pytest.raises(ValueError, match=r"has nothing for the pool model\(s\) \['gpt-4-1106-preview'\]"):
         DifficultyRouterLLM(router=cheapest_router, llms={WEAK: weak_llm})
     with pytest.raises(ValueError, match=r"names \['gpt-4'\], which are not in the router's pool"):
         DifficultyRouterLLM(router=cheapest_router, llms={WEAK: weak_llm, STRONG: strong_llm, "gpt-4": strong_llm})
@@ -195,14 +198,14 @@ def test_chat_routes_the_whole_conversation_and_delegates(cheapest_router, train
     ]
     response = llm.chat(conversation)
     record = response.additional_kwargs[ROUTING_KEY]
-    assert record["model"] == WEAK and record["served_by"] == WEAK and record["escalations"] == {}
+    assert record["chosen"] == WEAK and record["served_by"] == WEAK and not record["escalated"]
     whole = cheapest_router.route(to_router_messages(conversation))
     last_only = cheapest_router.route(conversation[-1].content)
-    assert record["probabilities"] == pytest.approx(whole.probabilities)
-    assert record["probabilities"] != pytest.approx(last_only.probabilities, abs=1e-6)
-    assert record["difficulty"] == pytest.approx(whole.difficulty)
-    assert record["expected_cost"] == pytest.approx(whole.expected_cost)
-    assert record["fallbacks"] == [STRONG]
+    assert record["decision"]["probabilities"] == pytest.approx(whole.probabilities)
+    assert record["decision"]["probabilities"] != pytest.approx(last_only.probabilities, abs=1e-6)
+    assert record["decision"]["difficulty"] == pytest.approx(whole.difficulty)
+    assert record["decision"]["expected_cost"] == pytest.approx(whole.expected_cost)
+    assert record["decision"]["fallbacks"] == [STRONG]
     # the weak tier's own answer, token for token (greedy decoding)
     assert response.message.content == weak_llm.chat(conversation).message.content
     assert response.message.content
@@ -226,7 +229,7 @@ def test_complete_and_streams_deliver_the_chosen_models_tokens(cheapest_router, 
     assert len(chat_chunks) >= 2
     assert "".join(c.delta for c in chat_chunks) == chat_chunks[-1].message.content
     assert chat_chunks[-1].message.content == weak_llm.chat(QUESTION).message.content
-    assert all(c.additional_kwargs[ROUTING_KEY]["model"] == WEAK for c in chat_chunks)
+    assert all(c.additional_kwargs[ROUTING_KEY]["chosen"] == WEAK for c in chat_chunks)
 
 
 def test_async_forms(cheapest_router, weak_llm, strong_llm):
@@ -258,8 +261,8 @@ def test_escalates_to_the_next_more_capable_model_on_an_outage(cheapest_router, 
     llm = DifficultyRouterLLM(router=cheapest_router, llms={WEAK: down_llm, STRONG: strong_llm})
     response = llm.chat(QUESTION)
     record = response.additional_kwargs[ROUTING_KEY]
-    assert record["model"] == WEAK and record["served_by"] == STRONG
-    assert record["escalations"] == {WEAK: OUTAGE}
+    assert record["chosen"] == WEAK and record["served_by"] == STRONG
+    assert [(a["model"], a["error"]) for a in record["attempts"] if a["outcome"] == "failed"] == [(WEAK, OUTAGE)]
     assert response.message.content == strong_llm.chat(QUESTION).message.content
     escalations = recorder.of(DifficultyEscalationEvent)
     assert [(e.failed_model, e.next_model, e.error) for e in escalations] == [(WEAK, STRONG, OUTAGE)]
@@ -275,7 +278,7 @@ def test_escalates_to_the_next_more_capable_model_on_an_outage(cheapest_router, 
 
     done, streamed = asyncio.run(run())
     assert done.additional_kwargs[ROUTING_KEY]["served_by"] == STRONG
-    assert done.additional_kwargs[ROUTING_KEY]["escalations"] == {WEAK: OUTAGE}
+    assert [(a["model"], a["error"]) for a in done.additional_kwargs[ROUTING_KEY]["attempts"] if a["outcome"] == "failed"] == [(WEAK, OUTAGE)]
     assert streamed[-1].message.content == response.message.content
     assert all(c.additional_kwargs[ROUTING_KEY]["served_by"] == STRONG for c in streamed)
     assert [e.operation for e in recorder.of(DifficultyEscalationEvent)] == ["chat", "stream_chat", "acomplete",
@@ -289,7 +292,7 @@ def test_escalate_false_hands_the_outage_to_the_caller(cheapest_router, down_llm
     llm = DifficultyRouterLLM(router=cheapest_router, llms={WEAK: down_llm, STRONG: strong_llm}, escalate=False)
     with pytest.raises(openai.APIConnectionError) as info:
         llm.chat(QUESTION)
-    assert any("every candidate failed" in note and WEAK in note and STRONG not in note
+    assert any("every eligible model failed" in note and WEAK in note and STRONG not in note
                for note in info.value.__notes__)
     with pytest.raises(openai.APIConnectionError):
         list(llm.stream_chat(QUESTION))
@@ -336,7 +339,7 @@ def test_an_error_from_the_strongest_model_comes_back_with_what_was_tried(traine
     llm = DifficultyRouterLLM(router=strongest, llms={WEAK: weak_llm, STRONG: down_llm})
     with pytest.raises(openai.APIConnectionError) as info:
         llm.chat(QUESTION)
-    assert any("every candidate failed" in note and STRONG in note for note in info.value.__notes__)
+    assert any("every eligible model failed" in note and STRONG in note for note in info.value.__notes__)
 
 
 #: A tool-call turn as LlamaIndex agents record it. LlamaIndex sends the assistant turn with
@@ -366,8 +369,8 @@ def test_escalates_on_a_server_error_in_every_call_form(cheapest_router, llama_b
 
     response = llm.chat(TOOL_TURN)
     record = response.additional_kwargs[ROUTING_KEY]
-    assert record["model"] == WEAK and record["served_by"] == STRONG
-    assert record["escalations"][WEAK].startswith("InternalServerError: Error code: 500")
+    assert record["chosen"] == WEAK and record["served_by"] == STRONG
+    assert record["attempts"][0]["error"].startswith("InternalServerError: Error code: 500")
     assert response.message.content == expected
     chunks = list(llm.stream_chat(TOOL_TURN))
     assert chunks[-1].message.content == expected
@@ -391,7 +394,7 @@ def test_escalates_on_a_server_error_in_every_call_form(cheapest_router, llama_b
     async_tools = asyncio.run(tools_llm.achat_with_tools([tool], **ask))
     for r in (sync_tools, async_tools):
         assert r.additional_kwargs[ROUTING_KEY]["served_by"] == STRONG
-        assert r.additional_kwargs[ROUTING_KEY]["escalations"][WEAK].startswith("InternalServerError: Error code: 500")
+        assert r.additional_kwargs[ROUTING_KEY]["attempts"][0]["error"].startswith("InternalServerError: Error code: 500")
     assert sync_tools.message.content and async_tools.message.content == sync_tools.message.content
     assert [(e.failed_model, e.next_model, e.operation) for e in recorder.of(DifficultyEscalationEvent)] == [
         (WEAK, STRONG, op) for op in ("chat", "stream_chat", "achat", "astream_chat", "chat_with_tools",
@@ -460,7 +463,10 @@ def test_token_counts_are_not_doubled(extractor, cheapest_router, weak_llm, stro
 
     expected = count(direct)
     assert expected[0] > 0
+    weak_llm.callback_manager = CallbackManager([])
+    owned = weak_llm.callback_manager
     assert count(routed) == expected
+    assert weak_llm.callback_manager is owned  # the user's own LLM object is left as it was
 
 
 # -- function calling ------------------------------------------------------------------------
@@ -496,7 +502,7 @@ def test_tool_calls_skip_candidates_that_cannot_call_tools(cheapest_router, weak
     response = llm.chat_with_tools([tool], **ASK_WEATHER)
     record = response.additional_kwargs[ROUTING_KEY]
     # tau = 0 would pick the cheap tier, but it cannot call tools
-    assert record["model"] == STRONG and record["served_by"] == STRONG and record["skipped"] == {WEAK: CANNOT_CALL_TOOLS}
+    assert record["chosen"] == STRONG and record["served_by"] == STRONG and record["decision"]["skipped"] == {WEAK: CANNOT_CALL_TOOLS}
     assert_weather_call(llm.get_tool_calls_from_response(response))
 
     result = llm.predict_and_call([tool], **ASK_WEATHER)
@@ -530,7 +536,7 @@ def test_tool_calls_skip_candidates_that_cannot_call_tools(cheapest_router, weak
     with pytest.raises(ValueError, match="served by 'mistralai/Mixtral-8x7B-Instruct-v0.1', which is not a function"):
         llm.get_tool_calls_from_response(response)
     no_tools = DifficultyRouterLLM(router=cheapest_router, llms={WEAK: weak_llm, STRONG: weak_llm})
-    with pytest.raises(ValueError, match="none of the candidates .* can call tools"):
+    with pytest.raises(ValueError, match="none of the llms .* can call tools"):
         no_tools.chat_with_tools([tool], user_msg="Weather?")
 
 
@@ -543,9 +549,53 @@ def test_a_tool_call_escalates_from_a_tool_tier_that_is_down(cheapest_router, do
     llm = DifficultyRouterLLM(router=cheapest_router, llms={WEAK: down_llm, STRONG: strong})
     response = llm.chat_with_tools([tool], **ASK_WEATHER)
     record = response.additional_kwargs[ROUTING_KEY]
-    assert record["skipped"] == {} and record["model"] == WEAK  # both can call tools: the policy's choice stands
-    assert record["served_by"] == STRONG and record["escalations"] == {WEAK: OUTAGE}
+    assert record["decision"]["skipped"] == {} and record["chosen"] == WEAK  # both can call tools: the policy's choice stands
+    assert record["served_by"] == STRONG and [(a["model"], a["error"]) for a in record["attempts"] if a["outcome"] == "failed"] == [(WEAK, OUTAGE)]
     assert_weather_call(llm.get_tool_calls_from_response(response))
     result = llm.predict_and_call([tool], **ASK_WEATHER)
     assert len(calls) == 1 and result.response == f"Sunny in {calls[0]}"
     assert [e.operation for e in recorder.of(DifficultyEscalationEvent)] == ["chat_with_tools", "predict_and_call"]
+
+
+class SilentLLM(CustomLLM):
+    """A fake candidate, said so: every real OpenAI-compatible server sends at least one chunk, so a
+    provider's empty stream (a content filter, a zero-token answer) is staged with LlamaIndex's own
+    CustomLLM base."""
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        return LLMMetadata(model_name="silent")
+
+    def complete(self, prompt, formatted=False, **kwargs):
+        return CompletionResponse(text="")
+
+    def stream_complete(self, prompt, formatted=False, **kwargs):
+        yield from ()
+
+
+def test_an_empty_stream_still_carries_the_routing_record(cheapest_router, strong_llm):
+    """The caller still gets one empty response carrying the decision: chat and completion, sync and async."""
+    llm = DifficultyRouterLLM(router=cheapest_router, llms={WEAK: SilentLLM(), STRONG: strong_llm})
+
+    async def both_async():
+        chat = [c async for c in await llm.astream_chat(QUESTION)]
+        done = [c async for c in await llm.astream_complete("The capital of France is")]
+        return chat, done
+
+    chat, done = list(llm.stream_chat(QUESTION)), list(llm.stream_complete("The capital of France is"))
+    for chunks in (chat, done, *asyncio.run(both_async())):
+        assert len(chunks) == 1 and chunks[0].delta == ""
+        assert chunks[0].additional_kwargs[ROUTING_KEY]["served_by"] == WEAK
+    assert chat[0].message.content == "" and done[0].text == ""
+
+
+def test_escalate_on_and_retries_are_the_same_options_as_langchain(cheapest_router, down_llm, strong_llm):
+    """escalate_on= narrows the rule (a connection error no longer escalates); max_retries= asks the
+    same candidate again first (three real refused connections, then the strong model)."""
+    narrow = DifficultyRouterLLM(router=cheapest_router, llms={WEAK: down_llm, STRONG: strong_llm},
+                                 escalate_on=TimeoutError)
+    with pytest.raises(openai.APIConnectionError):
+        narrow.chat(QUESTION)
+    retrying = DifficultyRouterLLM(router=cheapest_router, llms={WEAK: down_llm, STRONG: strong_llm}, max_retries=2)
+    record = retrying.chat(QUESTION).additional_kwargs[ROUTING_KEY]
+    assert [(a["model"], a["outcome"]) for a in record["attempts"]] == [(WEAK, "failed")] * 3 + [(STRONG, "accepted")]

@@ -40,9 +40,9 @@ def decision_margin(decision) -> float:
     p = np.array(list(decision.probabilities.values()))
     cost = np.array([decision.costs[m] for m in decision.probabilities])
     if decision.policy == "utility":
-        utility = np.sort(p - decision.threshold * cost / cost.max())
+        utility = np.sort(p - decision.parameter_value * cost / cost.max())
         return float(utility[-1] - utility[-2])
-    return float(np.abs(p - decision.threshold).min())
+    return float(np.abs(p - decision.parameter_value).min())
 
 
 def router_in(dtype_name, trained_router, extractors_by_dtype):
@@ -118,7 +118,7 @@ def test_save_load_round_trip(trained_router, extractor, tmp_path):
     loaded = DifficultyRouter.load(tmp_path / "r", extractor=extractor)
     queries = [EASY, HARD, [{"role": "system", "content": "Be exact."}, {"role": "user", "content": "2+2?"}]]
     for a, b in zip(trained_router.route_batch(queries), loaded.route_batch(queries)):
-        assert a.model == b.model and a.probabilities == b.probabilities and a.threshold == b.threshold
+        assert a.model == b.model and a.probabilities == b.probabilities and a.parameter_value == b.parameter_value
 
 
 def test_load_builds_its_own_extractor(trained_router, tmp_path):

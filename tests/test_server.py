@@ -62,7 +62,7 @@ def test_non_stream_routes_and_reports_the_decision(server, client, trained_rout
     assert probabilities == pytest.approx({m: round(p, 4) for m, p in expected.probabilities.items()}, abs=2e-4)
     assert float(raw.headers["x-router-latency-ms"]) > 0
     extra = completion.model_extra["router"]
-    assert extra["requested"] == "router" and extra["tried"] == [completion.model]
+    assert extra["requested"] == "router" and [a["model"] for a in extra["attempts"]] == [completion.model]
     assert extra["decision"]["model"] == expected.model
 
 
@@ -169,7 +169,7 @@ def test_a_failed_backend_is_routed_around_while_down(trained_router, llama_back
         first = client.chat.completions.create(model="router", messages=MESSAGES, max_tokens=2)
         second = client.chat.completions.with_raw_response.create(model="router", messages=MESSAGES, max_tokens=2)
         health = httpx.get(url + "/health").json()
-    assert first.model_extra["router"]["tried"] == [WEAK, STRONG]
+    assert [a["model"] for a in first.model_extra["router"]["attempts"]] == [WEAK, STRONG]
     decision = second.parse().model_extra["router"]["decision"]
     assert decision["model"] == STRONG and WEAK in decision["skipped"]
     assert "x-router-escalated-from" not in second.headers

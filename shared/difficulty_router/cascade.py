@@ -352,6 +352,7 @@ class Attempt:
     completion_tokens: int = 0
     cost: float = 0.0
     error: str | None = None
+    latency_ms: float = 0.0
 
 
 @dataclass
@@ -438,10 +439,6 @@ class CascadeRun:
             raise RuntimeError("the cascade has not accepted an answer yet")
         return CascadeResult(self._accepted.model, self._accepted.text, self.attempts, self.start, self.decision)
 
-    def metadata(self) -> dict:
-        """What adapters attach to the returned message."""
-        return {"cascade": self.result().to_dict()}
-
 
 def hybrid_start(policy: CascadePolicy, probabilities: Mapping[str, float], skip_threshold: float) -> str:
     """The first rung the pre-generation router expects to succeed (P >= skip_threshold), else the top."""
@@ -485,24 +482,20 @@ class Cascade:
         self.skip_threshold = skip_threshold
         self.cost_fn = pool_cost_fn(pool) if pool is not None else None
 
-    def start(self, query: Any) -> CascadeRun:
-        decision, start = None, None
-        if self.router is not None:
-            decision = self.router.route(query)
-            start = hybrid_start(self.policy, decision.probabilities, self.skip_threshold)
-        return CascadeRun(self.policy, start=start, decision=decision, cost_fn=self.cost_fn)
-
     def run(self, query: Any, *, max_new_tokens: int | None = None) -> CascadeResult:
-        run = self.start(query)
-        while not run.done:
-            model = run.next_model
-            try:
-                out = self.generators[model].generate(query, max_new_tokens=max_new_tokens)
-            except MissingLogprobsError:
-                raise
-            except Exception as exc:  # a rung that is down escalates like an unsure one
-                run.record_failure(model, exc)
-                continue
-            run.record(model, out.text, tokens=out.tokens, logprobs=out.logprobs, pik=out.pik,
-                       prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens)
-        return run.result()
+        """Walk ``query`` up the ladder with the dispatch core: the same escalation rule
+        (transient errors only) and attempt record as every other front end."""
+        from .dispatch import Reply, RoutedCall, run_sync
+
+        decision = self.router.route(query) if self.router is not None else None
+        call = RoutedCall(decision=decision, cascade=self.policy, skip_threshold=self.skip_threshold,
+                          cost_fn=self.cost_fn)
+
+        def invoke(model: str) -> Reply:
+            out = self.generators[model].generate(query, max_new_tokens=max_new_tokens)
+            # P(IK) comes out of the rung's own prefill, so it rides on the reply.
+            return Reply(out, out.text, out.tokens, out.logprobs, out.prompt_tokens, out.completion_tokens, pik=out.pik)
+
+        run_sync(call, invoke)
+        assert call.served is not None
+        return CascadeResult(call.served.model, call.served.text, call.attempts, call.start, decision)

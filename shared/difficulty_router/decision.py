@@ -22,7 +22,7 @@ class RouteDecision:
     costs: dict[str, float]
     policy: str
     parameter: str
-    threshold: float
+    parameter_value: float  # tau under the threshold policy, lambda under the utility policy
     fallbacks: tuple[str, ...] = ()
     skipped: dict[str, str] = field(default_factory=dict)
     truncated: bool = False
@@ -40,4 +40,4 @@ class RouteDecision:
     def __str__(self) -> str:
         probs = ", ".join(f"{m}={p:.2f}" for m, p in self.probabilities.items())
         return (f"-> {self.model} (difficulty {self.difficulty:.1f}/5, P(success): {probs}; "
-                f"{self.policy} {self.parameter}={self.threshold:g}, expected cost {self.expected_cost:.6g})")
+                f"{self.policy} {self.parameter}={self.parameter_value:g}, expected cost {self.expected_cost:.6g})")

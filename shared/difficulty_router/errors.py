@@ -17,7 +17,15 @@ TRANSIENT_NAMES = ("RateLimit", "Timeout", "TimedOut", "Connection", "Overloaded
 
 
 def is_transient_error(exc: BaseException) -> bool:
-    """Default escalation test: rate limits, timeouts, connection and server-side errors."""
+    """Default escalation test: rate limits, timeouts, connection and server-side errors.
+
+    An exception that classifies itself with a boolean ``transient`` attribute (the routing
+    server's :class:`~difficulty_router.server.backends.BackendFailure`, from the HTTP status) is
+    taken at its word, so one rule serves every front end.
+    """
+    declared = getattr(exc, "transient", None)
+    if isinstance(declared, bool):
+        return declared
     if isinstance(exc, (TimeoutError, ConnectionError, asyncio.TimeoutError)):
         return True
     return any(frag in cls.__name__ for cls in type(exc).__mro__ for frag in TRANSIENT_NAMES)

@@ -11,7 +11,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,12 +31,6 @@ class Generation:
     completion_tokens: int
     pik: float | None = None
     features: np.ndarray | None = None  # the prefill read-out, when the generator was asked for one
-
-
-class Generator(Protocol):
-    name: str
-
-    def generate(self, query: Any, *, max_new_tokens: int | None = None) -> Generation: ...
 
 
 class PIKProbe:

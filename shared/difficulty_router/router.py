@@ -167,7 +167,7 @@ class DifficultyRouter:
                 costs={m: float(c) for m, c in zip(self.models, costs[i])},
                 policy=self.policy.kind,
                 parameter=self.policy.parameter,
-                threshold=self.policy.value,
+                parameter_value=self.policy.value,
                 fallbacks=fallbacks,
                 skipped=dict(skipped),
                 truncated=bool(extraction.truncated[i]),

@@ -22,6 +22,8 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
+from ..cascade import pool_cost_fn
+from ..dispatch import Hooks, Reply, RoutedCall, run_async
 from ..queries import to_conversation
 from ..router import DifficultyRouter
 from .backends import BackendFailure, Backends, BackendSpec
@@ -160,8 +162,9 @@ def create_app(routers: DifficultyRouter | Mapping[str, DifficultyRouter], backe
         metrics.routed.inc(router_name, decision.model)
         return decision, elapsed
 
-    def failed(requested: str, failures: list[BackendFailure]) -> ApiError:
+    def failed(requested: str, failures: list[BaseException]) -> ApiError:
         metrics.requests.inc(requested, "none")
+        failures = [f for f in failures if isinstance(f, BackendFailure)]
         last = failures[-1]
         if not last.escalate:  # the backend refused the request itself: pass its verdict on
             return ApiError(last.status, last.detail, param=None, code="backend_rejected_request")
@@ -170,46 +173,60 @@ def create_app(routers: DifficultyRouter | Mapping[str, DifficultyRouter], backe
         return ApiError(status, f"every candidate backend failed: {detail}", type="api_error",
                         code="backends_unavailable")
 
+    class BackendHooks(Hooks):
+        """Metrics and logs per attempt; the escalation itself is the dispatch core's."""
+
+        def error(self, call: RoutedCall, handle: Any, attempt: Any, exc: BaseException) -> None:
+            model = attempt.model if attempt is not None else getattr(exc, "backend", "?")
+            metrics.backend_errors.inc(model, getattr(exc, "kind", "error"))
+            if attempt is not None and call.next_model is not None and call.next_model != model:
+                metrics.escalations.inc(model, call.next_model)
+                logger.warning("%s; escalating to %s", exc, call.next_model)
+
+    hooks = BackendHooks()
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = validate_chat_request(parse_json(await request.body()))
         requested = body["model"]
-        decision, routing_s = None, None
+        decision, routing_s, cost_fn = None, None, None
         if requested in routers:
             decision, routing_s = await decide(requested, body["messages"])
-            candidates = [decision.model, *decision.fallbacks]
+            pool = getattr(routers[requested], "pool", None)
+            cost_fn = pool_cost_fn(pool) if pool is not None else None
+            call = RoutedCall(decision=decision, cost_fn=cost_fn)
         elif requested in backends:
-            candidates = [requested]
+            call = RoutedCall(ladder=[requested])
         else:
             raise ApiError(404, f"The model '{requested}' does not exist; available: "
                                 f"{[*routers, *backends.names]}", param="model", code="model_not_found")
-        failures: list[BackendFailure] = []
-        for i, name in enumerate(candidates):
-            try:
-                if body.get("stream"):
-                    first, rest, close = await backends.stream(name, body)
-                else:
-                    data = await backends.complete(name, body)
-            except BackendFailure as failure:
-                metrics.backend_errors.inc(name, failure.kind)
-                failures.append(failure)
-                if not failure.escalate:
-                    break
-                if i + 1 < len(candidates):
-                    metrics.escalations.inc(name, candidates[i + 1])
-                    logger.warning("%s; escalating to %s", failure, candidates[i + 1])
-                continue
-            metrics.requests.inc(requested, name)
-            tried = candidates[: i + 1]
-            headers = _decision_headers(requested if decision else None, decision, name, tried, routing_s)
-            if body.get("stream"):
-                return StreamingResponse(_relay(first, rest, close, name), media_type="text/event-stream",
-                                         headers=headers)
-            data["model"] = name
-            data["router"] = {"requested": requested, "model": name, "tried": tried,
-                              "decision": decision.to_dict() if decision else None}
-            return JSONResponse(data, headers=headers)
-        raise failed(requested, failures)
+        streaming = bool(body.get("stream"))
+
+        async def invoke(name: str) -> Reply:
+            if streaming:
+                return Reply(await backends.stream(name, body))
+            data = await backends.complete(name, body)
+            usage = data.get("usage") or {}
+            return Reply(data, prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                         completion_tokens=int(usage.get("completion_tokens") or 0))
+
+        try:
+            reply = await run_async(call, invoke, hooks)
+        except BackendFailure as exc:
+            errors = call.errors if any(e is exc for e in call.errors) else [*call.errors, exc]
+            raise failed(requested, errors) from None
+        name = call.served.model
+        metrics.requests.inc(requested, name)
+        tried = [a.model for a in call.attempts]
+        headers = _decision_headers(requested if decision else None, decision, name, tried, routing_s)
+        if streaming:
+            first, rest, close = reply.value
+            return StreamingResponse(_relay(first, rest, close, name), media_type="text/event-stream",
+                                     headers=headers)
+        data = reply.value
+        data["model"] = name
+        data["router"] = {"requested": requested, **call.record()}
+        return JSONResponse(data, headers=headers)
 
     async def _relay(first, rest, close, name: str):
         try:

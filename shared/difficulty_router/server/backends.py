@@ -58,6 +58,11 @@ class BackendFailure(Exception):
         super().__init__(f"{backend}: {message}")
         self.backend, self.kind, self.status, self.escalate, self.detail = backend, kind, status, escalate, message
 
+    @property
+    def transient(self) -> bool:
+        """Read by :func:`difficulty_router.errors.is_transient_error`: the dispatch core's one rule."""
+        return self.escalate
+
 
 def classify(backend: str, exc: Exception) -> BackendFailure:
     import openai
