@@ -29,11 +29,17 @@ $(DEV_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(DEV_STAMP)
 
-.PHONY: install demo test
+.PHONY: install demo test lint
 install: $(DEV_STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/difficulty-router demo
 
-test: $(DEV_STAMP)
+# ruff (lint and format) and mypy over the core and the adapters, configured in pyproject.toml.
+lint: $(DEV_STAMP)
+	$(VENV)/bin/ruff check shared/difficulty_router langchain_difficulty_router llamaindex_difficulty_router
+	$(VENV)/bin/ruff format --check shared/difficulty_router langchain_difficulty_router llamaindex_difficulty_router
+	$(VENV)/bin/mypy
+
+test: lint
 	$(PY) -m pytest -q

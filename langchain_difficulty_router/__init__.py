@@ -8,5 +8,12 @@ from ._tracing import message_reply
 from .chat_model import ChatDifficultyRouter
 from .runnable import DifficultyRouterRunnable, route_to
 
-__all__ = ["ChatDifficultyRouter", "RECORD_KEY", "message_reply", "DifficultyRouterRunnable", "route_to",
-           "to_router_query", "is_transient_error"]
+__all__ = [
+    "RECORD_KEY",
+    "ChatDifficultyRouter",
+    "DifficultyRouterRunnable",
+    "is_transient_error",
+    "message_reply",
+    "route_to",
+    "to_router_query",
+]

@@ -19,11 +19,12 @@ def can_call_tools(model: Any) -> bool:
     return callable(getattr(model, "bind_tools", None))
 
 
-
 def pool_config(config: Any) -> RunnableConfig:
     """The caller's config for a pool model, minus callbacks (the router reports the call once)."""
     config = config or {}
-    return {**{k: config[k] for k in _CONFIG_KEYS if k in config}, "callbacks": []}  # type: ignore[return-value]
+    out: dict[str, Any] = {k: config[k] for k in _CONFIG_KEYS if k in config}
+    out["callbacks"] = []
+    return out  # type: ignore[return-value]
 
 
 def merged_profile(profiles: list[Any]) -> Any:

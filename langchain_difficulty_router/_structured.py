@@ -18,6 +18,7 @@ from difficulty_router.dispatch import Reply
 
 from ._convert import to_router_query
 from ._pool import pool_config
+from ._tracing import with_record
 
 
 def routed_structured_output(chat: Any, schema: Any, *, include_raw: bool = False, **kwargs: Any) -> Runnable:
@@ -34,7 +35,7 @@ def routed_structured_output(chat: Any, schema: Any, *, include_raw: bool = Fals
 
     def record(out: Any, call: dispatch.RoutedCall) -> Any:
         if include_raw and isinstance(out, dict) and isinstance(out.get("raw"), BaseMessage):
-            out["raw"] = chat._finish(out["raw"], call)
+            out["raw"] = with_record(out["raw"], call)
         return out
 
     def run(value: Any, config: RunnableConfig) -> Any:
@@ -48,7 +49,7 @@ def routed_structured_output(chat: Any, schema: Any, *, include_raw: bool = Fals
 
         async def invoke(n: str) -> Reply:
             return Reply(await parsers[n].ainvoke(value, cfg))
+
         return record((await dispatch.run_async(call, invoke)).value, call)
 
     return RunnableLambda(run, afunc=arun, name="ChatDifficultyRouter.with_structured_output")
-

@@ -13,7 +13,6 @@ and usage record would be reported twice.
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
@@ -21,25 +20,23 @@ from typing import Any
 from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable, RunnableConfig
-from langchain_core.runnables.config import get_config_list, get_executor_for_config
-from langchain_core.runnables.utils import gather_with_concurrency
+from langchain_core.runnables import Runnable
 from langchain_core.utils.function_calling import convert_to_openai_tool
-from pydantic import ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from difficulty_router import dispatch
 from difficulty_router.dispatch import RECORD_KEY, Binding, Reply, Retry
 
 from ._convert import to_router_query
-from ._prepared import PREPARED, Prepared, prepare, take
 from ._pool import can_call_tools, merged_profile, pool_config
+from ._prepared import PREPARED, Prepared, RoutesBeforeRun
 from ._structured import routed_structured_output
 from ._tracing import AttemptRuns, join_chunks, message_reply, release, with_record
 
 META_KEY = RECORD_KEY
 
 
-class ChatDifficultyRouter(BaseChatModel):
+class ChatDifficultyRouter(RoutesBeforeRun):
     """Routes each call to the cheapest pool chat model the router expects to answer it.
 
     Args:
@@ -72,7 +69,6 @@ class ChatDifficultyRouter(BaseChatModel):
     streaming: bool = False
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
-    _binding: Binding = PrivateAttr()
 
     @model_validator(mode="after")
     def _bind(self) -> ChatDifficultyRouter:
@@ -81,9 +77,15 @@ class ChatDifficultyRouter(BaseChatModel):
         for name, model in self.models.items():
             if not isinstance(model, Runnable):
                 raise TypeError(f"models[{name!r}] is a {type(model).__name__}, not a LangChain chat model")
-        self._binding = Binding(self.models, router=self.router, cascade=self.cascade, pik_scorers=self.pik_scorers,
-                                skip_threshold=self.skip_threshold, escalate_on=self.escalate_on,
-                                retry=Retry(self.max_retries, self.retry_backoff))
+        self._binding = Binding(
+            self.models,
+            router=self.router,
+            cascade=self.cascade,
+            pik_scorers=self.pik_scorers,
+            skip_threshold=self.skip_threshold,
+            escalate_on=self.escalate_on,
+            retry=Retry(self.max_retries, self.retry_backoff),
+        )
         unknown = sorted(set(self.tool_calling) - set(self.models))
         if unknown:
             raise ValueError(f"tool_calling= names {unknown}, which are not in the router's pool {list(self.models)}")
@@ -92,8 +94,9 @@ class ChatDifficultyRouter(BaseChatModel):
         return self
 
     @classmethod
-    def from_router_dir(cls, path: str | os.PathLike, models: dict[str, Any], *, extractor: Any = None,
-                        **kwargs: Any) -> ChatDifficultyRouter:
+    def from_router_dir(
+        cls, path: str | os.PathLike, models: dict[str, Any], *, extractor: Any = None, **kwargs: Any
+    ) -> ChatDifficultyRouter:
         """Load a router saved with ``DifficultyRouter.save`` and wrap it."""
         from difficulty_router import DifficultyRouter
 
@@ -106,8 +109,11 @@ class ChatDifficultyRouter(BaseChatModel):
     @property
     def _identifying_params(self) -> dict[str, Any]:
         policy = getattr(self.router, "policy", None)
-        return {"models": list(self.models), "policy": str(policy) if policy is not None else None,
-                "cascade": list(self.cascade.ladder) if self.cascade is not None else None}
+        return {
+            "models": list(self.models),
+            "policy": str(policy) if policy is not None else None,
+            "cascade": list(self.cascade.ladder) if self.cascade is not None else None,
+        }
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         """The routed pool model's own parameters (provider, model name), so tracing can price the call."""
@@ -117,15 +123,21 @@ class ChatDifficultyRouter(BaseChatModel):
         if isinstance(model, BaseChatModel):
             params = model._get_ls_params(stop=stop or self.stop)
         else:
-            params = LangSmithParams(ls_provider="difficulty_router", ls_model_type="chat",
-                                     ls_model_name=chosen or f"difficulty-router({','.join(self.models)})")
+            params = LangSmithParams(
+                ls_provider="difficulty_router",
+                ls_model_type="chat",
+                ls_model_name=chosen or f"difficulty-router({','.join(self.models)})",
+            )
         if stop or self.stop:
             params["ls_stop"] = list(stop or self.stop or [])
+        if kwargs.get("model"):  # a per-call model= goes on to the pool model
+            params["ls_model_name"] = kwargs["model"]
         return params
 
     # -- tools and structured output --------------------------------------------------
-    def bind_tools(self, tools: Sequence[Any], *, tool_choice: Any = None,
-                   **kwargs: Any) -> Runnable[LanguageModelInput, AIMessage]:
+    def bind_tools(
+        self, tools: Sequence[Any], *, tool_choice: Any = None, **kwargs: Any
+    ) -> Runnable[LanguageModelInput, AIMessage]:
         """Tools are kept in OpenAI format (what agents inspect) and re-bound on whichever model a call picks."""
         bound: dict[str, Any] = {"tools": [convert_to_openai_tool(t) for t in tools]}
         if tool_choice is not None:
@@ -146,7 +158,8 @@ class ChatDifficultyRouter(BaseChatModel):
         if not kwargs.get("tools"):
             return {}
         return self._binding.tool_exclusions(
-            {n: self.tool_calling.get(n, can_call_tools(m)) for n, m in self.models.items()})
+            {n: self.tool_calling.get(n, can_call_tools(m)) for n, m in self.models.items()}
+        )
 
     def _pool_model(self, name: str, kwargs: dict) -> tuple[Runnable, dict]:
         """The pool model with the call's tools re-bound on it, and the kwargs it gets."""
@@ -156,104 +169,18 @@ class ChatDifficultyRouter(BaseChatModel):
         call.pop("ls_structured_output_format", None)
         model = self.models[name]
         if tools:
-            model = model.bind_tools(tools, **({"tool_choice": tool_choice} if tool_choice is not None else {}),
-                                     **tool_kwargs)
+            model = model.bind_tools(
+                tools, **({"tool_choice": tool_choice} if tool_choice is not None else {}), **tool_kwargs
+            )
         return model, call
 
-    # -- routing: decided before the chat-model run starts (see _prepared) -----------------
-    def _prepare(self, input: Any, config: Any, kwargs: dict, decision: Any = None) -> tuple[Prepared, RunnableConfig]:
-        if decision is None and self._binding.routes:
-            decision = self._binding.decide(to_router_query(self._convert_input(input).to_messages()),
-                                            self._exclusions(kwargs))
-        return prepare(self, decision, config)
-
-    def _take(self, messages: list[BaseMessage], kwargs: dict) -> Prepared:
-        prepared = take(self)
-        if prepared is None:  # called through generate(), not invoke/stream: route here
-            decision = self._binding.decide(to_router_query(messages), self._exclusions(kwargs)) \
-                if self._binding.routes else None
-            prepared = Prepared(self, decision, {})
-        return prepared
-
-    def invoke(self, input: LanguageModelInput, config: RunnableConfig | None = None, *,
-               stop: list[str] | None = None, decision: Any = None, **kwargs: Any) -> AIMessage:
-        prepared, config = self._prepare(input, config, kwargs, decision)
-        token = PREPARED.set(prepared)
-        try:
-            return super().invoke(input, config, stop=stop, **kwargs)
-        finally:
-            PREPARED.reset(token)
-
-    async def ainvoke(self, input: LanguageModelInput, config: RunnableConfig | None = None, *,
-                      stop: list[str] | None = None, decision: Any = None, **kwargs: Any) -> AIMessage:
-        prepared, config = await asyncio.to_thread(self._prepare, input, config, kwargs, decision)
-        token = PREPARED.set(prepared)
-        try:
-            return await super().ainvoke(input, config, stop=stop, **kwargs)
-        finally:
-            PREPARED.reset(token)
-
-    def stream(self, input: LanguageModelInput, config: RunnableConfig | None = None, *,
-               stop: list[str] | None = None, **kwargs: Any) -> Iterator[AIMessageChunk]:
-        prepared, config = self._prepare(input, config, kwargs)
-        PREPARED.set(prepared)  # read by _stream on the first next(), before any other stream can run
-        try:
-            yield from super().stream(input, config, stop=stop, **kwargs)
-        finally:
-            if PREPARED.get() is prepared:
-                PREPARED.set(None)
-
-    async def astream(self, input: LanguageModelInput, config: RunnableConfig | None = None, *,
-                      stop: list[str] | None = None, **kwargs: Any) -> AsyncIterator[AIMessageChunk]:
-        prepared, config = await asyncio.to_thread(self._prepare, input, config, kwargs)
-        PREPARED.set(prepared)
-        try:
-            async for chunk in super().astream(input, config, stop=stop, **kwargs):
-                yield chunk
-        finally:
-            if PREPARED.get() is prepared:
-                PREPARED.set(None)
-
-    def batch(self, inputs: list[LanguageModelInput], config: RunnableConfig | list[RunnableConfig] | None = None,
-              *, return_exceptions: bool = False, **kwargs: Any) -> list[Any]:
-        """One extraction for the whole batch; each call then runs with its own decision."""
-        decisions, configs = self._decide_batch(inputs, kwargs), get_config_list(config, len(inputs))
-
-        def one(i: int) -> Any:
-            try:
-                return self.invoke(inputs[i], configs[i], decision=decisions[i], **kwargs)
-            except Exception as exc:
-                return _kept(exc, return_exceptions)
-        with get_executor_for_config(configs[0]) as executor:
-            return list(executor.map(one, range(len(inputs))))
-
-    async def abatch(self, inputs: list[LanguageModelInput],
-                     config: RunnableConfig | list[RunnableConfig] | None = None, *,
-                     return_exceptions: bool = False, **kwargs: Any) -> list[Any]:
-        decisions = await asyncio.to_thread(self._decide_batch, inputs, kwargs)
-        configs = get_config_list(config, len(inputs))
-
-        async def one(i: int) -> Any:
-            try:
-                return await self.ainvoke(inputs[i], configs[i], decision=decisions[i], **kwargs)
-            except Exception as exc:
-                return _kept(exc, return_exceptions)
-        return await gather_with_concurrency(configs[0].get("max_concurrency"), *(one(i) for i in range(len(inputs))))
-
-    def _decide_batch(self, inputs: list[Any], kwargs: dict) -> list[Any]:
-        if len(inputs) < 2 or not self._binding.routes:
-            return [None] * len(inputs)
-        try:
-            queries = [to_router_query(self._convert_input(x).to_messages()) for x in inputs]
-            return self._binding.decide_batch(queries, self._exclusions(kwargs))
-        except (ValueError, TypeError):
-            return [None] * len(inputs)  # a bad input: each call routes alone, so only that one fails
-
     # -- the calls: the core walks the ladder, these call one pool model ------------------
-    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None, run_manager: Any = None,
-                  **kwargs: Any) -> ChatResult:
+    def _generate(
+        self, messages: list[BaseMessage], stop: list[str] | None = None, run_manager: Any = None, **kwargs: Any
+    ) -> ChatResult:
         if self.streaming:
             from langchain_core.language_models.chat_models import generate_from_stream
+
             return generate_from_stream(self._stream(messages, stop, run_manager, **kwargs))
         prepared = self._take(messages, kwargs)
         call, cfg = self._call(prepared, messages), pool_config(prepared.config)
@@ -261,13 +188,16 @@ class ChatDifficultyRouter(BaseChatModel):
         def invoke(name: str) -> Reply:
             model, kw = self._pool_model(name, kwargs)
             return message_reply(model.invoke(messages, cfg, stop=stop or self.stop, **kw))
+
         reply = dispatch.run_sync(call, invoke, AttemptRuns(run_manager, messages))
         return ChatResult(generations=[ChatGeneration(message=with_record(reply.value, call))])
 
-    async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None, run_manager: Any = None,
-                         **kwargs: Any) -> ChatResult:
+    async def _agenerate(
+        self, messages: list[BaseMessage], stop: list[str] | None = None, run_manager: Any = None, **kwargs: Any
+    ) -> ChatResult:
         if self.streaming:
             from langchain_core.language_models.chat_models import agenerate_from_stream
+
             return await agenerate_from_stream(self._astream(messages, stop, run_manager, **kwargs))
         prepared = self._take(messages, kwargs)
         call, cfg = self._call(prepared, messages), pool_config(prepared.config)
@@ -275,33 +205,46 @@ class ChatDifficultyRouter(BaseChatModel):
         async def invoke(name: str) -> Reply:
             model, kw = self._pool_model(name, kwargs)
             return message_reply(await model.ainvoke(messages, cfg, stop=stop or self.stop, **kw))
+
         reply = await dispatch.run_async(call, invoke, AttemptRuns(run_manager, messages))
         return ChatResult(generations=[ChatGeneration(message=with_record(reply.value, call))])
 
-    def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None, run_manager: Any = None,
-                **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+    def _stream(
+        self, messages: list[BaseMessage], stop: list[str] | None = None, run_manager: Any = None, **kwargs: Any
+    ) -> Iterator[ChatGenerationChunk]:
         prepared = self._take(messages, kwargs)
         call, cfg = self._call(prepared, messages), pool_config(prepared.config)
 
         def open_stream(name: str) -> Iterator[AIMessageChunk]:
             model, kw = self._pool_model(name, kwargs)
             return model.stream(messages, cfg, stop=stop or self.stop, **kw)
-        opened = dispatch.stream_sync(call, open_stream, lambda c: message_reply(join_chunks(c)),
-                                      AttemptRuns(run_manager or prepared.parent, messages))
+
+        opened = dispatch.stream_sync(
+            call,
+            open_stream,
+            lambda c: message_reply(join_chunks(c)),
+            AttemptRuns(run_manager or prepared.parent, messages),
+        )
         yield from release(opened.head, call)
         for rest in opened.tail:
             yield ChatGenerationChunk(message=rest)
 
-    async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None, run_manager: Any = None,
-                       **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
+    async def _astream(
+        self, messages: list[BaseMessage], stop: list[str] | None = None, run_manager: Any = None, **kwargs: Any
+    ) -> AsyncIterator[ChatGenerationChunk]:
         prepared = self._take(messages, kwargs)
         call, cfg = self._call(prepared, messages), pool_config(prepared.config)
 
         def open_stream(name: str) -> AsyncIterator[AIMessageChunk]:
             model, kw = self._pool_model(name, kwargs)
             return model.astream(messages, cfg, stop=stop or self.stop, **kw)
-        opened = await dispatch.stream_async(call, open_stream, lambda c: message_reply(join_chunks(c)),
-                                             AttemptRuns(run_manager or prepared.parent, messages))
+
+        opened = await dispatch.stream_async(
+            call,
+            open_stream,
+            lambda c: message_reply(join_chunks(c)),
+            AttemptRuns(run_manager or prepared.parent, messages),
+        )
         for chunk in release(opened.head, call):
             yield chunk
         async for rest in opened.tail:
@@ -309,9 +252,3 @@ class ChatDifficultyRouter(BaseChatModel):
 
     def _call(self, prepared: Prepared, messages: list[BaseMessage]) -> dispatch.RoutedCall:
         return self._binding.start(prepared.decision, query=to_router_query(messages))
-
-
-def _kept(exc: Exception, return_exceptions: bool) -> Exception:
-    if return_exceptions:
-        return exc
-    raise exc

@@ -21,8 +21,14 @@ class DifficultyRouterRunnable(Runnable[Any, dict]):
     ``batch`` routes the whole batch with one extraction.
     """
 
-    def __init__(self, router: Any, *, runnables: Mapping[str, Any] | Iterable[str] | None = None,
-                 exclude: Mapping[str, str] | None = None, name: str | None = None) -> None:
+    def __init__(
+        self,
+        router: Any,
+        *,
+        runnables: Mapping[str, Any] | Iterable[str] | None = None,
+        exclude: Mapping[str, str] | None = None,
+        name: str | None = None,
+    ) -> None:
         if not hasattr(router, "route_batch") or not hasattr(router, "models"):
             raise TypeError(f"router must be a difficulty_router.DifficultyRouter, got {type(router).__name__}")
         self.router = router
@@ -43,7 +49,7 @@ class DifficultyRouterRunnable(Runnable[Any, dict]):
     def _route(self, inputs: list[Any]) -> list[dict]:
         queries = [to_router_query(x) for x in inputs]
         decisions = self.router.route_batch(queries, exclude=self.exclude or None, progress=False)
-        return [{"key": d.model, "input": x} for d, x in zip(decisions, inputs)]
+        return [{"key": d.model, "input": x} for d, x in zip(decisions, inputs, strict=False)]
 
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> dict:
         return self._call_with_config(lambda x: self._route([x])[0], input, config, run_type="chain")
@@ -54,27 +60,45 @@ class DifficultyRouterRunnable(Runnable[Any, dict]):
 
         return await self._acall_with_config(route, input, config, run_type="chain")
 
-    def batch(self, inputs: list[Any], config: RunnableConfig | list[RunnableConfig] | None = None, *,
-              return_exceptions: bool = False, **kwargs: Any) -> list[dict]:
+    def batch(
+        self,
+        inputs: list[Any],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[dict]:
         if not inputs:
             return []
-        return self._batch_with_config(lambda xs: self._route(list(xs)), inputs, config,
-                                       return_exceptions=return_exceptions, run_type="chain")
+        return self._batch_with_config(
+            lambda xs: self._route(list(xs)),  # type: ignore[arg-type]
+            inputs,
+            config,
+            return_exceptions=return_exceptions,
+            run_type="chain",
+        )
 
-    async def abatch(self, inputs: list[Any], config: RunnableConfig | list[RunnableConfig] | None = None, *,
-                     return_exceptions: bool = False, **kwargs: Any) -> list[dict]:
+    async def abatch(
+        self,
+        inputs: list[Any],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[dict]:
         if not inputs:
             return []
 
         async def route(xs):
             return await run_in_executor(None, self._route, list(xs))
 
-        return await self._abatch_with_config(route, inputs, config,
-                                              return_exceptions=return_exceptions, run_type="chain")
+        return await self._abatch_with_config(
+            route, inputs, config, return_exceptions=return_exceptions, run_type="chain"
+        )
 
 
-def route_to(router: Any, runnables: Mapping[str, Runnable], *,
-             exclude: Mapping[str, str] | None = None) -> Runnable:
+def route_to(router: Any, runnables: Mapping[str, Runnable], *, exclude: Mapping[str, str] | None = None) -> Runnable:
     """``DifficultyRouterRunnable(router) | RouterRunnable(runnables)``, with the names checked."""
-    return DifficultyRouterRunnable(router, runnables=runnables, exclude=exclude) | RouterRunnable(
-        runnables=dict(runnables))
+    return DifficultyRouterRunnable(router, runnables=runnables, exclude=exclude) | RouterRunnable(  # type: ignore[operator]
+        runnables=dict(runnables)
+    )

@@ -12,6 +12,14 @@ from .llm import CANNOT_CALL_TOOLS, ROUTING_KEY, DifficultyRouterLLM, calls_tool
 from .selector import DifficultySelector
 
 __all__ = [
-    "DifficultyRouterLLM", "DifficultySelector", "DifficultyRouteEvent", "DifficultyEscalationEvent",
-    "ROUTING_KEY", "CANNOT_CALL_TOOLS", "response_reply", "stream_reply", "calls_tools", "to_router_messages",
+    "CANNOT_CALL_TOOLS",
+    "ROUTING_KEY",
+    "DifficultyEscalationEvent",
+    "DifficultyRouteEvent",
+    "DifficultyRouterLLM",
+    "DifficultySelector",
+    "calls_tools",
+    "response_reply",
+    "stream_reply",
+    "to_router_messages",
 ]

@@ -17,6 +17,7 @@ from llama_index.core.base.llms.types import (
 # LlamaIndex has provider-specific names for the assistant turn; the core knows OpenAI's roles.
 _ROLE_ALIASES = {MessageRole.CHATBOT.value: "assistant", MessageRole.MODEL.value: "assistant"}
 
+
 def _block_texts(blocks: Sequence[Any]) -> list[str]:
     texts: list[str] = []
     for block in blocks:
@@ -55,7 +56,10 @@ def to_router_messages(messages: Any, where: str = "messages") -> list[dict]:
         if not isinstance(message, ChatMessage):
             raise TypeError(f"{where}[{i}] must be a ChatMessage, got {type(message).__name__}")
         role = message.role.value if isinstance(message.role, MessageRole) else str(message.role)
-        entry: dict[str, Any] = {"role": _ROLE_ALIASES.get(role, role), "content": "\n".join(_block_texts(message.blocks))}
+        entry: dict[str, Any] = {
+            "role": _ROLE_ALIASES.get(role, role),
+            "content": "\n".join(_block_texts(message.blocks)),
+        }
         calls = _tool_calls(message)
         if calls:
             entry["tool_calls"] = calls
@@ -81,5 +85,6 @@ def route(router: Any, query: Any, exclude: dict[str, str] | None = None):
 def check_router(router: Any) -> None:
     if not callable(getattr(router, "route", None)) or not isinstance(getattr(router, "models", None), list):
         raise TypeError(
-            f"router must be a difficulty_router.DifficultyRouter (with .route and .models), got {type(router).__name__}"
+            "router must be a difficulty_router.DifficultyRouter (with .route and .models), "
+            f"got {type(router).__name__}"
         )

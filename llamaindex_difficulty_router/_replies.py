@@ -9,7 +9,7 @@ which is the generated token under greedy decoding).
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from llama_index.core.base.llms.types import ChatMessage, ChatResponse, CompletionResponse, MessageRole
 
@@ -24,14 +24,14 @@ def response_reply(response: Any) -> Reply:
     return _reply(response, [response])
 
 
-def stream_reply(chunks: List[Any]) -> Reply:
+def stream_reply(chunks: list[Any]) -> Reply:
     """A buffered stream: the last chunk holds the whole text; logprobs are spread over the chunks."""
     return _reply(chunks, chunks)
 
 
-def _reply(value: Any, parts: List[Any]) -> Reply:
-    tokens: List[str] = []
-    values: List[float] = []
+def _reply(value: Any, parts: list[Any]) -> Reply:
+    tokens: list[str] = []
+    values: list[float] = []
     prompt_tokens = completion_tokens = 0
     for part in parts:
         found = _part_logprobs(part)
@@ -43,11 +43,12 @@ def _reply(value: Any, parts: List[Any]) -> Reply:
         p = getattr(usage, "prompt_tokens", None) or extra.get("prompt_tokens")
         c = getattr(usage, "completion_tokens", None) or extra.get("completion_tokens")
         prompt_tokens, completion_tokens = int(p or prompt_tokens), int(c or completion_tokens)
-    return Reply(value, _text(parts[-1]) if parts else "", tokens or None, values or None, prompt_tokens,
-                 completion_tokens)
+    return Reply(
+        value, _text(parts[-1]) if parts else "", tokens or None, values or None, prompt_tokens, completion_tokens
+    )
 
 
-def _part_logprobs(part: Any) -> Optional[tuple]:
+def _part_logprobs(part: Any) -> tuple | None:
     raw = getattr(part, "raw", None)
     if raw is not None:
         try:
@@ -69,7 +70,7 @@ def _text(reply: Any) -> str:
     return text if isinstance(text, str) else str(getattr(reply, "response", "") or "")
 
 
-def annotate(response: Any, record: Dict[str, Any]) -> Any:
+def annotate(response: Any, record: dict[str, Any]) -> Any:
     """The routing record in ``additional_kwargs`` (or an agent response's ``metadata``)."""
     if isinstance(response, (ChatResponse, CompletionResponse)):
         response.additional_kwargs[RECORD_KEY] = record
@@ -91,9 +92,10 @@ class EscalationEvents(Hooks):
     def __init__(self, operation: str) -> None:
         self.operation = operation
 
-    def _emit(self, model: str, why: str, nxt: Optional[str]) -> None:
-        dispatcher.event(DifficultyEscalationEvent(failed_model=model, error=why, next_model=nxt,
-                                                   operation=self.operation))
+    def _emit(self, model: str, why: str, nxt: str | None) -> None:
+        dispatcher.event(
+            DifficultyEscalationEvent(failed_model=model, error=why, next_model=nxt, operation=self.operation)
+        )
 
     def end(self, call, handle, attempt, reply) -> None:
         if not attempt.accepted:

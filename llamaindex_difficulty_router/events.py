@@ -8,7 +8,7 @@ the delegated call, so handlers can tie them to the LLM events they see.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.events.base import BaseEvent
@@ -33,7 +33,7 @@ class DifficultyEscalationEvent(BaseEvent):
 
     failed_model: str
     error: str
-    next_model: Optional[str] = None
+    next_model: str | None = None
     operation: str
 
     @classmethod

@@ -7,9 +7,8 @@ record are the core's :mod:`difficulty_router.dispatch`, shared with LangChain a
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from llama_index.core.base.llms.types import (
     ChatMessage,
@@ -22,16 +21,14 @@ from llama_index.core.base.llms.types import (
     LLMMetadata,
     MessageRole,
 )
-from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import LLM, ToolSelection
 
-from difficulty_router import dispatch
 from difficulty_router.dispatch import CANNOT_CALL_TOOLS, RECORD_KEY, Binding, Retry
 
 from ._convert import to_router_messages, tool_conversation
-from ._replies import EscalationEvents, annotate, empty_like, response_reply, stream_reply
-from .events import DifficultyRouteEvent, dispatcher
+from ._serving import RoutedCalls, calls_tools
+from .events import dispatcher
 
 if TYPE_CHECKING:
     from llama_index.core.chat_engine.types import AgentChatResponse
@@ -40,15 +37,10 @@ if TYPE_CHECKING:
 ROUTING_KEY = RECORD_KEY
 """Key under which each response's ``additional_kwargs`` carries the routing record."""
 
-__all__ = ["DifficultyRouterLLM", "ROUTING_KEY", "CANNOT_CALL_TOOLS", "calls_tools"]
+__all__ = ["CANNOT_CALL_TOOLS", "ROUTING_KEY", "DifficultyRouterLLM", "calls_tools"]
 
 
-def calls_tools(llm: LLM) -> bool:
-    """A candidate serves tool calls only if it has the API and says its model supports it."""
-    return isinstance(llm, FunctionCallingLLM) and bool(llm.metadata.is_function_calling_model)
-
-
-class DifficultyRouterLLM(FunctionCallingLLM):
+class DifficultyRouterLLM(RoutedCalls):
     """Routes every call to the cheapest candidate the router expects to answer it.
 
     Args:
@@ -69,24 +61,36 @@ class DifficultyRouterLLM(FunctionCallingLLM):
     reaches the candidates through copies; the user's own LLM objects are never modified.
     """
 
-    escalate: bool = Field(default=True, description="Retry on more capable candidates when the chosen one fails.")
-
-    _llms: Dict[str, LLM] = PrivateAttr()
-    _binding: Binding = PrivateAttr()
-    _with_callbacks: Dict[str, LLM] = PrivateAttr(default_factory=dict)
-
-    def __init__(self, router: Any = None, llms: Optional[Mapping[str, LLM]] = None, *, escalate: bool = True,
-                 escalate_on: Any = None, max_retries: int = 0, retry_backoff: float = 0.0, cascade: Any = None,
-                 pik_scorers: Optional[Mapping[str, Callable]] = None, skip_threshold: Optional[float] = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        router: Any = None,
+        llms: Mapping[str, LLM] | None = None,
+        *,
+        escalate: bool = True,
+        escalate_on: Any = None,
+        max_retries: int = 0,
+        retry_backoff: float = 0.0,
+        cascade: Any = None,
+        pik_scorers: Mapping[str, Callable] | None = None,
+        skip_threshold: float | None = None,
+        **kwargs: Any,
+    ) -> None:
         if not isinstance(llms, Mapping) or not llms:
             raise TypeError(f"llms must be a mapping {{pool name: LLM}}, got {type(llms).__name__}")
         for name, llm in llms.items():
             if not isinstance(llm, LLM):
                 raise TypeError(f"llms[{name!r}] must be a llama_index LLM, got {type(llm).__name__}")
-        binding = Binding(llms, router=router, cascade=cascade, pik_scorers=pik_scorers, skip_threshold=skip_threshold,
-                          escalate_on=escalate_on, retry=Retry(max_retries, retry_backoff), fallbacks=escalate,
-                          what="llms")
+        binding = Binding(
+            llms,
+            router=router,
+            cascade=cascade,
+            pik_scorers=pik_scorers,
+            skip_threshold=skip_threshold,
+            escalate_on=escalate_on,
+            retry=Retry(max_retries, retry_backoff),
+            fallbacks=escalate,
+            what="llms",
+        )
         super().__init__(escalate=escalate, **kwargs)
         self._binding = binding
         self._llms = {name: llms[name] for name in (router.models if router is not None else llms)}
@@ -104,7 +108,7 @@ class DifficultyRouterLLM(FunctionCallingLLM):
         return self._binding.cascade
 
     @property
-    def llms(self) -> Dict[str, LLM]:
+    def llms(self) -> dict[str, LLM]:
         return dict(self._llms)
 
     @property
@@ -113,88 +117,13 @@ class DifficultyRouterLLM(FunctionCallingLLM):
         metas = [llm.metadata for llm in self._llms.values()]
         roles = {m.system_role for m in metas}
         return LLMMetadata(
-            context_window=min(m.context_window for m in metas), num_output=max(m.num_output for m in metas),
+            context_window=min(m.context_window for m in metas),
+            num_output=max(m.num_output for m in metas),
             is_chat_model=all(m.is_chat_model for m in metas),
             is_function_calling_model=any(calls_tools(llm) for llm in self._llms.values()),
             model_name="difficulty-router[" + ", ".join(self._llms) + "]",
             system_role=roles.pop() if len(roles) == 1 else MessageRole.SYSTEM,
         )
-
-    def _candidate(self, name: str) -> LLM:
-        """The candidate, or a copy of it wired to this LLM's callback manager (query engines and
-        Settings hand theirs to "the LLM"; the candidates emit the LLM events, so they need it)."""
-        llm, manager = self._llms[name], self.callback_manager
-        if not manager.handlers or llm.callback_manager is manager:
-            return llm
-        copy = self._with_callbacks.get(name)
-        if copy is None or copy.callback_manager is not manager:
-            copy = self._with_callbacks[name] = llm.model_copy(update={"callback_manager": manager})
-        return copy
-
-    # -- one routed call -------------------------------------------------------------------
-    def _start(self, query: Any, operation: str, decision: Any, tools: bool) -> dispatch.RoutedCall:
-        if decision is not None:
-            dispatcher.event(DifficultyRouteEvent(model=decision.model, decision=decision.to_dict(),
-                                                  operation=operation))
-        return self._binding.start(decision, query=query, cascade=not tools)
-
-    def _routing(self, operation: str, tools: bool) -> tuple[bool, Optional[Dict[str, str]]]:
-        if tools and self._binding.router is None:
-            raise NotImplementedError(f"{operation}: this DifficultyRouterLLM has a cascade and no router; tool "
-                                      "calls need a router (the cascade serves chat, complete and their forms)")
-        exclude = None
-        if tools and self.metadata.is_function_calling_model:
-            exclude = self._binding.tool_exclusions({n: calls_tools(llm) for n, llm in self._llms.items()})
-        elif tools and operation.endswith("with_tools"):
-            self._binding.tool_exclusions({})  # refuses: no candidate calls tools
-        return tools or self._binding.routes, exclude
-
-    def _serve(self, query: Any, operation: str, fn: Callable[[LLM], Any], *, tools: bool = False) -> Any:
-        needed, exclude = self._routing(operation, tools)
-        call = self._start(query, operation, self._binding.decide(query, exclude) if needed else None, tools)
-        reply = dispatch.run_sync(call, lambda n: response_reply(fn(self._candidate(n))), EscalationEvents(operation))
-        return annotate(reply.value, call.record())
-
-    async def _aserve(self, query: Any, operation: str, fn: Callable[[LLM], Any], *, tools: bool = False) -> Any:
-        needed, exclude = self._routing(operation, tools)
-        # The routing forward pass runs off the event loop.
-        decision = await asyncio.to_thread(self._binding.decide, query, exclude) if needed else None
-        call = self._start(query, operation, decision, tools)
-
-        async def invoke(name: str) -> dispatch.Reply:
-            return response_reply(await fn(self._candidate(name)))
-        reply = await dispatch.run_async(call, invoke, EscalationEvents(operation))
-        return annotate(reply.value, call.record())
-
-    def _serve_stream(self, query: Any, operation: str, fn: Callable[[LLM], Any], *, tools: bool = False,
-                      chat: bool = True) -> Iterator[Any]:
-        needed, exclude = self._routing(operation, tools)
-        call = self._start(query, operation, self._binding.decide(query, exclude) if needed else None, tools)
-        opened = dispatch.stream_sync(call, lambda n: fn(self._candidate(n)), stream_reply, EscalationEvents(operation))
-
-        def relay() -> Iterator[Any]:
-            record = call.record()
-            for chunk in opened.head or [empty_like(chat)]:
-                yield annotate(chunk, record)
-            for chunk in opened.tail:
-                yield annotate(chunk, record)
-        return relay()
-
-    async def _aserve_stream(self, query: Any, operation: str, fn: Callable[[LLM], Any], *, tools: bool = False,
-                             chat: bool = True) -> AsyncIterator[Any]:
-        needed, exclude = self._routing(operation, tools)
-        decision = await asyncio.to_thread(self._binding.decide, query, exclude) if needed else None
-        call = self._start(query, operation, decision, tools)
-        opened = await dispatch.stream_async(call, lambda n: fn(self._candidate(n)), stream_reply,
-                                             EscalationEvents(operation))
-
-        async def relay() -> AsyncIterator[Any]:
-            record = call.record()
-            for chunk in opened.head or [empty_like(chat)]:
-                yield annotate(chunk, record)
-            async for chunk in opened.tail:
-                yield annotate(chunk, record)
-        return relay()
 
     # -- chat and completion ---------------------------------------------------------------
     @dispatcher.span
@@ -207,13 +136,18 @@ class DifficultyRouterLLM(FunctionCallingLLM):
 
     @dispatcher.span
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
-        return self._serve_stream(to_router_messages(messages), "stream_chat",
-                                  lambda llm: llm.stream_chat(messages, **kwargs))
+        return self._serve_stream(
+            to_router_messages(messages), "stream_chat", lambda llm: llm.stream_chat(messages, **kwargs)
+        )
 
     @dispatcher.span
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
-        return self._serve_stream(_prompt(prompt), "stream_complete",
-                                  lambda llm: llm.stream_complete(prompt, formatted=formatted, **kwargs), chat=False)
+        return self._serve_stream(
+            _prompt(prompt),
+            "stream_complete",
+            lambda llm: llm.stream_complete(prompt, formatted=formatted, **kwargs),
+            chat=False,
+        )
 
     @dispatcher.span
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
@@ -221,83 +155,136 @@ class DifficultyRouterLLM(FunctionCallingLLM):
 
     @dispatcher.span
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        return await self._aserve(_prompt(prompt), "acomplete",
-                                  lambda llm: llm.acomplete(prompt, formatted=formatted, **kwargs))
+        return await self._aserve(
+            _prompt(prompt), "acomplete", lambda llm: llm.acomplete(prompt, formatted=formatted, **kwargs)
+        )
 
     @dispatcher.span
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
-        return await self._aserve_stream(to_router_messages(messages), "astream_chat",
-                                         lambda llm: llm.astream_chat(messages, **kwargs))
+        return await self._aserve_stream(
+            to_router_messages(messages), "astream_chat", lambda llm: llm.astream_chat(messages, **kwargs)
+        )
 
     @dispatcher.span
     async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
-        return await self._aserve_stream(_prompt(prompt), "astream_complete",
-                                         lambda llm: llm.astream_complete(prompt, formatted=formatted, **kwargs),
-                                         chat=False)
+        return await self._aserve_stream(
+            _prompt(prompt),
+            "astream_complete",
+            lambda llm: llm.astream_complete(prompt, formatted=formatted, **kwargs),
+            chat=False,
+        )
 
     # -- function calling: routed (never cascaded) and handed to the chosen candidate whole ----
-    def _prepare_chat_with_tools(self, tools: Sequence["BaseTool"], user_msg: Any = None, chat_history: Any = None,
-                                 verbose: bool = False, allow_parallel_tool_calls: bool = False,
-                                 tool_required: bool = False, **kwargs: Any) -> Dict[str, Any]:
-        raise NotImplementedError("DifficultyRouterLLM prepares no tool calls itself (tool schemas are provider-"
-                                  "specific); call chat_with_tools or its async/stream forms, which route and delegate")
+    def _prepare_chat_with_tools(
+        self,
+        tools: Sequence[BaseTool],
+        user_msg: Any = None,
+        chat_history: Any = None,
+        verbose: bool = False,
+        allow_parallel_tool_calls: bool = False,
+        tool_required: bool = False,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        raise NotImplementedError(
+            "DifficultyRouterLLM prepares no tool calls itself (tool schemas are provider-"
+            "specific); call chat_with_tools or its async/stream forms, which route and delegate"
+        )
 
-    def _tools(self, method: str, tools: Sequence["BaseTool"], user_msg: Any, chat_history: Any,
-               **kw: Any) -> tuple[Any, str, Callable[[LLM], Any]]:
+    def _tools(
+        self, method: str, tools: Sequence[BaseTool], user_msg: Any, chat_history: Any, **kw: Any
+    ) -> tuple[Any, str, Callable[[LLM], Any]]:
         if not kw.get("tool_required"):  # older integrations do not know the argument; pass it only when asked for
             kw.pop("tool_required", None)
         query = to_router_messages(tool_conversation(user_msg, chat_history), "user_msg and chat_history")
-        return query, method, lambda llm: getattr(llm, method)(tools, user_msg=user_msg, chat_history=chat_history,
-                                                                **kw)
+        return (
+            query,
+            method,
+            lambda llm: getattr(llm, method)(tools, user_msg=user_msg, chat_history=chat_history, **kw),
+        )
 
     @dispatcher.span
-    def chat_with_tools(self, tools: Sequence["BaseTool"], user_msg: Optional[Union[str, ChatMessage]] = None,
-                        chat_history: Optional[List[ChatMessage]] = None, **kw: Any) -> ChatResponse:
+    def chat_with_tools(
+        self,
+        tools: Sequence[BaseTool],
+        user_msg: str | ChatMessage | None = None,
+        chat_history: list[ChatMessage] | None = None,
+        **kw: Any,
+    ) -> ChatResponse:
         return self._serve(*self._tools("chat_with_tools", tools, user_msg, chat_history, **kw), tools=True)
 
     @dispatcher.span
-    async def achat_with_tools(self, tools: Sequence["BaseTool"], user_msg: Optional[Union[str, ChatMessage]] = None,
-                               chat_history: Optional[List[ChatMessage]] = None, **kw: Any) -> ChatResponse:
+    async def achat_with_tools(
+        self,
+        tools: Sequence[BaseTool],
+        user_msg: str | ChatMessage | None = None,
+        chat_history: list[ChatMessage] | None = None,
+        **kw: Any,
+    ) -> ChatResponse:
         return await self._aserve(*self._tools("achat_with_tools", tools, user_msg, chat_history, **kw), tools=True)
 
     @dispatcher.span
-    def stream_chat_with_tools(self, tools: Sequence["BaseTool"], user_msg: Optional[Union[str, ChatMessage]] = None,
-                               chat_history: Optional[List[ChatMessage]] = None, **kw: Any) -> ChatResponseGen:
-        return self._serve_stream(*self._tools("stream_chat_with_tools", tools, user_msg, chat_history, **kw),
-                                  tools=True)
+    def stream_chat_with_tools(
+        self,
+        tools: Sequence[BaseTool],
+        user_msg: str | ChatMessage | None = None,
+        chat_history: list[ChatMessage] | None = None,
+        **kw: Any,
+    ) -> ChatResponseGen:
+        return self._serve_stream(
+            *self._tools("stream_chat_with_tools", tools, user_msg, chat_history, **kw), tools=True
+        )
 
     @dispatcher.span
-    async def astream_chat_with_tools(self, tools: Sequence["BaseTool"],
-                                      user_msg: Optional[Union[str, ChatMessage]] = None,
-                                      chat_history: Optional[List[ChatMessage]] = None,
-                                      **kw: Any) -> ChatResponseAsyncGen:
-        return await self._aserve_stream(*self._tools("astream_chat_with_tools", tools, user_msg, chat_history, **kw),
-                                         tools=True)
+    async def astream_chat_with_tools(
+        self,
+        tools: Sequence[BaseTool],
+        user_msg: str | ChatMessage | None = None,
+        chat_history: list[ChatMessage] | None = None,
+        **kw: Any,
+    ) -> ChatResponseAsyncGen:
+        return await self._aserve_stream(
+            *self._tools("astream_chat_with_tools", tools, user_msg, chat_history, **kw), tools=True
+        )
 
     @dispatcher.span
-    def predict_and_call(self, tools: Sequence["BaseTool"], user_msg: Optional[Union[str, ChatMessage]] = None,
-                         chat_history: Optional[List[ChatMessage]] = None, **kw: Any) -> "AgentChatResponse":
+    def predict_and_call(
+        self,
+        tools: Sequence[BaseTool],
+        user_msg: str | ChatMessage | None = None,
+        chat_history: list[ChatMessage] | None = None,
+        **kw: Any,
+    ) -> AgentChatResponse:
         return self._serve(*self._tools("predict_and_call", tools, user_msg, chat_history, **kw), tools=True)
 
     @dispatcher.span
-    async def apredict_and_call(self, tools: Sequence["BaseTool"], user_msg: Optional[Union[str, ChatMessage]] = None,
-                                chat_history: Optional[List[ChatMessage]] = None, **kw: Any) -> "AgentChatResponse":
+    async def apredict_and_call(
+        self,
+        tools: Sequence[BaseTool],
+        user_msg: str | ChatMessage | None = None,
+        chat_history: list[ChatMessage] | None = None,
+        **kw: Any,
+    ) -> AgentChatResponse:
         return await self._aserve(*self._tools("apredict_and_call", tools, user_msg, chat_history, **kw), tools=True)
 
     @dispatcher.span
-    def get_tool_calls_from_response(self, response: ChatResponse, error_on_no_tool_call: bool = True,
-                                     **kwargs: Any) -> List[ToolSelection]:
+    def get_tool_calls_from_response(
+        self, response: ChatResponse, error_on_no_tool_call: bool = True, **kwargs: Any
+    ) -> list[ToolSelection]:
         """Parsing tool calls is provider-specific, so the candidate that answered parses them."""
         record = response.additional_kwargs.get(ROUTING_KEY)
         if record is None:
             if not error_on_no_tool_call and not response.message.blocks and not response.message.additional_kwargs:
                 return []  # agents probe an empty placeholder response when a stream yields nothing
-            raise ValueError(f"this response has no additional_kwargs[{ROUTING_KEY!r}], so it did not come from this "
-                             "DifficultyRouterLLM and there is no telling which candidate's format its tool calls are in")
+            raise ValueError(
+                f"this response has no additional_kwargs[{ROUTING_KEY!r}], so it did not come from this "
+                "DifficultyRouterLLM and there is no telling which candidate's format its tool calls are in"
+            )
         llm = self._llms.get(record.get("served_by"))
         if not isinstance(llm, FunctionCallingLLM):
-            raise ValueError(f"the response was served by {record.get('served_by')!r}, which is not a function-calling "
-                             f"candidate of this DifficultyRouterLLM ({list(self._llms)})")
+            raise ValueError(
+                f"the response was served by {record.get('served_by')!r}, which is not a function-calling "
+                f"candidate of this DifficultyRouterLLM ({list(self._llms)})"
+            )
         return llm.get_tool_calls_from_response(response, error_on_no_tool_call=error_on_no_tool_call, **kwargs)
 
 

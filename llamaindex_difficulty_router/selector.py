@@ -29,7 +29,9 @@ class DifficultySelector(BaseSelector):
     def __init__(self, router: Any, choice_models: Sequence[str]) -> None:
         check_router(router)
         if isinstance(choice_models, str) or not isinstance(choice_models, Sequence):
-            raise TypeError(f"choice_models must be a list of pool names, one per choice, got {type(choice_models).__name__}")
+            raise TypeError(
+                f"choice_models must be a list of pool names, one per choice, got {type(choice_models).__name__}"
+            )
         choice_models = list(choice_models)
         if not choice_models:
             raise ValueError("choice_models is empty; give one pool name per RouterQueryEngine choice")
@@ -65,10 +67,14 @@ class DifficultySelector(BaseSelector):
     def _result(self, decision: Any) -> SelectorResult:
         dispatcher.event(DifficultyRouteEvent(model=decision.model, decision=decision.to_dict(), operation="select"))
         probs = ", ".join(f"{m}={p:.2f}" for m, p in decision.probabilities.items())
-        reason = (f"difficulty router chose {decision.model}: difficulty {decision.difficulty:.2f}/5, "
-                  f"P(success) {probs}; {decision.policy} {decision.parameter}={decision.parameter_value:g}, "
-                  f"expected cost {decision.expected_cost:.6g}")
-        return SelectorResult(selections=[SingleSelection(index=self._choice_models.index(decision.model), reason=reason)])
+        reason = (
+            f"difficulty router chose {decision.model}: difficulty {decision.difficulty:.2f}/5, "
+            f"P(success) {probs}; {decision.policy} {decision.parameter}={decision.parameter_value:g}, "
+            f"expected cost {decision.expected_cost:.6g}"
+        )
+        return SelectorResult(
+            selections=[SingleSelection(index=self._choice_models.index(decision.model), reason=reason)]
+        )
 
     def _select(self, choices: Sequence[ToolMetadata], query: QueryBundle) -> SelectorResult:
         self._check(choices, query)

@@ -339,3 +339,18 @@ def test_without_fallbacks_the_first_models_error_reaches_the_caller_recorded():
     cascade = RoutedCall(cascade=cascade_policy(), fallbacks=False)
     with pytest.raises(TimeoutError):
         dispatch.run_sync(cascade, Models(weak=[TimeoutError("down")], mid=["m"], strong=["s"]))
+
+
+def test_a_committed_streams_attempt_ends_when_the_stream_does():
+    spy = Spy()
+    call = RoutedCall(decision=decision())
+    opened = dispatch.stream_sync(call, lambda m: iter(["a", "b"]), lambda c: Reply(c), spy)
+    assert spy.events == [("start", WEAK)]  # accepted at the first chunk, still open
+    assert list(opened.tail) == ["b"]
+    assert spy.events == [("start", WEAK), ("end", WEAK, True)]
+    broken = RoutedCall(decision=decision())
+    spy.events.clear()
+    opened = dispatch.stream_sync(broken, lambda m: chunks("a", ConnectionError("cut")), lambda c: Reply(c), spy)
+    with pytest.raises(ConnectionError):
+        list(opened.tail)
+    assert spy.events == [("start", WEAK), ("error", WEAK, False, None)]

@@ -52,8 +52,9 @@ def _knn_vote(Ztr: np.ndarray, Ytr: np.ndarray, Zte: np.ndarray, k: int) -> np.n
     return (Ytr[nearest].sum(axis=1) + Ytr.mean(axis=0)) / (k + 1)
 
 
-def knn_proba(train_features: np.ndarray, train_scores: np.ndarray, test_features: np.ndarray,
-              cv: int = 5, seed: int = 0) -> tuple[np.ndarray, int]:
+def knn_proba(
+    train_features: np.ndarray, train_scores: np.ndarray, test_features: np.ndarray, cv: int = 5, seed: int = 0
+) -> tuple[np.ndarray, int]:
     """kNN vote over the activation read-out, k chosen by cross-validated mean AUROC; returns (proba, k)."""
     standardizer = Standardizer().fit(np.asarray(train_features, dtype=np.float64))
     Ztr, Zte = _unit_rows(train_features, standardizer), _unit_rows(test_features, standardizer)
@@ -81,8 +82,15 @@ def _fit_on(kind: str, train: Outcomes, test: Outcomes, seed: int, train_feature
     return probe.predict_proba(_texts(test))
 
 
-def baseline_proba(kind: str, test: Outcomes, train: Outcomes | None = None, seed: int = 0, folds: int = 5,
-                   train_features: np.ndarray | None = None, test_features: np.ndarray | None = None) -> np.ndarray:
+def baseline_proba(
+    kind: str,
+    test: Outcomes,
+    train: Outcomes | None = None,
+    seed: int = 0,
+    folds: int = 5,
+    train_features: np.ndarray | None = None,
+    test_features: np.ndarray | None = None,
+) -> np.ndarray:
     """(n_test, n_models) P(success) of a baseline.
 
     ``length``, ``tfidf`` and ``knn`` are fitted on ``train`` when given, else cross-fitted
@@ -96,8 +104,10 @@ def baseline_proba(kind: str, test: Outcomes, train: Outcomes | None = None, see
     if kind == "oracle":
         return test.scores.astype(np.float64)
     if kind in NEEDS_FEATURES and (test_features is None or (train is not None and train_features is None)):
-        raise ValueError(f"the {kind!r} baseline reads activation features; pass test_features"
-                         + (" and train_features" if train is not None else ""))
+        raise ValueError(
+            f"the {kind!r} baseline reads activation features; pass test_features"
+            + (" and train_features" if train is not None else "")
+        )
     if train is not None:
         return _fit_on(kind, train.select_models(test.models), test, seed, train_features, test_features)
     out = np.zeros(test.scores.shape)

@@ -147,24 +147,29 @@ class CascadePolicy:
             if self.on_missing_logprobs == "error":
                 raise MissingLogprobsError(
                     f"rung {model!r} returned no logprobs, so P(T) is unknown; request logprobs from the "
-                    "endpoint, or set on_missing_logprobs='pik_only' or 'escalate'")
+                    "endpoint, or set on_missing_logprobs='pik_only' or 'escalate'"
+                )
             if self.on_missing_logprobs == "escalate":
                 return False, "no logprobs: escalating"
             used.remove("pt")
         if "pik" in used and pik is None:
-            raise ValueError(f"rung {model!r} has no P(IK): give the rung a P(IK) probe (local model) or drop the signal")
+            raise ValueError(
+                f"rung {model!r} has no P(IK): give the rung a P(IK) probe (local model) or drop the signal"
+            )
         if self.combine == "learned" and used == list(SIGNALS):
+            assert pt is not None and pik is not None
             score, tau = self.combined(model, pt, pik), self.combined_threshold[model]
             if score < tau:
                 return False, f"combined confidence {score:.3f} < {tau:g}"
             return True, f"combined confidence {score:.3f} >= {tau:g}"
-        values = {"pt": pt, "pik": pik}
+        values: dict[str, float] = {s: v for s, v in (("pt", pt), ("pik", pik)) if v is not None}
         for signal in used:
             tau = self._table(signal)[model]
             if values[signal] < tau:
                 return False, f"P({'T' if signal == 'pt' else 'IK'}) {values[signal]:.3f} < {tau:g}"
-        return True, " and ".join(f"P({'T' if s == 'pt' else 'IK'}) {values[s]:.3f} >= {self._table(s)[model]:g}"
-                                  for s in used)
+        return True, " and ".join(
+            f"P({'T' if s == 'pt' else 'IK'}) {values[s]:.3f} >= {self._table(s)[model]:g}" for s in used
+        )
 
     # -- learning from labelled rows ---------------------------------------------------
     def confidence_matrix(self, pt, pik) -> np.ndarray:
@@ -184,8 +189,10 @@ class CascadePolicy:
         for j, model in enumerate(self.ladder[:-1]):
             y = (correct[:, j] >= 0.5).astype(int)
             if y.min() == y.max():
-                raise ValueError(f"rung {model!r} is always {'right' if y[0] else 'wrong'} on these rows; "
-                                 "a combiner cannot be learned from them")
+                raise ValueError(
+                    f"rung {model!r} is always {'right' if y[0] else 'wrong'} on these rows; "
+                    "a combiner cannot be learned from them"
+                )
             X = np.c_[_logit(pt[:, j]), _logit(pik[:, j])]
             clf = LogisticRegression(C=1.0).fit(X, y)
             self.combiners[model] = [float(clf.coef_[0, 0]), float(clf.coef_[0, 1]), float(clf.intercept_[0])]
@@ -207,9 +214,19 @@ class CascadePolicy:
                 accept[:, j] &= pik[:, j] >= self.pik_threshold[model]
         return accept
 
-    def calibrate(self, correct, cost, *, pt=None, pik=None, start=None, target_cost: float | None = None,
-                  target_accuracy: float | None = None, max_accuracy_drop: float | None = None,
-                  levels: int = 11) -> dict:
+    def calibrate(
+        self,
+        correct,
+        cost,
+        *,
+        pt=None,
+        pik=None,
+        start=None,
+        target_cost: float | None = None,
+        target_accuracy: float | None = None,
+        max_accuracy_drop: float | None = None,
+        levels: int = 11,
+    ) -> dict:
         """Set the per-rung thresholds on labelled rows to a cost budget or an accuracy target.
 
         ``correct`` and ``cost`` are (n, rungs) in ladder order: whether each rung answered
@@ -221,8 +238,9 @@ class CascadePolicy:
         given = [x is not None for x in (target_cost, target_accuracy, max_accuracy_drop)]
         if sum(given) != 1:
             raise ValueError("give exactly one of target_cost, target_accuracy or max_accuracy_drop")
-        pt, pik, correct, cost = _check_signals(self.ladder, pt=pt, pik=pik, correct=correct, cost=cost,
-                                                need=("pt" in self.signals, "pik" in self.signals))
+        pt, pik, correct, cost = _check_signals(
+            self.ladder, pt=pt, pik=pik, correct=correct, cost=cost, need=("pt" in self.signals, "pik" in self.signals)
+        )
         if len(correct) < 10:
             raise ValueError(f"calibration needs at least 10 labelled rows, got {len(correct)}")
         if max_accuracy_drop is not None:
@@ -250,21 +268,32 @@ class CascadePolicy:
                 candidates[(model, key)] = np.unique(np.r_[0.0, np.quantile(col, qs[1:-1]), min(1.0, col.max() + 1e-9)])
         slots = list(candidates)
         if len(slots) * math.log(levels) > math.log(60000):  # too many combinations: share one quantile level
-            grids = [{slot: float(np.quantile(values[slot[1]][:, lower.index(slot[0])], qmap[slot[1]]))
-                      for slot in slots} for qmap in (dict(zip(keys, q)) for q in itertools.product(qs, repeat=len(keys)))]
+            grids = [
+                {slot: float(np.quantile(values[slot[1]][:, lower.index(slot[0])], qmap[slot[1]])) for slot in slots}
+                for qmap in (dict(zip(keys, q, strict=False)) for q in itertools.product(qs, repeat=len(keys)))
+            ]
         else:
-            grids = [dict(zip(slots, combo)) for combo in itertools.product(*(candidates[s] for s in slots))]
+            grids = [
+                dict(zip(slots, combo, strict=False)) for combo in itertools.product(*(candidates[s] for s in slots))
+            ]
         points = []
         for setting in grids:
             accept = np.ones_like(correct, dtype=bool)
             for (model, key), tau in setting.items():
                 accept[:, lower.index(model)] &= values[key][:, lower.index(model)] >= tau
             result = simulate(accept, correct, cost, start=start)
-            thresholds = {}
+            thresholds: dict[str, dict[str, float]] = {}
             for (model, key), tau in setting.items():
                 thresholds.setdefault(key, {})[model] = float(tau)
-            points.append({"thresholds": thresholds, "accuracy": result["accuracy"], "cost": result["cost"],
-                           "share": result["share"], "attempts": result["attempts"]})
+            points.append(
+                {
+                    "thresholds": thresholds,
+                    "accuracy": result["accuracy"],
+                    "cost": result["cost"],
+                    "share": result["share"],
+                    "attempts": result["attempts"],
+                }
+            )
         return points
 
     def set_thresholds(self, thresholds: Mapping[str, Mapping[str, float]]) -> None:
@@ -289,9 +318,13 @@ class CascadePolicy:
 
 def _check_signals(ladder, *, pt=None, pik=None, correct=None, cost=None, need=(False, False)):
     k = len(ladder)
-    out = []
-    for name, arr, required in (("pt", pt, need[0]), ("pik", pik, need[1]), ("correct", correct, True),
-                                ("cost", cost, cost is not None)):
+    out: list[np.ndarray | None] = []
+    for name, arr, required in (
+        ("pt", pt, need[0]),
+        ("pik", pik, need[1]),
+        ("correct", correct, True),
+        ("cost", cost, cost is not None),
+    ):
         if arr is None:
             if required:
                 raise ValueError(f"{name} is required for this policy's signals")
@@ -372,9 +405,15 @@ class CascadeResult:
         return float(sum(a.cost for a in self.attempts))
 
     def to_dict(self) -> dict:
-        return {"model": self.model, "text": self.text, "start": self.start, "escalations": self.escalations,
-                "cost": self.cost, "attempts": [asdict(a) for a in self.attempts],
-                "decision": self.decision.to_dict() if self.decision is not None else None}
+        return {
+            "model": self.model,
+            "text": self.text,
+            "start": self.start,
+            "escalations": self.escalations,
+            "cost": self.cost,
+            "attempts": [asdict(a) for a in self.attempts],
+            "decision": self.decision.to_dict() if self.decision is not None else None,
+        }
 
 
 class CascadeRun:
@@ -387,8 +426,14 @@ class CascadeRun:
     >>> run.result()
     """
 
-    def __init__(self, policy: CascadePolicy, *, start: str | None = None, decision: Any = None,
-                 cost_fn: Callable[[str, int, int], float] | None = None) -> None:
+    def __init__(
+        self,
+        policy: CascadePolicy,
+        *,
+        start: str | None = None,
+        decision: Any = None,
+        cost_fn: Callable[[str, int, int], float] | None = None,
+    ) -> None:
         self.policy = policy
         self.start = start or policy.ladder[0]
         self._index = policy.rung(self.start)
@@ -405,15 +450,25 @@ class CascadeRun:
     def next_model(self) -> str | None:
         return None if self.done else self.policy.ladder[self._index]
 
-    def record(self, model: str, text: str, *, tokens: Sequence[str] | None = None,
-               logprobs: Sequence[float] | None = None, pik: float | None = None,
-               prompt_tokens: int = 0, completion_tokens: int = 0) -> Attempt:
+    def record(
+        self,
+        model: str,
+        text: str,
+        *,
+        tokens: Sequence[str] | None = None,
+        logprobs: Sequence[float] | None = None,
+        pik: float | None = None,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+    ) -> Attempt:
         if model != self.next_model:
             raise ValueError(f"expected an answer from {self.next_model!r}, got one from {model!r}")
         pt = answer_confidence(logprobs, self.policy.reduce, tokens) if logprobs else None
         accepted, reason = self.policy.decide(model, pt, pik if self.policy.needs_pik else None)
         cost = self.cost_fn(model, prompt_tokens, completion_tokens) if self.cost_fn else 0.0
-        attempt = Attempt(model, text, pt, pik, accepted, reason, int(prompt_tokens), int(completion_tokens), float(cost))
+        attempt = Attempt(
+            model, text, pt, pik, accepted, reason, int(prompt_tokens), int(completion_tokens), float(cost)
+        )
         self._finish(attempt)
         return attempt
 
@@ -469,8 +524,15 @@ class Cascade:
     rung the router expects to succeed (the hybrid mode) and cascades from there.
     """
 
-    def __init__(self, generators: Sequence[Any], policy: CascadePolicy, *, router: Any = None,
-                 skip_threshold: float | None = None, pool: Any = None) -> None:
+    def __init__(
+        self,
+        generators: Sequence[Any],
+        policy: CascadePolicy,
+        *,
+        router: Any = None,
+        skip_threshold: float | None = None,
+        pool: Any = None,
+    ) -> None:
         self.generators = {g.name: g for g in generators}
         missing = [m for m in policy.ladder if m not in self.generators]
         if missing:
@@ -488,8 +550,9 @@ class Cascade:
         from .dispatch import Reply, RoutedCall, run_sync
 
         decision = self.router.route(query) if self.router is not None else None
-        call = RoutedCall(decision=decision, cascade=self.policy, skip_threshold=self.skip_threshold,
-                          cost_fn=self.cost_fn)
+        call = RoutedCall(
+            decision=decision, cascade=self.policy, skip_threshold=self.skip_threshold, cost_fn=self.cost_fn
+        )
 
         def invoke(model: str) -> Reply:
             out = self.generators[model].generate(query, max_new_tokens=max_new_tokens)

@@ -75,7 +75,7 @@ class Outcomes:
         if not 0.0 < train_fraction < 1.0:
             raise ValueError(f"train_fraction must lie in (0, 1), got {train_fraction}")
         order = np.random.default_rng(seed).permutation(len(self))
-        cut = int(round(train_fraction * len(self)))
+        cut = round(train_fraction * len(self))
         return self.subset(np.sort(order[:cut])), self.subset(np.sort(order[cut:]))
 
     def accuracy(self) -> dict[str, float]:
@@ -111,7 +111,8 @@ def _score(value: Any, where: str) -> float:
 
 def parse_outcome_rows(rows, source: str = "outcomes") -> Outcomes:
     """Validate already-decoded rows (dicts); ``source`` names them in errors."""
-    queries, ids, table, difficulty, costs = [], [], [], [], []
+    queries, ids, table, difficulty = [], [], [], []
+    costs: list[list[float] | None] = []
     models: list[str] | None = None
     for lineno, row in rows:
         where = f"{source}, line {lineno}"
@@ -137,7 +138,8 @@ def parse_outcome_rows(rows, source: str = "outcomes") -> Outcomes:
             extra, missing = sorted(set(outcome) - set(models)), sorted(set(models) - set(outcome))
             raise ValueError(
                 f"{where}: '{key}' names models {sorted(outcome)}, but earlier lines name {sorted(models)}"
-                + (f"; unknown here: {extra}" if extra else "") + (f"; missing here: {missing}" if missing else "")
+                + (f"; unknown here: {extra}" if extra else "")
+                + (f"; missing here: {missing}" if missing else "")
             )
         table.append([_score(outcome[m], f"{where}: {key}[{m!r}]") for m in models])
         ids.append(str(row.get("id", lineno)))
@@ -163,7 +165,8 @@ def parse_outcome_rows(rows, source: str = "outcomes") -> Outcomes:
     any_cost = any(c is not None for c in costs)
     cost_matrix = (
         np.array([c if c is not None else [math.nan] * len(models) for c in costs], dtype=np.float64)
-        if any_cost else None
+        if any_cost
+        else None
     )
     return Outcomes(
         queries=queries,
@@ -209,13 +212,15 @@ def save_outcomes(outcomes: Outcomes, path: str | os.PathLike) -> None:
                 row["messages"] = conv
             scores = outcomes.scores[i]
             if np.isin(scores, (0.0, 1.0)).all():
-                row["correct"] = {m: bool(s) for m, s in zip(outcomes.models, scores)}
+                row["correct"] = {m: bool(s) for m, s in zip(outcomes.models, scores, strict=False)}
             else:
-                row["scores"] = {m: float(s) for m, s in zip(outcomes.models, scores)}
+                row["scores"] = {m: float(s) for m, s in zip(outcomes.models, scores, strict=False)}
             if outcomes.difficulty is not None and outcomes.difficulty[i]:
                 row["difficulty"] = int(outcomes.difficulty[i])
             if outcomes.cost is not None:
-                row["cost"] = {m: float(c) for m, c in zip(outcomes.models, outcomes.cost[i]) if not math.isnan(c)}
+                row["cost"] = {
+                    m: float(c) for m, c in zip(outcomes.models, outcomes.cost[i], strict=False) if not math.isnan(c)
+                }
             for key, values in outcomes.extra.items():
                 row.setdefault(key, values[i])
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -272,8 +277,13 @@ def load_mmlu_pro(directory: str | os.PathLike, models: list[str] | None = None)
         extra_ans.append(q.get("answer", ""))
         if qid in chars:
             out_chars.append([float(chars[qid][c] or 0) for c in cols])
-    outcomes = Outcomes(queries=queries, models=models, scores=np.array(table), ids=ids,
-                        extra={"category": extra_cat, "answer": extra_ans})
+    outcomes = Outcomes(
+        queries=queries,
+        models=models,
+        scores=np.array(table),
+        ids=ids,
+        extra={"category": extra_cat, "answer": extra_ans},
+    )
     if len(out_chars) == len(ids):
         outcomes.extra["output_chars"] = out_chars
     return outcomes

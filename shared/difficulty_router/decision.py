@@ -39,5 +39,7 @@ class RouteDecision:
 
     def __str__(self) -> str:
         probs = ", ".join(f"{m}={p:.2f}" for m, p in self.probabilities.items())
-        return (f"-> {self.model} (difficulty {self.difficulty:.1f}/5, P(success): {probs}; "
-                f"{self.policy} {self.parameter}={self.parameter_value:g}, expected cost {self.expected_cost:.6g})")
+        return (
+            f"-> {self.model} (difficulty {self.difficulty:.1f}/5, P(success): {probs}; "
+            f"{self.policy} {self.parameter}={self.parameter_value:g}, expected cost {self.expected_cost:.6g})"
+        )

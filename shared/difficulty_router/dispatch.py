@@ -49,13 +49,17 @@ def escalation_rule(escalate_on: Any = None) -> Callable[[BaseException], bool]:
         return lambda exc: False
     if isinstance(escalate_on, type) and issubclass(escalate_on, BaseException):
         return lambda exc: isinstance(exc, escalate_on)
-    if isinstance(escalate_on, tuple) and escalate_on and all(
-            isinstance(t, type) and issubclass(t, BaseException) for t in escalate_on):
+    if (
+        isinstance(escalate_on, tuple)
+        and escalate_on
+        and all(isinstance(t, type) and issubclass(t, BaseException) for t in escalate_on)
+    ):
         return lambda exc: isinstance(exc, escalate_on)
     if callable(escalate_on) and not isinstance(escalate_on, type):
         return lambda exc: bool(escalate_on(exc))
-    raise TypeError(f"escalate_on must be None, False, an exception type, a tuple of them, or a predicate; "
-                    f"got {escalate_on!r}")
+    raise TypeError(
+        f"escalate_on must be None, False, an exception type, a tuple of them, or a predicate; got {escalate_on!r}"
+    )
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,7 @@ class Reply:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     pik: float | None = None  # a local rung's own P(IK), when its generation computed one
+    deferred: bool = False  # a stream committed at its first chunk: the attempt ends when the stream does
 
 
 class Hooks:
@@ -132,11 +137,19 @@ class RoutedCall:
     answer) the last exception propagates, with a note listing every attempt.
     """
 
-    def __init__(self, *, decision: Any = None, ladder: Sequence[str] | None = None,
-                 cascade: CascadePolicy | None = None, skip_threshold: float | None = None,
-                 pik: Callable[[str], float | None] | None = None, rule: Callable[[BaseException], bool] | None = None,
-                 retry: Retry | None = None, cost_fn: Callable[[str, int, int], float] | None = None,
-                 fallbacks: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        decision: Any = None,
+        ladder: Sequence[str] | None = None,
+        cascade: CascadePolicy | None = None,
+        skip_threshold: float | None = None,
+        pik: Callable[[str], float | None] | None = None,
+        rule: Callable[[BaseException], bool] | None = None,
+        retry: Retry | None = None,
+        cost_fn: Callable[[str, int, int], float] | None = None,
+        fallbacks: bool = True,
+    ) -> None:
         self.decision = decision
         self.fallbacks = fallbacks
         self.rule = rule or is_transient_error
@@ -166,6 +179,7 @@ class RoutedCall:
         self.reply: Reply | None = None
         self.served: Attempt | None = None
         self.exhausted = False
+        self.open_handle: Any = None  # the served attempt's hook handle while its stream is still open
         self._retries = 0
 
     # -- where the call stands ---------------------------------------------------------
@@ -197,13 +211,26 @@ class RoutedCall:
         """The model answered: accept it (routing) or let the cascade policy judge it."""
         self._expect(model)
         if self._cascade is not None:
-            attempt = self._cascade.record(model, reply.text, tokens=reply.tokens, logprobs=reply.logprobs, pik=pik,
-                                           prompt_tokens=reply.prompt_tokens, completion_tokens=reply.completion_tokens)
+            attempt = self._cascade.record(
+                model,
+                reply.text,
+                tokens=reply.tokens,
+                logprobs=reply.logprobs,
+                pik=pik,
+                prompt_tokens=reply.prompt_tokens,
+                completion_tokens=reply.completion_tokens,
+            )
         else:
             cost = self.cost_fn(model, reply.prompt_tokens, reply.completion_tokens) if self.cost_fn else 0.0
-            attempt = Attempt(model, reply.text, accepted=True, reason="answered",
-                              prompt_tokens=int(reply.prompt_tokens), completion_tokens=int(reply.completion_tokens),
-                              cost=float(cost))
+            attempt = Attempt(
+                model,
+                reply.text,
+                accepted=True,
+                reason="answered",
+                prompt_tokens=int(reply.prompt_tokens),
+                completion_tokens=int(reply.completion_tokens),
+                cost=float(cost),
+            )
         attempt.latency_ms = 1000 * latency_s
         self.attempts.append(attempt)
         self._retries = 0
@@ -219,8 +246,14 @@ class RoutedCall:
         self._expect(model)
         if isinstance(exc, MissingLogprobsError) or not self.rule(exc):
             return None
-        attempt = Attempt(model, "", accepted=False, reason=f"failed: {type(exc).__name__}",
-                          error=f"{type(exc).__name__}: {exc}", latency_ms=1000 * latency_s)
+        attempt = Attempt(
+            model,
+            "",
+            accepted=False,
+            reason=f"failed: {type(exc).__name__}",
+            error=f"{type(exc).__name__}: {exc}",
+            latency_ms=1000 * latency_s,
+        )
         self.attempts.append(attempt)
         self.errors.append(exc)
         if self._retries < self.retry.max_retries:
@@ -268,11 +301,19 @@ class RoutedCall:
 def attempt_record(attempt: Attempt) -> dict[str, Any]:
     """One attempt in the record's schema."""
     outcome = "accepted" if attempt.accepted else ("failed" if attempt.error is not None else "rejected")
-    return {"model": attempt.model, "outcome": outcome, "reason": attempt.reason, "error": attempt.error,
-            "text": attempt.text,
-            "pt": attempt.pt, "pik": attempt.pik, "prompt_tokens": attempt.prompt_tokens,
-            "completion_tokens": attempt.completion_tokens, "cost": attempt.cost,
-            "latency_ms": round(attempt.latency_ms, 3)}
+    return {
+        "model": attempt.model,
+        "outcome": outcome,
+        "reason": attempt.reason,
+        "error": attempt.error,
+        "text": attempt.text,
+        "pt": attempt.pt,
+        "pik": attempt.pik,
+        "prompt_tokens": attempt.prompt_tokens,
+        "completion_tokens": attempt.completion_tokens,
+        "cost": attempt.cost,
+        "latency_ms": round(attempt.latency_ms, 3),
+    }
 
 
 # -- drivers: one loop each for sync and async, the same state machine ---------------------
@@ -296,13 +337,15 @@ def run_sync(call: RoutedCall, invoke: Callable[[str], Reply], hooks: Hooks | No
             if recorded is None or call.exhausted:
                 raise
             continue
-        hooks.end(call, handle, attempt, reply)
+        if reply.deferred:
+            call.open_handle = handle
+        else:
+            hooks.end(call, handle, attempt, reply)
     assert call.reply is not None
     return call.reply
 
 
-async def run_async(call: RoutedCall, invoke: Callable[[str], Awaitable[Reply]],
-                    hooks: Hooks | None = None) -> Reply:
+async def run_async(call: RoutedCall, invoke: Callable[[str], Awaitable[Reply]], hooks: Hooks | None = None) -> Reply:
     """The async twin of :func:`run_sync`; P(IK) scorers (a forward pass) run off the event loop."""
     hooks = hooks or Hooks()
     while not call.done:
@@ -322,7 +365,10 @@ async def run_async(call: RoutedCall, invoke: Callable[[str], Awaitable[Reply]],
             if recorded is None or call.exhausted:
                 raise
             continue
-        await hooks.aend(call, handle, attempt, reply)
+        if reply.deferred:
+            call.open_handle = handle
+        else:
+            await hooks.aend(call, handle, attempt, reply)
     assert call.reply is not None
     return call.reply
 
@@ -342,8 +388,12 @@ class OpenedStream:
 _END = object()
 
 
-def stream_sync(call: RoutedCall, open_stream: Callable[[str], Iterable[Any]],
-                signals: Callable[[list[Any]], Reply], hooks: Hooks | None = None) -> OpenedStream:
+def stream_sync(
+    call: RoutedCall,
+    open_stream: Callable[[str], Iterable[Any]],
+    signals: Callable[[list[Any]], Reply],
+    hooks: Hooks | None = None,
+) -> OpenedStream:
     """Open streams up the ladder until one is accepted.
 
     Commit mode (routing): a model is accepted at its first chunk; errors before it escalate,
@@ -360,13 +410,32 @@ def stream_sync(call: RoutedCall, open_stream: Callable[[str], Iterable[Any]],
             reply.value = OpenedStream(head)
             return reply
         first = next(chunks, _END)
-        return Reply(value=OpenedStream([] if first is _END else [first], chunks))
+        return Reply(value=OpenedStream([] if first is _END else [first], chunks), deferred=True)
 
-    return run_sync(call, invoke, hooks).value
+    hooks = hooks or Hooks()
+    opened = run_sync(call, invoke, hooks).value
+    if not call.buffered:
+        opened.tail = _watched(opened.tail, call, hooks)
+    return opened
 
 
-async def stream_async(call: RoutedCall, open_stream: Callable[[str], Awaitable[Any]],
-                       signals: Callable[[list[Any]], Reply], hooks: Hooks | None = None) -> OpenedStream:
+def _watched(tail: Iterator[Any], call: RoutedCall, hooks: Hooks) -> Iterator[Any]:
+    """The rest of a committed stream; the attempt's hooks end (or fail) when the stream does."""
+    assert call.served is not None and call.reply is not None
+    try:
+        yield from tail
+    except Exception as exc:
+        hooks.error(call, call.open_handle, None, exc)
+        raise
+    hooks.end(call, call.open_handle, call.served, call.reply)
+
+
+async def stream_async(
+    call: RoutedCall,
+    open_stream: Callable[[str], Any],
+    signals: Callable[[list[Any]], Reply],
+    hooks: Hooks | None = None,
+) -> OpenedStream:
     """The async twin of :func:`stream_sync`; ``open_stream(model)`` awaits to an async iterator
     (or is one)."""
 
@@ -381,9 +450,24 @@ async def stream_async(call: RoutedCall, open_stream: Callable[[str], Awaitable[
             reply.value = OpenedStream(head, _empty_async())
             return reply
         first = await anext(chunks, _END)
-        return Reply(value=OpenedStream([] if first is _END else [first], chunks))
+        return Reply(value=OpenedStream([] if first is _END else [first], chunks), deferred=True)
 
-    return (await run_async(call, invoke, hooks)).value
+    hooks = hooks or Hooks()
+    opened = (await run_async(call, invoke, hooks)).value
+    if not call.buffered:
+        opened.tail = _awatched(opened.tail, call, hooks)
+    return opened
+
+
+async def _awatched(tail: AsyncIterator[Any], call: RoutedCall, hooks: Hooks) -> AsyncIterator[Any]:
+    assert call.served is not None and call.reply is not None
+    try:
+        async for chunk in tail:
+            yield chunk
+    except Exception as exc:
+        await hooks.aerror(call, call.open_handle, None, exc)
+        raise
+    await hooks.aend(call, call.open_handle, call.served, call.reply)
 
 
 async def _empty_async() -> AsyncIterator[Any]:
@@ -402,18 +486,29 @@ class Binding:
     keeps each call on its first model (its errors, recorded, reach the caller).
     """
 
-    def __init__(self, models: Iterable[str], *, router: Any = None, cascade: CascadePolicy | None = None,
-                 pik_scorers: Mapping[str, Callable[[Any], float]] | None = None,
-                 skip_threshold: float | None = None, escalate_on: Any = None, retry: Retry | None = None,
-                 fallbacks: bool = True, what: str = "models") -> None:
+    def __init__(
+        self,
+        models: Iterable[str],
+        *,
+        router: Any = None,
+        cascade: CascadePolicy | None = None,
+        pik_scorers: Mapping[str, Callable[[Any], float]] | None = None,
+        skip_threshold: float | None = None,
+        escalate_on: Any = None,
+        retry: Retry | None = None,
+        fallbacks: bool = True,
+        what: str = "models",
+    ) -> None:
         self.models = list(models)
         self.what = what
         if router is None and cascade is None:
             raise ValueError("routing needs a router, a cascade policy, or both")
         if router is not None:
             if not callable(getattr(router, "route", None)) or not isinstance(getattr(router, "models", None), list):
-                raise TypeError(f"router must be a difficulty_router.DifficultyRouter (with .route and .models), "
-                                f"got {type(router).__name__}")
+                raise TypeError(
+                    f"router must be a difficulty_router.DifficultyRouter (with .route and .models), "
+                    f"got {type(router).__name__}"
+                )
             check_pool(router.models, self.models, what)
         self.router = router
         self.cascade = cascade
@@ -432,13 +527,16 @@ class Binding:
                 raise ValueError("pik_scorers= and skip_threshold= only apply with cascade=")
             return
         if not isinstance(self.cascade, CascadePolicy):
-            raise TypeError(f"cascade must be a difficulty_router.cascade.CascadePolicy, got "
-                            f"{type(self.cascade).__name__}")
+            raise TypeError(
+                f"cascade must be a difficulty_router.cascade.CascadePolicy, got {type(self.cascade).__name__}"
+            )
         ladder = list(self.cascade.ladder)
         missing = [m for m in ladder if m not in self.models]
         if missing:
-            raise ValueError(f"the cascade ladder names {missing}, which are not among the configured {self.what} "
-                             f"{self.models}; give {self.what}= a model for every rung")
+            raise ValueError(
+                f"the cascade ladder names {missing}, which are not among the configured {self.what} "
+                f"{self.models}; give {self.what}= a model for every rung"
+            )
         unknown = sorted(set(self.pik_scorers) - set(ladder))
         if unknown:
             raise ValueError(f"pik_scorers= names {unknown}, which are not on the cascade ladder {ladder}")
@@ -486,8 +584,17 @@ class Binding:
             def pik(model: str) -> float | None:
                 scorer = scorers.get(model)
                 return None if scorer is None else float(scorer(query))
-        return RoutedCall(decision=decision, cascade=policy, skip_threshold=self.skip_threshold, pik=pik,
-                          rule=self.rule, retry=self.retry, cost_fn=self.cost_fn, fallbacks=self.fallbacks)
+
+        return RoutedCall(
+            decision=decision,
+            cascade=policy,
+            skip_threshold=self.skip_threshold,
+            pik=pik,
+            rule=self.rule,
+            retry=self.retry,
+            cost_fn=self.cost_fn,
+            fallbacks=self.fallbacks,
+        )
 
 
 def check_pool(pool: Sequence[str], models: Sequence[str], what: str = "models") -> None:

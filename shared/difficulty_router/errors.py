@@ -12,8 +12,17 @@ import asyncio
 
 # Fragments of exception class names that mean "this provider is unavailable right now" across
 # SDKs (openai, anthropic, httpx, google, ...), none of which this package imports.
-TRANSIENT_NAMES = ("RateLimit", "Timeout", "TimedOut", "Connection", "Overloaded", "ServiceUnavailable",
-                   "InternalServerError", "ResourceExhausted", "TooManyRequests")
+TRANSIENT_NAMES = (
+    "RateLimit",
+    "Timeout",
+    "TimedOut",
+    "Connection",
+    "Overloaded",
+    "ServiceUnavailable",
+    "InternalServerError",
+    "ResourceExhausted",
+    "TooManyRequests",
+)
 
 
 def is_transient_error(exc: BaseException) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -86,8 +87,9 @@ class StackedProbe:
         return self
 
 
-def routing_quality(proba: np.ndarray, scores: np.ndarray, costs: np.ndarray, capability: np.ndarray,
-                    seed: int = 0) -> float:
+def routing_quality(
+    proba: np.ndarray, scores: np.ndarray, costs: np.ndarray, capability: np.ndarray, seed: int = 0
+) -> float:
     """One number to compare predictors by: APGR of the utility ranking for two models, else frontier AUC."""
     scores = np.asarray(scores, dtype=np.float64)
     if scores.shape[1] == 2:
@@ -99,7 +101,6 @@ def routing_quality(proba: np.ndarray, scores: np.ndarray, costs: np.ndarray, ca
     points = sweep(Policy("utility"), proba, costs, capability, scores)
     names = [str(j) for j in range(scores.shape[1])]
     return pool_summary(points, scores, np.asarray(costs).mean(axis=0), names)["auc"]
-
 
 
 def mean_auroc(proba: np.ndarray, scores: np.ndarray) -> float:
@@ -119,10 +120,20 @@ class FamilyFit:
     table: list[dict] = field(default_factory=list)
 
 
-def fit_families(features: np.ndarray, texts: Sequence[str], scores: np.ndarray, costs: np.ndarray,
-                 capability: np.ndarray, *, families: Sequence[str] = FAMILIES, cv: int = 5,
-                 n_components: int | None = None, seed: int = 0, progress: bool = False,
-                 names: Sequence[str] | None = None) -> FamilyFit:
+def fit_families(
+    features: np.ndarray,
+    texts: Sequence[str],
+    scores: np.ndarray,
+    costs: np.ndarray,
+    capability: np.ndarray,
+    *,
+    families: Sequence[str] = FAMILIES,
+    cv: int = 5,
+    n_components: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+    names: Sequence[str] | None = None,
+) -> FamilyFit:
     """Fit each family on the same folds and keep the one with the best out-of-fold routing quality.
 
     The activation probe is always fitted (the stack and the difficulty read-out use it).
@@ -131,7 +142,8 @@ def fit_families(features: np.ndarray, texts: Sequence[str], scores: np.ndarray,
     scores = np.asarray(scores, dtype=np.float64)
     folds = shared_folds(scores, cv, seed)
     probe = SuccessProbe(cv=cv, n_components=n_components, seed=seed).fit(
-        features, scores, progress=progress, names=list(names) if names is not None else None, folds=folds)
+        features, scores, progress=progress, names=list(names) if names is not None else None, folds=folds
+    )
     oof = {"activation": probe.oof_proba_}
     lexical = stack = None
     skipped = {}
@@ -146,12 +158,19 @@ def fit_families(features: np.ndarray, texts: Sequence[str], scores: np.ndarray,
     if "stacked" in families and lexical is not None:
         stack = StackedProbe(seed=seed).fit(stack_inputs(probe.oof_logit_, lexical.oof_logit_, texts), scores, folds)
         oof["stacked"] = stack.oof_proba_
-    table = [{"family": f, "cv_routing_quality": routing_quality(oof[f], scores, costs, capability, seed),
-              "cv_auroc": mean_auroc(oof[f], scores)} if f in oof else
-             {"family": f, "cv_routing_quality": None, "cv_auroc": None, "skipped": skipped[f]} for f in families]
-    scored = [row for row in table if row["cv_routing_quality"] is not None]
+    table = [
+        {
+            "family": f,
+            "cv_routing_quality": routing_quality(oof[f], scores, costs, capability, seed),
+            "cv_auroc": mean_auroc(oof[f], scores),
+        }
+        if f in oof
+        else {"family": f, "cv_routing_quality": None, "cv_auroc": None, "skipped": skipped[f]}
+        for f in families
+    ]
+    scored: list[dict[str, Any]] = [row for row in table if row["cv_routing_quality"] is not None]
     best = scored[0]
     for row in scored[1:]:
-        if row["cv_routing_quality"] > best["cv_routing_quality"] + 1e-4:
+        if float(row["cv_routing_quality"]) > float(best["cv_routing_quality"]) + 1e-4:
             best = row
-    return FamilyFit(best["family"], probe, lexical, stack, oof, table)
+    return FamilyFit(str(best["family"]), probe, lexical, stack, oof, table)

@@ -29,8 +29,9 @@ class FeatureCache:
     def _path(self, key: str) -> Path:
         return self.directory / key[:2] / f"{key}.npy"
 
-    def load(self, model_hash: str, layers: Sequence[int], pooling: Sequence[str], token_ids: Sequence[int],
-             hidden_size: int) -> np.ndarray | None:
+    def load(
+        self, model_hash: str, layers: Sequence[int], pooling: Sequence[str], token_ids: Sequence[int], hidden_size: int
+    ) -> np.ndarray | None:
         """The concatenated row, or None unless every block is cached."""
         blocks = []
         for layer in layers:
@@ -44,8 +45,15 @@ class FeatureCache:
                 blocks.append(block)
         return np.concatenate(blocks)
 
-    def store(self, model_hash: str, layers: Sequence[int], pooling: Sequence[str], token_ids: Sequence[int],
-              row: np.ndarray, hidden_size: int) -> None:
+    def store(
+        self,
+        model_hash: str,
+        layers: Sequence[int],
+        pooling: Sequence[str],
+        token_ids: Sequence[int],
+        row: np.ndarray,
+        hidden_size: int,
+    ) -> None:
         row = np.asarray(row, dtype=np.float32)
         index = 0
         for layer in layers:

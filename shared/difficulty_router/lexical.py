@@ -19,7 +19,7 @@ import numpy as np
 from scipy import sparse
 from sklearn.feature_extraction.text import HashingVectorizer
 
-from .probes import fit_calibrated_columns, shared_folds, _sigmoid
+from .probes import _sigmoid, fit_calibrated_columns, shared_folds
 
 # (analyzer, n-gram range) candidates that training compares by CV AUROC
 LEXICAL_CANDIDATES = (("word", (1, 1)), ("word", (1, 2)), ("char_wb", (2, 5)))
@@ -31,8 +31,9 @@ N_FEATURES = 2**20
 class LexicalFeatures:
     """Text -> sparse tf-idf rows (sublinear tf, l2-normalised) over the kept hashed n-grams."""
 
-    def __init__(self, analyzer: str = "word", ngram_range: Sequence[int] = (1, 2), min_df: int = 2,
-                 n_features: int = N_FEATURES) -> None:
+    def __init__(
+        self, analyzer: str = "word", ngram_range: Sequence[int] = (1, 2), min_df: int = 2, n_features: int = N_FEATURES
+    ) -> None:
         if analyzer not in ("word", "char_wb"):
             raise ValueError(f"analyzer must be 'word' or 'char_wb', got {analyzer!r}")
         lo, hi = (int(x) for x in ngram_range)
@@ -43,15 +44,21 @@ class LexicalFeatures:
         self.analyzer, self.ngram_range, self.min_df, self.n_features = analyzer, (lo, hi), int(min_df), int(n_features)
 
     def _hasher(self) -> HashingVectorizer:
-        return HashingVectorizer(analyzer=self.analyzer, ngram_range=self.ngram_range, n_features=self.n_features,
-                                 alternate_sign=False, norm=None, lowercase=True,
-                                 token_pattern=TOKEN_PATTERN if self.analyzer == "word" else None)
+        return HashingVectorizer(
+            analyzer=self.analyzer,
+            ngram_range=self.ngram_range,
+            n_features=self.n_features,
+            alternate_sign=False,
+            norm=None,
+            lowercase=True,
+            token_pattern=TOKEN_PATTERN if self.analyzer == "word" else None,
+        )
 
     def fit(self, texts: Sequence[str]) -> LexicalFeatures:
         counts = self._hasher().transform(_check_texts(texts)).tocsc()
         df = np.diff(counts.indptr)
         self.columns_ = np.flatnonzero(df >= self.min_df).astype(np.int64)
-        self._lookup = None
+        self._lookup: np.ndarray | None = None
         if len(self.columns_) == 0:
             raise ValueError(f"no n-gram occurs in {self.min_df} or more training texts; the lexical read-out is empty")
         # scikit-learn's smoothed idf
@@ -62,13 +69,15 @@ class LexicalFeatures:
         hashed = self._hasher().transform(_check_texts(texts)).tocsr()
         # hashed column -> kept column (or -1), O(non-zeros) per call rather than a 2**20-wide slice
         if getattr(self, "_lookup", None) is None:
-            self._lookup = np.full(self.n_features, -1, dtype=np.int64)
-            self._lookup[self.columns_] = np.arange(len(self.columns_))
-        mapped = self._lookup[hashed.indices]
+            lookup = np.full(self.n_features, -1, dtype=np.int64)
+            lookup[self.columns_] = np.arange(len(self.columns_))
+            self._lookup = lookup
+        mapped = np.asarray(self._lookup)[hashed.indices]
         keep = mapped >= 0
         rows = np.repeat(np.arange(hashed.shape[0]), np.diff(hashed.indptr))[keep]
-        counts = sparse.csr_matrix((hashed.data[keep].astype(np.float64), (rows, mapped[keep])),
-                                   shape=(hashed.shape[0], len(self.columns_)))
+        counts = sparse.csr_matrix(
+            (hashed.data[keep].astype(np.float64), (rows, mapped[keep])), shape=(hashed.shape[0], len(self.columns_))
+        )
         counts.data = 1.0 + np.log(counts.data)
         counts = counts @ sparse.diags(self.idf_)
         norms = np.sqrt(np.asarray(counts.multiply(counts).sum(axis=1)).ravel())
@@ -79,8 +88,12 @@ class LexicalFeatures:
         return len(self.columns_)
 
     def config(self) -> dict:
-        return {"analyzer": self.analyzer, "ngram_range": list(self.ngram_range), "min_df": self.min_df,
-                "n_features": self.n_features}
+        return {
+            "analyzer": self.analyzer,
+            "ngram_range": list(self.ngram_range),
+            "min_df": self.min_df,
+            "n_features": self.n_features,
+        }
 
     def arrays(self, prefix: str) -> dict[str, np.ndarray]:
         return {f"{prefix}.columns": self.columns_, f"{prefix}.idf": self.idf_}
@@ -89,11 +102,20 @@ class LexicalFeatures:
     def from_arrays(cls, config: dict, arrays: dict[str, np.ndarray], prefix: str) -> LexicalFeatures:
         self = cls(config["analyzer"], config["ngram_range"], config["min_df"], config["n_features"])
         columns, idf = arrays[f"{prefix}.columns"], arrays[f"{prefix}.idf"]
-        if (columns.ndim != 1 or idf.shape != columns.shape or len(columns) == 0
-                or not np.array_equal(columns, np.unique(columns)) or columns[0] < 0 or columns[-1] >= self.n_features
-                or not np.isfinite(idf).all() or (idf < 1.0).any()):
-            raise ValueError("saved lexical arrays are inconsistent (columns must be sorted, unique and in range; "
-                             "idf finite and >= 1)")
+        if (
+            columns.ndim != 1
+            or idf.shape != columns.shape
+            or len(columns) == 0
+            or not np.array_equal(columns, np.unique(columns))
+            or columns[0] < 0
+            or columns[-1] >= self.n_features
+            or not np.isfinite(idf).all()
+            or (idf < 1.0).any()
+        ):
+            raise ValueError(
+                "saved lexical arrays are inconsistent (columns must be sorted, unique and in range; "
+                "idf finite and >= 1)"
+            )
         self.columns_, self.idf_ = columns.astype(np.int64), idf.astype(np.float64)
         self._lookup = None
         return self
@@ -137,8 +159,15 @@ class LexicalProbe:
             except ValueError as exc:  # nothing of this kind occurs twice; other candidates may still work
                 errors.append(f"{analyzer} {ngrams[0]}-{ngrams[1]}: {exc}")
                 continue
-            fitted = fit_calibrated_columns(features.transform(texts), Y, folds, self.Cs, self.seed, progress,
-                                            desc=f"lexical {analyzer} {ngrams[0]}-{ngrams[1]}")
+            fitted = fit_calibrated_columns(
+                features.transform(texts),
+                Y,
+                folds,
+                self.Cs,
+                self.seed,
+                progress,
+                desc=f"lexical {analyzer} {ngrams[0]}-{ngrams[1]}",
+            )
             score = float(np.nanmean(fitted["cv_auroc"])) if np.isfinite(fitted["cv_auroc"]).any() else 0.5
             self.candidate_scores_.append({"analyzer": analyzer, "ngram_range": list(ngrams), "cv_auroc": score})
             if best is None or score > best[0] + 1e-4:
@@ -163,8 +192,15 @@ class LexicalProbe:
 
     def arrays(self, prefix: str = "lexical") -> dict[str, np.ndarray]:
         out = self.features_.arrays(prefix)
-        out.update({f"{prefix}.coef": self.coef_, f"{prefix}.intercept": self.intercept_,
-                    f"{prefix}.platt": self.platt_, f"{prefix}.C": self.C_, f"{prefix}.cv_auroc": self.cv_auroc_})
+        out.update(
+            {
+                f"{prefix}.coef": self.coef_,
+                f"{prefix}.intercept": self.intercept_,
+                f"{prefix}.platt": self.platt_,
+                f"{prefix}.C": self.C_,
+                f"{prefix}.cv_auroc": self.cv_auroc_,
+            }
+        )
         return out
 
     @classmethod
@@ -172,8 +208,16 @@ class LexicalProbe:
         self = cls()
         self.features_ = LexicalFeatures.from_arrays(config, arrays, prefix)
         self.coef_, self.intercept_ = arrays[f"{prefix}.coef"], arrays[f"{prefix}.intercept"]
-        self.platt_, self.C_, self.cv_auroc_ = arrays[f"{prefix}.platt"], arrays[f"{prefix}.C"], arrays[f"{prefix}.cv_auroc"]
+        self.platt_, self.C_, self.cv_auroc_ = (
+            arrays[f"{prefix}.platt"],
+            arrays[f"{prefix}.C"],
+            arrays[f"{prefix}.cv_auroc"],
+        )
         m = self.coef_.shape[0]
-        if self.coef_.shape != (m, self.features_.width) or self.intercept_.shape != (m,) or self.platt_.shape != (m, 2):
+        if (
+            self.coef_.shape != (m, self.features_.width)
+            or self.intercept_.shape != (m,)
+            or self.platt_.shape != (m, 2)
+        ):
             raise ValueError("saved lexical probe arrays have inconsistent shapes")
         return self

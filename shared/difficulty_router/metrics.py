@@ -8,6 +8,8 @@ to the strong model in order of the router's score; PGR at each strong-call frac
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 
@@ -33,18 +35,18 @@ def apgr_cpt(score, weak_correct, strong_correct, seed: int = 0, thresholds=(0.5
     if acc_strong <= acc_weak:
         raise ValueError("the strong model is not more accurate than the weak one on these rows; PGR is undefined")
     pgr = (accuracy - acc_weak) / (acc_strong - acc_weak)
-    out = {"apgr": float(np.trapezoid(pgr, fraction))}
+    out: dict[str, Any] = {"apgr": float(np.trapezoid(pgr, fraction))}
     grid = np.linspace(0, 1, 101)
-    out["pgr_curve"] = [[float(f), float(v)] for f, v in zip(grid, np.interp(grid, fraction, pgr))]
+    out["pgr_curve"] = [[float(f), float(v)] for f, v in zip(grid, np.interp(grid, fraction, pgr), strict=False)]
     for x in thresholds:
         reached = np.flatnonzero(pgr >= x - 1e-12)
-        out[f"cpt{int(round(x * 100))}"] = float(fraction[reached[0]]) if len(reached) else None
+        out[f"cpt{round(x * 100)}"] = float(fraction[reached[0]]) if len(reached) else None
     return out
 
 
 def frontier(points: list[dict]) -> list[dict]:
     """Pareto-optimal points (no other point is cheaper and at least as accurate), by cost."""
-    best = []
+    best: list[dict] = []
     for p in sorted(points, key=lambda p: (p["cost"], -p["accuracy"])):
         if not best or p["accuracy"] > best[-1]["accuracy"] + 1e-12:
             best.append(p)

@@ -156,6 +156,7 @@ def fingerprint(source: ModelSource) -> str:
 
 
 def _dequantised_dir(source: ModelSource, sha: str) -> Path:
+    assert source.gguf_file is not None
     return cache_root() / "dequantized" / f"{Path(source.gguf_file).stem}-{sha[:16]}"
 
 
@@ -176,7 +177,7 @@ def load_model_and_tokenizer(source: ModelSource, dtype, device):
             tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
             model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype="float32")
             # The weights are plain tensors now; drop the GGUF marker that blocks save_pretrained.
-            model.hf_quantizer = None
+            model.hf_quantizer = None  # type: ignore[assignment]
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
             tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")

@@ -51,8 +51,9 @@ class Policy:
     def with_value(self, value: float) -> Policy:
         return Policy(self.kind, float(value), self.margin)
 
-    def choose(self, proba: np.ndarray, costs: np.ndarray, capability: np.ndarray,
-               eligible: np.ndarray | None = None) -> np.ndarray:
+    def choose(
+        self, proba: np.ndarray, costs: np.ndarray, capability: np.ndarray, eligible: np.ndarray | None = None
+    ) -> np.ndarray:
         """Index of the chosen model per row.
 
         ``capability`` ranks models (higher = more capable, from training accuracy);
@@ -146,9 +147,16 @@ def dominated(accuracy, cost, names, keep=()) -> dict[str, str]:
         if name in keep:
             continue
         for k, other in enumerate(names):
-            if k != j and accuracy[k] >= accuracy[j] and cost[k] <= cost[j] and (accuracy[k] > accuracy[j] or cost[k] < cost[j]):
-                out[name] = (f"dominated in training by {other}: accuracy {accuracy[k]:.3f} >= {accuracy[j]:.3f} "
-                             f"at cost {cost[k]:.3g} <= {cost[j]:.3g}")
+            if (
+                k != j
+                and accuracy[k] >= accuracy[j]
+                and cost[k] <= cost[j]
+                and (accuracy[k] > accuracy[j] or cost[k] < cost[j])
+            ):
+                out[name] = (
+                    f"dominated in training by {other}: accuracy {accuracy[k]:.3f} >= {accuracy[j]:.3f} "
+                    f"at cost {cost[k]:.3g} <= {cost[j]:.3g}"
+                )
                 break
     return out
 
@@ -186,8 +194,9 @@ def _point(policy: Policy, chosen: np.ndarray, correct: np.ndarray, realised: np
     return point
 
 
-def pick_operating_point(points: list[dict], parameter: str, *, target_cost: float | None = None,
-                         target_accuracy: float | None = None) -> dict:
+def pick_operating_point(
+    points: list[dict], parameter: str, *, target_cost: float | None = None, target_accuracy: float | None = None
+) -> dict:
     """The best point under a cost budget, or the cheapest point reaching an accuracy."""
     if (target_cost is None) == (target_accuracy is None):
         raise ValueError("give exactly one of target_cost or target_accuracy")
@@ -197,6 +206,7 @@ def pick_operating_point(points: list[dict], parameter: str, *, target_cost: flo
             cheapest = min(p["cost"] for p in points)
             raise ValueError(f"no operating point costs <= {target_cost:g} per query; the cheapest costs {cheapest:g}")
         return max(feasible, key=lambda p: (p["accuracy"], -p["cost"]))
+    assert target_accuracy is not None
     feasible = [p for p in points if p["accuracy"] >= target_accuracy - 1e-12]
     if not feasible:
         best = max(p["accuracy"] for p in points)

@@ -53,30 +53,45 @@ class PoolModel:
         priced_by_token = self.input_cost_per_1m is not None or self.output_cost_per_1m is not None
         if self.cost_per_query is None and not priced_by_token:
             raise ValueError(
-                f"pool model {self.name!r} has no cost: give cost_per_query, or input_cost_per_1m and output_cost_per_1m"
+                f"pool model {self.name!r} has no cost: give cost_per_query, "
+                "or input_cost_per_1m and output_cost_per_1m"
             )
         if self.cost_per_query is not None and priced_by_token:
             raise ValueError(f"pool model {self.name!r}: give cost_per_query or token prices, not both")
         if priced_by_token and (self.input_cost_per_1m is None or self.output_cost_per_1m is None):
-            raise ValueError(f"pool model {self.name!r}: token pricing needs both input_cost_per_1m and output_cost_per_1m")
+            raise ValueError(
+                f"pool model {self.name!r}: token pricing needs both input_cost_per_1m and output_cost_per_1m"
+            )
 
     def _check_backend(self) -> None:
         if self.base_url is not None and (
             not isinstance(self.base_url, str) or not self.base_url.startswith(("http://", "https://"))
         ):
-            raise ValueError(f"pool model {self.name!r}: base_url must be an http:// or https:// URL, got {self.base_url!r}")
+            raise ValueError(
+                f"pool model {self.name!r}: base_url must be an http:// or https:// URL, got {self.base_url!r}"
+            )
         if self.model is not None and (not isinstance(self.model, str) or not self.model.strip()):
             raise ValueError(f"pool model {self.name!r}: model must be a non-empty string, got {self.model!r}")
-        if self.api_key_env is not None and (not isinstance(self.api_key_env, str) or not _ENV_NAME.match(self.api_key_env)):
-            raise ValueError(f"pool model {self.name!r}: api_key_env must name an environment variable "
-                             f"(letters, digits, underscores), got {self.api_key_env!r}")
-        if self.timeout is not None and (
-            isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float))
-            or not math.isfinite(self.timeout) or self.timeout <= 0
+        if self.api_key_env is not None and (
+            not isinstance(self.api_key_env, str) or not _ENV_NAME.match(self.api_key_env)
         ):
-            raise ValueError(f"pool model {self.name!r}: timeout must be a positive number of seconds, got {self.timeout!r}")
+            raise ValueError(
+                f"pool model {self.name!r}: api_key_env must name an environment variable "
+                f"(letters, digits, underscores), got {self.api_key_env!r}"
+            )
+        if self.timeout is not None and (
+            isinstance(self.timeout, bool)
+            or not isinstance(self.timeout, (int, float))
+            or not math.isfinite(self.timeout)
+            or self.timeout <= 0
+        ):
+            raise ValueError(
+                f"pool model {self.name!r}: timeout must be a positive number of seconds, got {self.timeout!r}"
+            )
         if self.base_url is None and any(v is not None for v in (self.model, self.api_key_env, self.timeout)):
-            raise ValueError(f"pool model {self.name!r}: model, api_key_env and timeout describe a backend; give base_url too")
+            raise ValueError(
+                f"pool model {self.name!r}: model, api_key_env and timeout describe a backend; give base_url too"
+            )
 
     @property
     def served_model(self) -> str:
@@ -88,7 +103,8 @@ class PoolModel:
         if self.cost_per_query is not None:
             return float(self.cost_per_query)
         output_tokens = self.expected_output_tokens if self.expected_output_tokens is not None else 256.0
-        return (prompt_chars / CHARS_PER_TOKEN) * self.input_cost_per_1m / 1e6 + output_tokens * self.output_cost_per_1m / 1e6
+        input_price, output_price = self.input_cost_per_1m or 0.0, self.output_cost_per_1m or 0.0  # validated at load
+        return (prompt_chars / CHARS_PER_TOKEN) * input_price / 1e6 + output_tokens * output_price / 1e6
 
 
 @dataclass(frozen=True)
