@@ -560,7 +560,8 @@ def test_a_tool_call_escalates_from_a_tool_tier_that_is_down(cheapest_router, do
 class SilentLLM(CustomLLM):
     """A fake candidate, said so: every real OpenAI-compatible server sends at least one chunk, so a
     provider's empty stream (a content filter, a zero-token answer) is staged with LlamaIndex's own
-    CustomLLM base."""
+    CustomLLM base. Its streams skip LlamaIndex's callback decorators, whose end event cannot
+    describe a stream that yielded nothing."""
 
     @property
     def metadata(self) -> LLMMetadata:
@@ -571,6 +572,20 @@ class SilentLLM(CustomLLM):
 
     def stream_complete(self, prompt, formatted=False, **kwargs):
         yield from ()
+
+    def stream_chat(self, messages, **kwargs):
+        yield from ()
+
+    async def astream_complete(self, prompt, formatted=False, **kwargs):
+        return _no_chunks()
+
+    async def astream_chat(self, messages, **kwargs):
+        return _no_chunks()
+
+
+async def _no_chunks():
+    return
+    yield
 
 
 def test_an_empty_stream_still_carries_the_routing_record(cheapest_router, strong_llm):
