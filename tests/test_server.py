@@ -119,7 +119,10 @@ def test_health_and_metrics(server, client):
     assert health == {"status": "ok", "routers": ["router"], "backends": {WEAK: "up", STRONG: "up"}}
     text = httpx.get(server[0] + "/metrics").text
     assert "# TYPE difficulty_router_requests_total counter" in text
-    assert 'difficulty_router_requests_total{requested="router",model="' in text
+    assert any(line.startswith('difficulty_router_requests_total{model="') and 'requested="router"}' in line
+               for line in text.splitlines())
+    assert "# TYPE difficulty_router_queue_depth gauge" in text
+    assert "difficulty_router_shed_requests_total" in text and "difficulty_router_ood_escalations_total" in text
     assert "difficulty_router_routing_latency_seconds_count" in text
     metrics = server[1].state.metrics
     assert metrics.routing_latency.count >= 1 and metrics.batch_size.count >= 1
@@ -221,7 +224,7 @@ def test_auth_refuses_requests_without_the_token(trained_router, llama_backends)
     (b'{"model": "router", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}', 400, "temperature", "number"),
     (b'{"model": "router", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}', 400, "max_tokens", "positive integer"),
     (b'{"model": "router", "messages": [{"role": "user", "content": "hi"}], "tools": {"a": 1}}', 400, "tools", "list of tool"),
-    (b'{"model": "gpt-5", "messages": [{"role": "user", "content": "hi"}]}', 404, "model", "'gpt-5' does not exist"),
+    (b'{"model": "gpt-5", "messages": [{"role": "user", "content": "hi"}]}', 404, "model", '"gpt-5" does not exist'),
 ])
 def test_malformed_requests_get_a_clear_openai_style_error(server, body, status, param, needle):
     response = httpx.post(server[0] + "/v1/chat/completions", content=body, headers={"content-type": "application/json"})

@@ -101,11 +101,45 @@ async def test_a_failing_batch_fails_its_callers_and_the_batcher_goes_on():
     await batcher.aclose()
 
 
+@pytest.mark.asyncio
+async def test_a_crashing_on_batch_callback_neither_kills_the_worker_nor_strands_callers():
+    """Issue 21: an exception from the batch callback used to end the worker task, and every caller
+    of that batch (and all later ones) waited forever."""
+    def explode(size, seconds):
+        raise RuntimeError("metrics backend gone")
+
+    batcher = MicroBatcher(Recorder(), max_batch=8, max_wait=0.01, on_batch=explode)
+    assert await asyncio.wait_for(asyncio.gather(batcher.submit(1), batcher.submit(2)), 5) == [10, 20]
+    assert await asyncio.wait_for(batcher.submit(3), 5) == 30
+    await batcher.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_full_queue_refuses_at_once_and_a_late_item_is_dropped_unrun():
+    from difficulty_router.server.batching import DeadlineExceeded, QueueFull
+
+    fn = Recorder(delay=0.4)
+    batcher = MicroBatcher(fn, max_batch=1, max_wait=0.0, max_queue=2, timeout=0.6)
+    outcomes = await asyncio.gather(*(batcher.submit(i) for i in range(6)), return_exceptions=True)
+    await asyncio.sleep(0.5)  # let the worker reach the expired item
+    await batcher.aclose()
+    kinds = [type(o).__name__ if isinstance(o, Exception) else "ok" for o in outcomes]
+    assert kinds.count("QueueFull") >= 3 and "DeadlineExceeded" in kinds and kinds[0] == "ok", kinds
+    assert all(isinstance(o, (int, QueueFull, DeadlineExceeded)) for o in outcomes)
+    ran = [v for values, _ in fn.calls for v in values]
+    expired = [i for i, o in enumerate(outcomes) if isinstance(o, DeadlineExceeded)]
+    assert not set(ran) & set(expired[1:]), "an item whose caller gave up was still decided"
+
+
 def test_batcher_refuses_bad_bounds():
     with pytest.raises(ValueError, match="max_batch"):
         MicroBatcher(lambda v, k: v, max_batch=0)
     with pytest.raises(ValueError, match="max_wait"):
         MicroBatcher(lambda v, k: v, max_wait=-1)
+    with pytest.raises(ValueError, match="max_queue"):
+        MicroBatcher(lambda v, k: v, max_queue=0)
+    with pytest.raises(ValueError, match="timeout"):
+        MicroBatcher(lambda v, k: v, timeout=0)
 
 
 # -- pool backend fields --------------------------------------------------------------
@@ -196,14 +230,29 @@ def test_validation_accepts_tool_calls_and_content_parts():
 
 
 def test_metrics_render_prometheus_text():
+    """The exposition is prometheus_client's; the names, labels and counts are ours."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     metrics = ServerMetrics()
     metrics.requests.inc("router", 'we"ird')
     metrics.routing_latency.observe(0.003)
     metrics.routing_latency.observe(0.2)
     metrics.observe_batch(5, 0.01)
+    metrics.shed.inc("router", "queue_full")
+    metrics.ood_escalations.inc("router", "big")
+    metrics.track_queue("router", lambda: 7)
     text = metrics.render()
-    assert 'difficulty_router_requests_total{requested="router",model="we\\"ird"} 1' in text
-    assert 'difficulty_router_routing_latency_seconds_bucket{le="0.005"} 1' in text
-    assert 'difficulty_router_routing_latency_seconds_bucket{le="+Inf"} 2' in text
-    assert "difficulty_router_routing_latency_seconds_count 2" in text
-    assert 'difficulty_router_batch_size_bucket{le="4"} 0' in text and 'difficulty_router_batch_size_bucket{le="8"} 1' in text
+    assert 'difficulty_router_requests_total{model="we\\"ird",requested="router"} 1.0' in text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples[("difficulty_router_requests_total", (("model", 'we"ird'), ("requested", "router")))] == 1
+    assert samples[("difficulty_router_routing_latency_seconds_bucket", (("le", "0.005"),))] == 1
+    assert samples[("difficulty_router_routing_latency_seconds_bucket", (("le", "+Inf"),))] == 2
+    assert samples[("difficulty_router_routing_latency_seconds_count", ())] == 2
+    assert samples[("difficulty_router_batch_size_bucket", (("le", "4.0"),))] == 0
+    assert samples[("difficulty_router_batch_size_bucket", (("le", "8.0"),))] == 1
+    assert samples[("difficulty_router_shed_requests_total", (("reason", "queue_full"), ("router", "router")))] == 1
+    assert samples[("difficulty_router_ood_escalations_total", (("model", "big"), ("router", "router")))] == 1
+    assert samples[("difficulty_router_queue_depth", (("router", "router"),))] == 7
+    assert metrics.requests.get("router", 'we"ird') == 1 and metrics.routing_latency.count == 2
+    assert ServerMetrics().requests.get("router", 'we"ird') == 0  # each instance counts on its own

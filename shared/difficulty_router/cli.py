@@ -146,7 +146,7 @@ def cmd_evaluate(args) -> int:
     from .evaluation import evaluate_router, plot_report, report_table
     from .router import DifficultyRouter
 
-    router = DifficultyRouter.load(args.router, feature_cache=_feature_cache(args))
+    router = DifficultyRouter.load(args.router, feature_cache=_feature_cache(args), **_extractor_choice(args))
     outcomes = _load_data(args.data, args.limit, args.seed)
     train = _load_data(args.train_data) if args.train_data else None
     report = evaluate_router(router, outcomes, train=train, seed=args.seed, progress=not args.json)
@@ -165,13 +165,19 @@ def cmd_evaluate(args) -> int:
 def cmd_route(args) -> int:
     from .router import DifficultyRouter
 
-    router = DifficultyRouter.load(args.router)
+    router = DifficultyRouter.load(args.router, **_extractor_choice(args))
     query = args.query
     if args.messages:
         query = json.loads(args.query)
     decision = router.route(query)
     print(json.dumps(decision.to_dict(), indent=1) if args.json else str(decision))
     return 0
+
+
+def _extractor_choice(args) -> dict:
+    """What ``DifficultyRouter.load`` may load as the extractor: the manifest's choice is trusted only for
+    the embedded models; a hub id or path must be named with --extractor."""
+    return {"model": args.extractor, "allow_other_extractor": args.allow_other_extractor}
 
 
 def _router_dirs(values: list[str]) -> dict[str, str]:
@@ -211,18 +217,35 @@ def cmd_serve(args) -> int:
             raise ValueError(f"--api-key-env {args.api_key_env}: that environment variable is not set or empty")
     check_exposure(args.host, api_key, args.allow_unauthenticated)
     specs = specs_from_pool(ModelPool.load(args.pool))  # refuses a pool without base_urls before loading anything
-    routers = {name: DifficultyRouter.load(d) for name, d in _router_dirs(args.router).items()}
+    routers = {name: DifficultyRouter.load(d, **_extractor_choice(args)) for name, d in _router_dirs(args.router).items()}
+    if args.ood_percentile is not None:
+        from .novelty import OODPolicy
+
+        for name, router in routers.items():
+            if router.novelty is None:
+                raise ValueError(f"--ood-percentile: router {name!r} was saved without a novelty score; retrain it")
+            router.ood = OODPolicy(enabled=True, percentile=args.ood_percentile)
     max_batch = args.max_batch
     if max_batch is None:  # measured (benchmarks/server_load.py): a CPU forward pass is compute-bound, and
         # padding a batch to its longest prompt costs more than batching saves; accelerators gain from batches
         on_cpu = all(r.extractor.device.type == "cpu" for r in routers.values())
         max_batch = 1 if on_cpu else 32
-    app = create_app(routers, specs, api_key=api_key, max_batch=max_batch, max_wait=args.max_wait_ms / 1000)
+    from .server.schema import Limits
+
+    given = {"max_body_bytes": args.max_body_bytes, "max_messages": args.max_messages, "max_chars": args.max_chars,
+             "max_n": args.max_n, "max_tokens": args.max_completion_tokens}
+    limits = Limits(**{k: v for k, v in given.items() if v is not None})
+    app = create_app(routers, specs, api_key=api_key, allow_unauthenticated=args.allow_unauthenticated,
+                     max_batch=max_batch, max_wait=args.max_wait_ms / 1000, max_queue=args.max_queue,
+                     route_timeout=args.route_timeout, limits=limits)
     for name, router in routers.items():
         print(f"router {name!r}: {router.models} ({router.policy.kind} {router.policy.parameter}="
               f"{router.policy.value:.4g}), extractor {router.extractor.model_id} on {router.extractor.device}")
     print(f"backends: {', '.join(f'{s.name} -> {s.base_url} ({s.model})' for s in specs)}")
-    print(f"micro-batching: up to {max_batch} requests or {args.max_wait_ms:g} ms")
+    print(f"micro-batching: up to {max_batch} requests or {args.max_wait_ms:g} ms; at most {args.max_queue} waiting, "
+          f"{args.route_timeout:g} s each")
+    print(f"limits: body {limits.max_body_bytes} bytes, {limits.max_messages} messages, {limits.max_chars} characters, "
+          f"n <= {limits.max_n}, max_tokens <= {limits.max_tokens}")
     print(f"serving http://{args.host}:{args.port}/v1 (auth {'on' if api_key else 'off'})", flush=True)
     serve(app, args.host, args.port, log_level="info" if args.verbose else "warning")
     return 0
@@ -299,6 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                        help="progress bars on stderr (default: on for long work)")
 
+    def extractor_args(p):
+        p.add_argument("--extractor", help="load this extractor (short name, path or hub id); needed when the router "
+                                           "was saved with a hub id or path, which a router file alone cannot allow")
+        p.add_argument("--allow-other-extractor", action="store_true",
+                       help="allow --extractor to differ from the one the router was saved with (its weights "
+                            "must still hash the same)")
+
     def cache_args(p):
         p.add_argument("--feature-cache", help=f"feature cache directory (default {cache_root() / 'features'})")
         p.add_argument("--no-feature-cache", action="store_true", help="do not read or write cached features")
@@ -347,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--seed", type=int, default=0)
     cache_args(p)
+    extractor_args(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("route", help="print the routing decision for a query")
@@ -354,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("query", help="the query text (or a JSON list of messages with --messages)")
     p.add_argument("--messages", action="store_true", help="QUERY is a JSON chat conversation")
     p.add_argument("--json", action="store_true")
+    extractor_args(p)
     p.set_defaults(func=cmd_route)
 
     p = sub.add_parser("serve", help="serve an OpenAI-compatible chat completions endpoint that routes")
@@ -368,6 +400,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int,
                    help="most requests decided in one forward pass (default: 32 on a GPU/MPS extractor, 1 on CPU)")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest a request waits for others to batch with")
+    p.add_argument("--max-queue", type=int, default=1024,
+                   help="requests that may wait for routing; more are refused with 429 (default %(default)s)")
+    p.add_argument("--route-timeout", type=float, default=30.0,
+                   help="seconds a request may wait for its routing decision before a 503 (default %(default)s)")
+    p.add_argument("--max-body-bytes", type=int, help="largest request body, else 413 (default 4 MiB)")
+    p.add_argument("--max-messages", type=int, help="most messages a request (default 1024)")
+    p.add_argument("--max-chars", type=int, help="most characters of message text a request (default 1,000,000)")
+    p.add_argument("--max-n", type=int, help="largest 'n' (default 16)")
+    p.add_argument("--max-completion-tokens", type=int,
+                   help="largest 'max_tokens' / 'max_completion_tokens' (default 131072)")
+    p.add_argument("--ood-percentile", type=float,
+                   help="send queries whose read-out is more novel than this percentile of the training read-outs "
+                        "to the most capable model (default: off; the decision reports the percentile either way)")
+    extractor_args(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("convert", help="convert public routing data to an outcomes file")
@@ -398,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:
         print(f"difficulty-router {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -12,6 +12,9 @@ class RouteDecision:
     ``fallbacks`` lists the eligible models more capable than ``model``, in the order an
     adapter should escalate to when the chosen model fails; ``skipped`` maps models that
     were not eligible for this call to the reason (for example "cannot call tools").
+    ``novelty`` places the query's read-out among the training read-outs (percentile, 0-100;
+    None for routers saved without a novelty score); ``ood`` is True when that was above the
+    router's threshold and the query went to the most capable model for it.
     """
 
     model: str
@@ -27,6 +30,8 @@ class RouteDecision:
     skipped: dict[str, str] = field(default_factory=dict)
     truncated: bool = False
     latency_ms: float = 0.0
+    novelty: float | None = None
+    ood: bool = False
 
     @property
     def probability(self) -> float:
@@ -39,7 +44,8 @@ class RouteDecision:
 
     def __str__(self) -> str:
         probs = ", ".join(f"{m}={p:.2f}" for m, p in self.probabilities.items())
+        ood = f"; out of distribution, novelty percentile {self.novelty:.1f}" if self.ood else ""
         return (
             f"-> {self.model} (difficulty {self.difficulty:.1f}/5, P(success): {probs}; "
-            f"{self.policy} {self.parameter}={self.parameter_value:g}, expected cost {self.expected_cost:.6g})"
+            f"{self.policy} {self.parameter}={self.parameter_value:g}, expected cost {self.expected_cost:.6g}{ood})"
         )

@@ -67,31 +67,46 @@ class PIKProbe:
             raise ValueError("this P(IK) probe was trained on another model's activations; it only reads its own model")
 
     def save(self, directory: str | os.PathLike) -> Path:
+        """``pik.json`` (read-out, model hash, and the sha256 of the arrays) and ``pik.safetensors``."""
         import json
 
         from safetensors.numpy import save_file
+
+        from .bundle import sha256_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_file({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in self.probe.arrays("pik").items()},
                   str(directory / "pik.safetensors"))
         (directory / "pik.json").write_text(json.dumps(
-            {"layers": list(self.layers), "pooling": list(self.pooling), "model_hash": self.model_hash}, indent=2))
+            {"layers": list(self.layers), "pooling": list(self.pooling), "model_hash": self.model_hash,
+             "arrays_sha256": sha256_file(directory / "pik.safetensors")}, indent=2))
         return directory
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> PIKProbe:
-        import json
-
-        from safetensors.numpy import load_file
+        """Load a saved probe; refuses a bundle whose arrays do not match their recorded hash, or a malformed one."""
+        from .bundle import field, load_arrays, read_manifest
 
         directory = Path(directory)
         for name in ("pik.json", "pik.safetensors"):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{directory} holds no {name}; not a saved P(IK) probe")
-        meta = json.loads((directory / "pik.json").read_text())
-        probe = SuccessProbe.from_arrays(load_file(str(directory / "pik.safetensors")), "pik")
-        return cls(probe, layers=meta["layers"], pooling=meta["pooling"], model_hash=meta["model_hash"])
+        where = str(directory / "pik.json")
+        meta = read_manifest(directory / "pik.json")
+        layers, pooling = field(meta, "layers", "list", where), field(meta, "pooling", "list", where)
+        model_hash = field(meta, "model_hash", "str", where)
+        digest = field(meta, "arrays_sha256", "str", where)
+        if not layers or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
+            raise ValueError(f"{where}: the field 'layers' must be a non-empty list of integers")
+        arrays, _ = load_arrays(directory / "pik.safetensors", digest)
+        try:
+            probe = SuccessProbe.from_arrays(arrays, "pik")
+            return cls(probe, layers=layers, pooling=pooling, model_hash=model_hash)
+        except KeyError as exc:
+            raise ValueError(f"{directory / 'pik.safetensors'} lacks the array {exc.args[0]!r}") from None
+        except (TypeError, AttributeError, IndexError) as exc:
+            raise ValueError(f"{directory}: the saved P(IK) probe is inconsistent ({exc})") from None
 
 
 class LocalGenerator:

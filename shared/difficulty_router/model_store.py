@@ -131,20 +131,53 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def _memo_sha256(path: Path) -> str:
+    """sha256 of a (large) weights file, memoised by its resolved path, size and mtime."""
+    stat = path.stat()
+    memo = cache_root() / "hashes" / hashlib.sha256(
+        f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()
+    ).hexdigest()
+    if memo.is_file():
+        return memo.read_text().strip()
+    value = file_sha256(path)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    memo.write_text(value)
+    return value
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The local snapshot directory transformers loaded ``repo_id`` from (the hub cache)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception as exc:  # huggingface_hub raises several kinds for "not cached"
+        raise FileNotFoundError(f"cannot find the cached files of {repo_id!r} to fingerprint its weights: {exc}") \
+            from None
+
+
+def weights_fingerprint(directory: Path) -> str:
+    """sha256 over a directory's weight files (names and contents): safetensors, else PyTorch .bin."""
+    files = sorted(p for p in directory.iterdir() if p.suffix == ".safetensors") or \
+        sorted(p for p in directory.iterdir() if p.suffix == ".bin")
+    if not files:
+        raise FileNotFoundError(f"{directory} holds no .safetensors or .bin weights to fingerprint")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode())
+        digest.update(_memo_sha256(path).encode())
+    return digest.hexdigest()
+
+
 def fingerprint(source: ModelSource) -> str:
-    """A content hash of the weights, so a saved router can refuse a different extractor."""
+    """A content hash of the weights, so a saved router can refuse a different extractor.
+
+    GGUF: the file's sha256. Local directory: its safetensors and JSON files. Hub id: the weight
+    files of the cached snapshot the model was loaded from (the id alone says nothing about what
+    was loaded: anyone can write it into a manifest, and the repository can change under it).
+    """
     if source.gguf_file:
-        gguf = Path(source.path) / source.gguf_file
-        stat = gguf.stat()
-        memo = cache_root() / "hashes" / hashlib.sha256(
-            f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()
-        ).hexdigest()
-        if memo.is_file():
-            return memo.read_text().strip()
-        value = file_sha256(gguf)
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        memo.write_text(value)
-        return value
+        return _memo_sha256(Path(source.path) / source.gguf_file)
     if source.is_local:
         digest = hashlib.sha256()
         directory = Path(source.path)
@@ -152,7 +185,7 @@ def fingerprint(source: ModelSource) -> str:
             digest.update(name.encode())
             digest.update(file_sha256(directory / name).encode())
         return digest.hexdigest()
-    return f"hub:{source.path}"
+    return weights_fingerprint(hub_snapshot(source.path))
 
 
 def _dequantised_dir(source: ModelSource, sha: str) -> Path:

@@ -40,17 +40,28 @@ def _content_text(content: Any, where: str) -> str:
     raise ValueError(f"{where}: content must be a string or a list of content parts, got {type(content).__name__}")
 
 
-def _tool_calls_text(tool_calls: Any) -> str:
+def _tool_calls_text(tool_calls: Any, where: str) -> str:
     """Render an assistant's tool calls as text so the router reads what was asked of the tools."""
+    if tool_calls is None:
+        return ""
+    if isinstance(tool_calls, (str, bytes, Mapping)) or not isinstance(tool_calls, Sequence):
+        raise ValueError(f"{where}: tool_calls must be a list of tool calls, got {type(tool_calls).__name__}")
     lines = []
-    for call in tool_calls or []:
-        if isinstance(call, Mapping):
-            fn = call.get("function", call)
-            name = fn.get("name", "")
-            args = fn.get("arguments", fn.get("args", ""))
-            if not isinstance(args, str):
+    for k, call in enumerate(tool_calls):
+        if not isinstance(call, Mapping):
+            raise ValueError(f"{where}: tool call {k} must be a mapping, got {type(call).__name__}")
+        fn = call.get("function", call)
+        if not isinstance(fn, Mapping):
+            raise ValueError(f"{where}: tool call {k}: 'function' must be a mapping with 'name' and 'arguments', "
+                             f"got {type(fn).__name__}")
+        name = fn.get("name", "")
+        args = fn.get("arguments", fn.get("args", ""))
+        if not isinstance(args, str):
+            try:
                 args = json.dumps(args, sort_keys=True, default=str)
-            lines.append(f"[tool call] {name}({args})")
+            except (TypeError, ValueError, RecursionError):
+                raise ValueError(f"{where}: tool call {k}: arguments cannot be rendered as JSON") from None
+        lines.append(f"[tool call] {name}({args})")
     return "\n".join(lines)
 
 
@@ -70,7 +81,7 @@ def _message(msg: Any, where: str) -> Message:
     if not isinstance(role, str) or role not in ROLES:
         raise ValueError(f"{where}: unknown role {role!r}; expected one of {sorted(ROLES)}")
     text = _content_text(content, where)
-    calls = _tool_calls_text(tool_calls)
+    calls = _tool_calls_text(tool_calls, where)
     if calls:
         text = f"{text}\n{calls}" if text else calls
     return {"role": role, "content": text}
@@ -110,6 +121,27 @@ def to_conversations(queries: Any) -> list[Conversation]:
     if len(queries) == 0:
         raise ValueError("expected at least one query, got an empty list")
     return [to_conversation(q, i) for i, q in enumerate(queries)]
+
+
+def clip_conversation(conversation: Conversation, max_chars: int) -> tuple[Conversation, bool]:
+    """The conversation's last ``max_chars`` characters of content, and whether anything was cut.
+
+    Whole messages are dropped from the front, then the oldest kept message loses its head: the
+    extractor reads a prompt's end, so this is the cheap, character-level version of its own
+    token truncation, done before anything is tokenised.
+    """
+    if max_chars < 1:
+        raise ValueError(f"max_chars must be positive, got {max_chars}")
+    if sum(len(m["content"]) for m in conversation) <= max_chars:
+        return conversation, False
+    kept, budget = [], max_chars
+    for message in reversed(conversation):
+        if budget <= 0:
+            break
+        content = message["content"]
+        kept.append({**message, "content": content[-budget:]} if len(content) > budget else message)
+        budget -= len(content)
+    return kept[::-1], True
 
 
 def conversation_text(conversation: Conversation) -> str:

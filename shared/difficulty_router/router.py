@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -13,11 +12,13 @@ from typing import Any
 
 import numpy as np
 
+from .bundle import sha256_file
 from .data import Outcomes
 from .decision import RouteDecision
 from .extractor import ActivationExtractor, normalise_pooling
 from .families import FAMILIES, StackedProbe, stack_inputs
 from .lexical import LexicalProbe
+from .novelty import NoveltyScore, OODPolicy
 from .policies import Policy, pick_operating_point, sweep
 from .pool import ModelPool
 from .probes import DifficultyProbe, SuccessProbe, derived_difficulty
@@ -43,7 +44,8 @@ class DifficultyRouter:
                  layers: Sequence[int], pooling: Sequence[str], capability: Sequence[float],
                  policy: Policy | None = None, difficulty_probe: DifficultyProbe | None = None,
                  info: dict | None = None, family: str = "activation", lexical: LexicalProbe | None = None,
-                 stack: StackedProbe | None = None, dropped: dict[str, str] | None = None) -> None:
+                 stack: StackedProbe | None = None, dropped: dict[str, str] | None = None,
+                 novelty: NoveltyScore | None = None, ood: OODPolicy | None = None) -> None:
         if family not in FAMILIES:
             raise ValueError(f"unknown feature family {family!r}; expected one of {FAMILIES}")
         if family in ("lexical", "stacked") and lexical is None:
@@ -56,6 +58,9 @@ class DifficultyRouter:
         if stack is not None and stack.coef_.shape[1] != 2 * len(pool) + 1:
             raise ValueError(f"the stack reads {stack.coef_.shape[1]} inputs; a pool of {len(pool)} gives {2 * len(pool) + 1}")
         self.family, self.lexical, self.stack = family, lexical, stack
+        self.novelty, self.ood = novelty, ood or OODPolicy()
+        if self.ood.model is not None and self.ood.model not in pool.names:
+            raise ValueError(f"novelty.model {self.ood.model!r} is not in the pool {pool.names}")
         self.dropped = dict(dropped or {})
         unknown = [m for m in self.dropped if m not in pool.names]
         if unknown or len(self.dropped) >= len(pool):
@@ -75,6 +80,8 @@ class DifficultyRouter:
         if probe.coef_.shape[0] != len(pool) or probe.standardizer_.mean_.shape != (width,):
             raise ValueError(f"the probe ({probe.coef_.shape[0]} models, {probe.standardizer_.mean_.shape[0]} features) "
                              f"does not fit a pool of {len(pool)} and a read-out of {width} features")
+        if novelty is not None and novelty.parts_["mean"].shape != (width,):
+            raise ValueError(f"the novelty score reads {novelty.parts_['mean'].shape[0]} features, the read-out has {width}")
 
     # -- introspection -------------------------------------------------------------
     @property
@@ -148,8 +155,14 @@ class DifficultyRouter:
         eligible = self.eligibility(len(conversations), exclude)
         chosen = self.policy.choose(proba, costs, self.capability, eligible)
         difficulty = self.difficulty(proba, extraction.features)
-        elapsed = (time.perf_counter() - start) * 1000 / len(conversations)
         order = self.capability_order()
+        novelty = self.novelty.percentile(extraction.features) if self.novelty is not None else None
+        ood = np.zeros(len(conversations), dtype=bool)
+        if novelty is not None and self.ood.enabled:
+            ood = novelty > self.ood.percentile
+            for i in np.flatnonzero(ood):
+                chosen[i] = self._ood_target(eligible[i], order)
+        elapsed = (time.perf_counter() - start) * 1000 / len(conversations)
         skipped = dict(exclude or {})
         skipped.update({m: reason for m, reason in self.dropped.items()
                         if m not in skipped and not eligible[0, self.models.index(m)]})
@@ -172,8 +185,16 @@ class DifficultyRouter:
                 skipped=dict(skipped),
                 truncated=bool(extraction.truncated[i]),
                 latency_ms=elapsed,
+                novelty=None if novelty is None else float(novelty[i]),
+                ood=bool(ood[i]),
             ))
         return decisions
+
+    def _ood_target(self, eligible: np.ndarray, order: list[str]) -> int:
+        """The model a novel query goes to: the configured one if it may serve, else the most capable eligible."""
+        if self.ood.model is not None and eligible[self.models.index(self.ood.model)]:
+            return self.models.index(self.ood.model)
+        return next(self.models.index(m) for m in reversed(order) if eligible[self.models.index(m)])
 
     def difficulty(self, proba: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
         if self.difficulty_probe is not None and features is not None:
@@ -236,6 +257,8 @@ class DifficultyRouter:
             arrays.update(self.lexical.arrays("lexical"))
         if self.stack is not None:
             arrays.update(self.stack.arrays("stack"))
+        if self.novelty is not None:
+            arrays.update(self.novelty.arrays("novelty"))
         arrays["capability"] = self.capability
         arrays = {k: np.ascontiguousarray(v, dtype=np.int64 if np.issubdtype(np.asarray(v).dtype, np.integer) else np.float64)
                   for k, v in arrays.items()}
@@ -253,7 +276,8 @@ class DifficultyRouter:
             "family": self.family,
             "lexical": self.lexical.config() if self.lexical is not None else None,
             "dropped": self.dropped,
-            "arrays_sha256": _sha256(directory / ARRAYS),
+            "novelty": self.ood.to_dict(),
+            "arrays_sha256": sha256_file(directory / ARRAYS),
             "versions": _versions(),
             "info": self.info,
         }
@@ -261,56 +285,68 @@ class DifficultyRouter:
         return directory
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, extractor: ActivationExtractor | None = None,
-             **extractor_kwargs) -> DifficultyRouter:
-        """Load a saved router; refuses bundles that were altered or that belong to another extractor."""
-        from safetensors import safe_open
-        from safetensors.numpy import load_file
+    def load(cls, directory: str | os.PathLike, extractor: ActivationExtractor | None = None, *,
+             model: str | None = None, allow_other_extractor: bool = False, **extractor_kwargs) -> DifficultyRouter:
+        """Load a saved router; refuses bundles that were altered or that belong to another extractor.
+
+        The extractor comes from ``extractor``, else ``model``, else the manifest. A manifest may
+        name only an embedded model (``smollm2-135m``, ...) on its own authority: a hub id or a
+        path must also be passed as ``model`` (the manifest is just a file someone sent), and a
+        ``model`` other than the manifest's needs ``allow_other_extractor``. Whatever loads, its
+        weights hash must equal the one recorded at save time.
+        """
+        from .bundle import check_extractor_allowed, check_router_manifest, load_arrays, read_manifest
+        from .model_store import KNOWN_MODELS
 
         directory = Path(directory)
         if not (directory / MANIFEST).is_file():
             raise FileNotFoundError(f"{directory} holds no {MANIFEST}; not a saved router")
         if not (directory / ARRAYS).is_file():
             raise FileNotFoundError(f"{directory} holds no {ARRAYS}; the saved router is incomplete")
-        try:
-            manifest = json.loads((directory / MANIFEST).read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{directory / MANIFEST} is not valid JSON: {exc.msg}") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise ValueError(f"{directory / MANIFEST}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
-        digest = _sha256(directory / ARRAYS)
-        if digest != manifest.get("arrays_sha256"):
-            raise ValueError(f"{directory / ARRAYS} does not match the hash in its manifest; the bundle was altered")
-        arrays = load_file(str(directory / ARRAYS))
-        with safe_open(str(directory / ARRAYS), framework="numpy") as fh:
-            metadata = fh.metadata() or {}
+        where = str(directory / MANIFEST)
+        manifest = read_manifest(directory / MANIFEST)
+        check_router_manifest(manifest, where, FORMAT)
+        arrays, metadata = load_arrays(directory / ARRAYS, manifest["arrays_sha256"])
         family = metadata.get("family", "activation")
-        lexical_config = json.loads(metadata.get("lexical", "null"))
+        try:
+            lexical_config = json.loads(metadata.get("lexical", "null"))
+        except json.JSONDecodeError:
+            raise ValueError(f"{directory / ARRAYS}: its 'lexical' metadata is not JSON") from None
         if family != manifest.get("family", "activation") or lexical_config != manifest.get("lexical"):
-            raise ValueError(f"{directory / MANIFEST} describes a different feature family than {ARRAYS} holds; "
+            raise ValueError(f"{where} describes a different feature family than {ARRAYS} holds; "
                              "the bundle was altered")
         readout = manifest["readout"]
         described = manifest["extractor"]
         if extractor is None:
-            extractor = ActivationExtractor(described["model_id"], layers=readout["layers"], pooling=readout["pooling"],
+            name = check_extractor_allowed(described["model_id"], model, allow_other_extractor, where,
+                                           frozenset(KNOWN_MODELS))
+            extractor = ActivationExtractor(name, layers=readout["layers"], pooling=readout["pooling"],
                                             max_tokens=described.get("max_tokens", 2048), **extractor_kwargs)
         if extractor.model_hash != described["model_hash"]:
             raise ValueError(
-                f"this router was trained on extractor {described['model_id']!r} (weights sha256 "
+                f"this router was trained on extractor {described['model_id'][:200]!r} (weights sha256 "
                 f"{described['model_hash'][:12]}...), but the extractor in use is {extractor.model_id!r} "
                 f"({extractor.model_hash[:12]}...); its probes would read meaningless features"
             )
         if extractor.hidden_size != described["hidden_size"] or extractor.n_layers != described["n_layers"]:
             raise ValueError("the extractor's shape differs from the one the router was trained on")
-        probe = SuccessProbe.from_arrays(arrays, "success")
-        difficulty_probe = DifficultyProbe.from_arrays(arrays, "difficulty") if manifest.get("has_difficulty_probe") else None
-        lexical = LexicalProbe.from_arrays(lexical_config, arrays, "lexical") if lexical_config is not None else None
-        stack = StackedProbe.from_arrays(arrays, "stack") if "stack.coef" in arrays else None
-        return cls(extractor, ModelPool.from_dict(manifest["pool"], source=str(directory / MANIFEST)), probe,
-                   layers=readout["layers"], pooling=readout["pooling"], capability=arrays["capability"],
-                   policy=Policy.from_dict(manifest["policy"]), difficulty_probe=difficulty_probe,
-                   info=manifest.get("info", {}), family=family, lexical=lexical, stack=stack,
-                   dropped=manifest.get("dropped") or {})
+        try:
+            probe = SuccessProbe.from_arrays(arrays, "success")
+            difficulty_probe = (DifficultyProbe.from_arrays(arrays, "difficulty")
+                                if manifest.get("has_difficulty_probe") else None)
+            lexical = LexicalProbe.from_arrays(lexical_config, arrays, "lexical") if lexical_config is not None else None
+            stack = StackedProbe.from_arrays(arrays, "stack") if "stack.coef" in arrays else None
+            novelty = NoveltyScore.from_arrays(arrays, "novelty") if "novelty.mean" in arrays else None
+            return cls(extractor, ModelPool.from_dict(manifest["pool"], source=where), probe,
+                       layers=readout["layers"], pooling=readout["pooling"], capability=arrays["capability"],
+                       policy=Policy.from_dict(manifest["policy"]), difficulty_probe=difficulty_probe,
+                       info=manifest.get("info") or {}, family=family, lexical=lexical, stack=stack,
+                       dropped=manifest.get("dropped") or {}, novelty=novelty,
+                       ood=OODPolicy.from_dict(manifest.get("novelty")))
+        except KeyError as exc:
+            raise ValueError(f"{directory / ARRAYS} lacks the array {exc.args[0]!r}; the bundle is incomplete") from None
+        except (TypeError, AttributeError, IndexError) as exc:
+            raise ValueError(f"{directory}: the saved router is inconsistent ({exc})") from None
 
     def __repr__(self) -> str:
         return (f"DifficultyRouter(extractor={self.extractor.model_id!r}, family={self.family!r}, layers={self.layers}, "
@@ -322,10 +358,6 @@ def realised_costs(outcomes: Outcomes, estimated: np.ndarray) -> np.ndarray:
     if outcomes.cost is None:
         return estimated
     return np.where(np.isnan(outcomes.cost), estimated, outcomes.cost)
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _json_default(value):

@@ -13,6 +13,7 @@ from .data import Outcomes
 from .extractor import ActivationExtractor, normalise_layers, normalise_pooling
 from .families import FAMILIES, fit_families
 from .metrics import apgr_cpt
+from .novelty import NoveltyScore
 from .policies import Policy, dominated, fit_margin, pick_operating_point, sweep
 from .pool import ModelPool
 from .probes import DifficultyProbe, readout_score
@@ -103,7 +104,8 @@ def train_router(outcomes: Outcomes, pool: ModelPool, extractor: ActivationExtra
     router = DifficultyRouter(extractor, pool, probe, layers=chosen_layers, pooling=chosen_pooling,
                               capability=capability, policy=Policy(policy), difficulty_probe=difficulty_probe,
                               family=family, lexical=fit.lexical if family != "activation" else None,
-                              stack=fit.stack if family == "stacked" else None, dropped=dropped)
+                              stack=fit.stack if family == "stacked" else None, dropped=dropped,
+                              novelty=NoveltyScore(seed=seed).fit(extraction.features))
     # Default operating point and a policy comparison, on out-of-fold probabilities: rows the probes did not fit.
     oof = fit.oof[family]
     eligible = router.eligibility(len(outcomes), None)

@@ -7,10 +7,16 @@ decision's ``fallbacks`` (more capable models); the client sees an error only wh
 candidate failed. The decision travels in ``x-router-*`` headers and in the body's ``model``
 (the backend that answered) and ``router`` fields, so unmodified OpenAI clients work and
 curious ones can read why.
+
+At the door, :class:`~.schema.Limits` bound what one request may hold, the routing queue is
+bounded (429 when full, 503 when a request's routing deadline passes), prompts longer than the
+extractor can read are clipped to their tail before routing (the extractor keeps the last
+tokens anyway), and every error is OpenAI-shaped with an ``x-request-id`` (see :mod:`.guard`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import json
 import logging
@@ -20,28 +26,34 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from ..cascade import pool_cost_fn
 from ..dispatch import Hooks, Reply, RoutedCall, run_async
-from ..queries import to_conversation
+from ..queries import clip_conversation, to_conversation
 from ..router import DifficultyRouter
 from .backends import BackendFailure, Backends, BackendSpec
-from .batching import MicroBatcher
-from .metrics import ServerMetrics
-from .schema import ApiError, parse_json, validate_chat_request
+from .batching import DeadlineExceeded, MicroBatcher, QueueFull
+from .guard import Guard, error_bytes
+from .metrics import CONTENT_TYPE, ServerMetrics
+from .schema import ApiError, Limits, parse_json, quote, read_body, validate_chat_request
 
 logger = logging.getLogger(__name__)
 DEFAULT_ROUTER_NAME = "router"
+#: Characters of a conversation's tail routing reads per extractor token (tokens average about 4
+#: characters in English text; twice that keeps what the extractor would read in all but odd text).
+ROUTE_CHARS_PER_TOKEN = 8
 
 
 def _sse(data: Any) -> bytes:
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-def _error_response(error: ApiError, metrics: ServerMetrics):
+def _error_response(error: ApiError, metrics: ServerMetrics, headers: dict | None = None):
     metrics.errors.inc(str(error.status), error.type)
-    return JSONResponse(error.body(), status_code=error.status)
+    body = error_bytes(error.status, error.message, type=error.type, code=error.code, param=error.param)
+    return Response(body, status_code=error.status, media_type="application/json", headers=headers)
 
 
 def _decision_headers(router_name: str | None, decision, served: str, tried: list[str], routing_s: float | None) -> dict:
@@ -56,23 +68,32 @@ def _decision_headers(router_name: str | None, decision, served: str, tried: lis
                                              separators=(",", ":")),
         "x-router-difficulty": f"{decision.difficulty:.2f}",
         "x-router-latency-ms": f"{1000 * routing_s:.2f}",
+        "x-router-truncated": "1" if decision.truncated else "0",
     })
+    if decision.novelty is not None:
+        headers["x-router-novelty"] = f"{decision.novelty:.1f}"
+        headers["x-router-ood"] = "1" if decision.ood else "0"
     if len(tried) > 1:
         headers["x-router-escalated-from"] = ",".join(tried[:-1])
     return headers
 
 
 def create_app(routers: DifficultyRouter | Mapping[str, DifficultyRouter], backends: Backends | list[BackendSpec], *,
-               api_key: str | None = None, max_batch: int = 32, max_wait: float = 0.005,
-               metrics: ServerMetrics | None = None):
+               api_key: str | None = None, allow_unauthenticated: bool = False, max_batch: int = 32,
+               max_wait: float = 0.005, max_queue: int = 1024, route_timeout: float | None = 30.0,
+               limits: Limits | None = None, metrics: ServerMetrics | None = None):
     """Build the ASGI app.
 
     ``routers``: one router (served as ``router``) or a mapping name -> router. ``backends``:
     a :class:`Backends` or the specs to build one from; every model a router can choose needs
     a backend. ``api_key``: when set, every endpoint but ``/health`` requires
-    ``Authorization: Bearer <api_key>``. ``max_batch`` / ``max_wait`` (seconds) bound the
-    micro-batches (``max_batch=1`` decides requests one by one).
+    ``Authorization: Bearer <api_key>``; without one the app answers loopback clients only,
+    unless ``allow_unauthenticated`` (a proxy in front authenticates). ``max_batch`` /
+    ``max_wait`` (seconds) bound the micro-batches (``max_batch=1`` decides requests one by
+    one); ``max_queue`` requests may wait for routing (then 429) for ``route_timeout``
+    seconds (then 503). ``limits``: what one request may hold (default :class:`Limits`).
     """
+    limits = limits or Limits()
     if isinstance(routers, DifficultyRouter):
         routers = {DEFAULT_ROUTER_NAME: routers}
     routers = dict(routers)
@@ -93,8 +114,11 @@ def create_app(routers: DifficultyRouter | Mapping[str, DifficultyRouter], backe
             return router.route_batch(conversations, exclude=dict(exclude_key) or None, progress=False)
         return decide
 
-    batchers = {name: MicroBatcher(batch_fn(r), max_batch=max_batch, max_wait=max_wait,
-                                   on_batch=metrics.observe_batch, name=name) for name, r in routers.items()}
+    batchers = {name: MicroBatcher(batch_fn(r), max_batch=max_batch, max_wait=max_wait, max_queue=max_queue,
+                                   timeout=route_timeout, on_batch=metrics.observe_batch, name=name)
+                for name, r in routers.items()}
+    for name, batcher in batchers.items():
+        metrics.track_queue(name, lambda b=batcher: b.depth)
 
     async def authenticate(request: Request) -> None:
         if api_key is None or request.url.path == "/health":
@@ -117,16 +141,19 @@ def create_app(routers: DifficultyRouter | Mapping[str, DifficultyRouter], backe
     app = FastAPI(title="difficulty-router", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
                   dependencies=[Depends(authenticate)])
     app.state.metrics, app.state.backends, app.state.routers = metrics, backends, routers
+    app.state.api_key, app.state.allow_unauthenticated = api_key, allow_unauthenticated
+    app.add_middleware(Guard, loopback_only=api_key is None and not allow_unauthenticated,
+                       on_error=lambda status, kind: metrics.errors.inc(str(status), kind))
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
-        return _error_response(exc, metrics)
+        headers = {"retry-after": "1"} if exc.status == 429 else None
+        return _error_response(exc, metrics, headers)
 
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception):
-        logger.exception("unexpected error serving %s", request.url.path)
-        return _error_response(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"),
-                               metrics)
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):  # unknown paths, wrong methods
+        return _error_response(ApiError(exc.status_code, str(exc.detail), code="not_found"
+                                        if exc.status_code == 404 else None), metrics)
 
     @app.get("/health")
     async def health():
@@ -136,7 +163,7 @@ def create_app(routers: DifficultyRouter | Mapping[str, DifficultyRouter], backe
 
     @app.get("/metrics")
     async def prometheus():
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def list_models():
@@ -152,14 +179,31 @@ def create_app(routers: DifficultyRouter | Mapping[str, DifficultyRouter], backe
             conversation = to_conversation(messages)  # validated here so one bad query cannot fail a whole batch
         except ValueError as exc:
             raise ApiError(400, str(exc).replace("query: ", "", 1), param="messages") from None
+        # the extractor reads the last max_tokens tokens: a longer tail is tokenised for nothing
+        conversation, clipped = clip_conversation(conversation, ROUTE_CHARS_PER_TOKEN * router.extractor.max_tokens)
         down = {m: why for m, why in backends.down().items() if m in router.models}
         if len(down) == len(router.models):
             down = {}  # everything is down: try them anyway rather than refuse outright
         start = time.perf_counter()
-        decision = await batchers[router_name].submit(conversation, frozenset(down.items()))
+        try:
+            decision = await batchers[router_name].submit(conversation, frozenset(down.items()))
+        except QueueFull:
+            metrics.shed.inc(router_name, "queue_full")
+            raise ApiError(429, f"router {router_name!r} is busy: too many requests are waiting to be routed; "
+                                "retry shortly", type="rate_limit_error", code="router_queue_full") from None
+        except DeadlineExceeded:
+            metrics.shed.inc(router_name, "deadline")
+            metrics.deadline_expiries.inc(router_name)
+            raise ApiError(503, f"router {router_name!r} could not route the request in time "
+                                f"({route_timeout:g} s); retry shortly", type="server_error",
+                           code="routing_timeout") from None
+        if clipped:
+            decision = dataclasses.replace(decision, truncated=True)
         elapsed = time.perf_counter() - start
         metrics.routing_latency.observe(elapsed)
         metrics.routed.inc(router_name, decision.model)
+        if decision.ood:
+            metrics.ood_escalations.inc(router_name, decision.model)
         return decision, elapsed
 
     def failed(requested: str, failures: list[BaseException]) -> ApiError:
@@ -187,7 +231,7 @@ def create_app(routers: DifficultyRouter | Mapping[str, DifficultyRouter], backe
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = validate_chat_request(parse_json(await request.body()))
+        body = validate_chat_request(parse_json(await read_body(request, limits.max_body_bytes), limits), limits)
         requested = body["model"]
         decision, routing_s, cost_fn = None, None, None
         if requested in routers:
@@ -198,7 +242,7 @@ def create_app(routers: DifficultyRouter | Mapping[str, DifficultyRouter], backe
         elif requested in backends:
             call = RoutedCall(ladder=[requested])
         else:
-            raise ApiError(404, f"The model '{requested}' does not exist; available: "
+            raise ApiError(404, f"The model {quote(requested)} does not exist; available: "
                                 f"{[*routers, *backends.names]}", param="model", code="model_not_found")
         streaming = bool(body.get("stream"))
 

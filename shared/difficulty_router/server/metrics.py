@@ -1,98 +1,107 @@
-"""Prometheus text exposition, written by hand: a few counters and histograms need no dependency.
+"""The server's Prometheus metrics, through ``prometheus_client`` (the exposition format is its job).
 
-Everything is updated from the event loop thread except batch observations, which the
-batcher reports from the loop too (after the worker thread returns), so no locks are needed.
+Each :class:`ServerMetrics` owns a registry, so several apps in one process (tests, a
+benchmark) keep separate counts. The attributes keep a small interface of their own
+(``inc(*labels)``, ``get(*labels)``, ``observe``, ``count``, ``sum``) so the app and the
+tests read counts without reaching into the library's internals.
 """
 
 from __future__ import annotations
 
-import bisect
-from collections import defaultdict
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter as _PromCounter, Histogram as _PromHistogram
+from prometheus_client import generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-
-
-def _labels(names: tuple[str, ...], values: tuple[str, ...], extra: str = "") -> str:
-    parts = [f'{n}="{_escape(v)}"' for n, v in zip(names, values)]
-    if extra:
-        parts.append(extra)
-    return "{" + ",".join(parts) + "}" if parts else ""
-
-
-def _escape(value: str) -> str:
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class Counter:
-    def __init__(self, name: str, help: str, labels: tuple[str, ...] = ()) -> None:
-        self.name, self.help, self.labels = name, help, labels
-        self.values: dict[tuple[str, ...], float] = defaultdict(float)
+    """A labelled counter; ``name`` ends in ``_total`` as exposed."""
+
+    def __init__(self, registry: CollectorRegistry, name: str, help: str, labels: tuple[str, ...] = ()) -> None:
+        self.name, self.labels, self._registry = name, labels, registry
+        self._metric = _PromCounter(name, help, labels, registry=registry)
 
     def inc(self, *labels: str, amount: float = 1.0) -> None:
-        self.values[tuple(labels)] += amount
+        (self._metric.labels(*map(str, labels)) if self.labels else self._metric).inc(amount)
 
     def get(self, *labels: str) -> float:
-        return self.values.get(tuple(labels), 0.0)
-
-    def render(self) -> list[str]:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
-        lines += [f"{self.name}{_labels(self.labels, k)} {v:g}" for k, v in sorted(self.values.items())]
-        return lines
+        value = self._registry.get_sample_value(self.name, dict(zip(self.labels, map(str, labels))))
+        return value or 0.0
 
 
 class Histogram:
-    def __init__(self, name: str, help: str, buckets: tuple[float, ...]) -> None:
-        self.name, self.help, self.buckets = name, help, tuple(buckets)
-        self.counts = [0] * (len(self.buckets) + 1)
-        self.sum = 0.0
+    def __init__(self, registry: CollectorRegistry, name: str, help: str, buckets: tuple[float, ...]) -> None:
+        self.name, self._registry = name, registry
+        self._metric = _PromHistogram(name, help, buckets=buckets, registry=registry)
 
     def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.sum += value
+        self._metric.observe(value)
 
     @property
     def count(self) -> int:
-        return sum(self.counts)
+        return int(self._registry.get_sample_value(f"{self.name}_count") or 0)
 
-    def render(self) -> list[str]:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
-        running = 0
-        for bound, n in zip(self.buckets, self.counts):
-            running += n
-            lines.append(f'{self.name}_bucket{{le="{bound:g}"}} {running}')
-        lines.append(f'{self.name}_bucket{{le="+Inf"}} {self.count}')
-        lines += [f"{self.name}_sum {self.sum:g}", f"{self.name}_count {self.count}"]
-        return lines
+    @property
+    def sum(self) -> float:
+        return self._registry.get_sample_value(f"{self.name}_sum") or 0.0
+
+
+class _QueueDepth:
+    """Reads each batcher's queue length when scraped, so the gauge is never stale."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.sources: dict[str, Callable[[], int]] = {}
+
+    def collect(self):
+        gauge = GaugeMetricFamily(self.name, "Routing requests waiting for the extraction worker.", labels=["router"])
+        for router, depth in self.sources.items():
+            gauge.add_metric([router], depth())
+        yield gauge
 
 
 class ServerMetrics:
-    """The server's metrics: what was asked, what served it, how long routing took, what failed."""
+    """What was asked, what served it, how long routing took, what failed, what was shed."""
 
     def __init__(self, prefix: str = "difficulty_router") -> None:
-        p = prefix
-        self.requests = Counter(f"{p}_requests_total", "Chat completion requests by requested model and the backend "
-                                "that answered (none: every candidate failed).", ("requested", "model"))
-        self.routed = Counter(f"{p}_routing_decisions_total", "Routing decisions by router and chosen pool model.",
+        p, r = prefix, CollectorRegistry(auto_describe=True)
+        self.registry = r
+        self.requests = Counter(r, f"{p}_requests_total", "Chat completion requests by requested model and the "
+                                "backend that answered (none: every candidate failed).", ("requested", "model"))
+        self.routed = Counter(r, f"{p}_routing_decisions_total", "Routing decisions by router and chosen pool model.",
                               ("router", "model"))
-        self.escalations = Counter(f"{p}_escalations_total", "Backend failures that moved a request to the next "
+        self.escalations = Counter(r, f"{p}_escalations_total", "Backend failures that moved a request to the next "
                                    "more capable backend.", ("from_model", "to_model"))
-        self.backend_errors = Counter(f"{p}_backend_errors_total", "Failed backend calls by backend and kind.",
+        self.backend_errors = Counter(r, f"{p}_backend_errors_total", "Failed backend calls by backend and kind.",
                                       ("model", "kind"))
-        self.errors = Counter(f"{p}_errors_total", "Error responses sent to clients by HTTP status and type.",
+        self.errors = Counter(r, f"{p}_errors_total", "Error responses sent to clients by HTTP status and type.",
                               ("status", "type"))
-        self.routing_latency = Histogram(f"{p}_routing_latency_seconds", "Time from a request's arrival at the "
+        self.shed = Counter(r, f"{p}_shed_requests_total", "Requests refused unrouted because the routing queue "
+                            "was full (429) or their deadline passed while queued (503).", ("router", "reason"))
+        self.deadline_expiries = Counter(r, f"{p}_deadline_expiries_total", "Requests whose routing deadline "
+                                         "passed before a decision.", ("router",))
+        self.ood_escalations = Counter(r, f"{p}_ood_escalations_total", "Queries whose read-out was unlike the "
+                                       "router's training data and were sent to the most capable model.",
+                                       ("router", "model"))
+        self.routing_latency = Histogram(r, f"{p}_routing_latency_seconds", "Time from a request's arrival at the "
                                          "router to its decision (queueing, batching and extraction).", LATENCY_BUCKETS)
-        self.batch_size = Histogram(f"{p}_batch_size", "Queries per extraction forward pass.", BATCH_BUCKETS)
-        self.batch_seconds = Histogram(f"{p}_batch_seconds", "Seconds per batched routing call.", LATENCY_BUCKETS)
+        self.batch_size = Histogram(r, f"{p}_batch_size", "Queries per extraction forward pass.", BATCH_BUCKETS)
+        self.batch_seconds = Histogram(r, f"{p}_batch_seconds", "Seconds per batched routing call.", LATENCY_BUCKETS)
+        self._queue_depth = _QueueDepth(f"{p}_queue_depth")
+        r.register(self._queue_depth)
+
+    def track_queue(self, router: str, depth: Callable[[], int]) -> None:
+        """Report ``depth()`` as the router's queue depth at every scrape."""
+        self._queue_depth.sources[router] = depth
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)
         self.batch_seconds.observe(seconds)
 
     def render(self) -> str:
-        lines: list[str] = []
-        for metric in (self.requests, self.routed, self.escalations, self.backend_errors, self.errors,
-                       self.routing_latency, self.batch_size, self.batch_seconds):
-            lines += metric.render()
-        return "\n".join(lines) + "\n"
+        return generate_latest(self.registry).decode()

@@ -2,7 +2,9 @@
 
 A routing server holds the keys to paid backends; exposing it to a network without a token
 would let anyone spend them. Binding a non-loopback address therefore needs an API key, or
-an explicit ``allow_unauthenticated`` (for a server behind an authenticating proxy).
+an explicit ``allow_unauthenticated`` (for a server behind an authenticating proxy). The rule
+is checked here, before binding, from what the app was built with, and again by the app on
+every request (:mod:`.guard`), so it holds however the app is served.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ def check_exposure(host: str, api_key: str | None, allow_unauthenticated: bool =
 
 
 def serve(app, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info") -> None:
+    """Serve ``app`` (from :func:`~.app.create_app`); refuses a non-loopback ``host`` for an app without a key."""
     import uvicorn
 
+    state = getattr(app, "state", None)
+    check_exposure(host, getattr(state, "api_key", None), getattr(state, "allow_unauthenticated", False))
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
