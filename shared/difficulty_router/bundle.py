@@ -45,7 +45,14 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
-_TYPES = {"str": str, "int": int, "bool": bool, "dict": dict, "list": list, "float": (int, float)}
+_TYPES: dict[str, type | tuple[type, ...]] = {
+    "str": str,
+    "int": int,
+    "bool": bool,
+    "dict": dict,
+    "list": list,
+    "float": (int, float),
+}
 
 
 def field(obj: dict, key: str, kind: str, where: str, *, optional: bool = False, default: Any = None) -> Any:
@@ -58,8 +65,11 @@ def field(obj: dict, key: str, kind: str, where: str, *, optional: bool = False,
     kinds = kind.split("|")
     if value is None and "None" in kinds:
         return value
-    ok = any(isinstance(value, _TYPES[k]) and not (k in ("int", "float") and isinstance(value, bool))
-             for k in kinds if k != "None")
+    ok = any(
+        isinstance(value, _TYPES[k]) and not (k in ("int", "float") and isinstance(value, bool))
+        for k in kinds
+        if k != "None"
+    )
     if not ok:
         raise ValueError(f"{where}: the field '{key}' must be {' or '.join(kinds)}, got {type(value).__name__}")
     return value
@@ -111,14 +121,15 @@ def load_arrays(path: Path, expected_sha256: str) -> tuple[dict[str, np.ndarray]
     try:
         with safe_open(str(path), framework="numpy") as fh:
             metadata = fh.metadata() or {}
-            arrays = {key: fh.get_tensor(key) for key in fh.keys()}
+            arrays = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except (SafetensorError, OSError, ValueError, TypeError) as exc:
         raise ValueError(f"{path} is not a readable safetensors file ({exc})") from None
     return arrays, metadata
 
 
-def check_extractor_allowed(named: str, requested: str | None, allow_other: bool, where: str,
-                            known: frozenset[str]) -> str:
+def check_extractor_allowed(
+    named: str, requested: str | None, allow_other: bool, where: str, known: frozenset[str]
+) -> str:
     """Which model to load for a bundle whose manifest names ``named``.
 
     The embedded short names (``known``) load as named: their weights are pinned by the package.
@@ -129,11 +140,15 @@ def check_extractor_allowed(named: str, requested: str | None, allow_other: bool
     if requested is None:
         if named.lower() in known:
             return named
-        raise ValueError(f"{where} names the extractor {named[:200]!r}, a hub id or path; loading it downloads or "
-                         f"reads whatever that names, so pass it yourself to allow it (model={named[:200]!r}, "
-                         f"or --extractor on the command line)")
+        raise ValueError(
+            f"{where} names the extractor {named[:200]!r}, a hub id or path; loading it downloads or "
+            f"reads whatever that names, so pass it yourself to allow it (model={named[:200]!r}, "
+            f"or --extractor on the command line)"
+        )
     if requested != named and not allow_other:
-        raise ValueError(f"{where} was saved with the extractor {named[:200]!r}, not {requested!r}; pass "
-                         f"allow_other_extractor=True (--allow-other-extractor) to load another copy of the same "
-                         f"weights (their hash is still checked)")
+        raise ValueError(
+            f"{where} was saved with the extractor {named[:200]!r}, not {requested!r}; pass "
+            f"allow_other_extractor=True (--allow-other-extractor) to load another copy of the same "
+            f"weights (their hash is still checked)"
+        )
     return requested

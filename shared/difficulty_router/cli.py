@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .model_store import DEFAULT_MODEL, cache_root
 from .families import FAMILIES
+from .model_store import DEFAULT_MODEL, cache_root
 
 
 def _layers(values: list[str] | None):
@@ -69,19 +69,38 @@ def cmd_extract(args) -> int:
 
     queries = _read_queries(Path(args.input))
     start = time.perf_counter()
-    extractor = ActivationExtractor(args.model, gguf_file=args.gguf_file, layers=_layers(args.layers) or 0.5,
-                                    pooling=args.pooling, device=args.device, dtype=args.dtype,
-                                    max_tokens=args.max_tokens, batch_size=args.batch_size)
+    extractor = ActivationExtractor(
+        args.model,
+        gguf_file=args.gguf_file,
+        layers=_layers(args.layers) or 0.5,
+        pooling=args.pooling,
+        device=args.device,
+        dtype=args.dtype,
+        max_tokens=args.max_tokens,
+        batch_size=args.batch_size,
+    )
     loaded = time.perf_counter()
     result = extractor.extract(queries, progress=args.progress)
     done = time.perf_counter()
-    np.savez(args.output, features=result.features, layers=np.array(result.layers), pooling=np.array(result.pooling),
-             n_tokens=result.n_tokens, truncated=result.truncated, model_id=np.array(result.model_id),
-             model_hash=np.array(result.model_hash))
-    print(f"{len(queries)} queries -> features {result.shape} (layers {list(result.layers)}, pooling "
-          f"{'+'.join(result.pooling)}) from {extractor.model_id} on {extractor.device}/{str(extractor.dtype).split('.')[-1]}")
-    print(f"load {loaded - start:.1f} s, extract {done - loaded:.2f} s ({len(queries) / (done - loaded):.1f} queries/s); "
-          f"{int(result.truncated.sum())} truncated to {args.max_tokens} tokens; wrote {args.output}")
+    np.savez(
+        args.output,
+        features=result.features,
+        layers=np.array(result.layers),
+        pooling=np.array(result.pooling),
+        n_tokens=result.n_tokens,
+        truncated=result.truncated,
+        model_id=np.array(result.model_id),
+        model_hash=np.array(result.model_hash),
+    )
+    print(
+        f"{len(queries)} queries -> features {result.shape} (layers {list(result.layers)}, pooling "
+        f"{'+'.join(result.pooling)}) from {extractor.model_id} on "
+        f"{extractor.device}/{str(extractor.dtype).split('.')[-1]}"
+    )
+    print(
+        f"load {loaded - start:.1f} s, extract {done - loaded:.2f} s ({len(queries) / (done - loaded):.1f} queries/s); "
+        f"{int(result.truncated.sum())} truncated to {args.max_tokens} tokens; wrote {args.output}"
+    )
     return 0
 
 
@@ -97,29 +116,43 @@ def _load_data(path: str, limit: int | None = None, seed: int = 0):
 
 def _print_training(router) -> None:
     info = router.info
-    print(f"read-out: layer {list(router.layers)}, pooling {'+'.join(router.pooling)} "
-          f"(of {router.extractor.n_layers} layers in {router.extractor.model_id})")
+    print(
+        f"read-out: layer {list(router.layers)}, pooling {'+'.join(router.pooling)} "
+        f"(of {router.extractor.n_layers} layers in {router.extractor.model_id})"
+    )
     if info.get("readout_sweep"):
         best = sorted(info["readout_sweep"], key=lambda r: -np.nan_to_num(r["cv_auroc"], nan=-1))[:5]
-        print("read-out sweep (mean CV AUROC, top 5): " + ", ".join(
-            f"L{r['layer']}/{r['pooling']} {r['cv_auroc']:.3f}" for r in best))
+        print(
+            "read-out sweep (mean CV AUROC, top 5): "
+            + ", ".join(f"L{r['layer']}/{r['pooling']} {r['cv_auroc']:.3f}" for r in best)
+        )
     print("cross-validated AUROC of the activation probe per model:")
     for m, a in info["cv_auroc"].items():
         print(f"  {m}: {a:.3f}" if a == a else f"  {m}: - (always right or always wrong in training)")
     if info.get("families"):
         metric = "APGR" if len(router.models) == 2 else "frontier AUC"
-        print(f"feature families by cross-validated routing quality ({metric} on out-of-fold predictions): "
-              + ", ".join(f"{r['family']} {r['cv_routing_quality']:.3f}" if r["cv_routing_quality"] is not None
-                          else f"{r['family']} skipped ({r['skipped']})" for r in info["families"])
-              + f" -> {router.family}")
+        print(
+            f"feature families by cross-validated routing quality ({metric} on out-of-fold predictions): "
+            + ", ".join(
+                f"{r['family']} {r['cv_routing_quality']:.3f}"
+                if r["cv_routing_quality"] is not None
+                else f"{r['family']} skipped ({r['skipped']})"
+                for r in info["families"]
+            )
+            + f" -> {router.family}"
+        )
     for m, reason in router.dropped.items():
         print(f"not routed to {m}: {reason}")
     if router.utility_margin:
-        print(f"utility margin {router.utility_margin:g}: another model must beat the most capable one by this much "
-              "(measured on out-of-fold predictions)")
+        print(
+            f"utility margin {router.utility_margin:g}: another model must beat the most capable one by this much "
+            "(measured on out-of-fold predictions)"
+        )
     point = info["default_operating_point"]
-    print(f"default operating point ({router.policy.kind} {router.policy.parameter}={router.policy.value:.4g}): "
-          f"out-of-fold accuracy {point['accuracy']:.3f} at mean cost {point['cost']:.4g}")
+    print(
+        f"default operating point ({router.policy.kind} {router.policy.parameter}={router.policy.value:.4g}): "
+        f"out-of-fold accuracy {point['accuracy']:.3f} at mean cost {point['cost']:.4g}"
+    )
 
 
 def cmd_train(args) -> int:
@@ -130,11 +163,22 @@ def cmd_train(args) -> int:
     pool = ModelPool.load(args.pool)
     outcomes = _load_data(args.data, args.limit, args.seed)
     pool.check_against(outcomes.models, args.data)
-    extractor = ActivationExtractor(args.extractor, max_tokens=args.max_tokens, device=args.device,
-                                    feature_cache=_feature_cache(args))
-    router = train_router(outcomes, pool, extractor, layers=_layers(args.layers), pooling=args.pooling,
-                          policy=args.policy, cv=args.cv, seed=args.seed, progress=args.progress is not False,
-                          families=args.families, keep_models=args.keep_models or ())
+    extractor = ActivationExtractor(
+        args.extractor, max_tokens=args.max_tokens, device=args.device, feature_cache=_feature_cache(args)
+    )
+    router = train_router(
+        outcomes,
+        pool,
+        extractor,
+        layers=_layers(args.layers),
+        pooling=args.pooling,
+        policy=args.policy,
+        cv=args.cv,
+        seed=args.seed,
+        progress=args.progress is not False,
+        families=args.families,
+        keep_models=args.keep_models or (),
+    )
     router.info["training"]["data"] = str(args.data)
     router.save(args.out)
     _print_training(router)
@@ -207,8 +251,9 @@ def cmd_serve(args) -> int:
         from .server import create_app, specs_from_pool
         from .server.run import check_exposure, serve
     except ImportError as exc:
-        raise ValueError(f"the server needs its extra ({exc.name} is missing): "
-                         f"pip install 'difficulty-router[server]'") from None
+        raise ValueError(
+            f"the server needs its extra ({exc.name} is missing): pip install 'difficulty-router[server]'"
+        ) from None
 
     api_key = None
     if args.api_key_env:
@@ -217,7 +262,9 @@ def cmd_serve(args) -> int:
             raise ValueError(f"--api-key-env {args.api_key_env}: that environment variable is not set or empty")
     check_exposure(args.host, api_key, args.allow_unauthenticated)
     specs = specs_from_pool(ModelPool.load(args.pool))  # refuses a pool without base_urls before loading anything
-    routers = {name: DifficultyRouter.load(d, **_extractor_choice(args)) for name, d in _router_dirs(args.router).items()}
+    routers = {
+        name: DifficultyRouter.load(d, **_extractor_choice(args)) for name, d in _router_dirs(args.router).items()
+    }
     if args.ood_percentile is not None:
         from .novelty import OODPolicy
 
@@ -232,20 +279,39 @@ def cmd_serve(args) -> int:
         max_batch = 1 if on_cpu else 32
     from .server.schema import Limits
 
-    given = {"max_body_bytes": args.max_body_bytes, "max_messages": args.max_messages, "max_chars": args.max_chars,
-             "max_n": args.max_n, "max_tokens": args.max_completion_tokens}
+    given = {
+        "max_body_bytes": args.max_body_bytes,
+        "max_messages": args.max_messages,
+        "max_chars": args.max_chars,
+        "max_n": args.max_n,
+        "max_tokens": args.max_completion_tokens,
+    }
     limits = Limits(**{k: v for k, v in given.items() if v is not None})
-    app = create_app(routers, specs, api_key=api_key, allow_unauthenticated=args.allow_unauthenticated,
-                     max_batch=max_batch, max_wait=args.max_wait_ms / 1000, max_queue=args.max_queue,
-                     route_timeout=args.route_timeout, limits=limits)
+    app = create_app(
+        routers,
+        specs,
+        api_key=api_key,
+        allow_unauthenticated=args.allow_unauthenticated,
+        max_batch=max_batch,
+        max_wait=args.max_wait_ms / 1000,
+        max_queue=args.max_queue,
+        route_timeout=args.route_timeout,
+        limits=limits,
+    )
     for name, router in routers.items():
-        print(f"router {name!r}: {router.models} ({router.policy.kind} {router.policy.parameter}="
-              f"{router.policy.value:.4g}), extractor {router.extractor.model_id} on {router.extractor.device}")
+        print(
+            f"router {name!r}: {router.models} ({router.policy.kind} {router.policy.parameter}="
+            f"{router.policy.value:.4g}), extractor {router.extractor.model_id} on {router.extractor.device}"
+        )
     print(f"backends: {', '.join(f'{s.name} -> {s.base_url} ({s.model})' for s in specs)}")
-    print(f"micro-batching: up to {max_batch} requests or {args.max_wait_ms:g} ms; at most {args.max_queue} waiting, "
-          f"{args.route_timeout:g} s each")
-    print(f"limits: body {limits.max_body_bytes} bytes, {limits.max_messages} messages, {limits.max_chars} characters, "
-          f"n <= {limits.max_n}, max_tokens <= {limits.max_tokens}")
+    print(
+        f"micro-batching: up to {max_batch} requests or {args.max_wait_ms:g} ms; at most {args.max_queue} waiting, "
+        f"{args.route_timeout:g} s each"
+    )
+    print(
+        f"limits: body {limits.max_body_bytes} bytes, {limits.max_messages} messages, {limits.max_chars} characters, "
+        f"n <= {limits.max_n}, max_tokens <= {limits.max_tokens}"
+    )
     print(f"serving http://{args.host}:{args.port}/v1 (auth {'on' if api_key else 'off'})", flush=True)
     serve(app, args.host, args.port, log_level="info" if args.verbose else "warning")
     return 0
@@ -267,12 +333,12 @@ def cmd_convert(args) -> int:
 
 def cmd_demo(args) -> int:
     """The main job: train on the shipped RouteLLM MMLU sample, evaluate held-out, route examples."""
+    from .data import load_outcomes
     from .datasets import ROUTELLM_MMLU_POOL, ROUTELLM_MMLU_SAMPLE
     from .evaluation import evaluate_router, plot_report, report_table
     from .extractor import ActivationExtractor
     from .pool import ModelPool
     from .training import train_router
-    from .data import load_outcomes
 
     start = time.perf_counter()
     outcomes = load_outcomes(ROUTELLM_MMLU_SAMPLE)
@@ -281,14 +347,25 @@ def cmd_demo(args) -> int:
     if n_train + n_test > len(outcomes):
         raise ValueError(f"--train-rows + --test-rows must be <= {len(outcomes)}")
     order = np.random.default_rng(args.seed).permutation(len(outcomes))
-    train, test = outcomes.subset(np.sort(order[:n_train])), outcomes.subset(np.sort(order[n_train:n_train + n_test]))
-    print(f"data: {ROUTELLM_MMLU_SAMPLE.name} (RouteLLM MMLU, Apache-2.0), {n_train} training rows, "
-          f"{n_test} held-out rows, seed {args.seed}")
+    train, test = outcomes.subset(np.sort(order[:n_train])), outcomes.subset(np.sort(order[n_train : n_train + n_test]))
+    print(
+        f"data: {ROUTELLM_MMLU_SAMPLE.name} (RouteLLM MMLU, Apache-2.0), {n_train} training rows, "
+        f"{n_test} held-out rows, seed {args.seed}"
+    )
     extractor = ActivationExtractor(DEFAULT_MODEL, max_tokens=args.max_tokens, feature_cache=_feature_cache(args))
-    print(f"extractor: {extractor.model_id} ({extractor.n_layers} layers, hidden {extractor.hidden_size}) "
-          f"on {extractor.device}, loaded in {time.perf_counter() - start:.1f} s")
-    router = train_router(train, pool, extractor, layers=_layers(args.layers), policy=args.policy, seed=args.seed,
-                          progress=args.progress is not False)
+    print(
+        f"extractor: {extractor.model_id} ({extractor.n_layers} layers, hidden {extractor.hidden_size}) "
+        f"on {extractor.device}, loaded in {time.perf_counter() - start:.1f} s"
+    )
+    router = train_router(
+        train,
+        pool,
+        extractor,
+        layers=_layers(args.layers),
+        policy=args.policy,
+        seed=args.seed,
+        progress=args.progress is not False,
+    )
     _print_training(router)
     out = Path(args.out)
     router.save(out)
@@ -299,14 +376,19 @@ def cmd_demo(args) -> int:
     print(report_table(report))
     print(f"\nrouter saved to {out}/, plot {plot}")
     print("\nexample decisions:")
-    examples = [
+    examples: list[str | list[dict[str, str]]] = [
         "What is the capital of France?\nA. Paris\nB. Rome\nC. Berlin\nD. Madrid\nAnswer:",
         "Let p = (1, 2, 5, 4)(2, 3) in S_5. Find the index of <p> in S_5.\nA. 8\nB. 2\nC. 24\nD. 120\nAnswer:",
-        [{"role": "system", "content": "You are a careful tax lawyer."},
-         {"role": "user", "content": "Under IRC section 1031, which of the following exchanges qualifies?\n"
-                                     "A. Stock for stock\nB. Land for a building\nC. Inventory for land\nD. None\nAnswer:"}],
+        [
+            {"role": "system", "content": "You are a careful tax lawyer."},
+            {
+                "role": "user",
+                "content": "Under IRC section 1031, which of the following exchanges qualifies?\n"
+                "A. Stock for stock\nB. Land for a building\nC. Inventory for land\nD. None\nAnswer:",
+            },
+        ],
     ]
-    for query, decision in zip(examples, router.route_batch(examples)):
+    for query, decision in zip(examples, router.route_batch(examples), strict=False):
         text = query if isinstance(query, str) else query[-1]["content"]
         print(f"  {text.splitlines()[0][:70]!r}\n    {decision}")
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
@@ -319,15 +401,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def progress_arg(p):
-        p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                       help="progress bars on stderr (default: on for long work)")
+        p.add_argument(
+            "--progress",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="progress bars on stderr (default: on for long work)",
+        )
 
     def extractor_args(p):
-        p.add_argument("--extractor", help="load this extractor (short name, path or hub id); needed when the router "
-                                           "was saved with a hub id or path, which a router file alone cannot allow")
-        p.add_argument("--allow-other-extractor", action="store_true",
-                       help="allow --extractor to differ from the one the router was saved with (its weights "
-                            "must still hash the same)")
+        p.add_argument(
+            "--extractor",
+            help="load this extractor (short name, path or hub id); needed when the router "
+            "was saved with a hub id or path, which a router file alone cannot allow",
+        )
+        p.add_argument(
+            "--allow-other-extractor",
+            action="store_true",
+            help="allow --extractor to differ from the one the router was saved with (its weights "
+            "must still hash the same)",
+        )
 
     def cache_args(p):
         p.add_argument("--feature-cache", help=f"feature cache directory (default {cache_root() / 'features'})")
@@ -338,7 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gguf-file", help="GGUF file name inside --model when it is a directory")
     p.add_argument("--layers", nargs="+", help="hidden-state indexes or depth fractions, e.g. 15 -1 0.5")
     p.add_argument("--pooling", default="last", choices=["last", "mean", "both"])
-    p.add_argument("--input", required=True, help="JSON Lines of queries (strings or objects with prompt/messages), or .txt")
+    p.add_argument(
+        "--input", required=True, help="JSON Lines of queries (strings or objects with prompt/messages), or .txt"
+    )
     p.add_argument("--output", required=True, help="output .npz")
     p.add_argument("--max-tokens", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=16)
@@ -355,10 +449,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", nargs="+", help="candidate read-out layers (default: middle layers)")
     p.add_argument("--pooling", choices=["last", "mean", "both"], help="fix the pooling instead of sweeping it")
     p.add_argument("--policy", default="utility", choices=["utility", "threshold"])
-    p.add_argument("--families", nargs="+", choices=list(FAMILIES), default=list(FAMILIES),
-                   help="feature families to compare by cross-validation (default: all; the best is kept)")
-    p.add_argument("--keep-models", nargs="+", metavar="MODEL",
-                   help="route to these models even if training finds them dominated on accuracy and cost")
+    p.add_argument(
+        "--families",
+        nargs="+",
+        choices=list(FAMILIES),
+        default=list(FAMILIES),
+        help="feature families to compare by cross-validation (default: all; the best is kept)",
+    )
+    p.add_argument(
+        "--keep-models",
+        nargs="+",
+        metavar="MODEL",
+        help="route to these models even if training finds them dominated on accuracy and cost",
+    )
     p.add_argument("--cv", type=int, default=5)
     p.add_argument("--limit", type=int, help="train on a seeded random subset of this many rows")
     p.add_argument("--max-tokens", type=int, default=2048)
@@ -389,30 +492,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_route)
 
     p = sub.add_parser("serve", help="serve an OpenAI-compatible chat completions endpoint that routes")
-    p.add_argument("--router", required=True, action="append",
-                   help="saved router directory, served as model 'router'; or NAME=DIR (repeatable)")
-    p.add_argument("--pool", required=True, help="pool file whose models carry base_url (and model, api_key_env, timeout)")
+    p.add_argument(
+        "--router",
+        required=True,
+        action="append",
+        help="saved router directory, served as model 'router'; or NAME=DIR (repeatable)",
+    )
+    p.add_argument(
+        "--pool", required=True, help="pool file whose models carry base_url (and model, api_key_env, timeout)"
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key-env", help="require 'Authorization: Bearer $VAR' from clients (VAR names the variable)")
-    p.add_argument("--allow-unauthenticated", action="store_true",
-                   help="allow a non-loopback --host without --api-key-env (only behind an authenticating proxy)")
-    p.add_argument("--max-batch", type=int,
-                   help="most requests decided in one forward pass (default: 32 on a GPU/MPS extractor, 1 on CPU)")
+    p.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="allow a non-loopback --host without --api-key-env (only behind an authenticating proxy)",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        help="most requests decided in one forward pass (default: 32 on a GPU/MPS extractor, 1 on CPU)",
+    )
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest a request waits for others to batch with")
-    p.add_argument("--max-queue", type=int, default=1024,
-                   help="requests that may wait for routing; more are refused with 429 (default %(default)s)")
-    p.add_argument("--route-timeout", type=float, default=30.0,
-                   help="seconds a request may wait for its routing decision before a 503 (default %(default)s)")
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=1024,
+        help="requests that may wait for routing; more are refused with 429 (default %(default)s)",
+    )
+    p.add_argument(
+        "--route-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a request may wait for its routing decision before a 503 (default %(default)s)",
+    )
     p.add_argument("--max-body-bytes", type=int, help="largest request body, else 413 (default 4 MiB)")
     p.add_argument("--max-messages", type=int, help="most messages a request (default 1024)")
     p.add_argument("--max-chars", type=int, help="most characters of message text a request (default 1,000,000)")
     p.add_argument("--max-n", type=int, help="largest 'n' (default 16)")
-    p.add_argument("--max-completion-tokens", type=int,
-                   help="largest 'max_tokens' / 'max_completion_tokens' (default 131072)")
-    p.add_argument("--ood-percentile", type=float,
-                   help="send queries whose read-out is more novel than this percentile of the training read-outs "
-                        "to the most capable model (default: off; the decision reports the percentile either way)")
+    p.add_argument(
+        "--max-completion-tokens", type=int, help="largest 'max_tokens' / 'max_completion_tokens' (default 131072)"
+    )
+    p.add_argument(
+        "--ood-percentile",
+        type=float,
+        help="send queries whose read-out is more novel than this percentile of the training read-outs "
+        "to the most capable model (default: off; the decision reports the percentile either way)",
+    )
     extractor_args(p)
     p.set_defaults(func=cmd_serve)
 
@@ -426,9 +553,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train and evaluate on the shipped sample with the embedded extractor")
     p.add_argument("--train-rows", type=int, default=1000)
     p.add_argument("--test-rows", type=int, default=500)
-    p.add_argument("--layers", nargs="+", default=["0.4"],
-                   help="candidate read-out layers (default 0.4: the forward pass stops at 40%% depth, which keeps "
-                        "the demo within about 3 minutes on 2 cores)")
+    p.add_argument(
+        "--layers",
+        nargs="+",
+        default=["0.4"],
+        help="candidate read-out layers (default 0.4: the forward pass stops at 40%% depth, which keeps "
+        "the demo within about 3 minutes on 2 cores)",
+    )
     p.add_argument("--max-tokens", type=int, default=512, help="prompts keep their last this-many tokens")
     p.add_argument("--policy", default="utility", choices=["utility", "threshold"])
     p.add_argument("--out", default="runs/demo")
@@ -441,7 +572,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return args.func(args)
     except (ValueError, OSError) as exc:

@@ -68,8 +68,9 @@ def openai_token_logprobs(source: Any) -> tuple[list[str], list[float]]:
     if inner is not None or _get(source, "message") is not None or _get(source, "finish_reason") is not None:
         source = inner
     if source is None:
-        raise MissingLogprobsError("the response carries no logprobs; request them with logprobs=True, "
-                                   "or the endpoint does not support them")
+        raise MissingLogprobsError(
+            "the response carries no logprobs; request them with logprobs=True, or the endpoint does not support them"
+        )
     content = _get(source, "content")
     if content is None and isinstance(source, (list, tuple)):
         content = source

@@ -43,9 +43,18 @@ class PIKProbe:
         self.model_hash = model_hash
 
     @classmethod
-    def fit(cls, extractor: ActivationExtractor, queries: Sequence[Any], correct: Sequence[float], *,
-            layers: Any = 0.5, pooling: str = "last", cv: int = 5, progress: bool | None = None,
-            features: np.ndarray | None = None) -> PIKProbe:
+    def fit(
+        cls,
+        extractor: ActivationExtractor,
+        queries: Sequence[Any],
+        correct: Sequence[float],
+        *,
+        layers: Any = 0.5,
+        pooling: str = "last",
+        cv: int = 5,
+        progress: bool | None = None,
+        features: np.ndarray | None = None,
+    ) -> PIKProbe:
         """Fit on the model's own outcomes: ``correct[i]`` says whether it answered ``queries[i]`` right."""
         layer_idx = normalise_layers(layers, extractor.n_layers)
         if features is None:
@@ -59,8 +68,9 @@ class PIKProbe:
 
     def score(self, extractor: ActivationExtractor, queries: Sequence[Any]) -> np.ndarray:
         self._check(extractor)
-        return self.predict_features(extractor.extract(queries, layers=self.layers, pooling=self.pooling,
-                                                        progress=False).features)
+        return self.predict_features(
+            extractor.extract(queries, layers=self.layers, pooling=self.pooling, progress=False).features
+        )
 
     def _check(self, extractor: ActivationExtractor) -> None:
         if extractor.model_hash != self.model_hash:
@@ -76,11 +86,21 @@ class PIKProbe:
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in self.probe.arrays("pik").items()},
-                  str(directory / "pik.safetensors"))
-        (directory / "pik.json").write_text(json.dumps(
-            {"layers": list(self.layers), "pooling": list(self.pooling), "model_hash": self.model_hash,
-             "arrays_sha256": sha256_file(directory / "pik.safetensors")}, indent=2))
+        save_file(
+            {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in self.probe.arrays("pik").items()},
+            str(directory / "pik.safetensors"),
+        )
+        (directory / "pik.json").write_text(
+            json.dumps(
+                {
+                    "layers": list(self.layers),
+                    "pooling": list(self.pooling),
+                    "model_hash": self.model_hash,
+                    "arrays_sha256": sha256_file(directory / "pik.safetensors"),
+                },
+                indent=2,
+            )
+        )
         return directory
 
     @classmethod
@@ -112,16 +132,24 @@ class PIKProbe:
 class LocalGenerator:
     """Greedy generation with a local model, returning token log-probabilities and, with a probe, P(IK)."""
 
-    def __init__(self, extractor: ActivationExtractor, *, name: str | None = None, pik_probe: PIKProbe | None = None,
-                 max_new_tokens: int = 32, readout: tuple[Any, str] | None = None) -> None:
+    def __init__(
+        self,
+        extractor: ActivationExtractor,
+        *,
+        name: str | None = None,
+        pik_probe: PIKProbe | None = None,
+        max_new_tokens: int = 32,
+        readout: tuple[Any, str | Sequence[str]] | None = None,
+    ) -> None:
         """``readout`` = (layers, pooling) also returns the prefill's read-out in ``Generation.features``
         (for training a P(IK) probe from the same pass); a ``pik_probe`` brings its own read-out."""
         if pik_probe is not None:
             pik_probe._check(extractor)
             readout = (pik_probe.layers, pik_probe.pooling)
+        normalised: tuple[tuple[int, ...], tuple[str, ...]] | None = None
         if readout is not None:
-            readout = (normalise_layers(readout[0], extractor.n_layers), normalise_pooling(readout[1]))
-        self.readout = readout
+            normalised = (normalise_layers(readout[0], extractor.n_layers), normalise_pooling(readout[1]))
+        self.readout = normalised
         self.extractor = extractor
         self.name = name or extractor.model_id
         self.pik_probe = pik_probe
@@ -139,26 +167,32 @@ class LocalGenerator:
         ext = self.extractor
         ids, _ = ext.tokenize([query])
         input_ids = torch.tensor([ids[0]], dtype=torch.long, device=ext.device)
-        want_hidden = self.readout is not None
+        readout = self.readout
+        want_hidden = readout is not None
         tok = ext.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         with ext._forward_lock:
             out = ext.model.generate(
-                input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
-                max_new_tokens=max_new_tokens or self.max_new_tokens, output_scores=True,
-                output_hidden_states=want_hidden, return_dict_in_generate=True, pad_token_id=pad,
+                input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                do_sample=False,
+                max_new_tokens=max_new_tokens or self.max_new_tokens,
+                output_scores=True,
+                output_hidden_states=want_hidden,
+                return_dict_in_generate=True,
+                pad_token_id=pad,
             )
-        new = out.sequences[0, input_ids.shape[1]:]
+        new = out.sequences[0, input_ids.shape[1] :]
         scores = torch.stack(out.scores, dim=0)[:, 0, :].float()
         logprobs = torch.log_softmax(scores, dim=-1).gather(1, new[:, None])[:, 0]
         eos = set(np.atleast_1d(ext.model.generation_config.eos_token_id or []).tolist())
         keep = [i for i, t in enumerate(new.tolist()) if t not in eos]
         token_ids = [int(new[i]) for i in keep]
         pik = features = None
-        if want_hidden:
+        if readout is not None:
             prefill = out.hidden_states[0]  # one tensor per layer for the prompt, hidden_states convention
             blocks = []
-            layers, pooling = self.readout
+            layers, pooling = readout
             for layer in layers:
                 hidden = prefill[layer][0].float()
                 for pool in pooling:
@@ -171,7 +205,7 @@ class LocalGenerator:
             tokens=[tok.decode([t]) for t in token_ids],
             logprobs=[float(logprobs[i]) for i in keep],
             prompt_tokens=int(input_ids.shape[1]),
-            completion_tokens=int(len(new)),
+            completion_tokens=len(new),
             pik=pik,
             features=features,
         )
@@ -180,14 +214,24 @@ class LocalGenerator:
 class OpenAIGenerator:
     """An OpenAI-compatible chat endpoint asked for logprobs (the black-box rung)."""
 
-    def __init__(self, model: str, *, name: str | None = None, base_url: str | None = None,
-                 api_key: str | None = None, client: Any = None, max_new_tokens: int = 32,
-                 temperature: float = 0.0, timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        model: str,
+        *,
+        name: str | None = None,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        client: Any = None,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        timeout: float = 60.0,
+    ) -> None:
         if client is None:
             from openai import OpenAI
 
-            client = OpenAI(base_url=base_url, api_key=api_key or os.environ.get("OPENAI_API_KEY") or "unused",
-                            timeout=timeout)
+            client = OpenAI(
+                base_url=base_url, api_key=api_key or os.environ.get("OPENAI_API_KEY") or "unused", timeout=timeout
+            )
         self.client = client
         self.model = model
         self.name = name or model
@@ -197,7 +241,11 @@ class OpenAIGenerator:
     def generate(self, query: Any, *, max_new_tokens: int | None = None) -> Generation:
         messages = to_conversations([query])[0]
         response = self.client.chat.completions.create(
-            model=self.model, messages=messages, logprobs=True, top_logprobs=1, temperature=self.temperature,
+            model=self.model,
+            messages=messages,
+            logprobs=True,
+            top_logprobs=1,
+            temperature=self.temperature,
             max_tokens=max_new_tokens or self.max_new_tokens,
         )
         text = response.choices[0].message.content or ""
@@ -206,6 +254,10 @@ class OpenAIGenerator:
         except MissingLogprobsError:
             tokens, logprobs = None, None
         usage = response.usage
-        return Generation(text=text, tokens=tokens, logprobs=logprobs,
-                          prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
-                          completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0))
+        return Generation(
+            text=text,
+            tokens=tokens,
+            logprobs=logprobs,
+            prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
+            completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+        )

@@ -99,9 +99,7 @@ def resolve(model: str, gguf_file: str | None = None) -> ModelSource:
         else:
             directory = cache_root() / "models"
             if not (directory / known.gguf_file).is_file():
-                raise FileNotFoundError(
-                    f"model {model!r} is not in {directory}; fetch it with: {known.install_hint}"
-                )
+                raise FileNotFoundError(f"model {model!r} is not in {directory}; fetch it with: {known.install_hint}")
         return ModelSource(model_id=known.name, path=str(directory), gguf_file=known.gguf_file)
     path = Path(model).expanduser()
     if path.suffix == ".gguf":
@@ -134,9 +132,11 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
 def _memo_sha256(path: Path) -> str:
     """sha256 of a (large) weights file, memoised by its resolved path, size and mtime."""
     stat = path.stat()
-    memo = cache_root() / "hashes" / hashlib.sha256(
-        f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()
-    ).hexdigest()
+    memo = (
+        cache_root()
+        / "hashes"
+        / hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    )
     if memo.is_file():
         return memo.read_text().strip()
     value = file_sha256(path)
@@ -151,15 +151,17 @@ def hub_snapshot(repo_id: str) -> Path:
 
     try:
         return Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception as exc:  # huggingface_hub raises several kinds for "not cached"
-        raise FileNotFoundError(f"cannot find the cached files of {repo_id!r} to fingerprint its weights: {exc}") \
-            from None
+    except Exception as exc:  # noqa: BLE001 (huggingface_hub raises several kinds for "not cached")
+        raise FileNotFoundError(
+            f"cannot find the cached files of {repo_id!r} to fingerprint its weights: {exc}"
+        ) from None
 
 
 def weights_fingerprint(directory: Path) -> str:
     """sha256 over a directory's weight files (names and contents): safetensors, else PyTorch .bin."""
-    files = sorted(p for p in directory.iterdir() if p.suffix == ".safetensors") or \
-        sorted(p for p in directory.iterdir() if p.suffix == ".bin")
+    files = sorted(p for p in directory.iterdir() if p.suffix == ".safetensors") or sorted(
+        p for p in directory.iterdir() if p.suffix == ".bin"
+    )
     if not files:
         raise FileNotFoundError(f"{directory} holds no .safetensors or .bin weights to fingerprint")
     digest = hashlib.sha256()
@@ -202,7 +204,8 @@ def load_model_and_tokenizer(source: ModelSource, dtype, device):
         known = KNOWN_MODELS.get(source.model_id)
         if known is not None and known.sha256 and known.sha256 != sha:
             raise ValueError(
-                f"{source.gguf_file} has sha256 {sha}, expected {known.sha256}; the file is corrupt or not the published one"
+                f"{source.gguf_file} has sha256 {sha}, expected {known.sha256}; "
+                "the file is corrupt or not the published one"
             )
         cached = _dequantised_dir(source, sha)
         if not (cached / "config.json").is_file():

@@ -36,8 +36,13 @@ class NoveltyScore:
         rest = eig[k:]
         # the discarded directions share one variance; floor it so a rank-deficient training set stays finite
         residual_var = max(float(rest.sum() / max(Z.shape[1] - k, 1)), 1e-6 * float(eig[0]))
-        return {"mean": mean, "scale": scale, "components": vt[:k], "variances": np.maximum(eig[:k], 1e-12),
-                "residual_var": np.array([residual_var])}
+        return {
+            "mean": mean,
+            "scale": scale,
+            "components": vt[:k],
+            "variances": np.maximum(eig[:k], 1e-12),
+            "residual_var": np.array([residual_var]),
+        }
 
     @staticmethod
     def _score(parts: dict[str, np.ndarray], X: np.ndarray) -> np.ndarray:
@@ -50,8 +55,9 @@ class NoveltyScore:
     def fit(self, X) -> NoveltyScore:
         X = np.asarray(X, dtype=np.float64)
         if X.ndim != 2 or len(X) < 2 * self.folds or not np.isfinite(X).all():
-            raise ValueError(f"novelty needs a finite 2-D array of at least {2 * self.folds} read-outs, "
-                             f"got shape {X.shape}")
+            raise ValueError(
+                f"novelty needs a finite 2-D array of at least {2 * self.folds} read-outs, got shape {X.shape}"
+            )
         order = np.random.default_rng(self.seed).permutation(len(X))
         oof = np.empty(len(X))
         for fold in np.array_split(order, self.folds):
@@ -77,14 +83,22 @@ class NoveltyScore:
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str = "novelty") -> NoveltyScore:
         self = cls()
-        self.parts_ = {k: np.asarray(arrays[f"{prefix}.{k}"], dtype=np.float64)
-                       for k in ("mean", "scale", "components", "variances", "residual_var")}
+        self.parts_ = {
+            k: np.asarray(arrays[f"{prefix}.{k}"], dtype=np.float64)
+            for k in ("mean", "scale", "components", "variances", "residual_var")
+        }
         self.quantiles_ = np.asarray(arrays[f"{prefix}.quantiles"], dtype=np.float64)
         d = self.parts_["mean"].shape
         k = self.parts_["variances"].shape
-        if (len(d) != 1 or self.parts_["scale"].shape != d or self.parts_["components"].shape != k + d
-                or self.parts_["residual_var"].shape != (1,) or self.quantiles_.shape != QUANTILE_GRID.shape
-                or np.any(np.diff(self.quantiles_) < 0) or not all(np.isfinite(v).all() for v in self.parts_.values())):
+        if (
+            len(d) != 1
+            or self.parts_["scale"].shape != d
+            or self.parts_["components"].shape != k + d
+            or self.parts_["residual_var"].shape != (1,)
+            or self.quantiles_.shape != QUANTILE_GRID.shape
+            or np.any(np.diff(self.quantiles_) < 0)
+            or not all(np.isfinite(v).all() for v in self.parts_.values())
+        ):
             raise ValueError("saved novelty arrays have inconsistent shapes or values")
         self.n_components = k[0]
         return self
@@ -104,8 +118,11 @@ class OODPolicy:
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
             raise ValueError(f"novelty.enabled must be true or false, got {self.enabled!r}")
-        if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) \
-                or not 0 < self.percentile <= 100:
+        if (
+            isinstance(self.percentile, bool)
+            or not isinstance(self.percentile, (int, float))
+            or not 0 < self.percentile <= 100
+        ):
             raise ValueError(f"novelty.percentile must be a number in (0, 100], got {self.percentile!r}")
         if self.model is not None and not isinstance(self.model, str):
             raise ValueError(f"novelty.model must be a model name or null, got {self.model!r}")

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 Message = dict[str, str]
 Conversation = list[Message]
-Query = Union[str, Sequence[Any]]
+Query = str | Sequence[Any]
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
@@ -52,8 +52,10 @@ def _tool_calls_text(tool_calls: Any, where: str) -> str:
             raise ValueError(f"{where}: tool call {k} must be a mapping, got {type(call).__name__}")
         fn = call.get("function", call)
         if not isinstance(fn, Mapping):
-            raise ValueError(f"{where}: tool call {k}: 'function' must be a mapping with 'name' and 'arguments', "
-                             f"got {type(fn).__name__}")
+            raise ValueError(
+                f"{where}: tool call {k}: 'function' must be a mapping with 'name' and 'arguments', "
+                f"got {type(fn).__name__}"
+            )
         name = fn.get("name", "")
         args = fn.get("arguments", fn.get("args", ""))
         if not isinstance(args, str):
@@ -101,9 +103,7 @@ def to_conversation(query: Any, index: int | None = None) -> Conversation:
     if isinstance(query, Mapping):
         raise ValueError(f"{where} is a single mapping; wrap a message in a list to make a conversation")
     if not isinstance(query, Sequence):
-        raise ValueError(
-            f"{where} has type {type(query).__name__}; expected a string or a list of chat messages"
-        )
+        raise ValueError(f"{where} has type {type(query).__name__}; expected a string or a list of chat messages")
     if len(query) == 0:
         raise ValueError(f"{where} is an empty conversation")
     conversation = [_message(m, f"{where}, message {i}") for i, m in enumerate(query)]

@@ -40,12 +40,25 @@ class DifficultyRouter:
     or load a saved one with :meth:`load`.
     """
 
-    def __init__(self, extractor: ActivationExtractor, pool: ModelPool, probe: SuccessProbe, *,
-                 layers: Sequence[int], pooling: Sequence[str], capability: Sequence[float],
-                 policy: Policy | None = None, difficulty_probe: DifficultyProbe | None = None,
-                 info: dict | None = None, family: str = "activation", lexical: LexicalProbe | None = None,
-                 stack: StackedProbe | None = None, dropped: dict[str, str] | None = None,
-                 novelty: NoveltyScore | None = None, ood: OODPolicy | None = None) -> None:
+    def __init__(
+        self,
+        extractor: ActivationExtractor,
+        pool: ModelPool,
+        probe: SuccessProbe,
+        *,
+        layers: Sequence[int],
+        pooling: Sequence[str],
+        capability: Sequence[float] | np.ndarray,
+        policy: Policy | None = None,
+        difficulty_probe: DifficultyProbe | None = None,
+        info: dict | None = None,
+        family: str = "activation",
+        lexical: LexicalProbe | None = None,
+        stack: StackedProbe | None = None,
+        dropped: dict[str, str] | None = None,
+        novelty: NoveltyScore | None = None,
+        ood: OODPolicy | None = None,
+    ) -> None:
         if family not in FAMILIES:
             raise ValueError(f"unknown feature family {family!r}; expected one of {FAMILIES}")
         if family in ("lexical", "stacked") and lexical is None:
@@ -56,7 +69,9 @@ class DifficultyRouter:
             if part is not None and part.coef_.shape[0] != len(pool):
                 raise ValueError(f"the {name} predicts {part.coef_.shape[0]} models, the pool has {len(pool)}")
         if stack is not None and stack.coef_.shape[1] != 2 * len(pool) + 1:
-            raise ValueError(f"the stack reads {stack.coef_.shape[1]} inputs; a pool of {len(pool)} gives {2 * len(pool) + 1}")
+            raise ValueError(
+                f"the stack reads {stack.coef_.shape[1]} inputs; a pool of {len(pool)} gives {2 * len(pool) + 1}"
+            )
         self.family, self.lexical, self.stack = family, lexical, stack
         self.novelty, self.ood = novelty, ood or OODPolicy()
         if self.ood.model is not None and self.ood.model not in pool.names:
@@ -78,10 +93,14 @@ class DifficultyRouter:
             raise ValueError(f"capability has {len(self.capability)} entries for a pool of {len(pool)}")
         width = len(self.layers) * len(self.pooling) * extractor.hidden_size
         if probe.coef_.shape[0] != len(pool) or probe.standardizer_.mean_.shape != (width,):
-            raise ValueError(f"the probe ({probe.coef_.shape[0]} models, {probe.standardizer_.mean_.shape[0]} features) "
-                             f"does not fit a pool of {len(pool)} and a read-out of {width} features")
+            raise ValueError(
+                f"the probe ({probe.coef_.shape[0]} models, {probe.standardizer_.mean_.shape[0]} features) "
+                f"does not fit a pool of {len(pool)} and a read-out of {width} features"
+            )
         if novelty is not None and novelty.parts_["mean"].shape != (width,):
-            raise ValueError(f"the novelty score reads {novelty.parts_['mean'].shape[0]} features, the read-out has {width}")
+            raise ValueError(
+                f"the novelty score reads {novelty.parts_['mean'].shape[0]} features, the read-out has {width}"
+            )
 
     # -- introspection -------------------------------------------------------------
     @property
@@ -116,10 +135,14 @@ class DifficultyRouter:
         if self.family == "activation":
             return self.probe.predict_proba(features)
         texts = [conversation_text(c) for c in conversations]
+        lexical = self.lexical
+        assert lexical is not None  # __init__ requires one for the lexical and stacked families
         if self.family == "lexical":
-            return self.lexical.predict_proba(texts)
-        inputs = stack_inputs(self.probe.decision_function(features), self.lexical.decision_function(texts), texts)
-        return self.stack.predict_proba(inputs)
+            return lexical.predict_proba(texts)
+        stack = self.stack
+        assert stack is not None  # __init__ requires one for the stacked family
+        inputs = stack_inputs(self.probe.decision_function(features), lexical.decision_function(texts), texts)
+        return stack.predict_proba(inputs)
 
     def eligibility(self, n: int, exclude: dict[str, str] | None) -> np.ndarray:
         """Models that may serve: not excluded by the caller, and not dropped in training as dominated
@@ -130,7 +153,7 @@ class DifficultyRouter:
                 raise ValueError(f"cannot exclude {name!r}: not in the pool {self.models}")
             mask[:, self.models.index(name)] = False
         if not mask[0].any():
-            raise ValueError(f"every pool model is excluded ({dict(exclude)}); nothing can serve this query")
+            raise ValueError(f"every pool model is excluded ({dict(exclude or {})}); nothing can serve this query")
         kept = mask.copy()
         for name in self.dropped:
             kept[:, self.models.index(name)] = False
@@ -140,8 +163,9 @@ class DifficultyRouter:
         """Decide for one query (a string or a chat conversation)."""
         return self.route_batch([query], exclude=exclude, progress=False)[0]
 
-    def route_batch(self, queries: Sequence[Any], *, exclude: dict[str, str] | None = None,
-                    progress: bool | None = None) -> list[RouteDecision]:
+    def route_batch(
+        self, queries: Sequence[Any], *, exclude: dict[str, str] | None = None, progress: bool | None = None
+    ) -> list[RouteDecision]:
         """Decide for many queries with one batched extraction.
 
         ``exclude`` maps pool models that cannot serve these calls to the reason; they are
@@ -160,34 +184,41 @@ class DifficultyRouter:
         ood = np.zeros(len(conversations), dtype=bool)
         if novelty is not None and self.ood.enabled:
             ood = novelty > self.ood.percentile
-            for i in np.flatnonzero(ood):
-                chosen[i] = self._ood_target(eligible[i], order)
+            for row in np.flatnonzero(ood):
+                chosen[row] = self._ood_target(eligible[row], order)
         elapsed = (time.perf_counter() - start) * 1000 / len(conversations)
         skipped = dict(exclude or {})
-        skipped.update({m: reason for m, reason in self.dropped.items()
-                        if m not in skipped and not eligible[0, self.models.index(m)]})
+        skipped.update(
+            {
+                m: reason
+                for m, reason in self.dropped.items()
+                if m not in skipped and not eligible[0, self.models.index(m)]
+            }
+        )
         decisions = []
         for i, j in enumerate(chosen):
             name = self.models[j]
             rank = order.index(name)
             fallbacks = tuple(m for m in order[rank + 1 :] if eligible[i, self.models.index(m)])
-            decisions.append(RouteDecision(
-                model=name,
-                probabilities={m: float(p) for m, p in zip(self.models, proba[i])},
-                difficulty=float(difficulty[i]),
-                difficulty_level=int(np.clip(np.rint(difficulty[i]), 1, 5)),
-                expected_cost=float(costs[i, j]),
-                costs={m: float(c) for m, c in zip(self.models, costs[i])},
-                policy=self.policy.kind,
-                parameter=self.policy.parameter,
-                parameter_value=self.policy.value,
-                fallbacks=fallbacks,
-                skipped=dict(skipped),
-                truncated=bool(extraction.truncated[i]),
-                latency_ms=elapsed,
-                novelty=None if novelty is None else float(novelty[i]),
-                ood=bool(ood[i]),
-            ))
+            decisions.append(
+                RouteDecision(
+                    model=name,
+                    probabilities={m: float(p) for m, p in zip(self.models, proba[i], strict=False)},
+                    difficulty=float(difficulty[i]),
+                    difficulty_level=int(np.clip(np.rint(difficulty[i]), 1, 5)),
+                    expected_cost=float(costs[i, j]),
+                    costs={m: float(c) for m, c in zip(self.models, costs[i], strict=False)},
+                    policy=self.policy.kind,
+                    parameter=self.policy.parameter,
+                    parameter_value=self.policy.value,
+                    fallbacks=fallbacks,
+                    skipped=dict(skipped),
+                    truncated=bool(extraction.truncated[i]),
+                    latency_ms=elapsed,
+                    novelty=None if novelty is None else float(novelty[i]),
+                    ood=bool(ood[i]),
+                )
+            )
         return decisions
 
     def _ood_target(self, eligible: np.ndarray, order: list[str]) -> int:
@@ -202,7 +233,9 @@ class DifficultyRouter:
         return derived_difficulty(proba)
 
     # -- operating point -----------------------------------------------------------
-    def operating_curve(self, outcomes: Outcomes, kind: str | None = None, proba: np.ndarray | None = None) -> list[dict]:
+    def operating_curve(
+        self, outcomes: Outcomes, kind: str | None = None, proba: np.ndarray | None = None
+    ) -> list[dict]:
         """Accuracy and cost at every setting of the policy on labelled rows."""
         outcomes = outcomes.select_models(self.models)
         if proba is None:
@@ -210,15 +243,29 @@ class DifficultyRouter:
         costs = self.estimated_costs(outcomes)
         kind = kind or self.policy.kind
         policy = Policy(kind, margin=self.utility_margin if kind == "utility" else 0.0)
-        return sweep(policy, proba, costs, self.capability, outcomes.scores,
-                     realised_costs=realised_costs(outcomes, costs), eligible=self.eligibility(len(outcomes), None))
+        return sweep(
+            policy,
+            proba,
+            costs,
+            self.capability,
+            outcomes.scores,
+            realised_costs=realised_costs(outcomes, costs),
+            eligible=self.eligibility(len(outcomes), None),
+        )
 
     def estimated_costs(self, outcomes: Outcomes) -> np.ndarray:
         return self.pool.costs([len(conversation_text(c)) for c in outcomes.queries])
 
-    def calibrate(self, outcomes: Outcomes, *, target_cost: float | None = None,
-                  target_accuracy: float | None = None, max_accuracy_drop: float | None = None,
-                  kind: str | None = None, proba: np.ndarray | None = None) -> dict:
+    def calibrate(
+        self,
+        outcomes: Outcomes,
+        *,
+        target_cost: float | None = None,
+        target_accuracy: float | None = None,
+        max_accuracy_drop: float | None = None,
+        kind: str | None = None,
+        proba: np.ndarray | None = None,
+    ) -> dict:
         """Set the policy's knob on labelled traffic of your own.
 
         ``target_cost``: best accuracy at a mean cost per query no higher than this.
@@ -236,11 +283,16 @@ class DifficultyRouter:
         if max_accuracy_drop is not None:
             target_accuracy = float(outcomes.scores.mean(axis=0).max()) - max_accuracy_drop
         kind = kind or self.policy.kind
-        point = pick_operating_point(points, Policy(kind).parameter, target_cost=target_cost,
-                                     target_accuracy=target_accuracy)
+        point = pick_operating_point(
+            points, Policy(kind).parameter, target_cost=target_cost, target_accuracy=target_accuracy
+        )
         self.policy = Policy.from_point(kind, point)
-        self.info["calibration"] = {"n": len(outcomes), "target_cost": target_cost,
-                                    "target_accuracy": target_accuracy, "point": point}
+        self.info["calibration"] = {
+            "n": len(outcomes),
+            "target_cost": target_cost,
+            "target_accuracy": target_accuracy,
+            "point": point,
+        }
         return point
 
     # -- persistence ---------------------------------------------------------------
@@ -260,11 +312,15 @@ class DifficultyRouter:
         if self.novelty is not None:
             arrays.update(self.novelty.arrays("novelty"))
         arrays["capability"] = self.capability
-        arrays = {k: np.ascontiguousarray(v, dtype=np.int64 if np.issubdtype(np.asarray(v).dtype, np.integer) else np.float64)
-                  for k, v in arrays.items()}
+        arrays = {
+            k: np.ascontiguousarray(v, dtype=np.int64 if np.issubdtype(np.asarray(v).dtype, np.integer) else np.float64)
+            for k, v in arrays.items()
+        }
         # what the arrays mean travels inside the hashed file, so editing it is caught like editing an array
-        metadata = {"family": self.family,
-                    "lexical": json.dumps(self.lexical.config() if self.lexical is not None else None)}
+        metadata = {
+            "family": self.family,
+            "lexical": json.dumps(self.lexical.config() if self.lexical is not None else None),
+        }
         save_file(arrays, str(directory / ARRAYS), metadata=metadata)
         manifest = {
             "format": FORMAT,
@@ -285,8 +341,15 @@ class DifficultyRouter:
         return directory
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, extractor: ActivationExtractor | None = None, *,
-             model: str | None = None, allow_other_extractor: bool = False, **extractor_kwargs) -> DifficultyRouter:
+    def load(
+        cls,
+        directory: str | os.PathLike,
+        extractor: ActivationExtractor | None = None,
+        *,
+        model: str | None = None,
+        allow_other_extractor: bool = False,
+        **extractor_kwargs,
+    ) -> DifficultyRouter:
         """Load a saved router; refuses bundles that were altered or that belong to another extractor.
 
         The extractor comes from ``extractor``, else ``model``, else the manifest. A manifest may
@@ -313,15 +376,22 @@ class DifficultyRouter:
         except json.JSONDecodeError:
             raise ValueError(f"{directory / ARRAYS}: its 'lexical' metadata is not JSON") from None
         if family != manifest.get("family", "activation") or lexical_config != manifest.get("lexical"):
-            raise ValueError(f"{where} describes a different feature family than {ARRAYS} holds; "
-                             "the bundle was altered")
+            raise ValueError(
+                f"{where} describes a different feature family than {ARRAYS} holds; the bundle was altered"
+            )
         readout = manifest["readout"]
         described = manifest["extractor"]
         if extractor is None:
-            name = check_extractor_allowed(described["model_id"], model, allow_other_extractor, where,
-                                           frozenset(KNOWN_MODELS))
-            extractor = ActivationExtractor(name, layers=readout["layers"], pooling=readout["pooling"],
-                                            max_tokens=described.get("max_tokens", 2048), **extractor_kwargs)
+            name = check_extractor_allowed(
+                described["model_id"], model, allow_other_extractor, where, frozenset(KNOWN_MODELS)
+            )
+            extractor = ActivationExtractor(
+                name,
+                layers=readout["layers"],
+                pooling=readout["pooling"],
+                max_tokens=described.get("max_tokens", 2048),
+                **extractor_kwargs,
+            )
         if extractor.model_hash != described["model_hash"]:
             raise ValueError(
                 f"this router was trained on extractor {described['model_id'][:200]!r} (weights sha256 "
@@ -332,25 +402,43 @@ class DifficultyRouter:
             raise ValueError("the extractor's shape differs from the one the router was trained on")
         try:
             probe = SuccessProbe.from_arrays(arrays, "success")
-            difficulty_probe = (DifficultyProbe.from_arrays(arrays, "difficulty")
-                                if manifest.get("has_difficulty_probe") else None)
-            lexical = LexicalProbe.from_arrays(lexical_config, arrays, "lexical") if lexical_config is not None else None
+            difficulty_probe = (
+                DifficultyProbe.from_arrays(arrays, "difficulty") if manifest.get("has_difficulty_probe") else None
+            )
+            lexical = (
+                LexicalProbe.from_arrays(lexical_config, arrays, "lexical") if lexical_config is not None else None
+            )
             stack = StackedProbe.from_arrays(arrays, "stack") if "stack.coef" in arrays else None
             novelty = NoveltyScore.from_arrays(arrays, "novelty") if "novelty.mean" in arrays else None
-            return cls(extractor, ModelPool.from_dict(manifest["pool"], source=where), probe,
-                       layers=readout["layers"], pooling=readout["pooling"], capability=arrays["capability"],
-                       policy=Policy.from_dict(manifest["policy"]), difficulty_probe=difficulty_probe,
-                       info=manifest.get("info") or {}, family=family, lexical=lexical, stack=stack,
-                       dropped=manifest.get("dropped") or {}, novelty=novelty,
-                       ood=OODPolicy.from_dict(manifest.get("novelty")))
+            return cls(
+                extractor,
+                ModelPool.from_dict(manifest["pool"], source=where),
+                probe,
+                layers=readout["layers"],
+                pooling=readout["pooling"],
+                capability=arrays["capability"],
+                policy=Policy.from_dict(manifest["policy"]),
+                difficulty_probe=difficulty_probe,
+                info=manifest.get("info") or {},
+                family=family,
+                lexical=lexical,
+                stack=stack,
+                dropped=manifest.get("dropped") or {},
+                novelty=novelty,
+                ood=OODPolicy.from_dict(manifest.get("novelty")),
+            )
         except KeyError as exc:
-            raise ValueError(f"{directory / ARRAYS} lacks the array {exc.args[0]!r}; the bundle is incomplete") from None
+            raise ValueError(
+                f"{directory / ARRAYS} lacks the array {exc.args[0]!r}; the bundle is incomplete"
+            ) from None
         except (TypeError, AttributeError, IndexError) as exc:
             raise ValueError(f"{directory}: the saved router is inconsistent ({exc})") from None
 
     def __repr__(self) -> str:
-        return (f"DifficultyRouter(extractor={self.extractor.model_id!r}, family={self.family!r}, layers={self.layers}, "
-                f"pooling={self.pooling}, models={self.models}, policy={self.policy})")
+        return (
+            f"DifficultyRouter(extractor={self.extractor.model_id!r}, family={self.family!r}, layers={self.layers}, "
+            f"pooling={self.pooling}, models={self.models}, policy={self.policy})"
+        )
 
 
 def realised_costs(outcomes: Outcomes, estimated: np.ndarray) -> np.ndarray:
@@ -375,5 +463,9 @@ def _versions() -> dict:
 
     from . import __version__
 
-    return {"difficulty_router": __version__, "torch": torch.__version__,
-            "transformers": transformers.__version__, "scikit-learn": sklearn.__version__}
+    return {
+        "difficulty_router": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "scikit-learn": sklearn.__version__,
+    }

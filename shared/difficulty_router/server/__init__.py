@@ -6,5 +6,14 @@ from .batching import MicroBatcher
 from .metrics import ServerMetrics
 from .schema import ApiError
 
-__all__ = ["create_app", "DEFAULT_ROUTER_NAME", "Backends", "BackendSpec", "BackendFailure", "specs_from_pool",
-           "MicroBatcher", "ServerMetrics", "ApiError"]
+__all__ = [
+    "DEFAULT_ROUTER_NAME",
+    "ApiError",
+    "BackendFailure",
+    "BackendSpec",
+    "Backends",
+    "MicroBatcher",
+    "ServerMetrics",
+    "create_app",
+    "specs_from_pool",
+]

@@ -21,7 +21,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -56,20 +56,26 @@ def _error_response(error: ApiError, metrics: ServerMetrics, headers: dict | Non
     return Response(body, status_code=error.status, media_type="application/json", headers=headers)
 
 
-def _decision_headers(router_name: str | None, decision, served: str, tried: list[str], routing_s: float | None) -> dict:
+def _decision_headers(
+    router_name: str | None, decision, served: str, tried: list[str], routing_s: float | None
+) -> dict:
     headers = {"x-router-model": served}
     if decision is None:
         headers["x-router-decision"] = "direct"
         return headers
-    headers.update({
-        "x-router-name": router_name,
-        "x-router-decision": decision.model,
-        "x-router-probabilities": json.dumps({m: round(p, 4) for m, p in decision.probabilities.items()},
-                                             separators=(",", ":")),
-        "x-router-difficulty": f"{decision.difficulty:.2f}",
-        "x-router-latency-ms": f"{1000 * routing_s:.2f}",
-        "x-router-truncated": "1" if decision.truncated else "0",
-    })
+    assert router_name is not None and routing_s is not None  # both come with a routing decision
+    headers.update(
+        {
+            "x-router-name": router_name,
+            "x-router-decision": decision.model,
+            "x-router-probabilities": json.dumps(
+                {m: round(p, 4) for m, p in decision.probabilities.items()}, separators=(",", ":")
+            ),
+            "x-router-difficulty": f"{decision.difficulty:.2f}",
+            "x-router-latency-ms": f"{1000 * routing_s:.2f}",
+            "x-router-truncated": "1" if decision.truncated else "0",
+        }
+    )
     if decision.novelty is not None:
         headers["x-router-novelty"] = f"{decision.novelty:.1f}"
         headers["x-router-ood"] = "1" if decision.ood else "0"
@@ -78,10 +84,19 @@ def _decision_headers(router_name: str | None, decision, served: str, tried: lis
     return headers
 
 
-def create_app(routers: DifficultyRouter | Mapping[str, DifficultyRouter], backends: Backends | list[BackendSpec], *,
-               api_key: str | None = None, allow_unauthenticated: bool = False, max_batch: int = 32,
-               max_wait: float = 0.005, max_queue: int = 1024, route_timeout: float | None = 30.0,
-               limits: Limits | None = None, metrics: ServerMetrics | None = None):
+def create_app(
+    routers: DifficultyRouter | Mapping[str, DifficultyRouter],
+    backends: Backends | list[BackendSpec],
+    *,
+    api_key: str | None = None,
+    allow_unauthenticated: bool = False,
+    max_batch: int = 32,
+    max_wait: float = 0.005,
+    max_queue: int = 1024,
+    route_timeout: float | None = 30.0,
+    limits: Limits | None = None,
+    metrics: ServerMetrics | None = None,
+):
     """Build the ASGI app.
 
     ``routers``: one router (served as ``router``) or a mapping name -> router. ``backends``:
@@ -106,27 +121,45 @@ def create_app(routers: DifficultyRouter | Mapping[str, DifficultyRouter], backe
             raise ValueError(f"router name {name!r} is also a backend name; requests could not tell them apart")
         missing = [m for m in router.models if m not in backends]
         if missing:
-            raise ValueError(f"router {name!r} can choose {missing}, which have no backend (backends: {backends.names})")
+            raise ValueError(
+                f"router {name!r} can choose {missing}, which have no backend (backends: {backends.names})"
+            )
     metrics = metrics or ServerMetrics()
+    server_metrics: ServerMetrics = metrics  # mypy does not carry the narrowing into BackendHooks below
 
     def batch_fn(router: DifficultyRouter):
         def decide(conversations: list, exclude_key) -> list:
             return router.route_batch(conversations, exclude=dict(exclude_key) or None, progress=False)
+
         return decide
 
-    batchers = {name: MicroBatcher(batch_fn(r), max_batch=max_batch, max_wait=max_wait, max_queue=max_queue,
-                                   timeout=route_timeout, on_batch=metrics.observe_batch, name=name)
-                for name, r in routers.items()}
+    batchers = {
+        name: MicroBatcher(
+            batch_fn(r),
+            max_batch=max_batch,
+            max_wait=max_wait,
+            max_queue=max_queue,
+            timeout=route_timeout,
+            on_batch=metrics.observe_batch,
+            name=name,
+        )
+        for name, r in routers.items()
+    }
+
+    def queue_depth(batcher: MicroBatcher) -> Callable[[], int]:
+        return lambda: batcher.depth
+
     for name, batcher in batchers.items():
-        metrics.track_queue(name, lambda b=batcher: b.depth)
+        metrics.track_queue(name, queue_depth(batcher))
 
     async def authenticate(request: Request) -> None:
         if api_key is None or request.url.path == "/health":
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
+            raise ApiError(
+                401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"
+            )
 
     @asynccontextmanager
     async def lifespan(app):
@@ -138,12 +171,21 @@ def create_app(routers: DifficultyRouter | Mapping[str, DifficultyRouter], backe
                 await batcher.aclose()
             await backends.aclose()
 
-    app = FastAPI(title="difficulty-router", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
-                  dependencies=[Depends(authenticate)])
+    app = FastAPI(
+        title="difficulty-router",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        dependencies=[Depends(authenticate)],
+    )
     app.state.metrics, app.state.backends, app.state.routers = metrics, backends, routers
     app.state.api_key, app.state.allow_unauthenticated = api_key, allow_unauthenticated
-    app.add_middleware(Guard, loopback_only=api_key is None and not allow_unauthenticated,
-                       on_error=lambda status, kind: metrics.errors.inc(str(status), kind))
+    app.add_middleware(
+        Guard,
+        loopback_only=api_key is None and not allow_unauthenticated,
+        on_error=lambda status, kind: metrics.errors.inc(str(status), kind),
+    )
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
@@ -152,14 +194,18 @@ def create_app(routers: DifficultyRouter | Mapping[str, DifficultyRouter], backe
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):  # unknown paths, wrong methods
-        return _error_response(ApiError(exc.status_code, str(exc.detail), code="not_found"
-                                        if exc.status_code == 404 else None), metrics)
+        return _error_response(
+            ApiError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None), metrics
+        )
 
     @app.get("/health")
     async def health():
         down = backends.down()
-        return {"status": "ok", "routers": list(routers),
-                "backends": {n: ("down" if n in down else "up") for n in backends.names}}
+        return {
+            "status": "ok",
+            "routers": list(routers),
+            "backends": {n: ("down" if n in down else "up") for n in backends.names},
+        }
 
     @app.get("/metrics")
     async def prometheus():
@@ -167,10 +213,13 @@ def create_app(routers: DifficultyRouter | Mapping[str, DifficultyRouter], backe
 
     @app.get("/v1/models")
     async def list_models():
-        data = [{"id": name, "object": "model", "created": 0, "owned_by": "difficulty-router",
-                 "models": list(r.models)} for name, r in routers.items()]
-        data += [{"id": n, "object": "model", "created": 0, "owned_by": "difficulty-router-backend"}
-                 for n in backends.names]
+        data = [
+            {"id": name, "object": "model", "created": 0, "owned_by": "difficulty-router", "models": list(r.models)}
+            for name, r in routers.items()
+        ]
+        data += [
+            {"id": n, "object": "model", "created": 0, "owned_by": "difficulty-router-backend"} for n in backends.names
+        ]
         return {"object": "list", "data": data}
 
     async def decide(router_name: str, messages: list) -> tuple[Any, float]:
@@ -189,14 +238,21 @@ def create_app(routers: DifficultyRouter | Mapping[str, DifficultyRouter], backe
             decision = await batchers[router_name].submit(conversation, frozenset(down.items()))
         except QueueFull:
             metrics.shed.inc(router_name, "queue_full")
-            raise ApiError(429, f"router {router_name!r} is busy: too many requests are waiting to be routed; "
-                                "retry shortly", type="rate_limit_error", code="router_queue_full") from None
+            raise ApiError(
+                429,
+                f"router {router_name!r} is busy: too many requests are waiting to be routed; retry shortly",
+                type="rate_limit_error",
+                code="router_queue_full",
+            ) from None
         except DeadlineExceeded:
             metrics.shed.inc(router_name, "deadline")
             metrics.deadline_expiries.inc(router_name)
-            raise ApiError(503, f"router {router_name!r} could not route the request in time "
-                                f"({route_timeout:g} s); retry shortly", type="server_error",
-                           code="routing_timeout") from None
+            raise ApiError(
+                503,
+                f"router {router_name!r} could not route the request in time ({route_timeout:g} s); retry shortly",
+                type="server_error",
+                code="routing_timeout",
+            ) from None
         if clipped:
             decision = dataclasses.replace(decision, truncated=True)
         elapsed = time.perf_counter() - start
@@ -208,23 +264,24 @@ def create_app(routers: DifficultyRouter | Mapping[str, DifficultyRouter], backe
 
     def failed(requested: str, failures: list[BaseException]) -> ApiError:
         metrics.requests.inc(requested, "none")
-        failures = [f for f in failures if isinstance(f, BackendFailure)]
-        last = failures[-1]
+        backend_failures = [f for f in failures if isinstance(f, BackendFailure)]
+        last = backend_failures[-1]
         if not last.escalate:  # the backend refused the request itself: pass its verdict on
             return ApiError(last.status, last.detail, param=None, code="backend_rejected_request")
-        detail = "; ".join(str(f) for f in failures)
-        status = 504 if all(f.kind == "timeout" for f in failures) else 502
-        return ApiError(status, f"every candidate backend failed: {detail}", type="api_error",
-                        code="backends_unavailable")
+        detail = "; ".join(str(f) for f in backend_failures)
+        status = 504 if all(f.kind == "timeout" for f in backend_failures) else 502
+        return ApiError(
+            status, f"every candidate backend failed: {detail}", type="api_error", code="backends_unavailable"
+        )
 
     class BackendHooks(Hooks):
         """Metrics and logs per attempt; the escalation itself is the dispatch core's."""
 
         def error(self, call: RoutedCall, handle: Any, attempt: Any, exc: BaseException) -> None:
             model = attempt.model if attempt is not None else getattr(exc, "backend", "?")
-            metrics.backend_errors.inc(model, getattr(exc, "kind", "error"))
+            server_metrics.backend_errors.inc(model, getattr(exc, "kind", "error"))
             if attempt is not None and call.next_model is not None and call.next_model != model:
-                metrics.escalations.inc(model, call.next_model)
+                server_metrics.escalations.inc(model, call.next_model)
                 logger.warning("%s; escalating to %s", exc, call.next_model)
 
     hooks = BackendHooks()
@@ -242,8 +299,12 @@ def create_app(routers: DifficultyRouter | Mapping[str, DifficultyRouter], backe
         elif requested in backends:
             call = RoutedCall(ladder=[requested])
         else:
-            raise ApiError(404, f"The model {quote(requested)} does not exist; available: "
-                                f"{[*routers, *backends.names]}", param="model", code="model_not_found")
+            raise ApiError(
+                404,
+                f"The model {quote(requested)} does not exist; available: {[*routers, *backends.names]}",
+                param="model",
+                code="model_not_found",
+            )
         streaming = bool(body.get("stream"))
 
         async def invoke(name: str) -> Reply:
@@ -251,22 +312,26 @@ def create_app(routers: DifficultyRouter | Mapping[str, DifficultyRouter], backe
                 return Reply(await backends.stream(name, body))
             data = await backends.complete(name, body)
             usage = data.get("usage") or {}
-            return Reply(data, prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                         completion_tokens=int(usage.get("completion_tokens") or 0))
+            return Reply(
+                data,
+                prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                completion_tokens=int(usage.get("completion_tokens") or 0),
+            )
 
         try:
             reply = await run_async(call, invoke, hooks)
         except BackendFailure as exc:
             errors = call.errors if any(e is exc for e in call.errors) else [*call.errors, exc]
             raise failed(requested, errors) from None
-        name = call.served.model
+        served = call.served
+        assert served is not None  # run_async returns only once a backend has served the call
+        name = served.model
         metrics.requests.inc(requested, name)
         tried = [a.model for a in call.attempts]
         headers = _decision_headers(requested if decision else None, decision, name, tried, routing_s)
         if streaming:
             first, rest, close = reply.value
-            return StreamingResponse(_relay(first, rest, close, name), media_type="text/event-stream",
-                                     headers=headers)
+            return StreamingResponse(_relay(first, rest, close, name), media_type="text/event-stream", headers=headers)
         data = reply.value
         data["model"] = name
         data["router"] = {"requested": requested, **call.record()}
@@ -280,10 +345,12 @@ def create_app(routers: DifficultyRouter | Mapping[str, DifficultyRouter], backe
             async for chunk in rest:
                 chunk["model"] = name
                 yield _sse(chunk)
-        except Exception as exc:  # headers are sent: report in-band, as OpenAI does
+        except Exception as exc:  # noqa: BLE001 (headers are sent: report in-band, as OpenAI does)
             logger.warning("stream from %s broke: %s", name, exc)
             metrics.backend_errors.inc(name, "stream_broken")
-            yield _sse(ApiError(502, f"{name}: the stream broke: {exc}", type="api_error").body())
+            yield _sse(
+                ApiError(502, f"{name}: the stream broke; the server log has the cause", type="api_error").body()
+            )
         finally:
             await close()
         yield b"data: [DONE]\n\n"

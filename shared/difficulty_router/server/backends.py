@@ -16,9 +16,12 @@ import os
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..pool import ModelPool, PoolModel
+
+if TYPE_CHECKING:
+    import httpx
 
 DEFAULT_TIMEOUT = 60.0
 CLIENT_ERRORS = frozenset({400, 413, 422})
@@ -37,8 +40,10 @@ class BackendSpec:
     @classmethod
     def from_pool_model(cls, m: PoolModel) -> BackendSpec:
         if m.base_url is None:
-            raise ValueError(f"pool model {m.name!r} has no base_url; the server needs one per model "
-                             f"(an OpenAI-compatible endpoint such as http://127.0.0.1:8080/v1)")
+            raise ValueError(
+                f"pool model {m.name!r} has no base_url; the server needs one per model "
+                f"(an OpenAI-compatible endpoint such as http://127.0.0.1:8080/v1)"
+            )
         return cls(m.name, m.base_url, m.served_model, m.api_key_env, m.timeout or DEFAULT_TIMEOUT)
 
 
@@ -46,8 +51,10 @@ def specs_from_pool(pool: ModelPool) -> list[BackendSpec]:
     """Backends for every model of a pool; refuses a pool in which a model has no base_url."""
     missing = [m.name for m in pool.models if m.base_url is None]
     if missing:
-        raise ValueError(f"pool models {missing} have no base_url; `serve` needs an OpenAI-compatible endpoint "
-                         f"for each model (pool fields: base_url, model, api_key_env, timeout)")
+        raise ValueError(
+            f"pool models {missing} have no base_url; `serve` needs an OpenAI-compatible endpoint "
+            f"for each model (pool fields: base_url, model, api_key_env, timeout)"
+        )
     return [BackendSpec.from_pool_model(m) for m in pool.models]
 
 
@@ -95,7 +102,7 @@ class Backends:
         self.max_connections = max_connections
         self.cooldown = cooldown
         self._clients: dict[str, Any] = {}
-        self._http = None
+        self._http: httpx.AsyncClient | None = None
         self._down_until: dict[str, float] = {}
 
     def __contains__(self, name: str) -> bool:
@@ -121,8 +128,9 @@ class Backends:
         limits = httpx.Limits(max_connections=self.max_connections, max_keepalive_connections=self.max_connections)
         self._http = httpx.AsyncClient(limits=limits, timeout=DEFAULT_TIMEOUT)
         for name, spec in self.specs.items():
-            self._clients[name] = AsyncOpenAI(base_url=spec.base_url, api_key=keys[name], timeout=spec.timeout,
-                                              max_retries=0, http_client=self._http)
+            self._clients[name] = AsyncOpenAI(
+                base_url=spec.base_url, api_key=keys[name], timeout=spec.timeout, max_retries=0, http_client=self._http
+            )
 
     async def aclose(self) -> None:
         if self._http is not None:
@@ -133,8 +141,11 @@ class Backends:
     # -- health ----------------------------------------------------------------------
     def down(self) -> dict[str, str]:
         now = time.monotonic()
-        return {n: f"backend down (failed {self.cooldown - (t - now):.1f} s ago)"
-                for n, t in self._down_until.items() if t > now}
+        return {
+            n: f"backend down (failed {self.cooldown - (t - now):.1f} s ago)"
+            for n, t in self._down_until.items()
+            if t > now
+        }
 
     def _record(self, name: str, failure: BackendFailure | None) -> None:
         if failure is None:

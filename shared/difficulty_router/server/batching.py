@@ -18,6 +18,7 @@ a callback raises can stop the worker: the failure goes to that batch's callers 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Hashable, Sequence
@@ -53,9 +54,17 @@ class MicroBatcher:
     none) the wait for a result.
     """
 
-    def __init__(self, fn: Callable[[list, Hashable], Sequence], *, max_batch: int = 32, max_wait: float = 0.005,
-                 on_batch: Callable[[int, float], None] | None = None, name: str = "router",
-                 max_queue: int = 1024, timeout: float | None = 30.0) -> None:
+    def __init__(
+        self,
+        fn: Callable[[list, Hashable], Sequence],
+        *,
+        max_batch: int = 32,
+        max_wait: float = 0.005,
+        on_batch: Callable[[int, float], None] | None = None,
+        name: str = "router",
+        max_queue: int = 1024,
+        timeout: float | None = 30.0,
+    ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         if max_wait < 0:
@@ -85,9 +94,11 @@ class MicroBatcher:
         if self._worker is None or self._worker.done():
             self._queue = asyncio.Queue(self.max_queue)
             self._worker = asyncio.get_running_loop().create_task(self._run())
+        queue = self._queue
+        assert queue is not None  # created above together with the worker
         future = asyncio.get_running_loop().create_future()
         try:
-            self._queue.put_nowait(_Item(value, key, future))
+            queue.put_nowait(_Item(value, key, future))
         except asyncio.QueueFull:
             raise QueueFull(f"{self.max_queue} requests are already waiting") from None
         try:
@@ -96,17 +107,19 @@ class MicroBatcher:
             raise DeadlineExceeded(f"not decided within {self.timeout:g} s") from None
 
     async def _collect(self) -> list[_Item]:
-        batch = [await self._queue.get()]
+        queue = self._queue
+        assert queue is not None  # the worker runs only after submit created its queue
+        batch = [await queue.get()]
         deadline = time.monotonic() + self.max_wait
         while len(batch) < self.max_batch:
-            if not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+            if not queue.empty():
+                batch.append(queue.get_nowait())
                 continue
             left = deadline - time.monotonic()
             if left <= 0:
                 break
             try:
-                batch.append(await asyncio.wait_for(self._queue.get(), left))
+                batch.append(await asyncio.wait_for(queue.get(), left))
             except TimeoutError:
                 break
         return batch
@@ -127,10 +140,11 @@ class MicroBatcher:
         start = time.perf_counter()
         try:
             results = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self.fn, [i.value for i in items], key)
+                self._executor, self.fn, [i.value for i in items], key
+            )
             if len(results) != len(items):
                 raise RuntimeError(f"batch function returned {len(results)} results for {len(items)} items")
-        except Exception as exc:  # every caller of the batch sees the failure
+        except Exception as exc:  # noqa: BLE001 (every caller of the batch sees the failure)
             for item in items:
                 if not item.future.done():
                     item.future.set_exception(exc)
@@ -140,16 +154,14 @@ class MicroBatcher:
                 self.on_batch(len(items), time.perf_counter() - start)
             except Exception:  # a broken observer must not cost the callers their answers
                 logger.exception("the on_batch callback of batcher %r failed", self.name)
-        for item, result in zip(items, results):
+        for item, result in zip(items, results, strict=False):
             if not item.future.done():
                 item.future.set_result(result)
 
     async def aclose(self) -> None:
         if self._worker is not None:
             self._worker.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._worker
-            except (asyncio.CancelledError, Exception):
-                pass
             self._worker = None
         self._executor.shutdown(wait=False, cancel_futures=True)

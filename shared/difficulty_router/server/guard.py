@@ -22,8 +22,9 @@ logger = logging.getLogger(__name__)
 
 def error_bytes(status: int, message: str, *, type: str, code: str | None = None, param: str | None = None) -> bytes:
     """An OpenAI-style error body; ASCII JSON, so no client string can make it unencodable."""
-    return json.dumps({"error": {"message": message, "type": type, "param": param, "code": code}},
-                      ensure_ascii=True).encode()
+    return json.dumps(
+        {"error": {"message": message, "type": type, "param": param, "code": code}}, ensure_ascii=True
+    ).encode()
 
 
 def is_loopback_client(scope: dict) -> bool:
@@ -43,9 +44,18 @@ class Guard:
         self.app, self.loopback_only, self.on_error = app, loopback_only, on_error
 
     async def _answer(self, send, status: int, body: bytes, request_id: str, extra=()) -> None:
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"x-request-id", request_id.encode()),
-                                (b"content-length", str(len(body)).encode()), *extra]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"x-request-id", request_id.encode()),
+                    (b"content-length", str(len(body)).encode()),
+                    *extra,
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     def _count(self, status: int, kind: str) -> None:
@@ -60,10 +70,18 @@ class Guard:
         scope.setdefault("state", {})["request_id"] = request_id
         if self.loopback_only and not is_loopback_client(scope):
             self._count(403, "permission_error")
-            await self._answer(send, 403, error_bytes(
-                403, "this server has no API key, so it answers loopback clients only; start it with an API key "
-                     "(--api-key-env), or allow unauthenticated access if a proxy in front authenticates",
-                type="permission_error", code="unauthenticated_remote_client"), request_id)
+            await self._answer(
+                send,
+                403,
+                error_bytes(
+                    403,
+                    "this server has no API key, so it answers loopback clients only; start it with an API key "
+                    "(--api-key-env), or allow unauthenticated access if a proxy in front authenticates",
+                    type="permission_error",
+                    code="unauthenticated_remote_client",
+                ),
+                request_id,
+            )
             return
         started = False
 
@@ -81,6 +99,14 @@ class Guard:
             if started:  # a stream was under way: nothing more can be said on this response
                 return
             self._count(500, "server_error")
-            await self._answer(send, 500, error_bytes(
-                500, f"internal error; the server logged the details under request id {request_id}",
-                type="server_error", code="internal_error"), request_id)
+            await self._answer(
+                send,
+                500,
+                error_bytes(
+                    500,
+                    f"internal error; the server logged the details under request id {request_id}",
+                    type="server_error",
+                    code="internal_error",
+                ),
+                request_id,
+            )

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter as _PromCounter, Histogram as _PromHistogram
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import Counter as _PromCounter
+from prometheus_client import Histogram as _PromHistogram
 from prometheus_client.core import GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -30,7 +31,7 @@ class Counter:
         (self._metric.labels(*map(str, labels)) if self.labels else self._metric).inc(amount)
 
     def get(self, *labels: str) -> float:
-        value = self._registry.get_sample_value(self.name, dict(zip(self.labels, map(str, labels))))
+        value = self._registry.get_sample_value(self.name, dict(zip(self.labels, map(str, labels), strict=False)))
         return value or 0.0
 
 
@@ -71,25 +72,49 @@ class ServerMetrics:
     def __init__(self, prefix: str = "difficulty_router") -> None:
         p, r = prefix, CollectorRegistry(auto_describe=True)
         self.registry = r
-        self.requests = Counter(r, f"{p}_requests_total", "Chat completion requests by requested model and the "
-                                "backend that answered (none: every candidate failed).", ("requested", "model"))
-        self.routed = Counter(r, f"{p}_routing_decisions_total", "Routing decisions by router and chosen pool model.",
-                              ("router", "model"))
-        self.escalations = Counter(r, f"{p}_escalations_total", "Backend failures that moved a request to the next "
-                                   "more capable backend.", ("from_model", "to_model"))
-        self.backend_errors = Counter(r, f"{p}_backend_errors_total", "Failed backend calls by backend and kind.",
-                                      ("model", "kind"))
-        self.errors = Counter(r, f"{p}_errors_total", "Error responses sent to clients by HTTP status and type.",
-                              ("status", "type"))
-        self.shed = Counter(r, f"{p}_shed_requests_total", "Requests refused unrouted because the routing queue "
-                            "was full (429) or their deadline passed while queued (503).", ("router", "reason"))
-        self.deadline_expiries = Counter(r, f"{p}_deadline_expiries_total", "Requests whose routing deadline "
-                                         "passed before a decision.", ("router",))
-        self.ood_escalations = Counter(r, f"{p}_ood_escalations_total", "Queries whose read-out was unlike the "
-                                       "router's training data and were sent to the most capable model.",
-                                       ("router", "model"))
-        self.routing_latency = Histogram(r, f"{p}_routing_latency_seconds", "Time from a request's arrival at the "
-                                         "router to its decision (queueing, batching and extraction).", LATENCY_BUCKETS)
+        self.requests = Counter(
+            r,
+            f"{p}_requests_total",
+            "Chat completion requests by requested model and the backend that answered (none: every candidate failed).",
+            ("requested", "model"),
+        )
+        self.routed = Counter(
+            r, f"{p}_routing_decisions_total", "Routing decisions by router and chosen pool model.", ("router", "model")
+        )
+        self.escalations = Counter(
+            r,
+            f"{p}_escalations_total",
+            "Backend failures that moved a request to the next more capable backend.",
+            ("from_model", "to_model"),
+        )
+        self.backend_errors = Counter(
+            r, f"{p}_backend_errors_total", "Failed backend calls by backend and kind.", ("model", "kind")
+        )
+        self.errors = Counter(
+            r, f"{p}_errors_total", "Error responses sent to clients by HTTP status and type.", ("status", "type")
+        )
+        self.shed = Counter(
+            r,
+            f"{p}_shed_requests_total",
+            "Requests refused unrouted because the routing queue "
+            "was full (429) or their deadline passed while queued (503).",
+            ("router", "reason"),
+        )
+        self.deadline_expiries = Counter(
+            r, f"{p}_deadline_expiries_total", "Requests whose routing deadline passed before a decision.", ("router",)
+        )
+        self.ood_escalations = Counter(
+            r,
+            f"{p}_ood_escalations_total",
+            "Queries whose read-out was unlike the router's training data and were sent to the most capable model.",
+            ("router", "model"),
+        )
+        self.routing_latency = Histogram(
+            r,
+            f"{p}_routing_latency_seconds",
+            "Time from a request's arrival at the router to its decision (queueing, batching and extraction).",
+            LATENCY_BUCKETS,
+        )
         self.batch_size = Histogram(r, f"{p}_batch_size", "Queries per extraction forward pass.", BATCH_BUCKETS)
         self.batch_seconds = Histogram(r, f"{p}_batch_seconds", "Seconds per batched routing call.", LATENCY_BUCKETS)
         self._queue_depth = _QueueDepth(f"{p}_queue_depth")

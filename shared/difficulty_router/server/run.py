@@ -25,14 +25,23 @@ def is_loopback(host: str) -> bool:
         infos = socket.getaddrinfo(host, None)
     except socket.gaierror:
         return False
-    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+    if not infos:
+        return False
+    for info in infos:
+        address = info[4][0]
+        assert isinstance(address, str)  # getaddrinfo yields only AF_INET/AF_INET6 entries: a str address
+        if not ipaddress.ip_address(address.split("%")[0]).is_loopback:
+            return False
+    return True
 
 
 def check_exposure(host: str, api_key: str | None, allow_unauthenticated: bool = False) -> None:
     if api_key is None and not allow_unauthenticated and not is_loopback(host):
-        raise ValueError(f"refusing to serve on {host!r} without authentication: it is not a loopback address. "
-                         f"Set a token with --api-key-env VAR, or pass --allow-unauthenticated if a proxy in "
-                         f"front of the server authenticates clients")
+        raise ValueError(
+            f"refusing to serve on {host!r} without authentication: it is not a loopback address. "
+            f"Set a token with --api-key-env VAR, or pass --allow-unauthenticated if a proxy in "
+            f"front of the server authenticates clients"
+        )
 
 
 def serve(app, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info") -> None:

@@ -46,8 +46,15 @@ class Limits:
 class ApiError(Exception):
     """An error the server answers with, in OpenAI's shape."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
@@ -63,8 +70,9 @@ async def read_body(request, limit: int) -> bytes:
     """The request body, refused with a 413 once it passes ``limit`` bytes: a declared Content-Length is
     checked first, and a chunked body is counted while it arrives, so nothing larger is ever held."""
     declared = request.headers.get("content-length", "")
-    too_large = ApiError(413, f"the request body is larger than this server's limit of {limit} bytes",
-                         code="request_too_large")
+    too_large = ApiError(
+        413, f"the request body is larger than this server's limit of {limit} bytes", code="request_too_large"
+    )
     if declared.isdigit() and int(declared) > limit:
         raise too_large
     chunks, size = [], 0
@@ -94,8 +102,9 @@ def parse_json(raw: bytes, limits: Limits = Limits()) -> Any:
     except RecursionError:
         raise invalid(f"the request body is nested too deeply (at most {limits.max_depth} levels)") from None
     except json.JSONDecodeError as exc:
-        raise invalid(f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") \
-            from None
+        raise invalid(
+            f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
     except UnicodeDecodeError:
         raise invalid("the request body is not valid JSON: it is not UTF-8 text") from None
     _check_tree(body, limits.max_depth)
@@ -113,8 +122,9 @@ def _check_tree(value: Any, max_depth: int) -> None:
                 try:
                     item.encode("utf-8")
                 except UnicodeEncodeError:
-                    raise invalid("the request body holds a string that is not valid Unicode "
-                                  "(a lone surrogate such as \\ud800)") from None
+                    raise invalid(
+                        "the request body holds a string that is not valid Unicode (a lone surrogate such as \\ud800)"
+                    ) from None
             continue
         if isinstance(item, (dict, list)):
             if depth > max_depth:
@@ -157,14 +167,17 @@ def _tool_calls(calls: Any, where: str) -> int:
             raise invalid(f"{param}[{k}] must be an object, got {type(call).__name__}", param)
         function = call.get("function")
         if not isinstance(function, dict):
-            raise invalid(f"{param}[{k}].function must be an object with 'name' and 'arguments', "
-                          f"got {type(function).__name__}", param)
+            raise invalid(
+                f"{param}[{k}].function must be an object with 'name' and 'arguments', got {type(function).__name__}",
+                param,
+            )
         name, arguments = function.get("name"), function.get("arguments")
         if not isinstance(name, str):
             raise invalid(f"{param}[{k}].function.name must be a string, got {quote(name)}", param)
         if arguments is not None and not isinstance(arguments, str):
-            raise invalid(f"{param}[{k}].function.arguments must be a JSON string, got {type(arguments).__name__}",
-                          param)
+            raise invalid(
+                f"{param}[{k}].function.arguments must be a JSON string, got {type(arguments).__name__}", param
+            )
         chars += len(name) + len(arguments or "")
     return chars
 
@@ -196,14 +209,17 @@ def _message(msg: Any, i: int) -> int:
                 raise invalid(f"{where}.content[{j}] must be an object with a 'type'", f"{where}.content")
             if part["type"] == "text":
                 if not isinstance(part.get("text"), str):
-                    raise invalid(f"{where}.content[{j}] is a text part whose 'text' is not a string",
-                                  f"{where}.content")
+                    raise invalid(
+                        f"{where}.content[{j}] is a text part whose 'text' is not a string", f"{where}.content"
+                    )
                 chars += len(part["text"])
     elif isinstance(content, str):
         chars += len(content)
     else:
-        raise invalid(f"{where}.content must be a string or a list of content parts, got {type(content).__name__}",
-                      f"{where}.content")
+        raise invalid(
+            f"{where}.content must be a string or a list of content parts, got {type(content).__name__}",
+            f"{where}.content",
+        )
     return chars
 
 
@@ -222,12 +238,18 @@ def validate_chat_request(body: Any, limits: Limits = Limits()) -> dict:
     if not isinstance(messages, list) or not messages:
         raise invalid("'messages' must be a non-empty list of messages", "messages")
     if len(messages) > limits.max_messages:
-        raise invalid(f"'messages' holds {len(messages)} messages; this server takes at most "
-                      f"{limits.max_messages} messages a request", "messages")
+        raise invalid(
+            f"'messages' holds {len(messages)} messages; this server takes at most "
+            f"{limits.max_messages} messages a request",
+            "messages",
+        )
     chars = sum(_message(msg, i) for i, msg in enumerate(messages))
     if chars > limits.max_chars:
-        raise invalid(f"the messages hold {chars} characters; this server takes at most {limits.max_chars} "
-                      f"characters a request", "messages", code="context_length_exceeded")
+        raise invalid(
+            f"the messages hold {chars} characters; this server takes at most {limits.max_chars} characters a request",
+            "messages",
+            code="context_length_exceeded",
+        )
     if "stream" in body and not isinstance(body["stream"], bool):
         raise invalid(f"'stream' must be true or false, got {quote(body['stream'])}", "stream")
     _number(body, "temperature", low=0, high=2)
@@ -236,13 +258,13 @@ def validate_chat_request(body: Any, limits: Limits = Limits()) -> dict:
         _positive_int(body, key, limits.max_tokens)
     _positive_int(body, "n", limits.max_n)
     stop = body.get("stop")
-    if stop is not None and not isinstance(stop, str) and not (
-        isinstance(stop, list) and all(isinstance(s, str) for s in stop)
+    if (
+        stop is not None
+        and not isinstance(stop, str)
+        and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop))
     ):
         raise invalid("'stop' must be a string or a list of strings", "stop")
     tools = body.get("tools")
-    if tools is not None:
-        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-            raise invalid("'tools' must be a list of tool objects", "tools")
+    if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
+        raise invalid("'tools' must be a list of tool objects", "tools")
     return body
-
