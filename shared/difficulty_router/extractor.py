@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,8 +22,17 @@ from tqdm.auto import tqdm
 
 from .feature_cache import FeatureCache
 from .model_store import DEFAULT_MODEL, ModelSource, fingerprint, load_model_and_tokenizer, resolve
-from .numerics import (DTYPE_ENV, FEATURE_RTOL, cpu_has_bf16, dtype_name, match_threads, pick_dtype,  # noqa: F401
-                       quantise_int8, weights_dtype)
+from .numerics import (  # noqa: F401
+    DTYPE_ENV,
+    FEATURE_RTOL,
+    INT8_SCHEME,
+    cpu_has_bf16,
+    dtype_name,
+    match_threads,
+    pick_dtype,
+    quantise_int8,
+    weights_dtype,
+)
 from .prefix_kv import PrefixState, compute_prefix
 from .prompting import PromptTokenizer
 from .queries import to_conversations
@@ -270,6 +280,8 @@ class ActivationExtractor:
         float32 keeps the plain weight hash, so caches written before this distinction stay valid)."""
         if self.dtype == torch.float32:
             return self.model_hash
+        if self.dtype == torch.qint8:
+            return f"{self.model_hash}|int8:{INT8_SCHEME}"
         return f"{self.model_hash}|{dtype_name(self.dtype)}"
 
     def describe(self) -> dict:
@@ -343,6 +355,20 @@ class ActivationExtractor:
         )
 
     __call__ = extract
+
+    def readout_latency_ms(self, queries: Sequence[Any], layer: int) -> float:
+        """Median wall time (ms) of one query's forward up to ``layer``, one at a time, feature cache bypassed:
+        what routing a query costs on this machine with this read-out (tokenising excluded, ~1%)."""
+        layer_idx = normalise_layers(layer, self.n_layers)
+        ids, _ = self.tokenize(queries)
+        with self._forward_lock:
+            self._prefix_for(max(layer_idx))
+        times = []
+        for x in [ids[0], *ids]:  # the first run warms up
+            start = time.perf_counter()
+            self._forward([x], layer_idx, ("last",), self._uses_prefix(x))
+            times.append((time.perf_counter() - start) * 1000)
+        return float(np.median(times[1:]))
 
     def _prefix_for(self, deepest: int) -> None:
         """Have the cached prefix cover blocks up to ``deepest`` (computed at most once per depth)."""

@@ -4,12 +4,13 @@ Truncation keeps the *end* of the templated prompt (the generation prompt is whe
 happens, and the question usually sits just before it). A prompt far longer than ``max_tokens``
 is never tokenised whole: only a tail of its text is, sized from ``max_tokens`` and grown until it
 yields enough tokens, so a 2 MB paste costs about what a ``max_tokens`` one does. The ids kept are
-the same as tokenising the whole text and keeping its last ``max_tokens``: the few tokens at the
-cut, which may split differently, are dropped.
+the same as tokenising the whole text and keeping its last ``max_tokens``: the tail starts at
+whitespace and the few tokens at the cut, which may split differently, are dropped.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +23,9 @@ from .queries import Conversation, to_conversations
 CUT_MARGIN_TOKENS = 16
 #: First guess of characters per token for the tail to tokenise (English runs ~4; grown if short).
 CHARS_PER_TOKEN_GUESS = 8
+#: How far a tail may grow looking for whitespace to start at, as a multiple of the first budget.
+MAX_TAIL_GROWTH = 16
+_WHITESPACE = re.compile(r"\s")
 
 
 class PromptTokenizer:
@@ -70,9 +74,21 @@ class PromptTokenizer:
         return ids, truncated
 
     def _tail(self, text: str, budget: int) -> tuple[list[int], bool]:
-        """The last max_tokens ids of ``text``, tokenising only a growing tail of it."""
+        """The last max_tokens ids of ``text``, tokenising only a growing tail of it.
+
+        The tail starts at whitespace, where byte-level pre-tokenisers split, because BPE merges
+        inside one pre-token are not local: a word cut in two can tokenise differently to its end.
+        A tail with no whitespace in its first half grows; past ``MAX_TAIL_GROWTH`` times the first
+        budget it is cut anywhere (ids may then differ from a full pass inside that one giant "word").
+        """
+        first = budget
         while budget < len(text):
-            x = self.encode([text[-budget:]])[0]
+            start = len(text) - budget
+            space = _WHITESPACE.search(text, start, start + budget // 2)
+            if space is None and budget < first * MAX_TAIL_GROWTH:
+                budget *= 2
+                continue
+            x = self.encode([text[space.start() if space else start:]])[0]
             if len(x) >= self.max_tokens + CUT_MARGIN_TOKENS:
                 return x[-self.max_tokens:], True  # the whole text has more tokens than this tail
             budget *= 2
