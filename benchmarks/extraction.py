@@ -5,6 +5,11 @@ questions, ~140 tokens each with the chat template). "full" runs every layer and
 ``output_hidden_states`` through the CausalLM (what a naive extractor does); "early exit"
 stops after the read-out layer (the middle one). Run it on an otherwise idle machine.
 
+Its "peak RSS (process, so far)" column is the whole process's high-water mark, the naive full pass's
+logits (batch x tokens x 49,152 vocab in float32, gigabytes at batch 32) and every earlier extractor
+included: that, not the extractor, is where the 5.7 GB it once reported came from. The extractor's
+own peak, in a fresh process, is measured by ``benchmarks/overhead.py``.
+
     python benchmarks/extraction.py --models smollm2-135m:float32,bfloat16 qwen2.5-coder-0.5b:float32
 """
 

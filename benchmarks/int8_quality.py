@@ -39,6 +39,11 @@ def main() -> None:
     parser.add_argument("--pooling", default="last")
     parser.add_argument("--max-tokens", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cached-int8", default=None,
+                        help="read int8 rows from the feature cache under this key suffix (e.g. 'int8', the first "
+                             "scheme's) instead of extracting them with the current scheme")
+    parser.add_argument("--cached-int8-scheme", default="dyn-perchannel-all-linears",
+                        help="what to call the scheme of --cached-int8 rows in the results")
     args = parser.parse_args()
 
     outcomes, _, _ = routellm_clean(args.limit, args.seed)
@@ -46,12 +51,19 @@ def main() -> None:
     outcomes = outcomes.select_models(pool.names)
     weak, strong = np.argsort(outcomes.scores.mean(axis=0))
     cache = FeatureCache(cache_root() / "features")
-    features = {}
-    for dtype in ("float32", "int8"):
-        extractor = ActivationExtractor(args.extractor, dtype=dtype, max_tokens=args.max_tokens, feature_cache=cache)
-        features[dtype] = extractor.extract(outcomes.queries, layers=[args.layer], pooling=args.pooling,
-                                            progress=True).features
-        del extractor
+    fp32 = ActivationExtractor(args.extractor, dtype="float32", max_tokens=args.max_tokens, feature_cache=cache)
+    features = {"float32": fp32.extract(outcomes.queries, layers=[args.layer], pooling=args.pooling).features}
+    if args.cached_int8:  # rows an earlier int8 scheme left in the cache, read as they are
+        ids, _ = fp32.tokenize(outcomes.queries)
+        key = f"{fp32.model_hash}|{args.cached_int8}"
+        rows = [cache.load(key, (args.layer,), (args.pooling,), x, fp32.hidden_size) for x in ids]
+        if any(r is None for r in rows):
+            raise SystemExit(f"{sum(r is None for r in rows)} rows are not cached under {key!r}")
+        features["int8"] = np.vstack(rows)
+    else:
+        int8 = ActivationExtractor(args.extractor, dtype="int8", max_tokens=args.max_tokens, feature_cache=cache)
+        features["int8"] = int8.extract(outcomes.queries, layers=[args.layer], pooling=args.pooling).features
+    scheme = args.cached_int8_scheme if args.cached_int8 else INT8_SCHEME
     half = len(outcomes) // 2
     n_train = min(args.train, half)
     conditions = {"float32": ("float32", "float32"), "int8": ("int8", "int8"),
@@ -61,9 +73,9 @@ def main() -> None:
         order = np.random.default_rng(args.seed + 1 + s).permutation(len(outcomes))
         test_idx, train_idx = np.sort(order[half:]), np.sort(order[:n_train])
         Y = outcomes.scores
+        probes = {d: SuccessProbe(seed=args.seed).fit(features[d][train_idx], Y[train_idx]) for d in features}
         for name, (train_dtype, test_dtype) in conditions.items():
-            probe = SuccessProbe(seed=args.seed).fit(features[train_dtype][train_idx], Y[train_idx])
-            p = probe.predict_proba(features[test_dtype][test_idx])
+            p = probes[train_dtype].predict_proba(features[test_dtype][test_idx])
             apgr[name].append(apgr_cpt(p[:, strong] - p[:, weak], Y[test_idx, weak], Y[test_idx, strong],
                                        args.seed)["apgr"])
     _, ref_lo, ref_hi = interval(apgr["float32"])
@@ -80,13 +92,13 @@ def main() -> None:
     md = (f"int8 vs float32 routing quality, RouteLLM MMLU (GPT-4 vs Mixtral-8x7B), {len(outcomes)} clean rows "
           f"(seed {args.seed}), {args.splits} random splits, {n_train} training rows, {len(outcomes) - half} test rows "
           f"per split; activation probe at layer {args.layer} ({args.pooling}), extractor {args.extractor}, "
-          f"max {args.max_tokens} tokens, int8 scheme `{INT8_SCHEME}`, on {machine()}.\n\n"
+          f"max {args.max_tokens} tokens, int8 scheme `{scheme}`, on {machine()}.\n\n"
           + md_table(["features", "APGR [95% CI]", "paired diff vs float32 [95% CI]", "mean inside float32's CI"], rows)
           + f"\n\nint8 accepted for `dtype=\"auto\"`: **{'yes' if accepted else 'no'}**.\n")
-    payload = {"machine": machine(), "extractor": args.extractor, "int8_scheme": INT8_SCHEME, "n": len(outcomes), "splits": args.splits,
+    payload = {"machine": machine(), "extractor": args.extractor, "int8_scheme": scheme, "n": len(outcomes), "splits": args.splits,
                "train": n_train, "layer": args.layer, "pooling": args.pooling, "apgr": apgr, "summary": summary,
                "accepted": accepted}
-    write_results(f"int8_quality_{args.extractor}_{INT8_SCHEME}_{args.limit}", md, payload)
+    write_results(f"int8_quality_{args.extractor}_{scheme}_{args.limit}", md, payload)
 
 
 if __name__ == "__main__":

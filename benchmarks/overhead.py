@@ -154,6 +154,44 @@ def peak_rss_mb(model: str, dtype: str, layer: int, fast: bool, threads: int | N
     return float(re.search(r"RSS ([0-9.]+)", out.stdout).group(1))
 
 
+def interleaved_ab(model: str, layer: int, threads: int | None, prompts: list[str] | None, queries,
+                   rounds: int = 3) -> tuple[str, dict]:
+    """Paths timed query by query in turn, so a neighbour's load hits all of them alike: on a shared
+    machine only this comparison is fair. Reports each path's p50 and the median of per-query ratios
+    to float32 with a bootstrap 95% interval."""
+    paths = {"float32": {}, "float32, before": {"prefix_cache": False, "max_padding": 0.99,
+                                                "max_batch_tokens": 16384}}
+    if cpu_has_int8_dot() and int8_supported():
+        paths["int8"] = {"dtype": "int8"}
+    extractors = {name: ActivationExtractor(model, layers=layer, max_tokens=2048, threads=threads,
+                                            **{"dtype": "float32", **kw}) for name, kw in paths.items()}
+    prompts = prompts or prompts_of(extractors["float32"], queries, 100, 8)
+    times = {name: [] for name in extractors}
+    for e in extractors.values():
+        e.extract(prompts[:2], progress=False)
+    for _ in range(rounds):
+        for p in prompts:
+            for name, e in extractors.items():
+                start = time.perf_counter()
+                e.extract([p], progress=False)
+                times[name].append((time.perf_counter() - start) * 1000)
+    rng = np.random.default_rng(0)
+    base = np.array(times["float32"])
+    rows, out = [], {}
+    for name, t in times.items():
+        ratio = np.array(t) / base
+        boot = [np.median(rng.choice(ratio, len(ratio))) for _ in range(2000)]
+        lo, hi = np.percentile(boot, [2.5, 97.5])
+        out[name] = {"p50_ms": float(np.median(t)), "ratio_to_float32_median": float(np.median(ratio)),
+                     "ratio_ci95": [float(lo), float(hi)], "ms": np.round(t, 2).tolist()}
+        rows.append([name, f"{np.median(t):.1f}", f"{np.median(ratio):.2f} [{lo:.2f}, {hi:.2f}]"])
+    n_tokens = np.mean([len(x) for x in extractors["float32"].tokenize(prompts)[0]])
+    md = (f"Interleaved A/B, {len(prompts)} MMLU prompts of about {n_tokens:.0f} tokens x {rounds} rounds, one "
+          f"query at a time, layer {layer}:\n\n"
+          + md_table(["path", "p50 ms", "per-query time / float32, median [bootstrap 95% CI]"], rows))
+    return md, out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -164,8 +202,20 @@ def main() -> None:
     parser.add_argument("--name", default=None, help="results file suffix (default: from the CPU model)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: the usable cores; on a machine other jobs load, fewer win)")
+    parser.add_argument("--ab-only", action="store_true", help="only the interleaved A/B of the paths")
     args = parser.parse_args()
     load_before = os.getloadavg()
+    slug = args.name or re.sub(r"[^a-z0-9]+", "-", machine().split(",")[0].lower()).strip("-")
+    if args.ab_only:
+        md, out = interleaved_ab(args.model, args.layer, args.threads, None,
+                                 load_outcomes(ROUTELLM_MMLU_SAMPLE).queries, rounds=args.repeats)
+        md = (f"On **{machine()}**, {torch.get_num_threads()} torch threads, load average "
+              f"{tuple(round(x, 1) for x in load_before)} before and {tuple(round(x, 1) for x in os.getloadavg())} "
+              f"after (the cores were shared with other jobs). {md}\n\nCommand: "
+              f"`python benchmarks/overhead.py {' '.join(sys.argv[1:])}`.\n")
+        write_results(f"overhead_ab_{slug}", md, {"machine": machine(), "load_before": load_before,
+                                                  "load_after": os.getloadavg(), "paths": out})
+        return
 
     paths = [("float32", True), ("float32", False)]
     if cpu_has_int8_dot() and int8_supported():
@@ -230,7 +280,6 @@ def main() -> None:
     load = {"before": load_before, "after": os.getloadavg(), "threads": torch.get_num_threads()}
     payload["load_average"] = load
     payload["matmul_gflops"] = {d: {str(m): r / 1e9 for m, r in v.items()} for d, v in rates.items()}
-    slug = args.name or re.sub(r"[^a-z0-9]+", "-", cpu.split(",")[0].lower()).strip("-")
     md = (f"Routing overhead vs the hardware floor on **{cpu}** (flags: {', '.join(flags) or 'none'}); "
           f"{args.model}, read-out layer {args.layer} (blocks above it never run).\n\n"
           "Matmul rate (GFLOP/s) of one block's linear layers at the given rows:\n\n"
