@@ -37,13 +37,8 @@ import torch
 from _common import machine, md_table, write_results
 from difficulty_router import ActivationExtractor, load_outcomes
 from difficulty_router.datasets import ROUTELLM_MMLU_SAMPLE
-from difficulty_router.numerics import (
-    cpu_flags,
-    cpu_has_bf16,
-    cpu_has_int8_dot,
-    int8_supported,
-    quantise_int8,
-)
+from difficulty_router.numerics import (cpu_flags, cpu_has_bf16, cpu_has_int8_dot, int8_supported, match_threads,
+                                        quantise_int8)
 
 TARGET_TOKENS = (10, 100, 1000)
 
@@ -205,6 +200,7 @@ def main() -> None:
     parser.add_argument("--ab-only", action="store_true", help="only the interleaved A/B of the paths")
     args = parser.parse_args()
     load_before = os.getloadavg()
+    match_threads(args.threads)  # before machine() below names the thread count
     slug = args.name or re.sub(r"[^a-z0-9]+", "-", machine().split(",")[0].lower()).strip("-")
     if args.ab_only:
         md, out = interleaved_ab(args.model, args.layer, args.threads, None,

@@ -30,6 +30,8 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 #: pooling) block stays below this. Measured on SmolLM2-135M: at most 1.0e-6 in float32, 1.1e-2 in
 #: bfloat16 (native or emulated); int8 is far looser, 0.165 over 24 MMLU prompts at layer 15, because
 #: dynamic quantisation takes one activation scale per batch (a long neighbour changes it).
+#: Probabilities then agree to about ``1e-6`` (float32) and ``1e-2`` (bfloat16), so ``route`` and
+#: ``route_batch`` can only disagree on a query whose decision margin is within that.
 FEATURE_RTOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 3e-2, torch.qint8: 0.25}
 
 #: Models whose int8 path kept routing quality on RouteLLM MMLU within the 95% interval of float32
