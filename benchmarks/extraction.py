@@ -5,6 +5,11 @@ questions, ~140 tokens each with the chat template). "full" runs every layer and
 ``output_hidden_states`` through the CausalLM (what a naive extractor does); "early exit"
 stops after the read-out layer (the middle one). Run it on an otherwise idle machine.
 
+Its "peak RSS (process, so far)" column is the whole process's high-water mark, the naive full pass's
+logits (batch x tokens x 49,152 vocab in float32, gigabytes at batch 32) and every earlier extractor
+included: that, not the extractor, is where the 5.7 GB it once reported came from. The extractor's
+own peak, in a fresh process, is measured by ``benchmarks/overhead.py``.
+
     python benchmarks/extraction.py --models smollm2-135m:float32,bfloat16 qwen2.5-coder-0.5b:float32
 """
 
@@ -16,7 +21,6 @@ import time
 
 import numpy as np
 import torch
-
 from _common import machine, md_table, write_results
 from difficulty_router import ActivationExtractor, load_outcomes
 from difficulty_router.datasets import ROUTELLM_MMLU_SAMPLE
@@ -64,8 +68,8 @@ def main() -> None:
             # bf16 on a CPU without native bf16 is emulated and slow: one batch size shows the gap.
             for bs in ((1, 8, 32) if dtype == "float32" or extractor.device.type != "cpu" else (8,)):
                 extractor.batch_size = bs
-                early = rate(lambda: extractor.extract(queries, progress=False), len(queries))
-                full = rate(lambda: full_forward(extractor, queries, bs), len(queries))
+                early = rate(lambda e=extractor: e.extract(queries, progress=False), len(queries))
+                full = rate(lambda e=extractor, b=bs: full_forward(e, queries, b), len(queries))
                 rows.append([model, dtype, bs, f"{early:.1f}", f"{full:.1f}", f"{early / full:.2f}x", "", "", ""])
                 print(rows[-1], flush=True)
                 payload["results"].append({"model": model, "dtype": dtype, "batch_size": bs,
@@ -81,7 +85,6 @@ def main() -> None:
             rows[-1][6:] = [f"{p50:.0f}", f"{p95:.0f}", f"{rss:.0f}"]
             payload["results"].append({"model": model, "dtype": dtype, "single_query_ms_p50": p50,
                                        "single_query_ms_p95": p95, "peak_rss_mb_so_far": rss, "layer": layer})
-            del extractor
     md = (f"Extraction on {machine()}; {args.n} MMLU prompts (mean ~140 tokens), read-out at the middle layer.\n\n"
           + md_table(["model", "dtype", "batch", "early exit prompts/s", "full pass prompts/s", "speed-up",
                       "1-query p50 ms", "1-query p95 ms", "peak RSS MB (process, so far)"], rows)

@@ -55,9 +55,10 @@ def test_early_exit_equals_full_forward(any_dtype_extractor, layer):
     reference = full_pass_hidden(extractor, ids[0])[layer]
     got = extractor.extract([QUERIES[1]], layers=[layer], pooling="both").features[0]
     assert_same_readout(got, np.concatenate([reference[-1], reference.mean(0)]), extractor)
-    if extractor.dtype == torch.float32:  # one prompt, no padding: float32 is exact to rounding
+    if extractor.dtype == torch.float32:  # one prompt, no padding: float32 is exact to rounding (the cached
+        # template prefix runs as its own matmul, so sums split differently: measured <= 1.5e-6 x the largest entry)
         last, mean = got[: extractor.hidden_size], got[extractor.hidden_size :]
-        np.testing.assert_allclose(last, reference[-1], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(last, reference[-1], rtol=1e-5, atol=4e-6 * np.abs(reference[-1]).max())
         np.testing.assert_allclose(mean, reference.mean(0), rtol=1e-5, atol=1e-4)
 
 

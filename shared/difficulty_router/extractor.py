@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +22,20 @@ from tqdm.auto import tqdm
 
 from .feature_cache import FeatureCache
 from .model_store import DEFAULT_MODEL, ModelSource, fingerprint, load_model_and_tokenizer, resolve
-from .queries import Conversation, to_conversations
+from .numerics import (  # noqa: F401
+    DTYPE_ENV,
+    FEATURE_RTOL,
+    INT8_SCHEME,
+    cpu_has_bf16,
+    dtype_name,
+    match_threads,
+    pick_dtype,
+    quantise_int8,
+    weights_dtype,
+)
+from .prefix_kv import PrefixState, compute_prefix
+from .prompting import PromptTokenizer
+from .queries import to_conversations
 
 logger = logging.getLogger(__name__)
 
@@ -135,15 +149,6 @@ class _StopForward(Exception):
     """Raised from a hook once the deepest requested block has run."""
 
 
-#: What the extractor promises about one query's read-out computed twice, alone or batched beside
-#: other prompts (left padding changes the kernels' shapes and summation order): the relative L2 error
-#: ``|a - b| / |b|`` of each (layer, pooling) block stays below this. Measured on SmolLM2-135M: at most
-#: 1.0e-6 in float32 and 1.1e-2 in bfloat16 (native or emulated); cosine similarity >= 0.9999 in both.
-#: Probabilities then agree to about ``1e-6`` (float32) and ``1e-2`` (bfloat16), so ``route`` and
-#: ``route_batch`` can only disagree on a query whose decision margin is within that.
-FEATURE_RTOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 3e-2}
-
-
 def relative_block_error(a: np.ndarray, b: np.ndarray, hidden_size: int) -> np.ndarray:
     """Per row and per ``hidden_size`` block: ``|a - b| / |b|`` (the measure ``FEATURE_RTOL`` bounds)."""
     a = np.asarray(a, dtype=np.float64).reshape(len(a), -1, hidden_size)
@@ -161,44 +166,9 @@ def _pick_device(device: str) -> torch.device:
     return torch.device("cpu")
 
 
-def _cpu_has_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = fh.read()
-    except OSError:
-        return False
-    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
-
-
-DTYPE_ENV = "DIFFICULTY_ROUTER_DTYPE"
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
-
-
-def _pick_dtype(dtype: Any, device: torch.device) -> torch.dtype:
-    """An explicit dtype wins; ``"auto"`` takes $DIFFICULTY_ROUTER_DTYPE if set, else the device's fast path.
-
-    The variable lets a deployment (or a test run) pin one numeric path for every extractor a
-    process builds, the server's and the CLI's included, e.g. bf16 on a CPU without native bf16
-    to reproduce what a machine with AMX computes.
-    """
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        forced = os.environ.get(DTYPE_ENV, "").strip().lower()
-        if forced and forced != "auto":
-            if forced not in _DTYPES:
-                raise ValueError(f"${DTYPE_ENV}={forced!r} is not a dtype; expected 'auto', 'float32', "
-                                 "'bfloat16' or 'float16'")
-            return _DTYPES[forced]
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if device.type == "cpu" and _cpu_has_bf16():
-            return torch.bfloat16
-        return torch.float32
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected 'auto', 'float32', 'bfloat16' or 'float16'")
-    return _DTYPES[dtype]
+# Kept under their old names: callers and tests import them from here.
+_cpu_has_bf16 = cpu_has_bf16
+_pick_dtype = pick_dtype
 
 
 def _decoder_layers(model) -> torch.nn.ModuleList:
@@ -221,11 +191,19 @@ class ActivationExtractor:
         layers: default read-out layers (ints index ``hidden_states``; floats are depth fractions).
         pooling: ``"last"`` (end-of-prompt token), ``"mean"`` (masked mean) or ``"both"``.
         device: ``"auto"`` picks cuda, then mps, then cpu.
-        dtype: ``"auto"`` is $DIFFICULTY_ROUTER_DTYPE when set, else bf16 on GPUs and on CPUs with
-            native bf16 (AVX512-BF16 or AMX), float32 otherwise. Features agree across dtypes and
-            batch compositions only to the dtype's precision: see ``FEATURE_RTOL``.
+        dtype: ``"float32"``, ``"bfloat16"``, ``"float16"``, ``"int8"`` (CPU dynamic quantisation of the
+            decoder blocks' linear layers) or ``"auto"``: $DIFFICULTY_ROUTER_DTYPE when set, else bf16 on
+            GPUs and on CPUs with native bf16 (AVX512-BF16 or AMX), int8 on other CPUs with int8 dot
+            products for models whose int8 routing quality was checked (``numerics.INT8_ACCEPTED``),
+            float32 otherwise. Features agree across dtypes and batch compositions only to the dtype's
+            precision: see ``FEATURE_RTOL``.
         max_tokens: longer prompts keep their last ``max_tokens`` tokens (the question sits at the end).
-        batch_size, max_batch_tokens: bounds of one forward pass (queries, and padded tokens).
+        batch_size, max_batch_tokens: bounds of one forward pass (queries, and padded tokens: this bounds
+            the activations' memory).
+        max_padding: the largest share of a batch's tokens that may be padding; prompts are sorted by
+            length and a batch is closed before it would pad more.
+        prefix_cache: reuse the chat template's fixed prefix (keys, values, hidden-state sums), computed once.
+        threads: torch's compute threads; by default no more than the cores this process may use.
         feature_cache: a directory or FeatureCache that memoises rows across runs.
     """
 
@@ -240,25 +218,34 @@ class ActivationExtractor:
         dtype: Any = "auto",
         max_tokens: int = 2048,
         batch_size: int = 16,
-        max_batch_tokens: int = 16384,
+        max_batch_tokens: int = 4096,
+        max_padding: float = 0.125,
+        prefix_cache: bool = True,
+        threads: int | None = None,
         feature_cache: FeatureCache | str | None = None,
     ) -> None:
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if not 0.0 <= max_padding < 1.0:
+            raise ValueError(f"max_padding must lie in [0, 1), got {max_padding!r}")
         self.source: ModelSource = resolve(model, gguf_file)
         self.device = _pick_device(device)
-        self.dtype = _pick_dtype(dtype, self.device)
-        self.max_tokens = max_tokens
+        self.dtype = pick_dtype(dtype, self.device, self.source.model_id)
+        self.threads = match_threads(threads) if self.device.type == "cpu" else None
         self.batch_size = batch_size
-        self.max_batch_tokens = max(max_batch_tokens, max_tokens)
-        self.model, self.tokenizer = load_model_and_tokenizer(self.source, self.dtype, self.device)
+        self.max_batch_tokens = max_batch_tokens
+        self.max_padding = max_padding
+        self.model, tokenizer = load_model_and_tokenizer(self.source, weights_dtype(self.dtype), self.device)
         self.model_hash = fingerprint(self.source)
         self.n_layers = int(self.model.config.num_hidden_layers)
         self.hidden_size = int(self.model.config.hidden_size)
         self._blocks = _decoder_layers(self.model)
+        if self.dtype == torch.qint8:
+            quantise_int8(self._blocks)
         self._base = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
+        self.prompts = PromptTokenizer(tokenizer, max_tokens)
         self.layers = normalise_layers(layers, self.n_layers)
         self.pooling = normalise_pooling(pooling)
         if isinstance(feature_cache, (str, os.PathLike)):
@@ -266,6 +253,21 @@ class ActivationExtractor:
         self.feature_cache = feature_cache
         # Read-outs are captured by hooks on the shared model: concurrent forwards would see each other's.
         self._forward_lock = threading.Lock()
+        self.prefix_cache = prefix_cache
+        self.prefix: PrefixState | None = None
+        self._prefix_for(max(self.layers))
+
+    @property
+    def tokenizer(self):
+        return self.prompts.tokenizer
+
+    @property
+    def max_tokens(self) -> int:
+        return self.prompts.max_tokens
+
+    @max_tokens.setter
+    def max_tokens(self, value: int) -> None:
+        self.prompts.max_tokens = value
 
     @property
     def model_id(self) -> str:
@@ -274,11 +276,13 @@ class ActivationExtractor:
     @property
     def _cache_key(self) -> str:
         """What cached rows are filed under: the weights, and the numeric path unless it is float32
-        (bf16 rows differ from float32 ones by 1-2%, so one must never be served for the other;
+        (bf16 and int8 rows differ from float32 ones by 1-3%, so one must never be served for another;
         float32 keeps the plain weight hash, so caches written before this distinction stay valid)."""
         if self.dtype == torch.float32:
             return self.model_hash
-        return f"{self.model_hash}|{str(self.dtype).removeprefix('torch.')}"
+        if self.dtype == torch.qint8:
+            return f"{self.model_hash}|int8:{INT8_SCHEME}"
+        return f"{self.model_hash}|{dtype_name(self.dtype)}"
 
     def describe(self) -> dict:
         """What a saved router records to recognise this extractor later."""
@@ -293,30 +297,11 @@ class ActivationExtractor:
     # -- prompt rendering -------------------------------------------------------------
     def render(self, query: Any) -> str:
         """The exact text the model reads: chat template plus generation prompt."""
-        return self._render(to_conversations([query])[0])
-
-    def _render(self, conversation: Conversation) -> str:
-        if getattr(self.tokenizer, "chat_template", None):
-            try:
-                return self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-            except Exception:  # templates that reject tool/developer roles: map them to ones they know
-                mapped = [
-                    {"role": {"tool": "user", "function": "user", "developer": "system"}.get(m["role"], m["role"]),
-                     "content": m["content"] if m["role"] not in ("tool", "function") else f"Tool result:\n{m['content']}"}
-                    for m in conversation
-                ]
-                return self.tokenizer.apply_chat_template(mapped, add_generation_prompt=True, tokenize=False)
-        return "".join(f"{m['role']}: {m['content']}\n" for m in conversation) + "assistant:"
+        return self.prompts.render(to_conversations([query])[0])
 
     def tokenize(self, queries: Sequence[Any]) -> tuple[list[list[int]], np.ndarray]:
         """Token ids per query (left-truncated to max_tokens) and whether each was truncated."""
-        conversations = to_conversations(queries)
-        texts = [self._render(c) for c in conversations]
-        templated = bool(getattr(self.tokenizer, "chat_template", None))
-        ids = self.tokenizer(texts, add_special_tokens=not templated)["input_ids"]
-        truncated = np.array([len(x) > self.max_tokens for x in ids], dtype=bool)
-        ids = [list(x[-self.max_tokens :]) for x in ids]
-        return ids, truncated
+        return self.prompts.tokenize(queries)
 
     # -- extraction -------------------------------------------------------------------
     def extract(
@@ -331,6 +316,8 @@ class ActivationExtractor:
         layer_idx = self.layers if layers is None else normalise_layers(layers, self.n_layers)
         pools = self.pooling if pooling is None else normalise_pooling(pooling)
         ids, truncated = self.tokenize(queries)
+        with self._forward_lock:
+            self._prefix_for(max(layer_idx))
         n = len(ids)
         width = len(layer_idx) * len(pools) * self.hidden_size
         features = np.empty((n, width), dtype=np.float32)
@@ -346,11 +333,9 @@ class ActivationExtractor:
                     features[i] = row
         if progress is None:
             progress = len(todo) > 4 * self.batch_size
-        order = sorted(todo, key=lambda i: -len(ids[i]))
-        batches = self._batches(order, ids)
-        with tqdm(total=len(order), disable=not progress, desc="extracting", unit="query") as bar:
-            for batch in batches:
-                features[batch] = self._forward([ids[i] for i in batch], layer_idx, pools)
+        with tqdm(total=len(todo), disable=not progress, desc="extracting", unit="query") as bar:
+            for batch, prefixed in self._batches(todo, ids):
+                features[batch] = self._forward([ids[i] for i in batch], layer_idx, pools, prefixed)
                 if cache is not None:
                     for i in batch:
                         cache.store(self._cache_key, layer_idx, pools, ids[i], features[i], self.hidden_size)
@@ -371,37 +356,82 @@ class ActivationExtractor:
 
     __call__ = extract
 
-    def _batches(self, order: list[int], ids: list[list[int]]) -> list[list[int]]:
-        """Consecutive runs of length-sorted queries, bounded by count and padded tokens."""
-        batches: list[list[int]] = []
-        current: list[int] = []
-        for i in order:
-            longest = len(ids[current[0]]) if current else len(ids[i])
-            if current and (len(current) >= self.batch_size or longest * (len(current) + 1) > self.max_batch_tokens):
-                batches.append(current)
-                current = []
-            current.append(i)
-        if current:
-            batches.append(current)
-        return batches
-
-    def _forward(self, batch_ids: list[list[int]], layer_idx: tuple[int, ...], pools: tuple[str, ...]) -> np.ndarray:
+    def readout_latency_ms(self, queries: Sequence[Any], layer: int) -> float:
+        """Median wall time (ms) of one query's forward up to ``layer``, one at a time, feature cache bypassed:
+        what routing a query costs on this machine with this read-out (tokenising excluded, ~1%)."""
+        layer_idx = normalise_layers(layer, self.n_layers)
+        ids, _ = self.tokenize(queries)
         with self._forward_lock:
-            return self._forward_locked(batch_ids, layer_idx, pools)
+            self._prefix_for(max(layer_idx))
+        times = []
+        for x in [ids[0], *ids]:  # the first run warms up
+            start = time.perf_counter()
+            self._forward([x], layer_idx, ("last",), self._uses_prefix(x))
+            times.append((time.perf_counter() - start) * 1000)
+        return float(np.median(times[1:]))
+
+    def _prefix_for(self, deepest: int) -> None:
+        """Have the cached prefix cover blocks up to ``deepest`` (computed at most once per depth)."""
+        if self.prefix_cache and (self.prefix is None or len(self.prefix.hidden_sum) <= deepest):
+            self.prefix = compute_prefix(self._base, self._blocks, self.model.config, self.prompts.prefix_ids,
+                                         max(deepest, 1), self.device)
+
+    def _uses_prefix(self, x: list[int]) -> bool:
+        p = self.prefix
+        return p is not None and len(x) > len(p) and tuple(x[: len(p)]) == p.ids
+
+    def _batches(self, todo: list[int], ids: list[list[int]]) -> list[tuple[list[int], bool]]:
+        """Length buckets: prompts sorted by the tokens they run, cut into batches bounded by count,
+        padded tokens and padding share; prompts that reuse the cached prefix batch apart from the rest."""
+        out: list[tuple[list[int], bool]] = []
+        for prefixed in (True, False):
+            skip = len(self.prefix) if prefixed and self.prefix is not None else 0
+            group = [i for i in todo if self._uses_prefix(ids[i]) == prefixed]
+            group.sort(key=lambda i: -len(ids[i]))
+            current: list[int] = []
+            real = 0
+            for i in group:
+                length = len(ids[i]) - skip
+                if current:
+                    longest = len(ids[current[0]]) - skip
+                    padded = longest * (len(current) + 1)
+                    if (len(current) >= self.batch_size or padded > self.max_batch_tokens
+                            or padded - real - length > self.max_padding * padded):
+                        out.append((current, prefixed))
+                        current, real = [], 0
+                current.append(i)
+                real += length
+            if current:
+                out.append((current, prefixed))
+        return out
+
+    def _forward(self, batch_ids: list[list[int]], layer_idx: tuple[int, ...], pools: tuple[str, ...],
+                 prefixed: bool = False) -> np.ndarray:
+        with self._forward_lock:
+            return self._forward_locked(batch_ids, layer_idx, pools, prefixed)
 
     @torch.inference_mode()
-    def _forward_locked(self, batch_ids: list[list[int]], layer_idx: tuple[int, ...], pools: tuple[str, ...]) -> np.ndarray:
-        longest = max(len(x) for x in batch_ids)
+    def _forward_locked(self, batch_ids: list[list[int]], layer_idx: tuple[int, ...], pools: tuple[str, ...],
+                        prefixed: bool) -> np.ndarray:
+        prefix = self.prefix if prefixed else None
+        skip = len(prefix) if prefix is not None else 0
+        rows = [x[skip:] for x in batch_ids]
+        longest = max(len(x) for x in rows)
         pad_id = self.tokenizer.pad_token_id
         if pad_id is None:
             pad_id = self.tokenizer.eos_token_id or 0
-        input_ids = torch.full((len(batch_ids), longest), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch_ids), longest), dtype=torch.long)
-        for row, x in enumerate(batch_ids):  # left padding: every prompt ends at the last column
-            input_ids[row, longest - len(x) :] = torch.tensor(x, dtype=torch.long)
-            mask[row, longest - len(x) :] = 1
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        input_ids, mask, position_ids = (t.to(self.device) for t in (input_ids, mask, position_ids))
+        input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        for row, x in enumerate(rows):  # left padding: every prompt ends at the last column
+            input_ids[row, longest - len(x):] = torch.tensor(x, dtype=torch.long)
+            mask[row, longest - len(x):] = 1
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0) + skip
+        kwargs: dict[str, Any] = {}
+        full_mask = mask
+        if prefix is not None:  # [prefix][padding][suffix]: the mask hides the padding between them
+            full_mask = torch.cat([torch.ones((len(rows), skip), dtype=torch.long), mask], dim=1)
+            kwargs[prefix.cache_kwarg(self._base)] = prefix.cache_for(len(rows), self.model.config)
+        input_ids, full_mask, position_ids = (t.to(self.device) for t in (input_ids, full_mask, position_ids))
 
         captured: dict[int, torch.Tensor] = {}
         deepest = max(layer_idx)
@@ -419,17 +449,19 @@ class ActivationExtractor:
             module = self._base.embed_tokens if index == 0 else self._blocks[index - 1]
             hooks.append(module.register_forward_hook(keep(index, stop=index == deepest)))
         try:
-            self._base(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+            self._base(input_ids=input_ids, attention_mask=full_mask, position_ids=position_ids,
+                       use_cache=prefix is not None, **kwargs)
         except _StopForward:
             pass
         finally:
             for hook in hooks:
                 hook.remove()
 
-        maskf = mask.unsqueeze(-1).to(torch.float32)
+        maskf = mask.to(self.device).unsqueeze(-1).to(torch.float32)
+        counts = maskf.sum(1) + skip
         blocks = []
         for index in layer_idx:
-            hidden = captured[index]
+            hidden = captured.pop(index)
             if index == self.n_layers and hasattr(self._base, "norm"):
                 hidden = self._base.norm(hidden)  # hidden_states[-1] is post final-norm in transformers
             hidden = hidden.to(torch.float32)
@@ -437,6 +469,9 @@ class ActivationExtractor:
                 if pool == "last":
                     blocks.append(hidden[:, -1, :])
                 else:
-                    summed = torch.where(maskf.bool(), hidden, torch.zeros_like(hidden)).sum(1)
-                    blocks.append(summed / maskf.sum(1))
+                    summed = (hidden * maskf).sum(1)
+                    if prefix is not None:
+                        summed = summed + prefix.hidden_sum[index].to(summed.device)
+                    blocks.append(summed / counts)
+            del hidden
         return torch.cat(blocks, dim=1).cpu().numpy()

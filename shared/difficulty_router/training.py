@@ -14,9 +14,10 @@ from .extractor import ActivationExtractor, normalise_layers, normalise_pooling
 from .families import FAMILIES, fit_families
 from .metrics import apgr_cpt
 from .novelty import NoveltyScore
+from .numerics import dtype_name
 from .policies import Policy, dominated, fit_margin, pick_operating_point, sweep
 from .pool import ModelPool
-from .probes import DifficultyProbe, readout_score
+from .probes import DifficultyProbe, _auroc, bootstrap_mean_auroc, readout_oof
 from .queries import conversation_text
 from .router import DifficultyRouter, realised_costs
 
@@ -25,6 +26,7 @@ logger = logging.getLogger(__name__)
 # Middle layers first: the papers find success is most linearly readable around mid-depth.
 DEFAULT_CANDIDATE_LAYERS = (0.5, 0.4, 0.6, 0.3, 0.7)
 READOUT_POOLINGS = (("last",), ("mean",), ("last", "mean"))
+LATENCY_QUERIES = 5  # training prompts timed one at a time to record a read-out's cost
 
 
 def _sweep_models(scores: np.ndarray, limit: int = 8) -> list[int]:
@@ -34,25 +36,74 @@ def _sweep_models(scores: np.ndarray, limit: int = 8) -> list[int]:
 
 
 def select_readout(extraction, scores: np.ndarray, poolings=READOUT_POOLINGS, seed: int = 0,
-                   progress: bool = False) -> tuple[tuple[int, ...], tuple[str, ...], list[dict]]:
-    """Cross-validated AUROC of a quick probe for each (layer, pooling); returns the best and the table."""
+                   progress: bool = False, prefer_shallow: bool = True, latency_ms: dict[int, float] | None = None,
+                   max_readout_ms: float | None = None, resamples: int = 200,
+                   ) -> tuple[tuple[int, ...], tuple[str, ...], list[dict], dict]:
+    """Cross-validated AUROC of a quick probe for each (layer, pooling); returns the choice, the table and why.
+
+    A read-out's cost grows with its depth (every block below it runs per query), so with
+    ``prefer_shallow`` the choice is the shallowest layer with a candidate whose AUROC is within the
+    best's 95% interval: the paired bootstrap interval (over rows, same folds) of its difference
+    to the best contains 0. At that layer the best pooling wins (poolings cost the same).
+    ``max_readout_ms`` drops layers whose measured single-query latency (``latency_ms``) exceeds it;
+    if none fits, the fastest measured layer is kept and the record says the cap was not met.
+    """
     cols = _sweep_models(scores)
-    table = []
+    table, oofs = [], []
     candidates = [(layer, pools) for layer in extraction.layers for pools in poolings]
     for layer, pools in tqdm(candidates, disable=not progress or len(candidates) == 1, desc="read-out sweep",
                              unit="candidate"):
-        score = readout_score(extraction.select(layers=[layer], pooling=pools).features, scores[:, cols], seed=seed) \
-            if len(candidates) > 1 else float("nan")
+        if len(candidates) > 1:
+            oof, hard = readout_oof(extraction.select(layers=[layer], pooling=pools).features, scores[:, cols], seed=seed)
+            aucs = [_auroc(hard[:, j], oof[:, j]) for j in range(hard.shape[1])]
+            score = float(np.mean(aucs)) if aucs else float("nan")
+        else:
+            oof = hard = None
+            score = float("nan")
+        oofs.append((oof, hard))
         table.append({"layer": layer, "pooling": "+".join(pools), "cv_auroc": score})
-    best = max(table, key=lambda row: np.nan_to_num(row["cv_auroc"], nan=-1.0))
-    return (best["layer"],), tuple(best["pooling"].split("+")), table
+    best_i = max(range(len(table)), key=lambda i: np.nan_to_num(table[i]["cv_auroc"], nan=-1.0))
+    best = table[best_i]
+    choice = {"rule": "best cv_auroc", "best": {"layer": best["layer"], "pooling": best["pooling"]},
+              "max_readout_ms": max_readout_ms}
+    usable = list(range(len(table)))
+    if len(candidates) > 1 and (prefer_shallow or max_readout_ms is not None) and oofs[best_i][1].shape[1]:
+        n = len(oofs[best_i][0])
+        draws = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+        base = bootstrap_mean_auroc(*oofs[best_i], draws)
+        for i, row in enumerate(table):
+            diff = bootstrap_mean_auroc(*oofs[i], draws) - base
+            lo, hi = np.nanpercentile(diff, [2.5, 97.5])
+            row["diff_to_best_ci"] = [float(lo), float(hi)]
+            row["within_best_interval"] = bool(hi >= 0)
+        if prefer_shallow:
+            usable = [i for i in usable if table[i]["within_best_interval"]]
+            choice["rule"] = "shallowest layer within the best's 95% interval"
+        if max_readout_ms is not None and latency_ms:
+            fits = [i for i in usable if latency_ms.get(table[i]["layer"], np.inf) <= max_readout_ms]
+            if fits:
+                usable = fits
+                choice["rule"] += f", at most {max_readout_ms} ms"
+            else:
+                fastest = min(latency_ms, key=latency_ms.get)
+                usable = [i for i in range(len(table)) if table[i]["layer"] == fastest]
+                choice["rule"] += f"; no layer met {max_readout_ms} ms, the fastest measured kept"
+                choice["cap_met"] = False
+    if prefer_shallow:
+        shallowest = min(table[i]["layer"] for i in usable)
+        usable = [i for i in usable if table[i]["layer"] == shallowest]
+    pick = max(usable, key=lambda i: np.nan_to_num(table[i]["cv_auroc"], nan=-1.0))
+    chosen = table[pick]
+    choice["chosen"] = {"layer": chosen["layer"], "pooling": chosen["pooling"], "cv_auroc": chosen["cv_auroc"]}
+    return (chosen["layer"],), tuple(chosen["pooling"].split("+")), table, choice
 
 
 def train_router(outcomes: Outcomes, pool: ModelPool, extractor: ActivationExtractor | None = None, *,
                  layers: Sequence[Any] | None = None, pooling: str | Sequence[str] | None = None,
                  policy: str = "utility", cv: int = 5, n_components: int | None = None,
                  max_accuracy_drop: float = 0.01, seed: int = 0, progress: bool = True,
-                 families: Sequence[str] = FAMILIES, keep_models: Sequence[str] = ()) -> DifficultyRouter:
+                 families: Sequence[str] = FAMILIES, keep_models: Sequence[str] = (), prefer_shallow: bool = True,
+                 max_readout_ms: float | None = None) -> DifficultyRouter:
     """Train per-model success probes on ``outcomes`` and return a router ready to ``route``.
 
     With ``layers``/``pooling`` left as None the read-out is chosen by cross-validated AUROC
@@ -63,6 +114,11 @@ def train_router(outcomes: Outcomes, pool: ModelPool, extractor: ActivationExtra
     on the same folds (APGR for two models, frontier AUC otherwise): ``activation`` (the
     read-out probe), ``lexical`` (tf-idf n-grams) and ``stacked`` (both plus prompt length).
     The best is kept and the table goes into ``router.info["families"]``.
+
+    The read-out sweep prefers the shallowest layer whose AUROC is within the best's 95% interval
+    (``prefer_shallow``; cost is proportional to depth) and, with ``max_readout_ms``, only layers whose
+    measured single-query latency on this machine fits; ``router.info["readout_choice"]`` records the
+    rule, the best and chosen read-outs and the chosen one's measured latency.
 
     Models another pool model beats on both training accuracy and mean cost are dropped from
     routing (kept as a last resort) unless named in ``keep_models``. The utility policy's
@@ -84,11 +140,20 @@ def train_router(outcomes: Outcomes, pool: ModelPool, extractor: ActivationExtra
     if layers is not None and pooling is not None:  # a fixed read-out: every given layer, concatenated
         extraction = extractor.extract(outcomes.queries, layers=candidate_layers, pooling=pooling, progress=progress)
         chosen_layers, chosen_pooling, sweep_table = extraction.layers, extraction.pooling, []
+        choice = {"rule": "fixed by the caller"}
     else:  # sweep one layer at a time, with the given pooling or all three
         poolings = READOUT_POOLINGS if pooling is None else (normalise_pooling(pooling),)
         extraction = extractor.extract(outcomes.queries, layers=candidate_layers, pooling="both", progress=progress)
-        chosen_layers, chosen_pooling, sweep_table = select_readout(extraction, outcomes.scores, poolings, seed, progress)
+        latency = ({layer: extractor.readout_latency_ms(outcomes.queries[:LATENCY_QUERIES], layer)
+                    for layer in candidate_layers} if max_readout_ms is not None else None)
+        chosen_layers, chosen_pooling, sweep_table, choice = select_readout(
+            extraction, outcomes.scores, poolings, seed, progress, prefer_shallow=prefer_shallow,
+            latency_ms=latency, max_readout_ms=max_readout_ms)
         extraction = extraction.select(layers=chosen_layers, pooling=chosen_pooling)
+    deepest = max(chosen_layers)
+    choice["latency_ms_p50"] = extractor.readout_latency_ms(outcomes.queries[:LATENCY_QUERIES], deepest)
+    choice["relative_cost"] = deepest / extractor.n_layers  # blocks run per query, as a share of the model
+    choice["measured_on"] = f"{extractor.device.type}, {dtype_name(extractor.dtype)}, {extractor.threads} threads"
     texts = [conversation_text(c) for c in outcomes.queries]
     costs = pool.costs([len(t) for t in texts])
     capability = outcomes.scores.mean(axis=0)
@@ -129,6 +194,7 @@ def train_router(outcomes: Outcomes, pool: ModelPool, extractor: ActivationExtra
         "training": outcomes.summary(),
         "readout_sweep": sweep_table,
         "readout": {"layers": list(chosen_layers), "pooling": list(chosen_pooling)},
+        "readout_choice": choice,
         "family": family,
         "families": fit.table,
         "lexical_candidates": fit.lexical.candidate_scores_ if fit.lexical is not None else [],
