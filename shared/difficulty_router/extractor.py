@@ -74,15 +74,14 @@ def normalise_layers(layers: Any, n_layers: int) -> tuple[int, ...]:
         if isinstance(spec, (float, np.floating)) and not float(spec).is_integer():
             if not 0.0 < spec < 1.0:
                 raise ValueError(f"layer fraction {spec} must lie strictly between 0 and 1")
-            index = int(round(spec * n_layers))
+            index = round(spec * n_layers)
         else:
             index = int(spec)
             if index < 0:
                 index += n_layers + 1
         if not 0 <= index <= n_layers:
             raise ValueError(
-                f"layer {spec} is out of range: this model has hidden states 0..{n_layers} "
-                f"(or -{n_layers + 1}..-1)"
+                f"layer {spec} is out of range: this model has hidden states 0..{n_layers} (or -{n_layers + 1}..-1)"
             )
         out.append(index)
     return tuple(dict.fromkeys(out))
@@ -120,9 +119,13 @@ class Extraction:
     def any_truncated(self) -> bool:
         return bool(self.truncated.any())
 
-    def select(self, layers: Sequence[int] | int | None = None, pooling: str | Sequence[str] | None = None) -> Extraction:
+    def select(
+        self, layers: Sequence[int] | int | None = None, pooling: str | Sequence[str] | None = None
+    ) -> Extraction:
         """Slice out some of the extracted layers/poolings without another forward pass."""
-        layers = self.layers if layers is None else ((layers,) if isinstance(layers, (int, np.integer)) else tuple(layers))
+        layers = (
+            self.layers if layers is None else ((layers,) if isinstance(layers, (int, np.integer)) else tuple(layers))
+        )
         pooling = self.pooling if pooling is None else normalise_pooling(pooling)
         blocks = []
         for layer in layers:
@@ -341,8 +344,12 @@ class ActivationExtractor:
                         cache.store(self._cache_key, layer_idx, pools, ids[i], features[i], self.hidden_size)
                 bar.update(len(batch))
         if truncated.any():
-            logger.info("%d of %d prompts were longer than %d tokens and kept their last tokens",
-                        int(truncated.sum()), n, self.max_tokens)
+            logger.info(
+                "%d of %d prompts were longer than %d tokens and kept their last tokens",
+                int(truncated.sum()),
+                n,
+                self.max_tokens,
+            )
         return Extraction(
             features=features,
             layers=layer_idx,
@@ -373,8 +380,9 @@ class ActivationExtractor:
     def _prefix_for(self, deepest: int) -> None:
         """Have the cached prefix cover blocks up to ``deepest`` (computed at most once per depth)."""
         if self.prefix_cache and (self.prefix is None or len(self.prefix.hidden_sum) <= deepest):
-            self.prefix = compute_prefix(self._base, self._blocks, self.model.config, self.prompts.prefix_ids,
-                                         max(deepest, 1), self.device)
+            self.prefix = compute_prefix(
+                self._base, self._blocks, self.model.config, self.prompts.prefix_ids, max(deepest, 1), self.device
+            )
 
     def _uses_prefix(self, x: list[int]) -> bool:
         p = self.prefix
@@ -395,8 +403,11 @@ class ActivationExtractor:
                 if current:
                     longest = len(ids[current[0]]) - skip
                     padded = longest * (len(current) + 1)
-                    if (len(current) >= self.batch_size or padded > self.max_batch_tokens
-                            or padded - real - length > self.max_padding * padded):
+                    if (
+                        len(current) >= self.batch_size
+                        or padded > self.max_batch_tokens
+                        or padded - real - length > self.max_padding * padded
+                    ):
                         out.append((current, prefixed))
                         current, real = [], 0
                 current.append(i)
@@ -405,14 +416,16 @@ class ActivationExtractor:
                 out.append((current, prefixed))
         return out
 
-    def _forward(self, batch_ids: list[list[int]], layer_idx: tuple[int, ...], pools: tuple[str, ...],
-                 prefixed: bool = False) -> np.ndarray:
+    def _forward(
+        self, batch_ids: list[list[int]], layer_idx: tuple[int, ...], pools: tuple[str, ...], prefixed: bool = False
+    ) -> np.ndarray:
         with self._forward_lock:
             return self._forward_locked(batch_ids, layer_idx, pools, prefixed)
 
     @torch.inference_mode()
-    def _forward_locked(self, batch_ids: list[list[int]], layer_idx: tuple[int, ...], pools: tuple[str, ...],
-                        prefixed: bool) -> np.ndarray:
+    def _forward_locked(
+        self, batch_ids: list[list[int]], layer_idx: tuple[int, ...], pools: tuple[str, ...], prefixed: bool
+    ) -> np.ndarray:
         prefix = self.prefix if prefixed else None
         skip = len(prefix) if prefix is not None else 0
         rows = [x[skip:] for x in batch_ids]
@@ -423,8 +436,8 @@ class ActivationExtractor:
         input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), longest), dtype=torch.long)
         for row, x in enumerate(rows):  # left padding: every prompt ends at the last column
-            input_ids[row, longest - len(x):] = torch.tensor(x, dtype=torch.long)
-            mask[row, longest - len(x):] = 1
+            input_ids[row, longest - len(x) :] = torch.tensor(x, dtype=torch.long)
+            mask[row, longest - len(x) :] = 1
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0) + skip
         kwargs: dict[str, Any] = {}
         full_mask = mask
@@ -449,8 +462,13 @@ class ActivationExtractor:
             module = self._base.embed_tokens if index == 0 else self._blocks[index - 1]
             hooks.append(module.register_forward_hook(keep(index, stop=index == deepest)))
         try:
-            self._base(input_ids=input_ids, attention_mask=full_mask, position_ids=position_ids,
-                       use_cache=prefix is not None, **kwargs)
+            self._base(
+                input_ids=input_ids,
+                attention_mask=full_mask,
+                position_ids=position_ids,
+                use_cache=prefix is not None,
+                **kwargs,
+            )
         except _StopForward:
             pass
         finally:

@@ -21,8 +21,16 @@ from typing import Any
 import torch
 
 DTYPE_ENV = "DIFFICULTY_ROUTER_DTYPE"
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16, "int8": torch.qint8, "qint8": torch.qint8}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "int8": torch.qint8,
+    "qint8": torch.qint8,
+}
 
 #: What the extractor promises about one query's read-out computed twice, alone or batched beside
 #: other prompts (left padding changes the kernels' shapes and summation order; int8 also quantises
@@ -80,7 +88,9 @@ def cpu_has_int8_dot() -> bool:
 
 
 def int8_supported() -> bool:
-    return "x86" in torch.backends.quantized.supported_engines or "qnnpack" in torch.backends.quantized.supported_engines
+    return (
+        "x86" in torch.backends.quantized.supported_engines or "qnnpack" in torch.backends.quantized.supported_engines
+    )
 
 
 def pick_dtype(dtype: Any, device: torch.device, model_id: str = "") -> torch.dtype:
@@ -96,8 +106,10 @@ def pick_dtype(dtype: Any, device: torch.device, model_id: str = "") -> torch.dt
         forced = os.environ.get(DTYPE_ENV, "").strip().lower()
         if forced and forced != "auto":
             if forced not in _DTYPES:
-                raise ValueError(f"${DTYPE_ENV}={forced!r} is not a dtype; expected 'auto', 'float32', "
-                                 "'bfloat16', 'float16' or 'int8'")
+                raise ValueError(
+                    f"${DTYPE_ENV}={forced!r} is not a dtype; expected 'auto', 'float32', "
+                    "'bfloat16', 'float16' or 'int8'"
+                )
             return _checked(_DTYPES[forced], device)
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -137,8 +149,9 @@ def quantise_int8(blocks: torch.nn.ModuleList, keep_float: tuple[str, ...] = INT
             for parent in list(block.modules()):
                 for name, child in list(parent.named_children()):
                     if isinstance(child, torch.nn.Linear) and name not in keep_float:
-                        wrapped = quantize_dynamic(torch.nn.Sequential(child),
-                                                   {torch.nn.Linear: per_channel_dynamic_qconfig})
+                        wrapped = quantize_dynamic(
+                            torch.nn.Sequential(child), {torch.nn.Linear: per_channel_dynamic_qconfig}
+                        )
                         setattr(parent, name, wrapped[0])
 
 

@@ -64,8 +64,11 @@ def compute_prefix(base, blocks, config, ids: tuple[int, ...], depth: int, devic
     hooks = [m.register_forward_hook(keep(i)) for i, m in enumerate(modules)]
     cache = DynamicCache(config=config)
     try:
-        base(input_ids=torch.tensor([list(ids)], dtype=torch.long, device=device), use_cache=True,
-             **{PrefixState.cache_kwarg(base): cache})
+        base(
+            input_ids=torch.tensor([list(ids)], dtype=torch.long, device=device),
+            use_cache=True,
+            **{PrefixState.cache_kwarg(base): cache},
+        )
     except Stop:
         pass
     finally:
@@ -73,5 +76,5 @@ def compute_prefix(base, blocks, config, ids: tuple[int, ...], depth: int, devic
             h.remove()
     if depth == len(blocks) and hasattr(base, "norm"):
         hidden[depth] = base.norm(hidden[depth])  # hidden_states[-1] is post final-norm
-    kv = tuple((layer.keys.clone(), layer.values.clone()) for layer in cache.layers[:depth])
+    kv = tuple((layer.keys.clone(), layer.values.clone()) for layer in cache.layers[:depth])  # type: ignore[union-attr]
     return PrefixState(ids=tuple(ids), kv=kv, hidden_sum=tuple(hidden[i].sum(0) for i in range(depth + 1)))

@@ -9,6 +9,8 @@ plain safetensors + JSON and loading it executes nothing.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from scipy import sparse
 from sklearn.linear_model import LogisticRegression
@@ -75,7 +77,7 @@ def shared_folds(Y: np.ndarray, cv: int, seed: int = 0) -> list[tuple[np.ndarray
     correct = hard @ (1 << np.arange(hard.shape[1])) if hard.shape[1] <= 4 else hard.sum(axis=1)
     # adjacent counts too rare to appear in every fold are merged, lowest first
     strata, group, size = np.zeros(len(Y), dtype=int), 0, 0
-    for value, count in zip(*np.unique(correct, return_counts=True)):
+    for value, count in zip(*np.unique(correct, return_counts=True), strict=False):
         strata[correct == value] = group
         size += count
         if size >= cv:
@@ -87,7 +89,9 @@ def shared_folds(Y: np.ndarray, cv: int, seed: int = 0) -> list[tuple[np.ndarray
     return list(StratifiedKFold(cv, shuffle=True, random_state=seed).split(np.zeros(len(Y)), strata))
 
 
-def fit_calibrated_columns(Z, Y: np.ndarray, folds, Cs, seed: int = 0, progress: bool = False, desc: str = "probes") -> dict:
+def fit_calibrated_columns(
+    Z, Y: np.ndarray, folds, Cs, seed: int = 0, progress: bool = False, desc: str = "probes"
+) -> dict:
     """One L2 logistic regression per column of ``Y``, C by out-of-fold AUROC, Platt-scaled on out-of-fold scores.
 
     Returns plain arrays: ``coef`` (m, d), ``intercept``, ``platt`` (m, 2), ``C``, ``cv_auroc``,
@@ -95,8 +99,15 @@ def fit_calibrated_columns(Z, Y: np.ndarray, folds, Cs, seed: int = 0, progress:
     and family selection read.
     """
     m, d = Y.shape[1], Z.shape[1]
-    out = {"coef": np.zeros((m, d)), "intercept": np.zeros(m), "platt": np.zeros((m, 2)), "C": np.zeros(m),
-           "cv_auroc": np.full(m, np.nan), "oof_logit": np.zeros(Y.shape), "oof_proba": np.zeros(Y.shape)}
+    out = {
+        "coef": np.zeros((m, d)),
+        "intercept": np.zeros(m),
+        "platt": np.zeros((m, 2)),
+        "C": np.zeros(m),
+        "cv_auroc": np.full(m, np.nan),
+        "oof_logit": np.zeros(Y.shape),
+        "oof_proba": np.zeros(Y.shape),
+    }
     for j in tqdm(range(m), disable=not progress, desc=desc, unit="model"):
         y = Y[:, j]
         hard = (y >= 0.5).astype(int)
@@ -105,7 +116,7 @@ def fit_calibrated_columns(Z, Y: np.ndarray, folds, Cs, seed: int = 0, progress:
             out["oof_logit"][:, j] = _logit(y.mean())
             out["oof_proba"][:, j] = y.mean()
             continue
-        best = (-np.inf, None, None)
+        best: tuple[float, Any, Any] = (-np.inf, None, None)
         for C in Cs:
             oof = np.zeros(len(y))
             for train, test in folds:
@@ -156,7 +167,7 @@ class Standardizer:
         Z = (X - self.mean_) / self.scale_
         if self.n_components and self.n_components < min(Z.shape):
             _, _, vt = np.linalg.svd(Z - Z.mean(0), full_matrices=False)
-            self.components_ = vt[: self.n_components]
+            self.components_: np.ndarray | None = vt[: self.n_components]
         else:
             self.components_ = None
         return self
@@ -203,7 +214,9 @@ class SuccessProbe:
             raise ValueError(f"need at least {2 * self.cv} labelled rows to fit with {self.cv}-fold CV, got {len(X)}")
         self.standardizer_ = Standardizer(self.n_components).fit(X)
         Z = self.standardizer_.transform(X)
-        fitted = fit_calibrated_columns(Z, Y, folds or shared_folds(Y, self.cv, self.seed), self.Cs, self.seed, progress)
+        fitted = fit_calibrated_columns(
+            Z, Y, folds or shared_folds(Y, self.cv, self.seed), self.Cs, self.seed, progress
+        )
         self.coef_, self.intercept_, self.platt_ = fitted["coef"], fitted["intercept"], fitted["platt"]
         self.C_, self.cv_auroc_ = fitted["C"], fitted["cv_auroc"]
         self.oof_logit_, self.oof_proba_ = fitted["oof_logit"], fitted["oof_proba"]
@@ -213,19 +226,30 @@ class SuccessProbe:
     def decision_function(self, X) -> np.ndarray:
         Z = self.standardizer_.transform(_check_xy(X))
         if Z.shape[1] != self.coef_.shape[1]:
-            raise ValueError(f"features have {X.shape[1]} columns; the probe was fitted on {self.standardizer_.mean_.shape[0]}")
+            raise ValueError(
+                f"features have {X.shape[1]} columns; the probe was fitted on {self.standardizer_.mean_.shape[0]}"
+            )
         return Z @ self.coef_.T + self.intercept_
 
     def predict_proba(self, X) -> np.ndarray:
         X = _check_xy(X)
         if X.shape[1] != self.standardizer_.mean_.shape[0]:
-            raise ValueError(f"features have {X.shape[1]} columns; the probe was fitted on {self.standardizer_.mean_.shape[0]}")
+            raise ValueError(
+                f"features have {X.shape[1]} columns; the probe was fitted on {self.standardizer_.mean_.shape[0]}"
+            )
         return _sigmoid(self.platt_[:, 0] * self.decision_function(X) + self.platt_[:, 1])
 
     def arrays(self, prefix: str = "success") -> dict[str, np.ndarray]:
         out = self.standardizer_.arrays(f"{prefix}.standardizer")
-        out.update({f"{prefix}.coef": self.coef_, f"{prefix}.intercept": self.intercept_,
-                    f"{prefix}.platt": self.platt_, f"{prefix}.C": self.C_, f"{prefix}.cv_auroc": self.cv_auroc_})
+        out.update(
+            {
+                f"{prefix}.coef": self.coef_,
+                f"{prefix}.intercept": self.intercept_,
+                f"{prefix}.platt": self.platt_,
+                f"{prefix}.C": self.C_,
+                f"{prefix}.cv_auroc": self.cv_auroc_,
+            }
+        )
         return out
 
     @classmethod
@@ -237,7 +261,7 @@ class SuccessProbe:
         self.platt_ = arrays[f"{prefix}.platt"]
         self.C_ = arrays[f"{prefix}.C"]
         self.cv_auroc_ = arrays[f"{prefix}.cv_auroc"]
-        m, d = self.coef_.shape
+        m, _d = self.coef_.shape
         if self.intercept_.shape != (m,) or self.platt_.shape != (m, 2):
             raise ValueError("saved success probe arrays have inconsistent shapes")
         return self
@@ -283,8 +307,9 @@ class DifficultyProbe:
         return self
 
 
-def readout_oof(X, Y, cv: int = 3, C: float = 0.01, seed: int = 0,
-                max_rows: int = 3000) -> tuple[np.ndarray, np.ndarray]:
+def readout_oof(
+    X, Y, cv: int = 3, C: float = 0.01, seed: int = 0, max_rows: int = 3000
+) -> tuple[np.ndarray, np.ndarray]:
     """Out-of-fold scores of a quick probe per model, and the models' hard labels (rows subsampled to
     ``max_rows`` with ``seed``, so every read-out of the same rows is scored on the same subset: paired).
     Models too lopsided for ``cv`` folds are left out."""

@@ -43,10 +43,14 @@ class PromptTokenizer:
         if self.templated:
             try:
                 return tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-            except Exception:  # templates that reject tool/developer roles: map them to ones they know
+            except Exception:  # noqa: BLE001 (templates that reject tool/developer roles: map them to ones they know)
                 mapped = [
-                    {"role": {"tool": "user", "function": "user", "developer": "system"}.get(m["role"], m["role"]),
-                     "content": m["content"] if m["role"] not in ("tool", "function") else f"Tool result:\n{m['content']}"}
+                    {
+                        "role": {"tool": "user", "function": "user", "developer": "system"}.get(m["role"], m["role"]),
+                        "content": m["content"]
+                        if m["role"] not in ("tool", "function")
+                        else f"Tool result:\n{m['content']}",
+                    }
                     for m in conversation
                 ]
                 return tokenizer.apply_chat_template(mapped, add_generation_prompt=True, tokenize=False)
@@ -65,13 +69,15 @@ class PromptTokenizer:
         truncated = np.zeros(len(texts), dtype=bool)
         budget = (self.max_tokens + CUT_MARGIN_TOKENS) * CHARS_PER_TOKEN_GUESS
         short = [i for i, t in enumerate(texts) if len(t) <= budget]
-        for i, x in zip(short, self.encode([texts[i] for i in short])):
+        for i, x in zip(short, self.encode([texts[i] for i in short]), strict=False):
             truncated[i] = len(x) > self.max_tokens
-            ids[i] = x[-self.max_tokens:]
+            ids[i] = x[-self.max_tokens :]
         for i, text in enumerate(texts):
             if ids[i] is None:
                 ids[i], truncated[i] = self._tail(text, budget)
-        return ids, truncated
+        filled = [x for x in ids if x is not None]
+        assert len(filled) == len(ids)  # every slot is filled by one of the two loops
+        return filled, truncated
 
     def _tail(self, text: str, budget: int) -> tuple[list[int], bool]:
         """The last max_tokens ids of ``text``, tokenising only a growing tail of it.
@@ -88,12 +94,12 @@ class PromptTokenizer:
             if space is None and budget < first * MAX_TAIL_GROWTH:
                 budget *= 2
                 continue
-            x = self.encode([text[space.start() if space else start:]])[0]
+            x = self.encode([text[space.start() if space else start :]])[0]
             if len(x) >= self.max_tokens + CUT_MARGIN_TOKENS:
-                return x[-self.max_tokens:], True  # the whole text has more tokens than this tail
+                return x[-self.max_tokens :], True  # the whole text has more tokens than this tail
             budget *= 2
         x = self.encode([text])[0]
-        return x[-self.max_tokens:], len(x) > self.max_tokens
+        return x[-self.max_tokens :], len(x) > self.max_tokens
 
     def _fixed_prefix(self) -> tuple[int, ...]:
         """Token ids every single-user-message prompt starts with (e.g. a default system prompt).
@@ -103,8 +109,8 @@ class PromptTokenizer:
         """
         probes = self.encode([self.render([{"role": "user", "content": c}]) for c in ("Abc?", "xyz")])
         common = 0
-        for a, b in zip(*probes):
+        for a, b in zip(*probes, strict=False):
             if a != b:
                 break
             common += 1
-        return tuple(probes[0][:max(common - 1, 0)])  # the last shared id may merge with some contents
+        return tuple(probes[0][: max(common - 1, 0)])  # the last shared id may merge with some contents

@@ -35,10 +35,17 @@ def _sweep_models(scores: np.ndarray, limit: int = 8) -> list[int]:
     return list(np.argsort(balance)[:limit])
 
 
-def select_readout(extraction, scores: np.ndarray, poolings=READOUT_POOLINGS, seed: int = 0,
-                   progress: bool = False, prefer_shallow: bool = True, latency_ms: dict[int, float] | None = None,
-                   max_readout_ms: float | None = None, resamples: int = 200,
-                   ) -> tuple[tuple[int, ...], tuple[str, ...], list[dict], dict]:
+def select_readout(
+    extraction,
+    scores: np.ndarray,
+    poolings=READOUT_POOLINGS,
+    seed: int = 0,
+    progress: bool = False,
+    prefer_shallow: bool = True,
+    latency_ms: dict[int, float] | None = None,
+    max_readout_ms: float | None = None,
+    resamples: int = 200,
+) -> tuple[tuple[int, ...], tuple[str, ...], list[dict], dict]:
     """Cross-validated AUROC of a quick probe for each (layer, pooling); returns the choice, the table and why.
 
     A read-out's cost grows with its depth (every block below it runs per query), so with
@@ -49,12 +56,18 @@ def select_readout(extraction, scores: np.ndarray, poolings=READOUT_POOLINGS, se
     if none fits, the fastest measured layer is kept and the record says the cap was not met.
     """
     cols = _sweep_models(scores)
-    table, oofs = [], []
+    table: list[dict[str, Any]] = []
+    oofs: list[tuple[Any, Any]] = []
+    oof: np.ndarray | None
+    hard: np.ndarray | None
     candidates = [(layer, pools) for layer in extraction.layers for pools in poolings]
-    for layer, pools in tqdm(candidates, disable=not progress or len(candidates) == 1, desc="read-out sweep",
-                             unit="candidate"):
+    for layer, pools in tqdm(
+        candidates, disable=not progress or len(candidates) == 1, desc="read-out sweep", unit="candidate"
+    ):
         if len(candidates) > 1:
-            oof, hard = readout_oof(extraction.select(layers=[layer], pooling=pools).features, scores[:, cols], seed=seed)
+            oof, hard = readout_oof(
+                extraction.select(layers=[layer], pooling=pools).features, scores[:, cols], seed=seed
+            )
             aucs = [_auroc(hard[:, j], oof[:, j]) for j in range(hard.shape[1])]
             score = float(np.mean(aucs)) if aucs else float("nan")
         else:
@@ -64,15 +77,18 @@ def select_readout(extraction, scores: np.ndarray, poolings=READOUT_POOLINGS, se
         table.append({"layer": layer, "pooling": "+".join(pools), "cv_auroc": score})
     best_i = max(range(len(table)), key=lambda i: np.nan_to_num(table[i]["cv_auroc"], nan=-1.0))
     best = table[best_i]
-    choice = {"rule": "best cv_auroc", "best": {"layer": best["layer"], "pooling": best["pooling"]},
-              "max_readout_ms": max_readout_ms}
+    choice: dict[str, Any] = {
+        "rule": "best cv_auroc",
+        "best": {"layer": best["layer"], "pooling": best["pooling"]},
+        "max_readout_ms": max_readout_ms,
+    }
     usable = list(range(len(table)))
     if len(candidates) > 1 and (prefer_shallow or max_readout_ms is not None) and oofs[best_i][1].shape[1]:
         n = len(oofs[best_i][0])
         draws = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
-        base = bootstrap_mean_auroc(*oofs[best_i], draws)
+        base = bootstrap_mean_auroc(oofs[best_i][0], oofs[best_i][1], draws)
         for i, row in enumerate(table):
-            diff = bootstrap_mean_auroc(*oofs[i], draws) - base
+            diff = bootstrap_mean_auroc(oofs[i][0], oofs[i][1], draws) - base
             lo, hi = np.nanpercentile(diff, [2.5, 97.5])
             row["diff_to_best_ci"] = [float(lo), float(hi)]
             row["within_best_interval"] = bool(hi >= 0)
@@ -85,7 +101,7 @@ def select_readout(extraction, scores: np.ndarray, poolings=READOUT_POOLINGS, se
                 usable = fits
                 choice["rule"] += f", at most {max_readout_ms} ms"
             else:
-                fastest = min(latency_ms, key=latency_ms.get)
+                fastest = min(latency_ms, key=lambda layer: latency_ms[layer])
                 usable = [i for i in range(len(table)) if table[i]["layer"] == fastest]
                 choice["rule"] += f"; no layer met {max_readout_ms} ms, the fastest measured kept"
                 choice["cap_met"] = False
@@ -98,12 +114,24 @@ def select_readout(extraction, scores: np.ndarray, poolings=READOUT_POOLINGS, se
     return (chosen["layer"],), tuple(chosen["pooling"].split("+")), table, choice
 
 
-def train_router(outcomes: Outcomes, pool: ModelPool, extractor: ActivationExtractor | None = None, *,
-                 layers: Sequence[Any] | None = None, pooling: str | Sequence[str] | None = None,
-                 policy: str = "utility", cv: int = 5, n_components: int | None = None,
-                 max_accuracy_drop: float = 0.01, seed: int = 0, progress: bool = True,
-                 families: Sequence[str] = FAMILIES, keep_models: Sequence[str] = (), prefer_shallow: bool = True,
-                 max_readout_ms: float | None = None) -> DifficultyRouter:
+def train_router(
+    outcomes: Outcomes,
+    pool: ModelPool,
+    extractor: ActivationExtractor | None = None,
+    *,
+    layers: Sequence[Any] | None = None,
+    pooling: str | Sequence[str] | None = None,
+    policy: str = "utility",
+    cv: int = 5,
+    n_components: int | None = None,
+    max_accuracy_drop: float = 0.01,
+    seed: int = 0,
+    progress: bool = True,
+    families: Sequence[str] = FAMILIES,
+    keep_models: Sequence[str] = (),
+    prefer_shallow: bool = True,
+    max_readout_ms: float | None = None,
+) -> DifficultyRouter:
     """Train per-model success probes on ``outcomes`` and return a router ready to ``route``.
 
     With ``layers``/``pooling`` left as None the read-out is chosen by cross-validated AUROC
@@ -139,16 +167,30 @@ def train_router(outcomes: Outcomes, pool: ModelPool, extractor: ActivationExtra
     candidate_layers = normalise_layers(layers if layers is not None else DEFAULT_CANDIDATE_LAYERS, extractor.n_layers)
     if layers is not None and pooling is not None:  # a fixed read-out: every given layer, concatenated
         extraction = extractor.extract(outcomes.queries, layers=candidate_layers, pooling=pooling, progress=progress)
-        chosen_layers, chosen_pooling, sweep_table = extraction.layers, extraction.pooling, []
-        choice = {"rule": "fixed by the caller"}
+        chosen_layers, chosen_pooling = extraction.layers, extraction.pooling
+        sweep_table: list[dict] = []
+        choice: dict[str, Any] = {"rule": "fixed by the caller"}
     else:  # sweep one layer at a time, with the given pooling or all three
         poolings = READOUT_POOLINGS if pooling is None else (normalise_pooling(pooling),)
         extraction = extractor.extract(outcomes.queries, layers=candidate_layers, pooling="both", progress=progress)
-        latency = ({layer: extractor.readout_latency_ms(outcomes.queries[:LATENCY_QUERIES], layer)
-                    for layer in candidate_layers} if max_readout_ms is not None else None)
+        latency = (
+            {
+                layer: extractor.readout_latency_ms(outcomes.queries[:LATENCY_QUERIES], layer)
+                for layer in candidate_layers
+            }
+            if max_readout_ms is not None
+            else None
+        )
         chosen_layers, chosen_pooling, sweep_table, choice = select_readout(
-            extraction, outcomes.scores, poolings, seed, progress, prefer_shallow=prefer_shallow,
-            latency_ms=latency, max_readout_ms=max_readout_ms)
+            extraction,
+            outcomes.scores,
+            poolings,
+            seed,
+            progress,
+            prefer_shallow=prefer_shallow,
+            latency_ms=latency,
+            max_readout_ms=max_readout_ms,
+        )
         extraction = extraction.select(layers=chosen_layers, pooling=chosen_pooling)
     deepest = max(chosen_layers)
     choice["latency_ms_p50"] = extractor.readout_latency_ms(outcomes.queries[:LATENCY_QUERIES], deepest)
@@ -157,8 +199,19 @@ def train_router(outcomes: Outcomes, pool: ModelPool, extractor: ActivationExtra
     texts = [conversation_text(c) for c in outcomes.queries]
     costs = pool.costs([len(t) for t in texts])
     capability = outcomes.scores.mean(axis=0)
-    fit = fit_families(extraction.features, texts, outcomes.scores, costs, capability, families=families, cv=cv,
-                       n_components=n_components, seed=seed, progress=progress, names=pool.names)
+    fit = fit_families(
+        extraction.features,
+        texts,
+        outcomes.scores,
+        costs,
+        capability,
+        families=families,
+        cv=cv,
+        n_components=n_components,
+        seed=seed,
+        progress=progress,
+        names=pool.names,
+    )
     probe, family = fit.probe, fit.family
     difficulty_probe = None
     if outcomes.difficulty is not None and (outcomes.difficulty > 0).sum() >= 20:
@@ -166,19 +219,36 @@ def train_router(outcomes: Outcomes, pool: ModelPool, extractor: ActivationExtra
         difficulty_probe = DifficultyProbe().fit(extraction.features[labelled], outcomes.difficulty[labelled])
     realised = realised_costs(outcomes, costs)
     dropped = dominated(capability, realised.mean(axis=0), pool.names, keep=tuple(keep_models))
-    router = DifficultyRouter(extractor, pool, probe, layers=chosen_layers, pooling=chosen_pooling,
-                              capability=capability, policy=Policy(policy), difficulty_probe=difficulty_probe,
-                              family=family, lexical=fit.lexical if family != "activation" else None,
-                              stack=fit.stack if family == "stacked" else None, dropped=dropped,
-                              novelty=NoveltyScore(seed=seed).fit(extraction.features))
+    router = DifficultyRouter(
+        extractor,
+        pool,
+        probe,
+        layers=chosen_layers,
+        pooling=chosen_pooling,
+        capability=capability,
+        policy=Policy(policy),
+        difficulty_probe=difficulty_probe,
+        family=family,
+        lexical=fit.lexical if family != "activation" else None,
+        stack=fit.stack if family == "stacked" else None,
+        dropped=dropped,
+        novelty=NoveltyScore(seed=seed).fit(extraction.features),
+    )
     # Default operating point and a policy comparison, on out-of-fold probabilities: rows the probes did not fit.
     oof = fit.oof[family]
     eligible = router.eligibility(len(outcomes), None)
     margin, margin_table = fit_margin(oof, outcomes.scores, costs, capability, eligible)
     comparison = {}
     for kind in ("utility", "threshold"):
-        points = sweep(Policy(kind, margin=margin if kind == "utility" else 0.0), oof, costs, capability,
-                       outcomes.scores, realised, eligible)
+        points = sweep(
+            Policy(kind, margin=margin if kind == "utility" else 0.0),
+            oof,
+            costs,
+            capability,
+            outcomes.scores,
+            realised,
+            eligible,
+        )
         target = float(capability.max()) - max_accuracy_drop
         try:
             point = pick_operating_point(points, Policy(kind).parameter, target_accuracy=target)
@@ -187,8 +257,12 @@ def train_router(outcomes: Outcomes, pool: ModelPool, extractor: ActivationExtra
         comparison[kind] = {"point": point}
     if len(pool) == 2:
         weak, strong = np.argsort(capability)
-        comparison["utility"].update(apgr_cpt(oof[:, strong] - oof[:, weak], outcomes.scores[:, weak], outcomes.scores[:, strong], seed))
-        comparison["threshold"].update(apgr_cpt(1 - oof[:, weak], outcomes.scores[:, weak], outcomes.scores[:, strong], seed))
+        comparison["utility"].update(
+            apgr_cpt(oof[:, strong] - oof[:, weak], outcomes.scores[:, weak], outcomes.scores[:, strong], seed)
+        )
+        comparison["threshold"].update(
+            apgr_cpt(1 - oof[:, weak], outcomes.scores[:, weak], outcomes.scores[:, strong], seed)
+        )
     router.policy = Policy.from_point(policy, comparison[policy]["point"])
     router.info = {
         "training": outcomes.summary(),
@@ -198,8 +272,8 @@ def train_router(outcomes: Outcomes, pool: ModelPool, extractor: ActivationExtra
         "family": family,
         "families": fit.table,
         "lexical_candidates": fit.lexical.candidate_scores_ if fit.lexical is not None else [],
-        "cv_auroc": {m: float(a) for m, a in zip(pool.names, probe.cv_auroc_)},
-        "regularisation_C": {m: float(c) for m, c in zip(pool.names, probe.C_)},
+        "cv_auroc": {m: float(a) for m, a in zip(pool.names, probe.cv_auroc_, strict=False)},
+        "regularisation_C": {m: float(c) for m, c in zip(pool.names, probe.C_, strict=False)},
         "out_of_fold_policies": comparison,
         "dropped_models": dropped,
         "utility_margin": {"margin": margin, "candidates": margin_table},
@@ -207,5 +281,5 @@ def train_router(outcomes: Outcomes, pool: ModelPool, extractor: ActivationExtra
         "truncated_prompts": int(extraction.truncated.sum()),
         "seed": seed,
     }
-    router.family_fit_ = fit  # every family's probes and out-of-fold predictions, for diagnostics; not saved
+    router.family_fit_ = fit  # type: ignore[attr-defined]  # every family's probes and out-of-fold predictions, for diagnostics; not saved
     return router
