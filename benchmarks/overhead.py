@@ -289,10 +289,18 @@ def main() -> None:
           + md_table(["path", "matmuls", "attention", "other ops"], profile_rows)
           + f"\n\n{args.prompts} prompts x {args.repeats} passes per length, {load['threads']} torch threads; "
           f"load average (1, 5, 15 min) {tuple(round(x, 1) for x in load['before'])} before and "
-          f"{tuple(round(x, 1) for x in load['after'])} after: above the core count, other jobs shared the "
-          "cores and every figure here is slower and noisier than on an idle machine. Command: "
-          f"`python benchmarks/overhead.py {' '.join(sys.argv[1:])}`.\n")
+          f"{tuple(round(x, 1) for x in load['after'])} after ({busy(load)}). The floor counts every prompt token, "
+          "including the chat template's fixed prefix that the prefix cache skips, so very short prompts can run "
+          f"under it. Command: `python benchmarks/overhead.py {' '.join(sys.argv[1:])}`.\n")
     write_results(f"overhead_{slug}", md, payload)
+
+
+def busy(load: dict) -> str:
+    """Whether other work shared the cores: the 1-minute load before the run against the core count."""
+    cores = os.cpu_count() or 1
+    if load["before"][0] < 0.5 * cores:
+        return "the machine was otherwise idle; the load after is the benchmark's own"
+    return "above half the core count before the run: other jobs shared the cores, so every figure is slower and noisier"
 
 
 if __name__ == "__main__":
