@@ -149,8 +149,10 @@ class RoutedCall:
         retry: Retry | None = None,
         cost_fn: Callable[[str, int, int], float] | None = None,
         fallbacks: bool = True,
+        on_served: Callable[[str], None] | None = None,
     ) -> None:
         self.decision = decision
+        self.on_served = on_served  # told the model that answered (a session sticks to it)
         self.fallbacks = fallbacks
         self.rule = rule or is_transient_error
         self.retry = retry or Retry()
@@ -236,6 +238,8 @@ class RoutedCall:
         self._retries = 0
         if attempt.accepted:
             self.served, self.reply = attempt, reply
+            if self.on_served is not None:
+                self.on_served(model)
         else:
             self._index += 1
         return attempt
@@ -295,6 +299,7 @@ class RoutedCall:
             "attempts": [attempt_record(a) for a in self.attempts],
             "usage": self.usage,
             "cost": float(sum(a.cost for a in self.attempts)),
+            "session": getattr(self.decision, "session", None),
         }
 
 
@@ -498,6 +503,7 @@ class Binding:
         retry: Retry | None = None,
         fallbacks: bool = True,
         what: str = "models",
+        sessions: Any = None,
     ) -> None:
         self.models = list(models)
         self.what = what
@@ -520,6 +526,19 @@ class Binding:
         self.retry = retry or Retry()
         pool = getattr(router, "pool", None)
         self.cost_fn = pool_cost_fn(pool) if pool is not None else None
+        self.sessions = self._check_sessions(sessions)
+
+    def _check_sessions(self, sessions: Any) -> Any:
+        if sessions is None:
+            return None
+        from .sessions import Sessions
+
+        if not isinstance(sessions, Sessions):
+            raise TypeError(f"sessions must be a difficulty_router.sessions.Sessions, got {type(sessions).__name__}")
+        if self.router is None:
+            raise ValueError("sessions= needs a router: a session policy works on routing decisions")
+        sessions.bind(self.router)
+        return sessions
 
     def _check_cascade(self) -> None:
         if self.cascade is None:
@@ -565,10 +584,22 @@ class Binding:
             raise ValueError(f"none of the {self.what} {self.models} can call tools; give at least one that can")
         return excluded
 
-    def decide(self, query: Any, exclude: Mapping[str, str] | None = None) -> Any:
+    def decide(
+        self,
+        query: Any,
+        exclude: Mapping[str, str] | None = None,
+        *,
+        session: str | None = None,
+        context_tokens: int = 0,
+    ) -> Any:
+        """The router's decision for ``query``; with ``sessions=`` and a ``session`` key, the decision
+        that session's policy serves for this turn (``context_tokens``: the prompt's tokens)."""
         if self.router is None:
             raise NotImplementedError("this call needs a router: the cascade alone cannot route it")
-        return self.router.route(query, exclude=dict(exclude) if exclude else None)
+        decision = self.router.route(query, exclude=dict(exclude) if exclude else None)
+        if self.sessions is not None and session is not None:
+            decision = self.sessions.apply(session, decision, context_tokens=context_tokens)
+        return decision
 
     def decide_batch(self, queries: Sequence[Any], exclude: Mapping[str, str] | None = None) -> list[Any]:
         return self.router.route_batch(list(queries), exclude=dict(exclude) if exclude else None, progress=False)
@@ -585,6 +616,14 @@ class Binding:
                 scorer = scorers.get(model)
                 return None if scorer is None else float(scorer(query))
 
+        on_served = None
+        session = getattr(decision, "session", None)
+        if self.sessions is not None and session is not None:
+            sessions, key = self.sessions, session["key"]
+
+            def on_served(model: str) -> None:
+                sessions.served(key, model)
+
         return RoutedCall(
             decision=decision,
             cascade=policy,
@@ -594,6 +633,7 @@ class Binding:
             retry=self.retry,
             cost_fn=self.cost_fn,
             fallbacks=self.fallbacks,
+            on_served=on_served,
         )
 
 
