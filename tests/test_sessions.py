@@ -348,3 +348,89 @@ def test_binding_refuses_sessions_of_the_wrong_type(trained_router):
     with pytest.raises(TypeError, match="sessions must be"):
         Binding(trained_router.models, router=trained_router, sessions="sticky")
     assert set(SESSION_POLICIES) == {"per_call", "sticky", "cache_aware"}
+
+
+# -- shadow mode and the decision log ---------------------------------------------------------
+def test_shadow_mode_serves_the_default_and_logs_the_routers_choice(trained_router, tmp_path):
+    from difficulty_router.decision_log import DecisionLog, prompt_sha256, read_log
+
+    order = trained_router.capability_order()
+    default = order[-1]
+    log = DecisionLog(tmp_path / "decisions.jsonl")
+    binding = Binding(trained_router.models, router=trained_router, shadow=default, decision_log=log)
+    queries = ["What is 2 + 2?", "Name the capital of France.", "Which planet is largest?",
+               "Prove Fermat's little theorem.", "Explain entropy in statistical mechanics."]
+    calls = []
+    for q in queries:
+        decision = binding.decide(q)
+        call = binding.start(decision, query=q)
+        run_sync(call, lambda model: Reply(model, f"answer from {model}", prompt_tokens=12, completion_tokens=3))
+        calls.append((q, decision, call.record()))
+    assert all(record["served_by"] == default and record["mode"] == "shadow" for _, _, record in calls)
+    assert [r["shadow"]["would_be"] for _, _, r in calls] == [d.model for _, d, _ in calls]
+    would_be = {d.model for _, d, _ in calls}
+    assert would_be - {default}, f"precondition: the router must choose a non-default model once, got {would_be}"
+    lines = list(read_log(tmp_path / "decisions.jsonl"))
+    assert len(lines) == len(queries)
+    for (q, d, _), line in zip(calls, lines, strict=True):
+        assert line["chosen"] == d.model and line["served_by"] == default
+        assert line["probabilities"] == pytest.approx(d.probabilities) and line["prompt_sha256"] == prompt_sha256(q)
+        assert line["predicted_cost"]["chosen"] == pytest.approx(d.expected_cost)
+        assert line["shadow"]["default"] == default
+        assert q not in (tmp_path / "decisions.jsonl").read_text()  # prompts are hashed, never stored
+
+
+def test_shadow_sampling_also_asks_the_alternative_and_records_its_answer(trained_router, tmp_path):
+    import random
+
+    from difficulty_router.decision_log import DecisionLog, read_log
+
+    order = trained_router.capability_order()
+    default = order[-1]
+    binding = Binding(trained_router.models, router=trained_router, shadow=default, shadow_sample=1.0,
+                      decision_log=DecisionLog(tmp_path / "log.jsonl"), rng=random.Random(0))
+    asked = []
+
+    def invoke(model):
+        asked.append(model)
+        return Reply(model, f"answer from {model}", completion_tokens=4)
+
+    for q in ["What is 2 + 2?", "Name the capital of France.", "What colour is the sky?"]:
+        decision = binding.decide(q)
+        call = binding.start(decision, query=q)
+        assert run_sync(call, invoke).value == default
+        record = call.record()
+        if decision.model != default:
+            assert record["shadow"]["alternative_answer"]["text"] == f"answer from {decision.model}"
+    sampled = [r for r in read_log(tmp_path / "log.jsonl") if r["shadow"]["sampled"]]
+    assert sampled and all(r["shadow"]["alternative_answer"]["completion_tokens"] == 4 for r in sampled)
+    assert asked.count(default) == 3 and len(asked) == 3 + len(sampled)
+    with pytest.raises(ValueError, match="shadow_sample"):
+        Binding(trained_router.models, router=trained_router, shadow_sample=0.5)
+    with pytest.raises(ValueError, match="not among"):
+        Binding(trained_router.models, router=trained_router, shadow="nope")
+
+
+def test_decision_log_appends_whole_lines_from_threads_and_rotates(tmp_path):
+    from difficulty_router.decision_log import DecisionLog, read_log
+
+    log = DecisionLog(tmp_path / "d.jsonl", max_bytes=4_000, backups=50)
+
+    def worker(t):
+        for i in range(50):
+            log.append({"query_id": f"{t}-{i}", "chosen": WEAK, "probabilities": {WEAK: 0.5}})
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    records = list(read_log(tmp_path / "d.jsonl"))
+    assert sorted(r["query_id"] for r in records) == sorted(f"{t}-{i}" for t in range(4) for i in range(50))
+    rotated = list(tmp_path.glob("d.jsonl.*"))
+    assert rotated and all(p.stat().st_size <= 4_000 for p in rotated)
+    with pytest.raises(ValueError, match="unknown keys"):
+        log.append({"chosen": WEAK, "prompt": "secret"})
+    (tmp_path / "bad.jsonl").write_text('{"chosen": "a"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2"):
+        list(read_log(tmp_path / "bad.jsonl"))
