@@ -25,6 +25,7 @@ from langchain_core.runnables.utils import gather_with_concurrency
 from pydantic import PrivateAttr
 
 from difficulty_router.dispatch import Binding
+from difficulty_router.session_keys import config_session_key, decide_in_session
 
 from ._convert import to_router_query
 
@@ -87,17 +88,18 @@ class RoutesBeforeRun(BaseChatModel):
         raise NotImplementedError
 
     def _prepare(self, input: Any, config: Any, kwargs: dict, decision: Any = None) -> tuple[Prepared, RunnableConfig]:
+        config = ensure_config(config)
         if decision is None and self._binding.routes:
-            decision = self._binding.decide(
-                to_router_query(self._convert_input(input).to_messages()), self._exclusions(kwargs)
-            )
+            query = to_router_query(self._convert_input(input).to_messages())
+            decision = decide_in_session(self._binding, query, self._exclusions(kwargs), config_session_key(config))
         return prepare(self, decision, config)
 
     def _take(self, messages: list[BaseMessage], kwargs: dict) -> Prepared:
         prepared = take(self)
         if prepared is None:  # called through generate(), not invoke/stream: route here
+            key = config_session_key(ensure_config())
             decision = (
-                self._binding.decide(to_router_query(messages), self._exclusions(kwargs))
+                decide_in_session(self._binding, to_router_query(messages), self._exclusions(kwargs), key)
                 if self._binding.routes
                 else None
             )
@@ -209,7 +211,7 @@ class RoutesBeforeRun(BaseChatModel):
         return await gather_with_concurrency(configs[0].get("max_concurrency"), *(one(i) for i in range(len(inputs))))
 
     def _decide_batch(self, inputs: list[Any], kwargs: dict) -> list[Any]:
-        if len(inputs) < 2 or not self._binding.routes:
+        if len(inputs) < 2 or not self._binding.routes or self._binding.sessions is not None:
             return [None] * len(inputs)
         try:
             queries = [to_router_query(self._convert_input(x).to_messages()) for x in inputs]

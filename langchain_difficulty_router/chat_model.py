@@ -26,6 +26,7 @@ from pydantic import ConfigDict, Field, model_validator
 
 from difficulty_router import dispatch
 from difficulty_router.dispatch import RECORD_KEY, Binding, Reply, Retry
+from difficulty_router.session_keys import as_sessions
 
 from ._convert import to_router_query
 from ._pool import can_call_tools, merged_profile, pool_config
@@ -54,6 +55,10 @@ class ChatDifficultyRouter(RoutesBeforeRun):
             Streaming then buffers each rung until it is accepted.
         pik_scorers: ``{ladder model: callable(conversation) -> float}`` (conversation as OpenAI dicts).
         skip_threshold: hybrid mode: start at the first rung whose routing probability is at least this.
+        sessions: a ``difficulty_router.sessions.Sessions`` or a policy name ("per_call", "sticky",
+            "cache_aware"): calls whose config names a session (``configurable`` ``session_id``, else
+            ``thread_id``, as ``create_agent`` runs with a checkpointer have) are decided for that session.
+            ``batch`` then routes each call on its own (one session turn each) instead of in one extraction.
     """
 
     router: Any = Field(default=None, exclude=True)
@@ -67,6 +72,7 @@ class ChatDifficultyRouter(RoutesBeforeRun):
     retry_backoff: float = 0.0
     stop: list[str] | None = None
     streaming: bool = False
+    sessions: Any = Field(default=None, exclude=True)
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
@@ -85,6 +91,7 @@ class ChatDifficultyRouter(RoutesBeforeRun):
             skip_threshold=self.skip_threshold,
             escalate_on=self.escalate_on,
             retry=Retry(self.max_retries, self.retry_backoff),
+            sessions=as_sessions(self.sessions),
         )
         unknown = sorted(set(self.tool_calling) - set(self.models))
         if unknown:

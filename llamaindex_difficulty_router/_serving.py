@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextvars import ContextVar
 from typing import Any
 
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
@@ -14,9 +15,13 @@ from llama_index.core.llms.llm import LLM
 
 from difficulty_router import dispatch
 from difficulty_router.dispatch import Binding
+from difficulty_router.session_keys import conversation_key, decide_in_session
 
 from ._replies import EscalationEvents, annotate, empty_like, response_reply, stream_reply
 from .events import DifficultyRouteEvent, dispatcher
+
+CURRENT_SESSION: ContextVar[str | None] = ContextVar("difficulty_router_session", default=None)
+"""The session key set by :meth:`DifficultyRouterLLM.session` for the calls made inside it."""
 
 
 def calls_tools(llm: LLM) -> bool:
@@ -46,6 +51,14 @@ class RoutedCalls(FunctionCallingLLM):
         return copy
 
     # -- one routed call -------------------------------------------------------------------
+    def _decide(self, query: Any, exclude: dict[str, str] | None) -> Any:
+        """The router's decision, for the call's session when the LLM has ``sessions=``: the key set
+        with :meth:`DifficultyRouterLLM.session`, else one derived from the conversation's opening."""
+        key = None
+        if self._binding.sessions is not None:
+            key = CURRENT_SESSION.get() or conversation_key(query)
+        return decide_in_session(self._binding, query, exclude, key)
+
     def _start(self, query: Any, operation: str, decision: Any, tools: bool) -> dispatch.RoutedCall:
         if decision is not None:
             dispatcher.event(
@@ -68,14 +81,14 @@ class RoutedCalls(FunctionCallingLLM):
 
     def _serve(self, query: Any, operation: str, fn: Callable[[LLM], Any], *, tools: bool = False) -> Any:
         needed, exclude = self._routing(operation, tools)
-        call = self._start(query, operation, self._binding.decide(query, exclude) if needed else None, tools)
+        call = self._start(query, operation, self._decide(query, exclude) if needed else None, tools)
         reply = dispatch.run_sync(call, lambda n: response_reply(fn(self._candidate(n))), EscalationEvents(operation))
         return annotate(reply.value, call.record())
 
     async def _aserve(self, query: Any, operation: str, fn: Callable[[LLM], Any], *, tools: bool = False) -> Any:
         needed, exclude = self._routing(operation, tools)
         # The routing forward pass runs off the event loop.
-        decision = await asyncio.to_thread(self._binding.decide, query, exclude) if needed else None
+        decision = await asyncio.to_thread(self._decide, query, exclude) if needed else None
         call = self._start(query, operation, decision, tools)
 
         async def invoke(name: str) -> dispatch.Reply:
@@ -88,7 +101,7 @@ class RoutedCalls(FunctionCallingLLM):
         self, query: Any, operation: str, fn: Callable[[LLM], Any], *, tools: bool = False, chat: bool = True
     ) -> Any:
         needed, exclude = self._routing(operation, tools)
-        call = self._start(query, operation, self._binding.decide(query, exclude) if needed else None, tools)
+        call = self._start(query, operation, self._decide(query, exclude) if needed else None, tools)
         opened = dispatch.stream_sync(call, lambda n: fn(self._candidate(n)), stream_reply, EscalationEvents(operation))
 
         def relay() -> Iterator[Any]:
@@ -104,7 +117,7 @@ class RoutedCalls(FunctionCallingLLM):
         self, query: Any, operation: str, fn: Callable[[LLM], Any], *, tools: bool = False, chat: bool = True
     ) -> Any:
         needed, exclude = self._routing(operation, tools)
-        decision = await asyncio.to_thread(self._binding.decide, query, exclude) if needed else None
+        decision = await asyncio.to_thread(self._decide, query, exclude) if needed else None
         call = self._start(query, operation, decision, tools)
         opened = await dispatch.stream_async(
             call, lambda n: fn(self._candidate(n)), stream_reply, EscalationEvents(operation)

@@ -7,7 +7,8 @@ record are the core's :mod:`difficulty_router.dispatch`, shared with LangChain a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from llama_index.core.base.llms.types import (
@@ -25,9 +26,11 @@ from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import LLM, ToolSelection
 
 from difficulty_router.dispatch import CANNOT_CALL_TOOLS, RECORD_KEY, Binding, Retry
+from difficulty_router.session_keys import as_sessions
+from difficulty_router.sessions import check_key
 
 from ._convert import to_router_messages, tool_conversation
-from ._serving import RoutedCalls, calls_tools
+from ._serving import CURRENT_SESSION, RoutedCalls, calls_tools
 from .events import dispatcher
 
 if TYPE_CHECKING:
@@ -55,6 +58,11 @@ class DifficultyRouterLLM(RoutedCalls):
             while its confidence is low (P(T) from ``response.raw`` logprobs or ``response.logprobs``,
             P(IK) from the scorers); streams are then buffered until a rung is accepted. Tool
             calls route; they do not cascade.
+        sessions: a ``difficulty_router.sessions.Sessions`` or a policy name ("per_call", "sticky",
+            "cache_aware"). Each call then belongs to a session: the key set with :meth:`session`
+            (``with llm.session("user-42"): ...``), else a key derived from the conversation's opening
+            (its system messages and first user message), which every step of a ``FunctionAgent`` /
+            ``AgentWorkflow`` run, and every later turn on the same chat history, shares.
 
     Each response carries :meth:`RoutedCall.record` in ``additional_kwargs["difficulty_router"]``
     (not on the message, which goes back into chat histories). A ``callback_manager`` set here
@@ -73,6 +81,7 @@ class DifficultyRouterLLM(RoutedCalls):
         cascade: Any = None,
         pik_scorers: Mapping[str, Callable] | None = None,
         skip_threshold: float | None = None,
+        sessions: Any = None,
         **kwargs: Any,
     ) -> None:
         if not isinstance(llms, Mapping) or not llms:
@@ -90,6 +99,7 @@ class DifficultyRouterLLM(RoutedCalls):
             retry=Retry(max_retries, retry_backoff),
             fallbacks=escalate,
             what="llms",
+            sessions=as_sessions(sessions),
         )
         super().__init__(escalate=escalate, **kwargs)
         self._binding = binding
@@ -98,6 +108,21 @@ class DifficultyRouterLLM(RoutedCalls):
     @classmethod
     def class_name(cls) -> str:
         return "DifficultyRouterLLM"
+
+    @contextmanager
+    def session(self, key: str) -> Iterator[None]:
+        """Calls made inside (sync, or async tasks started inside) belong to session ``key``."""
+        if self._binding.sessions is None:
+            raise ValueError("this DifficultyRouterLLM has no sessions=; give sessions='sticky' (or a Sessions)")
+        token = CURRENT_SESSION.set(check_key(key))
+        try:
+            yield
+        finally:
+            CURRENT_SESSION.reset(token)
+
+    @property
+    def sessions(self) -> Any:
+        return self._binding.sessions
 
     @property
     def router(self) -> Any:

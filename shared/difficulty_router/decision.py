@@ -14,7 +14,9 @@ class RouteDecision:
     were not eligible for this call to the reason (for example "cannot call tools").
     ``novelty`` places the query's read-out among the training read-outs (percentile, 0-100;
     None for routers saved without a novelty score); ``ood`` is True when that was above the
-    router's threshold and the query went to the most capable model for it.
+    router's threshold and the query went to the most capable model for it. ``session`` is set
+    when a :class:`~difficulty_router.sessions.Sessions` policy decided this turn (it may have
+    kept the session's model rather than the per-call choice).
     """
 
     model: str
@@ -32,6 +34,9 @@ class RouteDecision:
     latency_ms: float = 0.0
     novelty: float | None = None
     ood: bool = False
+    capability_order: tuple[str, ...] = ()  # the pool from least to most capable (session policies rank by it)
+    output_tokens: dict[str, float] | None = None  # predicted output tokens per model, when the router has a head
+    session: dict | None = None  # what a session policy did to this turn (sessions.Sessions.apply), else None
 
     @property
     def probability(self) -> float:
@@ -40,6 +45,7 @@ class RouteDecision:
     def to_dict(self) -> dict:
         out = asdict(self)
         out["fallbacks"] = list(self.fallbacks)
+        out["capability_order"] = list(self.capability_order)
         return out
 
     def __str__(self) -> str:

@@ -149,8 +149,16 @@ class RoutedCall:
         retry: Retry | None = None,
         cost_fn: Callable[[str, int, int], float] | None = None,
         fallbacks: bool = True,
+        on_served: Callable[[str], None] | None = None,
+        shadow: dict[str, Any] | None = None,
+        on_done: Callable[[RoutedCall], None] | None = None,
     ) -> None:
         self.decision = decision
+        self.on_served = on_served  # told the model that answered (a session sticks to it)
+        self.on_done = on_done  # told once the call is over (the decision log), by the drivers' finish()
+        self.shadow = shadow  # shadow mode: {"default", "would_be", "sampled", "alternative"}
+        self.alternative_reply: Reply | None = None  # the sampled alternative's answer, in shadow mode
+        self._finished = False
         self.fallbacks = fallbacks
         self.rule = rule or is_transient_error
         self.retry = retry or Retry()
@@ -165,6 +173,11 @@ class RoutedCall:
             self.mode = "cascade"
             self.ladder = list(cascade.ladder)
             self._index = cascade.rung(self._cascade.start)
+        elif shadow is not None:
+            if decision is None:
+                raise ValueError("shadow mode needs the router's decision to record")
+            self.ladder, self.mode = [shadow["default"]], "shadow"
+            self._index = 0
         else:
             if decision is not None:
                 self.ladder, self.mode = [decision.model, *decision.fallbacks][: None if fallbacks else 1], "route"
@@ -236,6 +249,8 @@ class RoutedCall:
         self._retries = 0
         if attempt.accepted:
             self.served, self.reply = attempt, reply
+            if self.on_served is not None:
+                self.on_served(model)
         else:
             self._index += 1
         return attempt
@@ -295,7 +310,39 @@ class RoutedCall:
             "attempts": [attempt_record(a) for a in self.attempts],
             "usage": self.usage,
             "cost": float(sum(a.cost for a in self.attempts)),
+            "session": getattr(self.decision, "session", None),
+            "shadow": self.shadow_record(),
         }
+
+    def shadow_record(self) -> dict[str, Any] | None:
+        """Shadow mode's part of the record: the router's would-be choice and, when this call was
+        sampled, the alternative model's answer (a label to compare with the default's)."""
+        if self.shadow is None:
+            return None
+        out = dict(self.shadow)
+        alt = self.alternative_reply
+        if alt is not None:
+            out["alternative_answer"] = {
+                "text": alt.text,
+                "prompt_tokens": alt.prompt_tokens,
+                "completion_tokens": alt.completion_tokens,
+            }
+        return out
+
+    @property
+    def sample_alternative(self) -> str | None:
+        """The model a shadow-mode call should also be sent to (to collect a label), else None."""
+        if self.shadow is None or not self.shadow.get("sampled") or self.alternative_reply is not None:
+            return None
+        return self.shadow.get("alternative")
+
+    def finish(self) -> None:
+        """The call is over: tell ``on_done`` (once)."""
+        if self._finished:
+            return
+        self._finished = True
+        if self.on_done is not None:
+            self.on_done(self)
 
 
 def attempt_record(attempt: Attempt) -> dict[str, Any]:
@@ -335,6 +382,7 @@ def run_sync(call: RoutedCall, invoke: Callable[[str], Reply], hooks: Hooks | No
             recorded = call.fail(model, exc, time.perf_counter() - began)
             hooks.error(call, handle, recorded, exc)
             if recorded is None or call.exhausted:
+                call.finish()
                 raise
             continue
         if reply.deferred:
@@ -342,6 +390,13 @@ def run_sync(call: RoutedCall, invoke: Callable[[str], Reply], hooks: Hooks | No
         else:
             hooks.end(call, handle, attempt, reply)
     assert call.reply is not None
+    alternative = call.sample_alternative
+    if alternative is not None and not call.reply.deferred:
+        try:
+            call.alternative_reply = invoke(alternative)
+        except Exception as exc:  # noqa: BLE001 - a label we failed to collect never fails the served call
+            call.shadow = {**(call.shadow or {}), "alternative_error": f"{type(exc).__name__}: {exc}"}
+    call.finish()
     return call.reply
 
 
@@ -363,6 +418,7 @@ async def run_async(call: RoutedCall, invoke: Callable[[str], Awaitable[Reply]],
             recorded = call.fail(model, exc, time.perf_counter() - began)
             await hooks.aerror(call, handle, recorded, exc)
             if recorded is None or call.exhausted:
+                call.finish()
                 raise
             continue
         if reply.deferred:
@@ -370,6 +426,13 @@ async def run_async(call: RoutedCall, invoke: Callable[[str], Awaitable[Reply]],
         else:
             await hooks.aend(call, handle, attempt, reply)
     assert call.reply is not None
+    alternative = call.sample_alternative
+    if alternative is not None and not call.reply.deferred:
+        try:
+            call.alternative_reply = await invoke(alternative)
+        except Exception as exc:  # noqa: BLE001 - a label we failed to collect never fails the served call
+            call.shadow = {**(call.shadow or {}), "alternative_error": f"{type(exc).__name__}: {exc}"}
+    call.finish()
     return call.reply
 
 
@@ -484,6 +547,13 @@ class Binding:
     scorers must name ladder rungs and cover every rung below the top when the policy uses
     P(IK). ``escalate_on`` / ``retry`` set the escalation rule for every call; ``fallbacks=False``
     keeps each call on its first model (its errors, recorded, reach the caller).
+
+    ``sessions``: a :class:`~difficulty_router.sessions.Sessions`; :meth:`decide` with a ``session``
+    key then returns that session's decision for the turn, and the model that serves becomes the
+    session's. ``shadow``: a model name to serve every routed call with (shadow mode): the router
+    still decides, the record (and ``decision_log``, a :class:`~difficulty_router.DecisionLog`)
+    keeps its would-be choice; a ``shadow_sample`` share of calls is also sent to the would-be
+    model (sync/async calls, not streams), its answer recorded as a label.
     """
 
     def __init__(
@@ -498,6 +568,11 @@ class Binding:
         retry: Retry | None = None,
         fallbacks: bool = True,
         what: str = "models",
+        sessions: Any = None,
+        shadow: str | None = None,
+        shadow_sample: float = 0.0,
+        decision_log: Any = None,
+        rng: Any = None,
     ) -> None:
         self.models = list(models)
         self.what = what
@@ -520,6 +595,41 @@ class Binding:
         self.retry = retry or Retry()
         pool = getattr(router, "pool", None)
         self.cost_fn = pool_cost_fn(pool) if pool is not None else None
+        self.sessions = self._check_sessions(sessions)
+        self._check_shadow(shadow, shadow_sample, decision_log)
+        self.shadow, self.shadow_sample, self.decision_log = shadow, float(shadow_sample), decision_log
+        import random
+
+        self.rng = rng if rng is not None else random.Random()
+
+    def _check_shadow(self, shadow: str | None, sample: float, log: Any) -> None:
+        if log is not None:
+            from .decision_log import DecisionLog
+
+            if not isinstance(log, DecisionLog):
+                raise TypeError(f"decision_log must be a difficulty_router.DecisionLog, got {type(log).__name__}")
+        if isinstance(sample, bool) or not isinstance(sample, (int, float)) or not 0 <= sample <= 1:
+            raise ValueError(f"shadow_sample must be a share in [0, 1], got {sample!r}")
+        if shadow is None:
+            if sample:
+                raise ValueError("shadow_sample= only applies with shadow= (the default model to serve)")
+            return
+        if shadow not in self.models:
+            raise ValueError(f"shadow={shadow!r} is not among the configured {self.what} {self.models}")
+        if self.router is None or self.cascade is not None:
+            raise ValueError("shadow mode routes (to log the choice) and serves the default: give a router, no cascade")
+
+    def _check_sessions(self, sessions: Any) -> Any:
+        if sessions is None:
+            return None
+        from .sessions import Sessions
+
+        if not isinstance(sessions, Sessions):
+            raise TypeError(f"sessions must be a difficulty_router.sessions.Sessions, got {type(sessions).__name__}")
+        if self.router is None:
+            raise ValueError("sessions= needs a router: a session policy works on routing decisions")
+        sessions.bind(self.router)
+        return sessions
 
     def _check_cascade(self) -> None:
         if self.cascade is None:
@@ -565,10 +675,22 @@ class Binding:
             raise ValueError(f"none of the {self.what} {self.models} can call tools; give at least one that can")
         return excluded
 
-    def decide(self, query: Any, exclude: Mapping[str, str] | None = None) -> Any:
+    def decide(
+        self,
+        query: Any,
+        exclude: Mapping[str, str] | None = None,
+        *,
+        session: str | None = None,
+        context_tokens: int = 0,
+    ) -> Any:
+        """The router's decision for ``query``; with ``sessions=`` and a ``session`` key, the decision
+        that session's policy serves for this turn (``context_tokens``: the prompt's tokens)."""
         if self.router is None:
             raise NotImplementedError("this call needs a router: the cascade alone cannot route it")
-        return self.router.route(query, exclude=dict(exclude) if exclude else None)
+        decision = self.router.route(query, exclude=dict(exclude) if exclude else None)
+        if self.sessions is not None and session is not None:
+            decision = self.sessions.apply(session, decision, context_tokens=context_tokens)
+        return decision
 
     def decide_batch(self, queries: Sequence[Any], exclude: Mapping[str, str] | None = None) -> list[Any]:
         return self.router.route_batch(list(queries), exclude=dict(exclude) if exclude else None, progress=False)
@@ -585,6 +707,31 @@ class Binding:
                 scorer = scorers.get(model)
                 return None if scorer is None else float(scorer(query))
 
+        on_served = None
+        session = getattr(decision, "session", None)
+        if self.sessions is not None and session is not None and self.shadow is None:
+            sessions, key = self.sessions, session["key"]
+
+            def on_served(model: str) -> None:
+                sessions.served(key, model)
+
+        shadow = None
+        if self.shadow is not None and decision is not None:
+            sampled = decision.model != self.shadow and self.rng.random() < self.shadow_sample
+            shadow = {
+                "default": self.shadow,
+                "would_be": decision.model,
+                "sampled": sampled,
+                "alternative": decision.model if sampled else None,
+            }
+        on_done = None
+        if self.decision_log is not None and decision is not None:
+            log, router = self.decision_log, self.router
+
+            def on_done(call: RoutedCall) -> None:
+                served = call.served.model if call.served is not None else None
+                log.log_call(query, decision, served_by=served, shadow=call.shadow_record(), router=router)
+
         return RoutedCall(
             decision=decision,
             cascade=policy,
@@ -594,6 +741,9 @@ class Binding:
             retry=self.retry,
             cost_fn=self.cost_fn,
             fallbacks=self.fallbacks,
+            on_served=on_served,
+            shadow=shadow,
+            on_done=on_done,
         )
 
 

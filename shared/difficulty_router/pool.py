@@ -8,7 +8,12 @@ here; logged per-query costs in the outcomes take precedence in evaluation.
 A model may also say where it is served, for ``difficulty-router serve``: ``base_url`` of an
 OpenAI-compatible endpoint, ``model`` (the endpoint's own model name, default the pool name),
 ``api_key_env`` (the name of the environment variable holding its key, never the key itself, so
-pool files can be committed) and ``timeout`` in seconds. Pools without them keep routing offline.
+pool files can be committed) and ``timeout`` in seconds.
+
+Real bills count three kinds of tokens: fresh input, cached input (the provider's prompt cache,
+``cached_input_cost_per_1m``, typically 10-50% of the input price) and output. Token counts come
+from the extractor's tokenizer times ``tokens_per_extractor_token`` (the model's own tokens per
+extractor token; 1 unless you measured it). Pools without them keep routing offline.
 """
 
 from __future__ import annotations
@@ -34,6 +39,10 @@ class PoolModel:
     input_cost_per_1m: float | None = None
     output_cost_per_1m: float | None = None
     expected_output_tokens: float | None = None
+    # The provider's price for input tokens read from its prompt cache (default: the full input price).
+    cached_input_cost_per_1m: float | None = None
+    # This model's tokens per extractor token, to turn the extractor's token counts into the model's own.
+    tokens_per_extractor_token: float = 1.0
     # Where the model is served (optional; only ``difficulty-router serve`` needs them).
     base_url: str | None = None
     model: str | None = None
@@ -44,7 +53,14 @@ class PoolModel:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"pool model name must be a non-empty string, got {self.name!r}")
         self._check_backend()
-        for key in ("cost_per_query", "input_cost_per_1m", "output_cost_per_1m", "expected_output_tokens"):
+        for key in (
+            "cost_per_query",
+            "input_cost_per_1m",
+            "output_cost_per_1m",
+            "expected_output_tokens",
+            "cached_input_cost_per_1m",
+            "tokens_per_extractor_token",
+        ):
             value = getattr(self, key)
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0
@@ -62,6 +78,10 @@ class PoolModel:
             raise ValueError(
                 f"pool model {self.name!r}: token pricing needs both input_cost_per_1m and output_cost_per_1m"
             )
+        if self.cached_input_cost_per_1m is not None and not priced_by_token:
+            raise ValueError(f"pool model {self.name!r}: cached_input_cost_per_1m needs token prices, not per-query")
+        if self.tokens_per_extractor_token <= 0:
+            raise ValueError(f"pool model {self.name!r}: tokens_per_extractor_token must be > 0")
 
     def _check_backend(self) -> None:
         if self.base_url is not None and (
@@ -98,13 +118,42 @@ class PoolModel:
         """The name the backend itself knows this model by."""
         return self.model or self.name
 
-    def cost(self, prompt_chars: float) -> float:
-        """Expected cost of one call with a prompt of ``prompt_chars`` characters."""
+    def cost(
+        self,
+        prompt_chars: float | None = None,
+        *,
+        input_tokens: float | None = None,
+        cached_tokens: float = 0.0,
+        output_tokens: float | None = None,
+    ) -> float:
+        """Expected cost of one call.
+
+        The prompt is given either as ``prompt_chars`` (estimated at 4 characters a token) or as
+        ``input_tokens`` counted by the extractor's tokenizer (scaled by ``tokens_per_extractor_token``);
+        ``cached_tokens`` of them (same tokenizer) are read from the provider's prompt cache at
+        ``cached_input_cost_per_1m``. ``output_tokens`` (the model's own tokens, e.g. predicted by the
+        router's length head) defaults to ``expected_output_tokens``, else 256.
+        """
+        if (prompt_chars is None) == (input_tokens is None):
+            raise ValueError("give the prompt as prompt_chars or input_tokens (exactly one)")
+        size = prompt_chars if prompt_chars is not None else input_tokens
+        for what, value in (("prompt size", size), ("cached_tokens", cached_tokens), ("output_tokens", output_tokens)):
+            if value is not None and (isinstance(value, bool) or not math.isfinite(value) or value < 0):
+                raise ValueError(f"pool model {self.name!r}: {what} must be a finite number >= 0, got {value!r}")
         if self.cost_per_query is not None:
             return float(self.cost_per_query)
-        output_tokens = self.expected_output_tokens if self.expected_output_tokens is not None else 256.0
+        if output_tokens is None:
+            output_tokens = self.expected_output_tokens if self.expected_output_tokens is not None else 256.0
         input_price, output_price = self.input_cost_per_1m or 0.0, self.output_cost_per_1m or 0.0  # validated at load
-        return (prompt_chars / CHARS_PER_TOKEN) * input_price / 1e6 + output_tokens * output_price / 1e6
+        if prompt_chars is not None:
+            return (prompt_chars / CHARS_PER_TOKEN) * input_price / 1e6 + output_tokens * output_price / 1e6
+        assert input_tokens is not None
+        if cached_tokens > input_tokens:
+            raise ValueError(f"cached_tokens ({cached_tokens}) exceed the prompt's input_tokens ({input_tokens})")
+        cached_price = self.cached_input_cost_per_1m if self.cached_input_cost_per_1m is not None else input_price
+        ratio = self.tokens_per_extractor_token
+        fresh = (input_tokens - cached_tokens) * ratio
+        return (fresh * input_price + cached_tokens * ratio * cached_price + output_tokens * output_price) / 1e6
 
 
 @dataclass(frozen=True)
@@ -143,7 +192,12 @@ class ModelPool:
             raise ValueError(f"pool models {missing} are absent from {what} (which has {model_names})")
 
     def to_dict(self) -> dict:
-        return {"models": [{k: v for k, v in asdict(m).items() if v is not None} for m in self.models]}
+        defaults = {"tokens_per_extractor_token": 1.0}  # left out at their default, so old manifests stay identical
+        return {
+            "models": [
+                {k: v for k, v in asdict(m).items() if v is not None and defaults.get(k) != v} for m in self.models
+            ]
+        }
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "pool") -> ModelPool:

@@ -217,6 +217,7 @@ class DifficultyRouter:
                     latency_ms=elapsed,
                     novelty=None if novelty is None else float(novelty[i]),
                     ood=bool(ood[i]),
+                    capability_order=tuple(order),
                 )
             )
         return decisions
