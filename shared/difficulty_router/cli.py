@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cli_label import register as register_label
 from .cli_zero_label import load_router_or_pretrained, pretrained_arg
 from .cli_zero_label import register as register_zero_label
 from .families import FAMILIES
@@ -586,6 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     progress_arg(p)
     p.set_defaults(func=cmd_demo)
     register_zero_label(sub, extractor_args, progress_arg)
+    register_label(sub, extractor_args, progress_arg)
     return parser
 
 
