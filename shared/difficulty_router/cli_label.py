@@ -54,7 +54,9 @@ def register(sub, extractor_args, progress_arg) -> None:
     p.add_argument("--judge-threshold", type=int, help="judge score (1-5) counted as correct, default 4")
     p.add_argument("--concurrency", type=int, help="concurrent calls per model (default 4)")
     p.add_argument("--retries", type=int, help="retries of a transient error per call (default 3)")
-    p.add_argument("--max-usd", type=float, help="stop starting new calls once this much is spent")
+    p.add_argument(
+        "--max-usd", type=float, help="stop starting new calls once this much has been spent on OUT (all runs together)"
+    )
     p.add_argument("--max-tokens", type=int, help="completion limit for every pool model")
     p.add_argument("--temperature", type=float)
     p.add_argument("--system", help="system prompt for every pool model")
