@@ -216,3 +216,17 @@ def test_pretrained_router_drives_the_langchain_adapter(extractor, llama_backend
     assert record["served_by"] == STRONG  # share 1.0 for the strong rung: everything goes up
     assert set(record["decision"]["probabilities"]) == {WEAK, STRONG}
     assert record["decision"]["probabilities"][STRONG] >= 0.5 > record["decision"]["probabilities"][WEAK]
+
+
+def test_serve_pretrained_builds_the_router_for_the_served_pool(tmp_path):
+    from difficulty_router.cli import _pretrained_routers, build_parser
+
+    pool = {"models": [{"name": "a", "cost_per_query": 1.0, "base_url": "http://127.0.0.1:9/v1"},
+                       {"name": "b", "cost_per_query": 2.0, "base_url": "http://127.0.0.1:9/v1"}]}
+    (tmp_path / "pool.json").write_text(json.dumps(pool))
+    args = build_parser().parse_args(["serve", "--pretrained", "--pool", str(tmp_path / "pool.json")])
+    routers = _pretrained_routers(args, {})
+    assert list(routers) == ["router"] and routers["router"].models == ["a", "b"]
+    assert routers["router"].info["zero_label"]["costing"] == "prices"
+    with pytest.raises(ValueError, match="served as 'router'"):
+        _pretrained_routers(args, {"router": routers["router"]})
