@@ -11,6 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .cli_label import register as register_label
+from .cli_zero_label import load_router_or_pretrained, pretrained_arg
+from .cli_zero_label import register as register_zero_label
 from .families import FAMILIES
 from .model_store import DEFAULT_MODEL, cache_root
 
@@ -207,9 +210,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_route(args) -> int:
-    from .router import DifficultyRouter
-
-    router = DifficultyRouter.load(args.router, **_extractor_choice(args))
+    router = load_router_or_pretrained(args, args.router)
     query = args.query
     if args.messages:
         query = json.loads(args.query)
@@ -263,8 +264,12 @@ def cmd_serve(args) -> int:
     check_exposure(args.host, api_key, args.allow_unauthenticated)
     specs = specs_from_pool(ModelPool.load(args.pool))  # refuses a pool without base_urls before loading anything
     routers = {
-        name: DifficultyRouter.load(d, **_extractor_choice(args)) for name, d in _router_dirs(args.router).items()
+        name: DifficultyRouter.load(d, **_extractor_choice(args)) for name, d in _router_dirs(args.router or []).items()
     }
+    if args.pretrained is not None:  # the zero-label router for the served pool (or the pool --pretrained names)
+        routers = _pretrained_routers(args, routers)
+    if not routers:
+        raise ValueError("give --router DIR (or NAME=DIR), or --pretrained")
     if args.ood_percentile is not None:
         from .novelty import OODPolicy
 
@@ -315,6 +320,19 @@ def cmd_serve(args) -> int:
     print(f"serving http://{args.host}:{args.port}/v1 (auth {'on' if api_key else 'off'})", flush=True)
     serve(app, args.host, args.port, log_level="info" if args.verbose else "warning")
     return 0
+
+
+def _pretrained_routers(args, routers: dict) -> dict:
+    """Add the zero-label router, served as 'router': for the pool --pretrained names, else the served pool."""
+    from .cli_zero_label import pool_from_spec
+    from .router import DifficultyRouter
+    from .server.app import DEFAULT_ROUTER_NAME
+
+    if DEFAULT_ROUTER_NAME in routers:
+        raise ValueError(
+            f"--pretrained is served as {DEFAULT_ROUTER_NAME!r}; give the other router as --router NAME=DIR"
+        )
+    return {**routers, DEFAULT_ROUTER_NAME: DifficultyRouter.pretrained(pool_from_spec(args.pretrained or args.pool))}
 
 
 def cmd_convert(args) -> int:
@@ -484,7 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("route", help="print the routing decision for a query")
-    p.add_argument("--router", required=True)
+    p.add_argument("--router", help="saved router directory (or --pretrained)")
+    pretrained_arg(p, flag_only=False)
     p.add_argument("query", help="the query text (or a JSON list of messages with --messages)")
     p.add_argument("--messages", action="store_true", help="QUERY is a JSON chat conversation")
     p.add_argument("--json", action="store_true")
@@ -494,10 +513,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve an OpenAI-compatible chat completions endpoint that routes")
     p.add_argument(
         "--router",
-        required=True,
         action="append",
         help="saved router directory, served as model 'router'; or NAME=DIR (repeatable)",
     )
+    pretrained_arg(p, flag_only=True)
     p.add_argument(
         "--pool", required=True, help="pool file whose models carry base_url (and model, api_key_env, timeout)"
     )
@@ -567,6 +586,8 @@ def build_parser() -> argparse.ArgumentParser:
     cache_args(p)
     progress_arg(p)
     p.set_defaults(func=cmd_demo)
+    register_zero_label(sub, extractor_args, progress_arg)
+    register_label(sub, extractor_args, progress_arg)
     return parser
 
 

@@ -259,21 +259,49 @@ class DifficultyRouter:
 
     def calibrate(
         self,
-        outcomes: Outcomes,
+        outcomes: Outcomes | None = None,
         *,
         target_cost: float | None = None,
         target_accuracy: float | None = None,
         max_accuracy_drop: float | None = None,
         kind: str | None = None,
         proba: np.ndarray | None = None,
+        unlabelled: Sequence[Any] | None = None,
+        strong_share: float | None = None,
+        shares: Sequence[float] | None = None,
+        max_cost_per_1k: float | None = None,
+        progress: bool | None = None,
     ) -> dict:
-        """Set the policy's knob on labelled traffic of your own.
+        """Set the policy's knob on labelled traffic of your own, or on unlabelled prompts.
 
         ``target_cost``: best accuracy at a mean cost per query no higher than this.
         ``target_accuracy``: cheapest setting reaching this accuracy.
         ``max_accuracy_drop``: cheapest setting within this many accuracy points (0.01 = 1 point)
         of the best single pool model on these rows.
+
+        Without labels, pass ``unlabelled`` prompts and one of ``strong_share`` (share of calls
+        to the most capable model), ``shares`` (per model, zero-label ladder routers) or
+        ``max_cost_per_1k``; see :func:`difficulty_router.traffic.calibrate_unlabelled`.
         """
+        if unlabelled is not None:
+            if outcomes is not None or any(x is not None for x in (target_cost, target_accuracy, max_accuracy_drop)):
+                raise ValueError(
+                    "give labelled outcomes with their targets, or unlabelled prompts with theirs, not both"
+                )
+            from .traffic import calibrate_unlabelled
+
+            return calibrate_unlabelled(
+                self,
+                unlabelled,
+                strong_share=strong_share,
+                shares=shares,
+                max_cost_per_1k=max_cost_per_1k,
+                progress=progress,
+            )
+        if outcomes is None:
+            raise ValueError(
+                "calibrate needs labelled outcomes, or unlabelled= prompts with strong_share/max_cost_per_1k"
+            )
         given = [x is not None for x in (target_cost, target_accuracy, max_accuracy_drop)]
         if sum(given) != 1:
             raise ValueError("give exactly one of target_cost, target_accuracy or max_accuracy_drop")
@@ -295,6 +323,19 @@ class DifficultyRouter:
             "point": point,
         }
         return point
+
+    @classmethod
+    def pretrained(
+        cls, pool: ModelPool | Sequence[str], *, shares: Sequence[float] | None = None, **kwargs
+    ) -> DifficultyRouter:
+        """A zero-label router from the difficulty head shipped with the package (see :mod:`.pretrained`).
+
+        ``pool``: model names from cheapest to most capable, or a :class:`ModelPool` listed that
+        way with prices; ``shares`` of traffic per model default to even.
+        """
+        from .pretrained import pretrained_router
+
+        return pretrained_router(pool, shares=shares, **kwargs)
 
     # -- persistence ---------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:

@@ -1,0 +1,238 @@
+"""``difficulty-router label`` end to end against real llama.cpp servers (tests/llama_servers.py).
+
+The pool is two differently configured SmolLM2-135M endpoints (one told to answer in a word
+at temperature 0 with 8 tokens, one sampling at temperature 0.7 with 16), the judge is the
+second server. SmolLM2 answers and judges poorly: the tests check the labelling machinery
+(grading consistency, resume, budget stop, skipped judge rows), never answer quality.
+Prompts and token limits are kept small so the file runs in well under a minute of calls.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from difficulty_router import DifficultyRouter, load_outcomes
+from difficulty_router.cli import main
+from difficulty_router.graders import (
+    JudgeParseError,
+    extract_choice,
+    extract_number,
+    get_grader,
+    parse_judge_score,
+)
+from difficulty_router.labelling import (
+    Labeller,
+    LabelConfig,
+    config_from_pool_file,
+    journal_path,
+    langchain_backend,
+    openai_backend,
+    read_journal,
+    read_prompt_rows,
+    select_uncertain,
+)
+from difficulty_router.pool import PoolModel
+
+PROMPTS = [
+    ("What is 2 + 2? Reply with the number only.", "4"),
+    ("What is 3 + 5? Reply with the number only.", "8"),
+    ("What is 10 - 7? Reply with the number only.", "3"),
+    ("How many legs does a cat have? Reply with the number only.", "4"),
+    ("What is 6 times 2? Reply with the number only.", "12"),
+]
+
+
+def write_prompts(path, n, reference=True):
+    with open(path, "w") as fh:
+        for i, (prompt, answer) in enumerate(PROMPTS[:n]):
+            row = {"id": f"q{i}", "prompt": prompt}
+            if reference:
+                row["reference"] = answer
+            fh.write(json.dumps(row) + "\n")
+    return path
+
+
+def write_pool(path, backends, *, judge=False, cost_per_query=0.001):
+    pool = {
+        "models": [
+            {"name": "terse", "base_url": backends["small"], "model": "small", "cost_per_query": cost_per_query},
+            {"name": "chatty", "base_url": backends["large"], "model": "large", "cost_per_query": 2 * cost_per_query},
+        ],
+        "label": {
+            "generation": {
+                "terse": {"system": "Answer in one word.", "temperature": 0.0, "max_tokens": 8},
+                "chatty": {"temperature": 0.7, "max_tokens": 16},
+            },
+        },
+    }
+    if judge:
+        pool["label"]["judge"] = {"name": "judge", "base_url": backends["large"], "model": "large",
+                                  "cost_per_query": 0.0}
+    path.write_text(json.dumps(pool))
+    return path
+
+
+def labeller(pool_file, **overrides):
+    pool, config = config_from_pool_file(pool_file, **overrides)
+    return Labeller([openai_backend(m) for m in pool.models], config)
+
+
+# -- graders (pure functions) -------------------------------------------------------------------
+@pytest.mark.parametrize(("answer", "letter"), [("The answer is (C).", "C"), ("B. Paris", "B"), ("(D)", "D"),
+                                                ("answer: a", "A"), ("I am not sure", None)])
+def test_choice_extraction(answer, letter):
+    assert extract_choice(answer) == letter
+
+
+def test_reference_graders():
+    assert get_grader("number")("So the total is 1,234.0 apples.", "1234")
+    assert not get_grader("number")("It is 12", "13")
+    assert extract_number("no digits") is None
+    assert get_grader("exact")("  Paris. ", "paris")
+    assert get_grader("regex")("The capital is Paris", r"\bparis\b")
+    assert get_grader("choice")("The answer is (b)", "B")
+    with pytest.raises(ValueError, match="reference letter"):
+        get_grader("choice")("A", "Paris")
+    with pytest.raises(ValueError, match="unknown grader"):
+        get_grader("fuzzy")
+
+
+@pytest.mark.parametrize("reply", ["", "   ", "I think it is good.", "Score: 7", "Score: excellent"])
+def test_malformed_judge_replies_raise_a_clear_error(reply):
+    with pytest.raises(JudgeParseError, match="judge's reply"):
+        parse_judge_score(reply)
+
+
+@pytest.mark.parametrize(("reply", "score"), [("Score: 4", 4), ("Rating: 2/5", 2), ("5", 5), ("**Score:** 3", 3)])
+def test_judge_scores_parse(reply, score):
+    assert parse_judge_score(reply) == score
+
+
+def test_prompt_file_errors_name_the_line(tmp_path):
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a"}\n{"text": "b"}\n')
+    with pytest.raises(ValueError, match="line 2: expected a string or an object"):
+        read_prompt_rows(tmp_path / "p.jsonl")
+    (tmp_path / "e.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="holds no prompts"):
+        read_prompt_rows(tmp_path / "e.jsonl")
+
+
+# -- end to end on real servers --------------------------------------------------------------------
+def test_reference_grading_and_resume(llama_backends, tmp_path):
+    pool_file = write_pool(tmp_path / "pool.json", llama_backends)
+    out = tmp_path / "labels.jsonl"
+    first = labeller(pool_file, grader="number").run(read_prompt_rows(write_prompts(tmp_path / "p3.jsonl", 3)),
+                                                     out, progress=False)
+    assert first.calls == 6 and first.rows_written == 3 and first.stopped is None
+    # the training file is what `difficulty-router train` reads, graded consistently with the answers
+    outcomes = load_outcomes(out)
+    assert outcomes.models == ["terse", "chatty"] and len(outcomes) == 3
+    records = {(r["id"], r["model"]): r for r in read_journal(journal_path(out))}
+    grade = get_grader("number")
+    for i, qid in enumerate(outcomes.ids):
+        for j, model in enumerate(outcomes.models):
+            record = records[(qid, model)]
+            assert outcomes.scores[i, j] == float(grade(record["answer"], PROMPTS[int(qid[1:])][1]))
+            assert record["prompt_tokens"] > 0 and record["latency_s"] > 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows[0]["cost"] == {"terse": 0.001, "chatty": 0.002}
+    assert set(rows[0]["tokens"]) == {"terse", "chatty"} and set(rows[0]["latency_s"]) == {"terse", "chatty"}
+    # "terse" got its system prompt and its 8-token limit, "chatty" its 16
+    assert all(records[(q, "terse")]["completion_tokens"] <= 8 for q in outcomes.ids)
+    assert all(records[(q, "chatty")]["completion_tokens"] <= 16 for q in outcomes.ids)
+
+    # re-run on a superset: only the two new prompts are called
+    second = labeller(pool_file, grader="number").run(read_prompt_rows(write_prompts(tmp_path / "p5.jsonl", 5)),
+                                                      out, progress=False)
+    assert second.calls == 4 and second.rows_written == 5
+    assert len(read_journal(journal_path(out))) == 10
+    assert "| terse | 5 |" in second.table() and "| chatty | 5 |" in second.table()
+
+
+def test_budget_stops_cleanly_and_resumes(llama_backends, tmp_path):
+    pool_file = write_pool(tmp_path / "pool.json", llama_backends, cost_per_query=0.01)
+    rows = read_prompt_rows(write_prompts(tmp_path / "p.jsonl", 5))
+    out = tmp_path / "labels.jsonl"
+    report = labeller(pool_file, grader="number", max_usd=0.05, concurrency=1).run(rows, out, progress=False)
+    assert report.stopped is not None and "budget of $0.05 reached" in report.stopped
+    spent = sum(r["usd"] for r in read_journal(journal_path(out)))
+    # calls already under way finish: at most one per model beyond the budget (concurrency 1)
+    assert 0.05 <= spent <= 0.05 + 0.03 + 1e-9
+    answered = len(read_journal(journal_path(out)))
+    assert answered < 10
+    written = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+    assert len(written) <= answered // 2  # only prompts graded for both models
+    resumed = labeller(pool_file, grader="number").run(rows, out, progress=False)
+    assert resumed.calls == 10 - answered and resumed.rows_written == 5 and resumed.stopped is None
+
+
+def test_judge_grades_or_skips_with_a_reason(llama_backends, tmp_path):
+    pool_file = write_pool(tmp_path / "pool.json", llama_backends, judge=True)
+    rows = read_prompt_rows(write_prompts(tmp_path / "p.jsonl", 3, reference=False))
+    out = tmp_path / "labels.jsonl"
+    report = labeller(pool_file).run(rows, out, progress=False)
+    records = read_journal(journal_path(out))
+    assert len(records) == 6 and report.stopped is None
+    for r in records:
+        assert r["status"] in ("graded", "skipped"), r
+        if r["status"] == "graded":  # a parsable judge reply, mapped by the threshold (4)
+            assert r["judge_score"] == parse_judge_score(r["judge_reply"])
+            assert r["score"] == float(r["judge_score"] >= 4)
+        else:  # a malformed judge reply: a skipped row with the reason, never a crash
+            assert "the judge's reply" in r["reason"]
+            with pytest.raises(JudgeParseError):
+                parse_judge_score(r["judge_reply"])
+    complete = {r["id"] for r in records if r["status"] == "graded"}
+    complete = {q for q in complete if all((q, m) in {(r["id"], r["model"]) for r in records
+                                                       if r["status"] == "graded"} for m in ("terse", "chatty"))}
+    assert report.rows_written == len(complete)
+    # skipped pairs are finished: a re-run does not call them again
+    assert labeller(pool_file).run(rows, out, progress=False).calls == 0
+
+
+def test_unreachable_model_is_retried_then_recorded(llama_backends, tmp_path):
+    from llama_servers import dead_url
+
+    down = openai_backend(PoolModel("down", cost_per_query=0.0, base_url=dead_url(), timeout=5))
+    up = langchain_backend("up", _chat_openai(llama_backends["small"], "small"))  # the LangChain path
+    rows = read_prompt_rows(write_prompts(tmp_path / "p.jsonl", 2))
+    out = tmp_path / "labels.jsonl"
+    report = Labeller([up, down], LabelConfig(grader="number", retries=1, backoff_s=0.01)).run(rows, out,
+                                                                                              progress=False)
+    assert report.per_model["down"]["errors"] == 2 and report.per_model["up"]["graded"] == 2
+    assert report.rows_written == 0  # no prompt has both labels
+    assert all("Connection" in r["error"] for r in read_journal(journal_path(out)) if r["model"] == "down")
+
+
+def _chat_openai(base_url, alias):
+    from langchain_openai import ChatOpenAI
+
+    return ChatOpenAI(base_url=base_url, api_key="none", model=alias, temperature=0, max_retries=0,
+                      extra_body={"max_tokens": 8})
+
+
+def test_cli_label(llama_backends, tmp_path, capsys):
+    pool_file = write_pool(tmp_path / "pool.json", llama_backends)
+    prompts = write_prompts(tmp_path / "p.jsonl", 2)
+    out = tmp_path / "labels.jsonl"
+    assert main(["label", str(prompts), "--pool", str(pool_file), "--out", str(out), "--grader", "number",
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "| terse | 2 |" in printed and "wrote 2 training rows" in printed
+    assert len(load_outcomes(out)) == 2
+    assert main(["label", str(prompts), "--pool", str(pool_file), "--out", str(out), "--grader", "fuzzy"]) == 2
+    assert "unknown grader 'fuzzy'" in capsys.readouterr().err
+
+
+def test_select_picks_the_most_uncertain_prompts(extractor, sample_outcomes):
+    router = DifficultyRouter.pretrained(["cheap", "strong"], extractor=extractor)
+    rows = [{"id": str(i), "_messages": q} for i, q in enumerate(sample_outcomes.queries[:40])]
+    picked = select_uncertain(router, rows, 10, progress=False)
+    proba = router.predict_proba([r["_messages"] for r in rows], progress=False)
+    uncertainty = (proba * (1 - proba)).mean(axis=1)
+    assert sorted(int(r["id"]) for r in picked) == sorted(np.argsort(-uncertainty)[:10].tolist())
+    with pytest.raises(ValueError, match="positive count"):
+        select_uncertain(router, rows, 0)
