@@ -37,6 +37,8 @@ def _feature_cache(args):
 
 def _read_queries(path: Path) -> list:
     """One query per line: a JSON string, an object with prompt/messages/query, or (for .txt) raw text."""
+    from .queries import query_from_json_line
+
     if not path.is_file():
         raise FileNotFoundError(f"input file not found: {path}")
     queries = []
@@ -47,18 +49,7 @@ def _read_queries(path: Path) -> list:
             if path.suffix == ".txt":
                 queries.append(line.rstrip("\n"))
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}, line {lineno}: not valid JSON ({exc.msg})") from None
-            if isinstance(row, dict):
-                for key in ("messages", "prompt", "query"):
-                    if key in row:
-                        row = row[key]
-                        break
-                else:
-                    raise ValueError(f"{path}, line {lineno}: object has none of 'prompt', 'messages', 'query'")
-            queries.append(row)
+            queries.append(query_from_json_line(line, f"{path}, line {lineno}"))
     if not queries:
         raise ValueError(f"{path} holds no queries")
     return queries
@@ -67,6 +58,10 @@ def _read_queries(path: Path) -> list:
 def cmd_extract(args) -> int:
     from .extractor import ActivationExtractor
 
+    if args.engine == "ray":
+        from .scale.commands import run_extract
+
+        return run_extract(args, _layers(args.layers))
     queries = _read_queries(Path(args.input))
     start = time.perf_counter()
     extractor = ActivationExtractor(
@@ -433,12 +428,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--input", required=True, help="JSON Lines of queries (strings or objects with prompt/messages), or .txt"
     )
-    p.add_argument("--output", required=True, help="output .npz")
+    p.add_argument("--output", required=True, help="output .npz (with --engine ray: a directory of Parquet shards)")
     p.add_argument("--max-tokens", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     progress_arg(p)
+    from .scale.commands import add_extract_args
+
+    add_extract_args(p)
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("train", help="train a router from an outcomes file")
