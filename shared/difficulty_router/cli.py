@@ -161,6 +161,10 @@ def cmd_train(args) -> int:
     extractor = ActivationExtractor(
         args.extractor, max_tokens=args.max_tokens, device=args.device, feature_cache=_feature_cache(args)
     )
+    if args.features:
+        from .scale.commands import run_train_from_shards
+
+        return run_train_from_shards(args, outcomes, pool, extractor, _print_training)
     router = train_router(
         outcomes,
         pool,
@@ -282,6 +286,10 @@ def cmd_serve(args) -> int:
         "max_tokens": args.max_completion_tokens,
     }
     limits = Limits(**{k: v for k, v in given.items() if v is not None})
+    if args.engine == "ray":  # the routers above were loaded once here to check them before the replicas start
+        from .scale.commands import run_serve
+
+        return run_serve(args, specs, _router_dirs(args.router), api_key, limits, max_batch)
     app = create_app(
         routers,
         specs,
@@ -467,6 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     cache_args(p)
     progress_arg(p)
+    from .scale.commands import add_train_args
+
+    add_train_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a router on labelled rows against baselines")
@@ -539,6 +550,9 @@ def build_parser() -> argparse.ArgumentParser:
         "to the most capable model (default: off; the decision reports the percentile either way)",
     )
     extractor_args(p)
+    from .scale.commands import add_serve_args
+
+    add_serve_args(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("convert", help="convert public routing data to an outcomes file")
