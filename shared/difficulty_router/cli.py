@@ -40,6 +40,8 @@ def _feature_cache(args):
 
 def _read_queries(path: Path) -> list:
     """One query per line: a JSON string, an object with prompt/messages/query, or (for .txt) raw text."""
+    from .queries import query_from_json_line
+
     if not path.is_file():
         raise FileNotFoundError(f"input file not found: {path}")
     queries = []
@@ -50,18 +52,7 @@ def _read_queries(path: Path) -> list:
             if path.suffix == ".txt":
                 queries.append(line.rstrip("\n"))
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}, line {lineno}: not valid JSON ({exc.msg})") from None
-            if isinstance(row, dict):
-                for key in ("messages", "prompt", "query"):
-                    if key in row:
-                        row = row[key]
-                        break
-                else:
-                    raise ValueError(f"{path}, line {lineno}: object has none of 'prompt', 'messages', 'query'")
-            queries.append(row)
+            queries.append(query_from_json_line(line, f"{path}, line {lineno}"))
     if not queries:
         raise ValueError(f"{path} holds no queries")
     return queries
@@ -70,6 +61,10 @@ def _read_queries(path: Path) -> list:
 def cmd_extract(args) -> int:
     from .extractor import ActivationExtractor
 
+    if args.engine == "ray":
+        from .scale.commands import run_extract
+
+        return run_extract(args, _layers(args.layers))
     queries = _read_queries(Path(args.input))
     start = time.perf_counter()
     extractor = ActivationExtractor(
@@ -169,6 +164,10 @@ def cmd_train(args) -> int:
     extractor = ActivationExtractor(
         args.extractor, max_tokens=args.max_tokens, device=args.device, feature_cache=_feature_cache(args)
     )
+    if args.features:
+        from .scale.commands import run_train_from_shards
+
+        return run_train_from_shards(args, outcomes, pool, extractor, _print_training)
     router = train_router(
         outcomes,
         pool,
@@ -292,6 +291,10 @@ def cmd_serve(args) -> int:
         "max_tokens": args.max_completion_tokens,
     }
     limits = Limits(**{k: v for k, v in given.items() if v is not None})
+    if args.engine == "ray":  # the routers above were loaded once here to check them before the replicas start
+        from .scale.commands import run_serve
+
+        return run_serve(args, specs, _router_dirs(args.router), api_key, limits, max_batch)
     app = create_app(
         routers,
         specs,
@@ -451,12 +454,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--input", required=True, help="JSON Lines of queries (strings or objects with prompt/messages), or .txt"
     )
-    p.add_argument("--output", required=True, help="output .npz")
+    p.add_argument("--output", required=True, help="output .npz (with --engine ray: a directory of Parquet shards)")
     p.add_argument("--max-tokens", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     progress_arg(p)
+    from .scale.commands import add_extract_args
+
+    add_extract_args(p)
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("train", help="train a router from an outcomes file")
@@ -487,6 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     cache_args(p)
     progress_arg(p)
+    from .scale.commands import add_train_args
+
+    add_train_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a router on labelled rows against baselines")
@@ -560,6 +569,9 @@ def build_parser() -> argparse.ArgumentParser:
         "to the most capable model (default: off; the decision reports the percentile either way)",
     )
     extractor_args(p)
+    from .scale.commands import add_serve_args
+
+    add_serve_args(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("convert", help="convert public routing data to an outcomes file")

@@ -26,6 +26,17 @@ class FeatureCache:
         digest.update(np.asarray(token_ids, dtype=np.int64).tobytes())
         return digest.hexdigest()
 
+    @classmethod
+    def row_key(cls, model_hash: str, layers: Sequence[int], pooling: Sequence[str], token_ids: Sequence[int]) -> str:
+        """One key for a whole row (every requested block), derived from the per-block keys above: what the
+        Parquet shards of distributed extraction (``scale.ray_extract``) are keyed by, so a shard row and
+        the cache's blocks name the same content."""
+        digest = hashlib.sha256()
+        for layer in layers:
+            for pool in pooling:
+                digest.update(cls._key(model_hash, layer, pool, token_ids).encode())
+        return digest.hexdigest()
+
     def _path(self, key: str) -> Path:
         return self.directory / key[:2] / f"{key}.npy"
 

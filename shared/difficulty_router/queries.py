@@ -147,3 +147,21 @@ def clip_conversation(conversation: Conversation, max_chars: int) -> tuple[Conve
 def conversation_text(conversation: Conversation) -> str:
     """Plain-text rendering for surface baselines (length, TF-IDF) that know no chat template."""
     return "\n".join(f"{m['role']}: {m['content']}" for m in conversation)
+
+
+QUERY_FIELDS = ("messages", "prompt", "query")
+
+
+def query_from_json_line(line: str, where: str) -> Any:
+    """One JSON Lines row of a query file: a JSON string, a message list, or an object whose first of
+    ``messages``/``prompt``/``query`` holds the query. ``where`` names the row in errors (file and line)."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
+    if isinstance(row, dict):
+        for key in QUERY_FIELDS:
+            if key in row:
+                return row[key]
+        raise ValueError(f"{where}: object has none of 'prompt', 'messages', 'query'")
+    return row

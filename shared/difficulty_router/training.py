@@ -131,6 +131,7 @@ def train_router(
     keep_models: Sequence[str] = (),
     prefer_shallow: bool = True,
     max_readout_ms: float | None = None,
+    extraction=None,
 ) -> DifficultyRouter:
     """Train per-model success probes on ``outcomes`` and return a router ready to ``route``.
 
@@ -151,6 +152,9 @@ def train_router(
     Models another pool model beats on both training accuracy and mean cost are dropped from
     routing (kept as a last resort) unless named in ``keep_models``. The utility policy's
     margin is fitted on out-of-fold predictions (:func:`~difficulty_router.policies.fit_margin`).
+
+    ``extraction``: features already extracted for ``outcomes.queries`` (e.g. read from Parquet shards by
+    :func:`difficulty_router.scale.shard_training.train_from_shards`) at the fixed ``layers``/``pooling``.
     """
     families = tuple(families)
     unknown = [f for f in families if f not in FAMILIES]
@@ -165,8 +169,13 @@ def train_router(
         raise ValueError(f"need at least {2 * cv} labelled rows to train, got {len(outcomes)}")
     extractor = extractor or ActivationExtractor()
     candidate_layers = normalise_layers(layers if layers is not None else DEFAULT_CANDIDATE_LAYERS, extractor.n_layers)
+    if extraction is not None and (layers is None or pooling is None or len(extraction) != len(outcomes)):
+        raise ValueError("a given extraction needs the fixed layers and pooling, and one row per outcome")
     if layers is not None and pooling is not None:  # a fixed read-out: every given layer, concatenated
-        extraction = extractor.extract(outcomes.queries, layers=candidate_layers, pooling=pooling, progress=progress)
+        if extraction is None:
+            extraction = extractor.extract(
+                outcomes.queries, layers=candidate_layers, pooling=pooling, progress=progress
+            )
         chosen_layers, chosen_pooling = extraction.layers, extraction.pooling
         sweep_table: list[dict] = []
         choice: dict[str, Any] = {"rule": "fixed by the caller"}

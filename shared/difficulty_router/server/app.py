@@ -16,12 +16,13 @@ tokens anyway), and every error is OpenAI-shaped with an ``x-request-id`` (see :
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hmac
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -96,6 +97,7 @@ def create_app(
     route_timeout: float | None = 30.0,
     limits: Limits | None = None,
     metrics: ServerMetrics | None = None,
+    route_one: Callable[[str, list, frozenset], Awaitable[Any]] | None = None,
 ):
     """Build the ASGI app.
 
@@ -107,6 +109,9 @@ def create_app(
     ``max_wait`` (seconds) bound the micro-batches (``max_batch=1`` decides requests one by
     one); ``max_queue`` requests may wait for routing (then 429) for ``route_timeout``
     seconds (then 503). ``limits``: what one request may hold (default :class:`Limits`).
+    ``route_one(router_name, conversation, exclude_key)``: an async function that decides one request in
+    place of the in-process micro-batcher (Ray Serve's ``@serve.batch``, see ``scale.ray_serve``); the
+    batching, queue bound and metrics of batches are then its own, ``route_timeout`` still applies.
     """
     limits = limits or Limits()
     if isinstance(routers, DifficultyRouter):
@@ -133,18 +138,22 @@ def create_app(
 
         return decide
 
-    batchers = {
-        name: MicroBatcher(
-            batch_fn(r),
-            max_batch=max_batch,
-            max_wait=max_wait,
-            max_queue=max_queue,
-            timeout=route_timeout,
-            on_batch=metrics.observe_batch,
-            name=name,
-        )
-        for name, r in routers.items()
-    }
+    batchers = (
+        {}
+        if route_one is not None
+        else {
+            name: MicroBatcher(
+                batch_fn(r),
+                max_batch=max_batch,
+                max_wait=max_wait,
+                max_queue=max_queue,
+                timeout=route_timeout,
+                on_batch=metrics.observe_batch,
+                name=name,
+            )
+            for name, r in routers.items()
+        }
+    )
 
     def queue_depth(batcher: MicroBatcher) -> Callable[[], int]:
         return lambda: batcher.depth
@@ -235,7 +244,15 @@ def create_app(
             down = {}  # everything is down: try them anyway rather than refuse outright
         start = time.perf_counter()
         try:
-            decision = await batchers[router_name].submit(conversation, frozenset(down.items()))
+            if route_one is None:
+                decision = await batchers[router_name].submit(conversation, frozenset(down.items()))
+            else:
+                try:
+                    decision = await asyncio.wait_for(
+                        route_one(router_name, conversation, frozenset(down.items())), route_timeout
+                    )
+                except TimeoutError:
+                    raise DeadlineExceeded(f"not decided within {route_timeout:g} s") from None
         except QueueFull:
             metrics.shed.inc(router_name, "queue_full")
             raise ApiError(

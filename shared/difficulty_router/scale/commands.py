@@ -1,0 +1,132 @@
+"""The ``--engine ray`` options of ``difficulty-router extract`` and ``serve``, kept here so the main CLI
+only registers them."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_engine_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--engine",
+        default="local",
+        choices=["local", "ray"],
+        help=f"'ray': {what} on a Ray cluster (needs pip install 'difficulty-router[ray]')",
+    )
+    p.add_argument(
+        "--ray-address", help="an existing Ray cluster ('auto' for one started with `ray start`); default: start one"
+    )
+
+
+def add_extract_args(p: argparse.ArgumentParser) -> None:
+    add_engine_args(p, "read with Ray Data, extract with a pool of actors, write Parquet shards to --output")
+    p.add_argument("--workers", type=int, help="extractor actors (default: one per CPU, or per GPU when there are)")
+    p.add_argument("--rows-per-shard", type=int, default=256, help="prompts per batch and Parquet shard")
+    p.add_argument("--feature-cache", help="feature cache directory the workers read and write (default: the user's)")
+    p.add_argument("--no-feature-cache", action="store_true", help="workers neither read nor write cached features")
+
+
+def run_extract(args, layers) -> int:
+    from ..model_store import cache_root
+    from .ray_extract import extract_distributed
+
+    cache = None if args.no_feature_cache else (args.feature_cache or cache_root() / "features")
+    shards = extract_distributed(
+        args.input,
+        args.output,
+        model=args.model,
+        gguf_file=args.gguf_file,
+        layers=layers or 0.5,
+        pooling=args.pooling,
+        max_tokens=args.max_tokens,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        workers=args.workers,
+        rows_per_shard=args.rows_per_shard,
+        feature_cache=cache,
+        address=args.ray_address,
+        progress=bool(args.progress),
+    )
+    m = shards.manifest
+    print(
+        f"{m['rows']} rows -> {len(m['shards'])} Parquet shards in {args.output} (layers {m['layers']}, pooling "
+        f"{'+'.join(m['pooling'])}, width {m['width']}) from {m['model_id']} on {m['workers']} workers "
+        f"({m['device']}/{m['dtype']}) in {m['seconds']:.1f} s ({m['rows'] / m['seconds']:.1f} rows/s)"
+    )
+    return 0
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--features",
+        help="read the features from this directory of Parquet shards (extract --engine ray) instead of extracting",
+    )
+    p.add_argument(
+        "--memory-budget-gb",
+        type=float,
+        default=4.0,
+        help="with --features: fit in memory up to this size, else stream mini-batches (default %(default)s)",
+    )
+
+
+def run_train_from_shards(args, outcomes, pool, extractor, report) -> int:
+    from .shard_training import train_from_shards
+
+    router = train_from_shards(
+        outcomes,
+        pool,
+        extractor,
+        args.features,
+        memory_budget=int(args.memory_budget_gb * (1 << 30)),
+        policy=args.policy,
+        cv=args.cv,
+        seed=args.seed,
+        progress=args.progress is not False,
+        families=args.families,
+        keep_models=args.keep_models or (),
+    )
+    router.info["training"]["data"] = str(args.data)
+    router.save(args.out)
+    report(router)
+    source = router.info["training"]["features_from"]
+    print(f"features from {args.features} ({source['mode']}); saved router to {args.out}")
+    return 0
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    add_engine_args(p, "a Ray Serve deployment with replicas and @serve.batch routing reads")
+    p.add_argument("--replicas", type=int, default=1, help="with --engine ray: server replicas (default 1)")
+    p.add_argument("--cpus-per-replica", type=float, default=1.0, help="with --engine ray: CPUs each replica holds")
+
+
+def run_serve(args, specs, router_dirs, api_key, limits, max_batch) -> int:
+    from .ray_serve import build_app, run
+
+    app = build_app(
+        router_dirs,
+        specs,
+        replicas=args.replicas,
+        cpus_per_replica=args.cpus_per_replica,
+        max_batch=max_batch,
+        max_wait_s=args.max_wait_ms / 1000,
+        extractor=args.extractor,
+        allow_other_extractor=args.allow_other_extractor,
+        app_options={
+            "api_key": api_key,
+            "allow_unauthenticated": args.allow_unauthenticated,
+            "route_timeout": args.route_timeout,
+            "limits": limits,
+        },
+    )
+    print(
+        f"Ray Serve: {args.replicas} replicas of routers {sorted(router_dirs)}, @serve.batch up to {max_batch} "
+        f"requests or {args.max_wait_ms:g} ms; serving http://{args.host}:{args.port}/v1 "
+        f"(auth {'on' if api_key else 'off'})",
+        flush=True,
+    )
+    from . import ensure_ray
+
+    ensure_ray(args.ray_address)
+    run(app, args.host, args.port, blocking=True)
+    return 0
