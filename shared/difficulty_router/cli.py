@@ -248,6 +248,7 @@ def cmd_serve(args) -> int:
     from .router import DifficultyRouter
 
     try:
+        from .serve_options import session_kwargs
         from .server import create_app, specs_from_pool
         from .server.run import check_exposure, serve
     except ImportError as exc:
@@ -297,6 +298,7 @@ def cmd_serve(args) -> int:
         max_queue=args.max_queue,
         route_timeout=args.route_timeout,
         limits=limits,
+        **session_kwargs(args),
     )
     for name, router in routers.items():
         print(
@@ -540,6 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="send queries whose read-out is more novel than this percentile of the training read-outs "
         "to the most capable model (default: off; the decision reports the percentile either way)",
     )
+    from .serve_options import add_session_arguments
+
+    add_session_arguments(p)
     extractor_args(p)
     p.set_defaults(func=cmd_serve)
 
