@@ -572,6 +572,9 @@ def build_parser() -> argparse.ArgumentParser:
     cache_args(p)
     progress_arg(p)
     p.set_defaults(func=cmd_demo)
+    from .report import add_report_parser
+
+    add_report_parser(sub)
     return parser
 
 
