@@ -248,6 +248,7 @@ def cmd_serve(args) -> int:
     from .router import DifficultyRouter
 
     try:
+        from .serve_options import session_kwargs
         from .server import create_app, specs_from_pool
         from .server.run import check_exposure, serve
     except ImportError as exc:
@@ -294,6 +295,22 @@ def cmd_serve(args) -> int:
     if args.engine == "ray":  # the routers above were loaded once here to check them before the replicas start
         from .scale.commands import run_serve
 
+        # Replicas load saved router directories and keep their own state: a session store per replica would
+        # let one conversation hop between models, and a decision log cannot be shared across processes.
+        unsupported = [
+            flag
+            for flag, given in (
+                ("--pretrained", args.pretrained is not None),
+                ("--ood-percentile", args.ood_percentile is not None),
+                ("--session-policy", args.session_policy != "per_call"),
+                ("--shadow", args.shadow is not None),
+                ("--decision-log", bool(args.decision_log)),
+            )
+            if given
+        ]
+        if unsupported:
+            raise ValueError(f"serve --engine ray does not support {', '.join(unsupported)} yet; serve without it")
+
         return run_serve(args, specs, _router_dirs(args.router), api_key, limits, max_batch)
     app = create_app(
         routers,
@@ -305,6 +322,7 @@ def cmd_serve(args) -> int:
         max_queue=args.max_queue,
         route_timeout=args.route_timeout,
         limits=limits,
+        **session_kwargs(args),
     )
     for name, router in routers.items():
         print(
@@ -568,6 +586,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="send queries whose read-out is more novel than this percentile of the training read-outs "
         "to the most capable model (default: off; the decision reports the percentile either way)",
     )
+    from .serve_options import add_session_arguments
+
+    add_session_arguments(p)
     extractor_args(p)
     from .scale.commands import add_serve_args
 
@@ -600,6 +621,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
     register_zero_label(sub, extractor_args, progress_arg)
     register_label(sub, extractor_args, progress_arg)
+    from .report import add_report_parser
+
+    add_report_parser(sub)
     return parser
 
 

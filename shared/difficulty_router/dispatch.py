@@ -158,6 +158,7 @@ class RoutedCall:
         self.on_done = on_done  # told once the call is over (the decision log), by the drivers' finish()
         self.shadow = shadow  # shadow mode: {"default", "would_be", "sampled", "alternative"}
         self.alternative_reply: Reply | None = None  # the sampled alternative's answer, in shadow mode
+        self.sample_inline = True  # the drivers ask the sampled alternative (the server does it after responding)
         self._finished = False
         self.fallbacks = fallbacks
         self.rule = rule or is_transient_error
@@ -390,7 +391,7 @@ def run_sync(call: RoutedCall, invoke: Callable[[str], Reply], hooks: Hooks | No
         else:
             hooks.end(call, handle, attempt, reply)
     assert call.reply is not None
-    alternative = call.sample_alternative
+    alternative = call.sample_alternative if call.sample_inline else None
     if alternative is not None and not call.reply.deferred:
         try:
             call.alternative_reply = invoke(alternative)
@@ -426,7 +427,7 @@ async def run_async(call: RoutedCall, invoke: Callable[[str], Awaitable[Reply]],
         else:
             await hooks.aend(call, handle, attempt, reply)
     assert call.reply is not None
-    alternative = call.sample_alternative
+    alternative = call.sample_alternative if call.sample_inline else None
     if alternative is not None and not call.reply.deferred:
         try:
             call.alternative_reply = await invoke(alternative)

@@ -181,10 +181,23 @@ class ModelPool:
                 return m
         raise KeyError(f"model {name!r} is not in the pool {self.names}")
 
-    def costs(self, prompt_chars) -> np.ndarray:
-        """(n_queries, n_models) expected cost matrix."""
+    def costs(self, prompt_chars, output_tokens=None) -> np.ndarray:
+        """(n_queries, n_models) expected cost matrix; ``output_tokens`` (n_queries, n_models), e.g. from the
+        router's length head, replaces each model's constant ``expected_output_tokens``."""
         prompt_chars = np.atleast_1d(np.asarray(prompt_chars, dtype=np.float64))
-        return np.array([[m.cost(c) for m in self.models] for c in prompt_chars])
+        if output_tokens is None:
+            return np.array([[m.cost(c) for m in self.models] for c in prompt_chars])
+        output_tokens = np.asarray(output_tokens, dtype=np.float64)
+        if output_tokens.shape != (len(prompt_chars), len(self.models)):
+            raise ValueError(
+                f"output_tokens has shape {output_tokens.shape}, expected {(len(prompt_chars), len(self))}"
+            )
+        return np.array(
+            [
+                [m.cost(c, output_tokens=float(t)) for m, t in zip(self.models, row, strict=True)]
+                for c, row in zip(prompt_chars, output_tokens, strict=True)
+            ]
+        )
 
     def check_against(self, model_names: list[str], what: str = "the outcomes") -> None:
         missing = [m for m in self.names if m not in model_names]

@@ -17,6 +17,7 @@ from .data import Outcomes
 from .decision import RouteDecision
 from .extractor import ActivationExtractor, normalise_pooling
 from .families import FAMILIES, StackedProbe, stack_inputs
+from .length_head import OutputLengthHead
 from .lexical import LexicalProbe
 from .novelty import NoveltyScore, OODPolicy
 from .policies import Policy, pick_operating_point, sweep
@@ -58,6 +59,7 @@ class DifficultyRouter:
         dropped: dict[str, str] | None = None,
         novelty: NoveltyScore | None = None,
         ood: OODPolicy | None = None,
+        length_head: OutputLengthHead | None = None,
     ) -> None:
         if family not in FAMILIES:
             raise ValueError(f"unknown feature family {family!r}; expected one of {FAMILIES}")
@@ -73,6 +75,7 @@ class DifficultyRouter:
                 f"the stack reads {stack.coef_.shape[1]} inputs; a pool of {len(pool)} gives {2 * len(pool) + 1}"
             )
         self.family, self.lexical, self.stack = family, lexical, stack
+        self.length_head = length_head  # predicted output tokens per model: costs in expected dollars
         self.novelty, self.ood = novelty, ood or OODPolicy()
         if self.ood.model is not None and self.ood.model not in pool.names:
             raise ValueError(f"novelty.model {self.ood.model!r} is not in the pool {pool.names}")
@@ -96,6 +99,13 @@ class DifficultyRouter:
             raise ValueError(
                 f"the probe ({probe.coef_.shape[0]} models, {probe.standardizer_.mean_.shape[0]} features) "
                 f"does not fit a pool of {len(pool)} and a read-out of {width} features"
+            )
+        if length_head is not None and (
+            length_head.coef_.shape != (len(pool), width) or length_head.standardizer_.mean_.shape != (width,)
+        ):
+            raise ValueError(
+                f"the length head reads {length_head.coef_.shape[1]} features for {length_head.coef_.shape[0]} models; "
+                f"the router has {width} features and {len(pool)} models"
             )
         if novelty is not None and novelty.parts_["mean"].shape != (width,):
             raise ValueError(
@@ -175,7 +185,8 @@ class DifficultyRouter:
         conversations = to_conversations(queries)
         extraction = self.features(conversations, progress)
         proba = self.proba_from(conversations, extraction.features)
-        costs = self.pool.costs([len(conversation_text(c)) for c in conversations])
+        output_tokens = self.length_head.predict_tokens(extraction.features) if self.length_head is not None else None
+        costs = self.pool.costs([len(conversation_text(c)) for c in conversations], output_tokens)
         eligible = self.eligibility(len(conversations), exclude)
         chosen = self.policy.choose(proba, costs, self.capability, eligible)
         difficulty = self.difficulty(proba, extraction.features)
@@ -218,6 +229,9 @@ class DifficultyRouter:
                     novelty=None if novelty is None else float(novelty[i]),
                     ood=bool(ood[i]),
                     capability_order=tuple(order),
+                    output_tokens=None
+                    if output_tokens is None
+                    else {m: float(t) for m, t in zip(self.models, output_tokens[i], strict=True)},
                 )
             )
         return decisions
@@ -353,6 +367,8 @@ class DifficultyRouter:
             arrays.update(self.stack.arrays("stack"))
         if self.novelty is not None:
             arrays.update(self.novelty.arrays("novelty"))
+        if self.length_head is not None:
+            arrays.update(self.length_head.arrays("length"))
         arrays["capability"] = self.capability
         arrays = {
             k: np.ascontiguousarray(v, dtype=np.int64 if np.issubdtype(np.asarray(v).dtype, np.integer) else np.float64)
@@ -452,6 +468,7 @@ class DifficultyRouter:
             )
             stack = StackedProbe.from_arrays(arrays, "stack") if "stack.coef" in arrays else None
             novelty = NoveltyScore.from_arrays(arrays, "novelty") if "novelty.mean" in arrays else None
+            length_head = OutputLengthHead.from_arrays(arrays, "length") if "length.coef" in arrays else None
             return cls(
                 extractor,
                 ModelPool.from_dict(manifest["pool"], source=where),
@@ -468,6 +485,7 @@ class DifficultyRouter:
                 dropped=manifest.get("dropped") or {},
                 novelty=novelty,
                 ood=OODPolicy.from_dict(manifest.get("novelty")),
+                length_head=length_head,
             )
         except KeyError as exc:
             raise ValueError(

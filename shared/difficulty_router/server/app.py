@@ -12,15 +12,25 @@ At the door, :class:`~.schema.Limits` bound what one request may hold, the routi
 bounded (429 when full, 503 when a request's routing deadline passes), prompts longer than the
 extractor can read are clipped to their tail before routing (the extractor keeps the last
 tokens anyway), and every error is OpenAI-shaped with an ``x-request-id`` (see :mod:`.guard`).
+
+Sessions: a request's ``X-Session-Id`` header, else its ``user`` field, names its session; under
+``session_policy`` ``sticky`` or ``cache_aware`` its turns are decided by
+:class:`~difficulty_router.sessions.Sessions` (one bounded store per router). Shadow mode
+(``shadow=`` a backend) routes every request but serves it with that backend; the would-be choice
+goes to the record, the ``x-router-shadow-*`` headers and the ``decision_log``, and a
+``shadow_sample`` share of non-streaming requests is also sent to the would-be model after the
+response (a background task), its answer logged as a label.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import hmac
 import json
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -28,12 +38,15 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 from ..cascade import pool_cost_fn
+from ..decision_log import DecisionLog
 from ..dispatch import Hooks, Reply, RoutedCall, run_async
-from ..queries import clip_conversation, to_conversation
+from ..queries import clip_conversation, conversation_text, to_conversation
 from ..router import DifficultyRouter
+from ..sessions import MAX_KEY_CHARS, SESSION_POLICIES, Sessions, SessionStore
 from .backends import BackendFailure, Backends, BackendSpec
 from .batching import DeadlineExceeded, MicroBatcher, QueueFull
 from .guard import Guard, error_bytes
@@ -85,6 +98,18 @@ def _decision_headers(
     return headers
 
 
+def _session_headers(decision, call: RoutedCall) -> dict:
+    headers = {}
+    session = getattr(decision, "session", None)
+    if session is not None:
+        headers["x-router-session-action"] = session["action"]
+        headers["x-router-session-turn"] = str(session["turn"])
+    if call.shadow is not None:
+        headers["x-router-shadow-would-be"] = call.shadow["would_be"]
+        headers["x-router-shadow-sampled"] = "1" if call.shadow["sampled"] else "0"
+    return headers
+
+
 def create_app(
     routers: DifficultyRouter | Mapping[str, DifficultyRouter],
     backends: Backends | list[BackendSpec],
@@ -97,6 +122,15 @@ def create_app(
     route_timeout: float | None = 30.0,
     limits: Limits | None = None,
     metrics: ServerMetrics | None = None,
+    session_policy: str = "per_call",
+    session_ttl: float = 3600.0,
+    max_sessions: int = 10_000,
+    session_margin: float = 0.05,
+    allow_deescalation: bool = False,
+    shadow: str | None = None,
+    shadow_sample: float = 0.0,
+    decision_log: DecisionLog | None = None,
+    rng: Any = None,
     route_one: Callable[[str, list, frozenset], Awaitable[Any]] | None = None,
 ):
     """Build the ASGI app.
@@ -109,6 +143,11 @@ def create_app(
     ``max_wait`` (seconds) bound the micro-batches (``max_batch=1`` decides requests one by
     one); ``max_queue`` requests may wait for routing (then 429) for ``route_timeout``
     seconds (then 503). ``limits``: what one request may hold (default :class:`Limits`).
+    ``session_policy`` (one of ``per_call``, ``sticky``, ``cache_aware``), ``session_ttl``,
+    ``max_sessions``, ``session_margin``, ``allow_deescalation``: session routing (module docstring).
+    ``shadow``: serve every routed request with this backend and only log the router's choice;
+    ``shadow_sample``: the share also sent to the would-be model; ``decision_log``: where each
+    routed request's decision goes (a :class:`~difficulty_router.DecisionLog`).
     ``route_one(router_name, conversation, exclude_key)``: an async function that decides one request in
     place of the in-process micro-batcher (Ray Serve's ``@serve.batch``, see ``scale.ray_serve``); the
     batching, queue bound and metrics of batches are then its own, ``route_timeout`` still applies.
@@ -129,6 +168,28 @@ def create_app(
             raise ValueError(
                 f"router {name!r} can choose {missing}, which have no backend (backends: {backends.names})"
             )
+    if session_policy not in SESSION_POLICIES:
+        raise ValueError(f"unknown session policy {session_policy!r}; expected one of {SESSION_POLICIES}")
+    sessions = {
+        name: Sessions(
+            session_policy,
+            store=SessionStore(max_sessions=max_sessions, ttl_s=session_ttl),
+            margin=session_margin,
+            allow_deescalation=allow_deescalation,
+        )
+        for name in routers
+    }
+    for name, router in routers.items():
+        sessions[name].bind(router)
+    if shadow is not None and shadow not in backends:
+        raise ValueError(f"shadow={shadow!r} is not a backend (backends: {backends.names})")
+    if isinstance(shadow_sample, bool) or not 0 <= shadow_sample <= 1 or (shadow_sample and shadow is None):
+        raise ValueError(f"shadow_sample must be a share in [0, 1], and needs shadow=; got {shadow_sample!r}")
+    if decision_log is not None and not isinstance(decision_log, DecisionLog):
+        raise TypeError(f"decision_log must be a DecisionLog, got {type(decision_log).__name__}")
+    import random
+
+    rng = rng if rng is not None else random.Random()
     metrics = metrics or ServerMetrics()
     server_metrics: ServerMetrics = metrics  # mypy does not carry the narrowing into BackendHooks below
 
@@ -231,6 +292,36 @@ def create_app(
         ]
         return {"object": "list", "data": data}
 
+    def session_key(request: Request, body: dict) -> str | None:
+        """The request's session: its ``X-Session-Id`` header, else its ``user`` field, else none."""
+        key = request.headers.get("x-session-id")
+        where = "X-Session-Id"
+        if key is None:
+            key, where = body.get("user"), "user"
+        if key is None:
+            return None
+        if not isinstance(key, str) or not key.strip() or len(key) > MAX_KEY_CHARS:
+            raise ApiError(
+                400, f"{where} must be a non-empty string of at most {MAX_KEY_CHARS} characters", param="user"
+            )
+        return key
+
+    # the cache-aware policy prices the prompt in extractor tokens; a copy of the tokenizer (with a lock)
+    # counts them, since a fast tokenizer must not be used from two threads at once (the batcher uses its own)
+    tokenizers: dict[int, tuple[Any, threading.Lock]] = {}
+
+    def count_tokens(router: DifficultyRouter, text: str) -> int:
+        entry = tokenizers.get(id(router))
+        if entry is None:
+            entry = tokenizers.setdefault(id(router), (copy.deepcopy(router.extractor.tokenizer), threading.Lock()))
+        tokenizer, lock = entry
+        with lock:
+            return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    async def context_tokens(router: DifficultyRouter, messages: list) -> int:
+        """The prompt's tokens by the extractor's tokenizer (what the cache-aware policy prices)."""
+        return await asyncio.to_thread(count_tokens, router, conversation_text(to_conversation(messages)))
+
     async def decide(router_name: str, messages: list) -> tuple[Any, float]:
         router = routers[router_name]
         try:
@@ -307,12 +398,28 @@ def create_app(
     async def chat_completions(request: Request):
         body = validate_chat_request(parse_json(await read_body(request, limits.max_body_bytes), limits), limits)
         requested = body["model"]
-        decision, routing_s, cost_fn = None, None, None
+        decision, routing_s, cost_fn, key = None, None, None, None
+        streaming = bool(body.get("stream"))
         if requested in routers:
             decision, routing_s = await decide(requested, body["messages"])
+            key = session_key(request, body)
+            policy = sessions[requested]
+            if key is not None and policy.policy != "per_call":
+                tokens = await context_tokens(routers[requested], body["messages"])
+                decision = policy.apply(key, decision, context_tokens=tokens)
             pool = getattr(routers[requested], "pool", None)
             cost_fn = pool_cost_fn(pool) if pool is not None else None
-            call = RoutedCall(decision=decision, cost_fn=cost_fn)
+            shadow_info = None
+            if shadow is not None:
+                sampled = not streaming and decision.model != shadow and rng.random() < shadow_sample
+                shadow_info = {
+                    "default": shadow,
+                    "would_be": decision.model,
+                    "sampled": sampled,
+                    "alternative": decision.model if sampled else None,
+                }
+            call = RoutedCall(decision=decision, cost_fn=cost_fn, shadow=shadow_info)
+            call.sample_inline = False  # the server asks the alternative after responding (a background task)
         elif requested in backends:
             call = RoutedCall(ladder=[requested])
         else:
@@ -322,7 +429,6 @@ def create_app(
                 param="model",
                 code="model_not_found",
             )
-        streaming = bool(body.get("stream"))
 
         async def invoke(name: str) -> Reply:
             if streaming:
@@ -344,15 +450,50 @@ def create_app(
         assert served is not None  # run_async returns only once a backend has served the call
         name = served.model
         metrics.requests.inc(requested, name)
+        if decision is not None and key is not None and shadow is None:
+            sessions[requested].served(key, name)
         tried = [a.model for a in call.attempts]
         headers = _decision_headers(requested if decision else None, decision, name, tried, routing_s)
+        headers.update(_session_headers(decision, call))
+        after = None
+        if decision is not None and (decision_log is not None or call.sample_alternative is not None):
+            after = BackgroundTask(_after, call, body, requested)
         if streaming:
             first, rest, close = reply.value
-            return StreamingResponse(_relay(first, rest, close, name), media_type="text/event-stream", headers=headers)
+            return StreamingResponse(
+                _relay(first, rest, close, name), media_type="text/event-stream", headers=headers, background=after
+            )
         data = reply.value
         data["model"] = name
         data["router"] = {"requested": requested, **call.record()}
-        return JSONResponse(data, headers=headers)
+        return JSONResponse(data, headers=headers, background=after)
+
+    async def _after(call: RoutedCall, body: dict, requested: str) -> None:
+        """After the response: ask the sampled alternative (shadow mode) and write the decision log."""
+        alternative = call.sample_alternative
+        if alternative is not None:
+            try:
+                data = await backends.complete(alternative, {**body, "stream": False})
+                usage = data.get("usage") or {}
+                message = (data.get("choices") or [{}])[0].get("message") or {}
+                call.alternative_reply = Reply(
+                    data,
+                    text=str(message.get("content") or ""),
+                    prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                    completion_tokens=int(usage.get("completion_tokens") or 0),
+                )
+            except Exception as exc:  # noqa: BLE001 - a label we could not collect is logged, never raised
+                call.shadow = {**(call.shadow or {}), "alternative_error": f"{type(exc).__name__}: {exc}"}
+        if decision_log is not None:
+            served = call.served.model if call.served is not None else None
+            await asyncio.to_thread(
+                decision_log.log_call,
+                body["messages"],
+                call.decision,
+                served_by=served,
+                shadow=call.shadow_record(),
+                router=routers[requested],
+            )
 
     async def _relay(first, rest, close, name: str):
         try:

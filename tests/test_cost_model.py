@@ -1,0 +1,101 @@
+"""The output-length head on real MMLU-Pro answer lengths, expected-dollar decisions, the bundle round trip,
+and ``difficulty-router report`` on a real decision log."""
+
+from __future__ import annotations
+
+import copy
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from difficulty_router import DifficultyRouter, ModelPool, PoolModel, load_mmlu_pro
+from difficulty_router.cli import main as cli_main
+from difficulty_router.decision_log import DecisionLog
+from difficulty_router.dispatch import Binding, Reply, run_sync
+from difficulty_router.length_head import OutputLengthHead, output_tokens_from_chars
+from difficulty_router.queries import conversation_text
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mmlu_pro"
+LONG, SHORT = "gemini-1.5-flash-002", "gemini-1.5-pro-002"  # median answers 305 and 119 characters
+
+
+@pytest.fixture(scope="module")
+def mmlu_pro_lengths(trained_router):
+    if not DATA.is_dir():
+        pytest.skip(f"the team data kit is not at {DATA}")
+    outcomes = load_mmlu_pro(DATA, models=[LONG, SHORT])
+    rows = np.random.default_rng(0).choice(len(outcomes), 160, replace=False)
+    outcomes = outcomes.subset(np.sort(rows))
+    tokens = output_tokens_from_chars(outcomes.extra["output_chars"])
+    keep = np.isfinite(tokens).all(axis=1)
+    features = trained_router.features([q for q, k in zip(outcomes.queries, keep, strict=True) if k]).features
+    return [q for q, k in zip(outcomes.queries, keep, strict=True) if k], features, tokens[keep]
+
+
+def test_the_head_learns_each_models_length_better_than_a_constant(mmlu_pro_lengths):
+    _, X, tokens = mmlu_pro_lengths
+    train, test = slice(0, 110), slice(110, None)
+    head = OutputLengthHead().fit(X[train], tokens[train])
+    pred = head.predict_log(X[test])
+    # the two models' lengths differ and the head keeps them apart
+    assert np.median(head.predict_tokens(X[test])[:, 0]) > 1.5 * np.median(head.predict_tokens(X[test])[:, 1])
+    # no worse than each model's mean log length on held-out rows (a constant per model)
+    constant = np.log(tokens[train]).mean(axis=0)
+    assert np.abs(pred - np.log(tokens[test])).mean() <= np.abs(constant - np.log(tokens[test])).mean() + 0.05
+    # smearing: the mean predicted tokens on the training rows match the recorded mean
+    assert head.predict_tokens(X[train]).mean(axis=0) == pytest.approx(tokens[train].mean(axis=0), rel=0.35)
+    with pytest.raises(ValueError, match="recorded lengths"):
+        OutputLengthHead().fit(X[:20], np.full((20, 2), np.nan))
+
+
+def token_priced_router(trained_router, head):
+    router = copy.copy(trained_router)
+    weak, strong = trained_router.models
+    router.pool = ModelPool((PoolModel(name=weak, input_cost_per_1m=0.6, output_cost_per_1m=0.6),
+                             PoolModel(name=strong, input_cost_per_1m=10.0, output_cost_per_1m=30.0,
+                                       cached_input_cost_per_1m=2.5)))
+    router.length_head = head
+    return router
+
+
+def test_decisions_price_each_model_with_its_predicted_output_length(trained_router, mmlu_pro_lengths, tmp_path):
+    queries, X, tokens = mmlu_pro_lengths
+    router = token_priced_router(trained_router, OutputLengthHead().fit(X, tokens))
+    decision = router.route(queries[0])
+    assert decision.output_tokens is not None and set(decision.output_tokens) == set(router.models)
+    for m in router.models:
+        expected = router.pool[m].cost(len(conversation_text(queries[0])), output_tokens=decision.output_tokens[m])
+        assert decision.costs[m] == pytest.approx(expected)
+    constant = copy.copy(router)
+    constant.length_head = None
+    assert constant.route(queries[0]).costs != pytest.approx(decision.costs)  # the head changed the prices
+    # the bundle keeps the head: same predicted lengths after a round trip
+    router.save(tmp_path / "bundle")
+    loaded = DifficultyRouter.load(tmp_path / "bundle", extractor=router.extractor)
+    assert loaded.length_head is not None
+    assert loaded.route(queries[0]).output_tokens == pytest.approx(decision.output_tokens)
+
+
+def test_report_summarises_a_real_shadow_log(trained_router, tmp_path, capsys):
+    default = trained_router.capability_order()[-1]
+    log_path = tmp_path / "shadow.jsonl"
+    binding = Binding(trained_router.models, router=trained_router, shadow=default,
+                      decision_log=DecisionLog(log_path), rng=random.Random(0))
+    queries = ["What is 2 + 2?", "Name the capital of France.", "Prove Fermat's little theorem.",
+               "Explain entropy in statistical mechanics.", "What colour is the sky?", "Define a prime number."]
+    chosen = []
+    for q in queries:
+        decision = binding.decide(q)
+        run_sync(binding.start(decision, query=q), lambda model: Reply(model, "ok"))
+        chosen.append(decision.model)
+    png = tmp_path / "report.png"
+    assert cli_main(["report", str(log_path), "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(queries)} decisions ({len(queries)} in shadow mode)" in out
+    for m in set(chosen):
+        assert f"{m}  {100 * chosen.count(m) / len(queries):.1f}%" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if set(chosen) != {default}:
+        assert "saving" in out
