@@ -59,6 +59,10 @@ class ChatDifficultyRouter(RoutesBeforeRun):
             "cache_aware"): calls whose config names a session (``configurable`` ``session_id``, else
             ``thread_id``, as ``create_agent`` runs with a checkpointer have) are decided for that session.
             ``batch`` then routes each call on its own (one session turn each) instead of in one extraction.
+        shadow / shadow_sample / decision_log: shadow mode. Every call is served by the pool model
+            ``shadow`` while the router still decides; the record's ``shadow`` part (and the
+            ``difficulty_router.DecisionLog``, when given) keeps its would-be choice. A ``shadow_sample``
+            share of calls is also sent to the would-be model (not streams), its answer recorded as a label.
     """
 
     router: Any = Field(default=None, exclude=True)
@@ -73,6 +77,9 @@ class ChatDifficultyRouter(RoutesBeforeRun):
     stop: list[str] | None = None
     streaming: bool = False
     sessions: Any = Field(default=None, exclude=True)
+    shadow: str | None = None
+    shadow_sample: float = 0.0
+    decision_log: Any = Field(default=None, exclude=True)
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
@@ -92,6 +99,9 @@ class ChatDifficultyRouter(RoutesBeforeRun):
             escalate_on=self.escalate_on,
             retry=Retry(self.max_retries, self.retry_backoff),
             sessions=as_sessions(self.sessions),
+            shadow=self.shadow,
+            shadow_sample=self.shadow_sample,
+            decision_log=self.decision_log,
         )
         unknown = sorted(set(self.tool_calling) - set(self.models))
         if unknown:

@@ -45,6 +45,7 @@ class DifficultyRouterMiddleware(AgentMiddleware):
         session_id: a fixed session key for every run of the agent (default: from the run's config).
         tool_calling: ``{name: bool}`` overrides for whether a pool model can call tools.
         escalate_on / max_retries / retry_backoff: as for ``ChatDifficultyRouter``.
+        shadow / shadow_sample / decision_log: shadow mode, as for ``ChatDifficultyRouter``.
     """
 
     def __init__(
@@ -58,6 +59,9 @@ class DifficultyRouterMiddleware(AgentMiddleware):
         escalate_on: Any = None,
         max_retries: int = 0,
         retry_backoff: float = 0.0,
+        shadow: str | None = None,
+        shadow_sample: float = 0.0,
+        decision_log: Any = None,
     ) -> None:
         super().__init__()
         if not isinstance(models, Mapping) or not models:
@@ -76,6 +80,9 @@ class DifficultyRouterMiddleware(AgentMiddleware):
             escalate_on=escalate_on,
             retry=Retry(max_retries, retry_backoff),
             sessions=self.sessions,
+            shadow=shadow,
+            shadow_sample=shadow_sample,
+            decision_log=decision_log,
         )
         self.tool_calling = dict(tool_calling or {})
         unknown = sorted(set(self.tool_calling) - set(self.models))

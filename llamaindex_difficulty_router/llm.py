@@ -63,6 +63,10 @@ class DifficultyRouterLLM(RoutedCalls):
             (``with llm.session("user-42"): ...``), else a key derived from the conversation's opening
             (its system messages and first user message), which every step of a ``FunctionAgent`` /
             ``AgentWorkflow`` run, and every later turn on the same chat history, shares.
+        shadow / shadow_sample / decision_log: shadow mode. Every call is served by the candidate
+            ``shadow`` while the router still decides; the record's ``shadow`` part (and the
+            ``difficulty_router.DecisionLog``, when given) keeps its would-be choice. A ``shadow_sample``
+            share of calls is also sent to the would-be candidate (not streams), its answer recorded as a label.
 
     Each response carries :meth:`RoutedCall.record` in ``additional_kwargs["difficulty_router"]``
     (not on the message, which goes back into chat histories). A ``callback_manager`` set here
@@ -82,6 +86,9 @@ class DifficultyRouterLLM(RoutedCalls):
         pik_scorers: Mapping[str, Callable] | None = None,
         skip_threshold: float | None = None,
         sessions: Any = None,
+        shadow: str | None = None,
+        shadow_sample: float = 0.0,
+        decision_log: Any = None,
         **kwargs: Any,
     ) -> None:
         if not isinstance(llms, Mapping) or not llms:
@@ -100,6 +107,9 @@ class DifficultyRouterLLM(RoutedCalls):
             fallbacks=escalate,
             what="llms",
             sessions=as_sessions(sessions),
+            shadow=shadow,
+            shadow_sample=shadow_sample,
+            decision_log=decision_log,
         )
         super().__init__(escalate=escalate, **kwargs)
         self._binding = binding

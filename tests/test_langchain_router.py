@@ -895,3 +895,27 @@ def test_profile_is_what_the_pool_can_promise(router, pool):
     assert chat.profile == {"tool_calling": True, "max_input_tokens": 4000, "structured_output": False}
     assert ChatDifficultyRouter(router=router, models=pool, profile={"tool_calling": False}).profile == {
         "tool_calling": False}  # a profile the user gives wins
+
+
+# --------------------------------------------------------------------------------------
+# Shadow mode
+# --------------------------------------------------------------------------------------
+def test_shadow_mode_serves_the_default_and_logs_the_would_be_choice(weak_first, pool, tmp_path):
+    """The router would send every call to WEAK (tau = 0); in shadow mode the real STRONG backend
+    serves invoke, batch and stream, and the record and the decision log keep WEAK as the would-be choice."""
+    from difficulty_router import DecisionLog, read_log
+
+    log = tmp_path / "decisions.jsonl"
+    chat = ChatDifficultyRouter(router=weak_first, models=pool, shadow=STRONG, decision_log=DecisionLog(log))
+    outs = [chat.invoke(EASY[0]), *chat.batch(EASY[1:3])]
+    streamed = list(chat.stream(EASY[3]))
+    assert "".join(c.content for c in streamed)
+    for out in outs:
+        record = out.response_metadata["difficulty_router"]
+        assert record["mode"] == "shadow" and served(out) == STRONG
+        assert out.response_metadata["model_name"] == ALIAS[STRONG]
+        assert record["shadow"]["would_be"] == WEAK and record["shadow"]["default"] == STRONG
+    rows = list(read_log(log))
+    assert [(r["chosen"], r["served_by"]) for r in rows] == [(WEAK, STRONG)] * 4
+    with pytest.raises(ValueError, match="shadow='nobody' is not among"):
+        ChatDifficultyRouter(router=weak_first, models=pool, shadow="nobody")

@@ -614,3 +614,26 @@ def test_escalate_on_and_retries_are_the_same_options_as_langchain(cheapest_rout
     retrying = DifficultyRouterLLM(router=cheapest_router, llms={WEAK: down_llm, STRONG: strong_llm}, max_retries=2)
     record = retrying.chat(QUESTION).additional_kwargs[ROUTING_KEY]
     assert [(a["model"], a["outcome"]) for a in record["attempts"]] == [(WEAK, "failed")] * 3 + [(STRONG, "accepted")]
+
+
+# -- shadow mode ------------------------------------------------------------------------------
+def test_shadow_mode_serves_the_default_and_logs_the_would_be_choice(cheapest_router, weak_llm, strong_llm,
+                                                                       recorder, tmp_path):
+    """The router would send every call to WEAK (tau = 0); in shadow mode STRONG serves them all,
+    in every call form, and the record and the decision log keep WEAK as the would-be choice."""
+    from difficulty_router import DecisionLog, read_log
+
+    log = tmp_path / "decisions.jsonl"
+    llm = DifficultyRouterLLM(router=cheapest_router, llms={WEAK: weak_llm, STRONG: strong_llm},
+                              shadow=STRONG, decision_log=DecisionLog(log))
+    done = llm.chat(QUESTION)
+    chunks = list(llm.stream_complete("The capital of France is"))
+    assert done.message.content == strong_llm.chat(QUESTION).message.content
+    for record in (done.additional_kwargs[ROUTING_KEY], chunks[-1].additional_kwargs[ROUTING_KEY]):
+        assert record["mode"] == "shadow" and record["served_by"] == STRONG
+        assert record["shadow"]["would_be"] == WEAK and record["shadow"]["default"] == STRONG
+    assert served(recorder).count(strong_llm.model_name) >= 2 and weak_llm.model_name not in served(recorder)
+    rows = list(read_log(log))
+    assert [(r["chosen"], r["served_by"]) for r in rows] == [(WEAK, STRONG), (WEAK, STRONG)]
+    with pytest.raises(ValueError, match="shadow='nobody' is not among"):
+        DifficultyRouterLLM(router=cheapest_router, llms={WEAK: weak_llm, STRONG: strong_llm}, shadow="nobody")
