@@ -164,27 +164,25 @@ def cmd_train(args) -> int:
     extractor = ActivationExtractor(
         args.extractor, max_tokens=args.max_tokens, device=args.device, feature_cache=_feature_cache(args)
     )
-    if args.features:
-        from .scale.commands import run_train_from_shards
+    common = {
+        "policy": args.policy,
+        "cv": args.cv,
+        "seed": args.seed,
+        "progress": args.progress is not False,
+        "families": args.families,
+        "keep_models": args.keep_models or (),
+    }
+    where = ""
+    if args.features:  # read-outs from Parquet shards (extract --engine ray) instead of the extractor
+        from .scale.commands import train_from_shard_args
 
-        return run_train_from_shards(args, outcomes, pool, extractor, _print_training)
-    router = train_router(
-        outcomes,
-        pool,
-        extractor,
-        layers=_layers(args.layers),
-        pooling=args.pooling,
-        policy=args.policy,
-        cv=args.cv,
-        seed=args.seed,
-        progress=args.progress is not False,
-        families=args.families,
-        keep_models=args.keep_models or (),
-    )
+        router, where = train_from_shard_args(args, outcomes, pool, extractor, common)
+    else:
+        router = train_router(outcomes, pool, extractor, layers=_layers(args.layers), pooling=args.pooling, **common)
     router.info["training"]["data"] = str(args.data)
     router.save(args.out)
     _print_training(router)
-    print(f"saved router to {args.out}")
+    print(f"{where}saved router to {args.out}")
     return 0
 
 

@@ -4,6 +4,7 @@ only registers them."""
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 
 def add_engine_args(p: argparse.ArgumentParser, what: str) -> None:
@@ -70,28 +71,15 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def run_train_from_shards(args, outcomes, pool, extractor, report) -> int:
+def train_from_shard_args(args, outcomes, pool, extractor, common: dict) -> tuple[Any, str]:
+    """``train --features``: the router fitted from the shards (``common``: the train options both paths
+    take), and the words that say where its read-outs came from."""
     from .shard_training import train_from_shards
 
-    router = train_from_shards(
-        outcomes,
-        pool,
-        extractor,
-        args.features,
-        memory_budget=int(args.memory_budget_gb * (1 << 30)),
-        policy=args.policy,
-        cv=args.cv,
-        seed=args.seed,
-        progress=args.progress is not False,
-        families=args.families,
-        keep_models=args.keep_models or (),
-    )
-    router.info["training"]["data"] = str(args.data)
-    router.save(args.out)
-    report(router)
+    memory_budget = int(args.memory_budget_gb * (1 << 30))
+    router = train_from_shards(outcomes, pool, extractor, args.features, memory_budget=memory_budget, **common)
     source = router.info["training"]["features_from"]
-    print(f"features from {args.features} ({source['mode']}); saved router to {args.out}")
-    return 0
+    return router, f"features from {args.features} ({source['mode']}); "
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
