@@ -179,6 +179,45 @@ def test_a_worker_killed_mid_job_loses_and_duplicates_no_row(
     assert by_pair(out) == by_pair(reference) and report.rows_written == 5
 
 
+def test_the_per_model_limit_holds_across_workers(ray_cluster, pool_file, prompt_rows, tmp_path):
+    """With only one model's calls left (the other's are in the journal already), 2 workers x 2 threads could
+    run 4 of its calls at once; the start and end of each real endpoint call, written by the workers, never
+    overlap more than ``concurrency`` (2)."""
+    import time as clock
+
+    from difficulty_router.labelling import Backend
+
+    log, out = tmp_path / "calls.log", tmp_path / "labels.jsonl"
+
+    class Timed:  # defined here so that Ray ships it by value to the workers
+        def __init__(self, name, call):
+            self.name, self.call = name, call
+
+        def __call__(self, messages, settings):
+            start = clock.time()
+            try:
+                return self.call(messages, settings)
+            finally:
+                with open(log, "a") as fh:
+                    fh.write(f"{start} {clock.time()}\n")
+
+    pool, config = config_from_pool_file(pool_file, grader="number", concurrency=2)
+    terse, wordy = pool.models
+    assert Labeller([openai_backend(wordy)], config).run(prompt_rows, out, progress=False).calls == 5
+    backends = [Backend(terse.name, Timed(terse.name, openai_backend(terse).call), terse), openai_backend(wordy)]
+    report = RayLabeller(backends, config, workers=2).run(prompt_rows, out, progress=False)
+    assert report.calls == 5 and report.rows_written == 5
+    events = []
+    for line in log.read_text().splitlines():
+        start, end = map(float, line.split())
+        events += [(start, 1), (end, -1)]
+    running = peak = 0
+    for _, step in sorted(events):  # at equal times an end (-1) sorts before a start
+        running += step
+        peak = max(peak, running)
+    assert len(events) == 10 and peak == 2, peak
+
+
 def test_budget_stops_the_ray_engine_cleanly_and_resumes(ray_cluster, llama_backends, prompt_rows, tmp_path):
     pool_file = write_greedy_pool(tmp_path / "pool.json", llama_backends, cost_per_query=0.01)
     out = tmp_path / "labels.jsonl"
