@@ -79,7 +79,6 @@ class RayLabeller:
         self.workers, self.cpus_per_worker, self.address = workers, cpus_per_worker, address
         self.worker_restarts = worker_restarts
         self._crash_once = _crash_once
-        self._payload: tuple | None = None
 
     @property
     def stopped(self) -> str | None:
@@ -101,7 +100,6 @@ class RayLabeller:
             finally:
                 for actor in actors:
                     ray.kill(actor)
-                self._payload = None
         bar.close()
         return self.driver.report(rows, output, len(todo), start)
 
@@ -110,9 +108,8 @@ class RayLabeller:
         n = min(n, calls)
         # every worker can hold its share of the calls the per-model limits allow in flight at once
         threads = math.ceil(self.config.concurrency * len(self.backends) / n)
-        try:
-            # shipped once, not per worker; held until the run ends, since a restarted worker reads them again
-            self._payload = backends, config = ray.put(self.backends), ray.put(self.config)
+        try:  # checked here for a clear error; passed by value (a few kB), so a restarted worker gets them again
+            ray.cloudpickle.dumps((self.backends, self.config))
         except Exception as exc:  # noqa: BLE001 -- cloudpickle raises many kinds; say which input it was
             raise TypeError(
                 f"the Ray engine sends the backends and the label config to its workers, and they do not pickle "
@@ -128,7 +125,7 @@ class RayLabeller:
             max_task_retries=self.worker_restarts,
             **({"runtime_env": {"env_vars": env}} if env else {}),
         )
-        return [actor_class.remote(backends, config, crash_once=self._crash_once) for _ in range(n)]
+        return [actor_class.remote(self.backends, self.config, crash_once=self._crash_once) for _ in range(n)]
 
     def _dispatch(self, ray, actors: list, todo: list[tuple[dict, Backend]], sink, bar) -> None:
         """Keep up to ``concurrency`` calls per model in flight on the least busy workers; journal each result
