@@ -245,7 +245,7 @@ def test_cli_label_with_the_ray_engine(ray_cluster, pool_file, tmp_path, capsys)
     assert "0 calls" in capsys.readouterr().out
 
 
-def test_backends_that_do_not_pickle_are_refused_clearly(ray_cluster, tmp_path, prompt_rows):
+def test_backends_that_do_not_pickle_are_refused_clearly(tmp_path, prompt_rows):
     import threading
 
     from difficulty_router.labelling import Backend, LabelConfig, Reply

@@ -92,6 +92,7 @@ class RayLabeller:
         journal, todo = self.driver.plan(rows, output)
         bar = tqdm(total=len(todo), desc="label (ray)", unit="call", disable=not progress)
         if todo:
+            self._check_pickles()
             ray = ensure_ray(self.address)
             actors = self._start_workers(ray, len(todo))
             try:
@@ -103,19 +104,25 @@ class RayLabeller:
         bar.close()
         return self.driver.report(rows, output, len(todo), start)
 
-    def _start_workers(self, ray, calls: int) -> list:
-        n = self.workers or max(1, int(ray.cluster_resources().get("CPU", 1) // self.cpus_per_worker))
-        n = min(n, calls)
-        # every worker can hold its share of the calls the per-model limits allow in flight at once
-        threads = math.ceil(self.config.concurrency * len(self.backends) / n)
-        try:  # checked here for a clear error; passed by value (a few kB), so a restarted worker gets them again
-            ray.cloudpickle.dumps((self.backends, self.config))
+    def _check_pickles(self) -> None:
+        """The backends and config go to the workers by value (a few kB, so a restarted worker gets them again);
+        what does not pickle is refused here, before a cluster starts."""
+        from ray import cloudpickle
+
+        try:
+            cloudpickle.dumps((self.backends, self.config))
         except Exception as exc:  # noqa: BLE001 -- cloudpickle raises many kinds; say which input it was
             raise TypeError(
                 f"the Ray engine sends the backends and the label config to its workers, and they do not pickle "
                 f"({type(exc).__name__}: {exc}); use endpoint backends (openai_backend, the pool file's base_url) "
                 "and a grader that pickles"
             ) from None
+
+    def _start_workers(self, ray, calls: int) -> list:
+        n = self.workers or max(1, int(ray.cluster_resources().get("CPU", 1) // self.cpus_per_worker))
+        n = min(n, calls)
+        # every worker can hold its share of the calls the per-model limits allow in flight at once
+        threads = math.ceil(self.config.concurrency * len(self.backends) / n)
         keys = {m.spec.api_key_env for m in [*self.backends, self.config.judge] if m and m.spec and m.spec.api_key_env}
         env = {k: os.environ[k] for k in keys if k in os.environ}
         actor_class = ray.remote(LabelWorker).options(
