@@ -254,6 +254,10 @@ def cmd_serve(args) -> int:
             f"the server needs its extra ({exc.name} is missing): pip install 'difficulty-router[server]'"
         ) from None
 
+    if args.engine == "ray":
+        from .scale.commands import refuse_unsupported_serve_options
+
+        refuse_unsupported_serve_options(args)
     api_key = None
     if args.api_key_env:
         api_key = os.environ.get(args.api_key_env)
@@ -292,22 +296,6 @@ def cmd_serve(args) -> int:
     limits = Limits(**{k: v for k, v in given.items() if v is not None})
     if args.engine == "ray":  # the routers above were loaded once here to check them before the replicas start
         from .scale.commands import run_serve
-
-        # Replicas load saved router directories and keep their own state: a session store per replica would
-        # let one conversation hop between models, and a decision log cannot be shared across processes.
-        unsupported = [
-            flag
-            for flag, given in (
-                ("--pretrained", args.pretrained is not None),
-                ("--ood-percentile", args.ood_percentile is not None),
-                ("--session-policy", args.session_policy != "per_call"),
-                ("--shadow", args.shadow is not None),
-                ("--decision-log", bool(args.decision_log)),
-            )
-            if given
-        ]
-        if unsupported:
-            raise ValueError(f"serve --engine ray does not support {', '.join(unsupported)} yet; serve without it")
 
         return run_serve(args, specs, _router_dirs(args.router), api_key, limits, max_batch)
     app = create_app(

@@ -34,7 +34,13 @@ def cmd_label(args) -> int:
         before = len(rows)
         rows = select_uncertain(router, rows, args.select, progress=args.progress)
         print(f"selected {len(rows)} of {before} prompts by the router's uncertainty")
-    labeller = Labeller([openai_backend(m) for m in pool.models], config)
+    backends = [openai_backend(m) for m in pool.models]
+    if args.engine == "ray":
+        from .scale.commands import ray_labeller
+
+        labeller = ray_labeller(args, backends, config)
+    else:
+        labeller = Labeller(backends, config)
     report = labeller.run(rows, Path(args.out), progress=args.progress is not False)
     print(report.table())
     if report.stopped:
@@ -63,6 +69,9 @@ def register(sub, extractor_args, progress_arg) -> None:
     p.add_argument("--select", type=int, help="label only the N prompts the router is least sure about")
     p.add_argument("--router", help="router for --select (default: the zero-label router for --pool)")
     p.add_argument("--pretrained", help=argparse_suppress())
+    from .scale.commands import add_label_args
+
+    add_label_args(p)
     extractor_args(p)
     progress_arg(p)
     p.set_defaults(func=cmd_label)

@@ -64,27 +64,58 @@ class Backend:
 
 
 def openai_backend(spec: PoolModel) -> Backend:
-    """A pool model served at ``spec.base_url`` through the OpenAI client (no client-side retries: ours)."""
-    import openai
+    """A pool model served at ``spec.base_url`` through the OpenAI client (no client-side retries: ours).
 
+    The backend pickles (its call keeps the spec and builds its client on first use), so the Ray engine
+    sends it to workers; a worker reads the API key from its own environment."""
     if not spec.base_url:
         raise ValueError(f"pool model {spec.name!r} has no base_url; label needs an endpoint (or a LangChain model)")
-    key = os.environ.get(spec.api_key_env, "") if spec.api_key_env else "none"
-    if spec.api_key_env and not key:
-        raise ValueError(f"pool model {spec.name!r}: the environment variable {spec.api_key_env} is not set")
-    client = openai.OpenAI(base_url=spec.base_url, api_key=key or "none", timeout=spec.timeout or 60.0, max_retries=0)
+    if spec.api_key_env and not os.environ.get(spec.api_key_env):
+        raise ValueError(f"pool model {spec.name!r}: the environment variable {spec.api_key_env} is not set here")
+    return Backend(spec.name, OpenAICall(spec), spec)
 
-    def call(messages: list[dict], settings: dict) -> Reply:
+
+class OpenAICall:
+    """``call(messages, settings) -> Reply`` against an OpenAI-compatible endpoint; the client is built lazily
+    and left out of the pickled state (it holds sockets and locks)."""
+
+    def __init__(self, spec: PoolModel) -> None:
+        self.spec = spec
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        return {"spec": self.spec}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["spec"])  # type: ignore[misc]
+
+    def _ensure_client(self):
+        with self._lock:
+            if self._client is None:
+                import openai
+
+                spec = self.spec
+                key = os.environ.get(spec.api_key_env, "") if spec.api_key_env else "none"
+                if spec.api_key_env and not key:
+                    raise ValueError(
+                        f"pool model {spec.name!r}: the environment variable {spec.api_key_env} is not set here"
+                    )
+                self._client = openai.OpenAI(
+                    base_url=spec.base_url, api_key=key or "none", timeout=spec.timeout or 60.0, max_retries=0
+                )
+            return self._client
+
+    def __call__(self, messages: list[dict], settings: dict) -> Reply:
+        client = self._ensure_client()
         extra = {k: settings[k] for k in ("temperature", "max_tokens") if k in settings}
-        response = client.chat.completions.create(model=spec.served_model, messages=messages, **extra)  # type: ignore[arg-type]
+        response = client.chat.completions.create(model=self.spec.served_model, messages=messages, **extra)
         usage = response.usage
         return Reply(
             text=response.choices[0].message.content or "",
             prompt_tokens=usage.prompt_tokens if usage else None,
             completion_tokens=usage.completion_tokens if usage else None,
         )
-
-    return Backend(spec.name, call, spec)
 
 
 def langchain_backend(name: str, chat_model: Any, spec: PoolModel | None = None) -> Backend:
@@ -218,6 +249,20 @@ class Labeller:
 
         start = time.perf_counter()
         output = Path(output)
+        journal, todo = self.plan(rows, output)
+        bar = tqdm(total=len(todo), desc="label", unit="call", disable=not progress)
+        workers = self.config.concurrency * len(self.backends)
+        with open(journal, "a", encoding="utf-8") as sink, ThreadPoolExecutor(workers) as pool:
+            futures = [pool.submit(self._one, row, backend, sink, bar) for row, backend in todo]
+            for future in futures:
+                future.result()
+        bar.close()
+        return self.report(rows, output, len(todo), start)
+
+    # -- the pieces both engines share (the Ray engine in scale.ray_label runs them on its driver) -------------
+    def plan(self, rows: list[dict], output: Path) -> tuple[Path, list[tuple[dict, Backend]]]:
+        """The journal, and the (prompt, model) pairs it does not finish yet; the money the journal records as
+        spent counts against ``max_usd``."""
         journal = journal_path(output)
         done = {(r["id"], r["model"]) for r in read_journal(journal) if r["status"] in ("graded", "skipped")}
         self.spent = sum(r.get("usd", 0.0) for r in read_journal(journal))
@@ -226,58 +271,60 @@ class Labeller:
                 raise ValueError(f"prompt {row['id']!r} has no 'reference' and no judge is configured")
             if "reference" in row and self.grader is None and self.config.judge is None:
                 raise ValueError("rows carry references: choose a grader (exact, choice, number, regex) or a judge")
-        todo = [(row, b) for row in rows for b in self.backends if (row["id"], b.name) not in done]
-        bar = tqdm(total=len(todo), desc="label", unit="call", disable=not progress)
-        workers = self.config.concurrency * len(self.backends)
-        with open(journal, "a", encoding="utf-8") as sink, ThreadPoolExecutor(workers) as pool:
-            futures = [pool.submit(self._one, row, backend, sink, bar) for row, backend in todo]
-            for future in futures:
-                future.result()
-        bar.close()
-        records = read_journal(journal)
-        written = write_training_file(rows, records, [b.name for b in self.backends], output)
+        return journal, [(row, b) for row in rows for b in self.backends if (row["id"], b.name) not in done]
+
+    def budget_reached(self) -> bool:
+        """True (and ``stopped`` says why) once ``max_usd`` is spent: no new call may start."""
+        with self._lock:
+            if self.config.max_usd is not None and self.spent >= self.config.max_usd:
+                self.stopped = f"budget of ${self.config.max_usd:g} reached (spent ${self.spent:.6f})"
+                return True
+        return False
+
+    def report(self, rows: list[dict], output: Path, calls: int, start: float) -> LabelReport:
+        """Rebuild the training file from the journal and summarise it."""
+        records = read_journal(journal_path(output))
+        names = [b.name for b in self.backends]
+        written = write_training_file(rows, records, names, output)
         return LabelReport(
-            written,
-            len(todo),
-            self.stopped,
-            summarise(records, [b.name for b in self.backends]),
-            time.perf_counter() - start,
-            str(output),
+            written, calls, self.stopped, summarise(records, names), time.perf_counter() - start, str(output)
         )
 
     # -- one (prompt, model) pair ------------------------------------------------------------
     def _one(self, row: dict, backend: Backend, sink, bar) -> None:
         with self._limits[backend.name]:
-            with self._lock:
-                if self.config.max_usd is not None and self.spent >= self.config.max_usd:
-                    self.stopped = f"budget of ${self.config.max_usd:g} reached (spent ${self.spent:.6f})"
-                    bar.update(1)
-                    return
-            record: dict[str, Any] = {"id": row["id"], "model": backend.name}
-            messages = self._messages(row["_messages"], backend.name)
-            settings = self.config.generation.get(backend.name, {})
-            t0 = time.perf_counter()
-            try:
-                reply = self._call(backend, messages, settings)
-            except Exception as exc:  # noqa: BLE001 -- an exhausted or non-transient error: recorded, retried by the next run
-                record.update(status="error", error=f"{type(exc).__name__}: {str(exc)[:200]}", usd=0.0)
-                self._write(sink, record, bar)
+            if self.budget_reached():
+                bar.update(1)
                 return
-            record.update(
-                answer=reply.text,
-                prompt_tokens=reply.prompt_tokens,
-                completion_tokens=reply.completion_tokens,
-                latency_s=time.perf_counter() - t0,
-                usd=backend.cost(reply, messages),
-            )
-            try:
-                record.update(self._grade(row, reply.text, record))
-                record["status"] = "graded"
-            except JudgeParseError as exc:
-                record.update(status="skipped", reason=str(exc))
-            except Exception as exc:  # noqa: BLE001 -- the judge call failed: not finished, the next run retries it
-                record.update(status="error", error=f"judge: {type(exc).__name__}: {str(exc)[:200]}")
-            self._write(sink, record, bar)
+            self.write(sink, self.label_pair(row, backend), bar)
+
+    def label_pair(self, row: dict, backend: Backend) -> dict[str, Any]:
+        """Call ``backend`` on ``row`` (with retries) and grade the answer: the journal record. An exhausted or
+        non-transient error, or a failed judge call, is a record with status "error" (the next run retries it)."""
+        record: dict[str, Any] = {"id": row["id"], "model": backend.name}
+        messages = self._messages(row["_messages"], backend.name)
+        settings = self.config.generation.get(backend.name, {})
+        t0 = time.perf_counter()
+        try:
+            reply = self._call(backend, messages, settings)
+        except Exception as exc:  # noqa: BLE001 -- an exhausted or non-transient error: recorded, retried by the next run
+            record.update(status="error", error=f"{type(exc).__name__}: {str(exc)[:200]}", usd=0.0)
+            return record
+        record.update(
+            answer=reply.text,
+            prompt_tokens=reply.prompt_tokens,
+            completion_tokens=reply.completion_tokens,
+            latency_s=time.perf_counter() - t0,
+            usd=backend.cost(reply, messages),
+        )
+        try:
+            record.update(self._grade(row, reply.text, record))
+            record["status"] = "graded"
+        except JudgeParseError as exc:
+            record.update(status="skipped", reason=str(exc))
+        except Exception as exc:  # noqa: BLE001 -- the judge call failed: not finished, the next run retries it
+            record.update(status="error", error=f"judge: {type(exc).__name__}: {str(exc)[:200]}")
+        return record
 
     def _messages(self, messages: list[dict], model: str) -> list[dict]:
         system = self.config.generation.get(model, {}).get("system")
@@ -312,7 +359,8 @@ class Labeller:
         score = parse_judge_score(reply.text)
         return {"score": float(score >= self.config.threshold), "judge_score": score, "graded_by": "judge"}
 
-    def _write(self, sink, record: dict, bar) -> None:
+    def write(self, sink, record: dict, bar) -> None:
+        """Append one finished call to the journal (flushed at once) and count what it cost."""
         with self._lock:
             self.spent += record.get("usd", 0.0)
             sink.write(json.dumps(record) + "\n")

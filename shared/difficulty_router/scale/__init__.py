@@ -1,5 +1,6 @@
 """Scale-out on Ray (the optional ``ray`` extra): distributed extraction into Parquet shards, training from
-shards (in memory or streamed), and a Ray Serve deployment of the routing server.
+shards (in memory or streamed), distributed labelling (``ray_label``), and a Ray Serve deployment of the
+routing server.
 
 ``shards`` needs only pyarrow; the Ray parts import Ray when called, so ``import difficulty_router.scale``
 works without the extra and a missing one is reported by :func:`require_ray` with the install command.

@@ -118,3 +118,34 @@ def run_serve(args, specs, router_dirs, api_key, limits, max_batch) -> int:
     ensure_ray(args.ray_address)
     run(app, args.host, args.port, blocking=True)
     return 0
+
+
+def add_label_args(p: argparse.ArgumentParser) -> None:
+    add_engine_args(p, "spread the pool calls over Ray workers (same journal and output; resumable by either engine)")
+    p.add_argument("--workers", type=int, help="with --engine ray: worker actors (default: one per cluster CPU)")
+
+
+def ray_labeller(args, backends, config):
+    """``label --engine ray``: the labeller whose calls run on Ray workers (its ``run`` is the plain one's)."""
+    from .ray_label import RayLabeller
+
+    return RayLabeller(backends, config, workers=args.workers, address=args.ray_address)
+
+
+def refuse_unsupported_serve_options(args) -> None:
+    """``serve --engine ray`` refuses, before loading anything or starting Ray, the options its replicas cannot
+    honour: replicas load saved router directories and keep their own state, so a session store per replica
+    would let one conversation hop between models, and a decision log cannot be shared across processes."""
+    unsupported = [
+        flag
+        for flag, given in (
+            ("--pretrained", args.pretrained is not None),
+            ("--ood-percentile", args.ood_percentile is not None),
+            ("--session-policy", args.session_policy != "per_call"),
+            ("--shadow", args.shadow is not None),
+            ("--decision-log", bool(args.decision_log)),
+        )
+        if given
+    ]
+    if unsupported:
+        raise ValueError(f"serve --engine ray does not support {', '.join(unsupported)} yet; serve without it")
