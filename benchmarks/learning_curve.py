@@ -351,6 +351,8 @@ def main() -> None:
         rows = [[arm] + [fmt(result["apgr"][arm][k]) for k in labels] for arm in ARMS]
         prior_gain = [np.array(result["apgr"][f"{base} + prior"][k]) - np.array(result["apgr"][base][k])
                       for base in ("random", "active") for k in labels]
+        rows.append(["active minus random (paired)"] + [
+            signed(np.array(result["apgr"]["active"][k]) - np.array(result["apgr"]["random"][k])) for k in labels])
         rows.append(["prior minus scratch, random rows (paired)"] + [signed(g) for g in prior_gain[: len(labels)]])
         rows.append(["prior minus scratch, active rows (paired)"] + [signed(g) for g in prior_gain[len(labels):]])
         rows.append(["active rows also in the random sample"] + [
