@@ -25,8 +25,8 @@ shared by all arms of that seed. Arms, each evaluated at every count in ``--labe
   parameters, so even 50 labels set how far to trust the prior and how far the read-out. Random + prior
   uses the random arm's rows and probe; active + prior selects with its own stacked probabilities.
   (Tried first: the difficulty appended to the read-out as 100 identical columns, i.e. a 100x weaker L2
-  penalty on it; that was below the head alone at <= 600 labels and hurt active selection -- the README
-  gives those numbers.)
+  penalty on it; close to stacking with random labels, but it hurt active selection -- the README gives
+  the numbers.)
 
 The learner is the router's activation probe (``difficulty_router.probes.SuccessProbe``: standardise,
 L2 logistic per model with C by 5-fold CV, Platt-calibrated) on a fixed read-out, the head's
