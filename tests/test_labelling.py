@@ -33,6 +33,7 @@ from difficulty_router.labelling import (
     read_journal,
     read_prompt_rows,
     select_uncertain,
+    uncertainty_order,
 )
 from difficulty_router.pool import PoolModel
 
@@ -236,3 +237,23 @@ def test_select_picks_the_most_uncertain_prompts(extractor, sample_outcomes):
     assert sorted(int(r["id"]) for r in picked) == sorted(np.argsort(-uncertainty)[:10].tolist())
     with pytest.raises(ValueError, match="positive count"):
         select_uncertain(router, rows, 0)
+
+
+def test_uncertainty_order_ranks_by_variance_then_disagreement():
+    proba = np.array(
+        [
+            [0.95, 0.99],  # sure: lowest variance
+            [0.5, 0.5],  # most uncertain
+            [0.3, 0.7],  # same mean variance as the next row, larger spread across models
+            [0.7, 0.3],  # ... equal to the row above: the stable order keeps row 2 first
+            [0.4, 0.6],
+        ]
+    )
+    assert uncertainty_order(proba).tolist() == [1, 4, 2, 3, 0]
+    # a tie on variance is broken by disagreement: p(1-p) = 0.21 for 0.3 and 0.7 alike
+    tie = np.array([[0.3, 0.3], [0.3, 0.7]])
+    assert uncertainty_order(tie).tolist() == [1, 0]
+    with pytest.raises(ValueError, match="probabilities"):
+        uncertainty_order(np.array([[0.2, 1.5]]))
+    with pytest.raises(ValueError, match="matrix"):
+        uncertainty_order(np.array([0.2, 0.5]))

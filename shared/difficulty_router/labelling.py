@@ -441,14 +441,25 @@ def summarise(records: list[dict], models: list[str]) -> dict[str, dict]:
 def select_uncertain(router, rows: list[dict], n: int, progress: bool | None = None) -> list[dict]:
     """The ``n`` prompts whose labels should help most: highest mean Bernoulli variance p(1-p) of the
     router's per-model P(success) (the probes are least sure), ties broken by disagreement between models."""
-    import numpy as np
-
     if n < 1:
         raise ValueError(f"--select needs a positive count, got {n}")
     if n >= len(rows):
         return rows
     proba = router.predict_proba([r["_messages"] for r in rows], progress=progress)
+    return [rows[i] for i in sorted(uncertainty_order(proba)[:n])]
+
+
+def uncertainty_order(proba) -> Any:
+    """Row indexes, most informative first: the ``label --select`` rule on a (rows, models) matrix of
+    P(success) -- mean Bernoulli variance p(1-p) descending, ties by the spread across models descending.
+    Separate from :func:`select_uncertain` so benchmarks that hold read-outs already rank rows by the same rule."""
+    import numpy as np
+
+    proba = np.asarray(proba, dtype=np.float64)
+    if proba.ndim != 2 or proba.shape[1] == 0:
+        raise ValueError(f"proba must be a (rows, models) matrix, got shape {proba.shape}")
+    if not np.isfinite(proba).all() or (proba < 0).any() or (proba > 1).any():
+        raise ValueError("proba must hold probabilities in [0, 1]")
     uncertainty = (proba * (1 - proba)).mean(axis=1)
     disagreement = proba.std(axis=1)
-    order = np.lexsort((-disagreement, -uncertainty))
-    return [rows[i] for i in sorted(order[:n])]
+    return np.lexsort((-disagreement, -uncertainty))
