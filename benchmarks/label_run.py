@@ -307,7 +307,9 @@ def main() -> None:
     )
     markdown = f"""# `difficulty-router label`: 200 prompts, two llama.cpp models and a judge
 
-Command: `nice -n 19 python benchmarks/label_run.py{" --judge-sees-reference" if args.judge_sees_reference else ""}`
+Command: `nice -n 19 python benchmarks/label_run.py{" --judge-sees-reference" if args.judge_sees_reference else ""}{
+        f" --time-limit-s {args.time_limit_s:g}" if args.time_limit_s != 3600 else ""
+    }`
 (prompts {len(rows)}, seed {args.seed}, concurrency {args.concurrency} per model).
 
 Machine: {machine()}; shared with other jobs, load average {load_before[0]:.2f} before and
