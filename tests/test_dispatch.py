@@ -21,7 +21,7 @@ from difficulty_router.dispatch import Binding, Reply, Retry, RoutedCall
 from difficulty_router.errors import is_transient_error
 
 WEAK, MID, STRONG = "weak", "mid", "strong"
-RECORD_KEYS = {"mode", "decision", "chosen", "served_by", "escalated", "attempts", "usage", "cost", "session",
+RECORD_KEYS = {"mode", "query_id", "decision", "chosen", "served_by", "escalated", "attempts", "usage", "cost", "session",
                "shadow"}
 ATTEMPT_KEYS = {"model", "outcome", "reason", "error", "text", "pt", "pik", "prompt_tokens", "completion_tokens",
                 "cost", "latency_ms"}

@@ -109,6 +109,10 @@ def test_shadow_mode_serves_the_default_and_logs_the_would_be_choice(
     assert [h["x-router-shadow-would-be"] for _, h in answers] == per_call_choices
     lines = {r["prompt_sha256"]: r for r in read_log(log_path)}  # sampled turns finish later: match by prompt
     assert len(lines) == len(QUERIES) + 1 and {r["served_by"] for r in lines.values()} == {STRONG}
+    # each response names its logged call: the key a later grade is joined on (difficulty-router feedback)
+    assert [h["x-router-query-id"] for _, h in answers] == [
+        lines[prompt_sha256(conversation(t))]["query_id"] for t in range(1, len(QUERIES) + 1)
+    ]
     for t, choice in enumerate(per_call_choices, 1):
         r = lines[prompt_sha256(conversation(t))]
         assert r["chosen"] == choice and r["shadow"]["would_be"] == choice

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .cli_feedback import add_update_args, cmd_train_update
+from .cli_feedback import register as register_feedback
 from .cli_label import register as register_label
 from .cli_zero_label import load_router_or_pretrained, pretrained_arg
 from .cli_zero_label import register as register_zero_label
@@ -157,7 +159,12 @@ def cmd_train(args) -> int:
     from .extractor import ActivationExtractor
     from .pool import ModelPool
     from .training import train_router
+    from .update import record_training_source
 
+    if args.update:  # refit a saved router with new labels (cli_feedback.py)
+        return cmd_train_update(args, _feature_cache(args))
+    if not args.pool:
+        raise ValueError("train needs --pool (or --update OLD_ROUTER_DIR, which brings its pool)")
     pool = ModelPool.load(args.pool)
     outcomes = _load_data(args.data, args.limit, args.seed)
     pool.check_against(outcomes.models, args.data)
@@ -180,6 +187,7 @@ def cmd_train(args) -> int:
     else:
         router = train_router(outcomes, pool, extractor, layers=_layers(args.layers), pooling=args.pooling, **common)
     router.info["training"]["data"] = str(args.data)
+    record_training_source(router, args.data, args.limit, args.seed)  # what train --update reads back
     router.save(args.out)
     _print_training(router)
     print(f"{where}saved router to {args.out}")
@@ -471,9 +479,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a router from an outcomes file")
     p.add_argument("--data", required=True, help="outcomes JSON Lines (.gz ok)")
-    p.add_argument("--pool", required=True, help="model pool file (JSON or YAML) with costs")
+    p.add_argument("--pool", help="model pool file (JSON or YAML) with costs (required unless --update)")
     p.add_argument("--extractor", default=DEFAULT_MODEL)
     p.add_argument("--out", required=True, help="directory to save the router")
+    add_update_args(p)
     p.add_argument("--layers", nargs="+", help="candidate read-out layers (default: middle layers)")
     p.add_argument("--pooling", choices=["last", "mean", "both"], help="fix the pooling instead of sweeping it")
     p.add_argument("--policy", default="utility", choices=["utility", "threshold"])
@@ -607,6 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
     register_zero_label(sub, extractor_args, progress_arg)
     register_label(sub, extractor_args, progress_arg)
+    register_feedback(sub)
     from .report import add_report_parser
 
     add_report_parser(sub)

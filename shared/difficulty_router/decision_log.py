@@ -1,9 +1,14 @@
 """An append-only log of routing decisions, one JSON object a line (JSON Lines).
 
-Shadow mode writes one line per call: what the router would have chosen, its probabilities and
-predicted cost, and which model actually served, so ``difficulty-router report LOG`` can say what
-routing would have saved before anyone trusts it with traffic. Prompts are never stored, only
-their SHA-256 (a log must be safe to hand to whoever reads the report).
+One line per routed call (shadow mode or not): its ``query_id`` (a fresh random id, also in the
+call's record and the server's ``x-router-query-id`` header, so the application can attach a
+grade or a thumbs up to it), what the router chose, its probabilities and predicted cost, which
+model actually served, and ``features_key``: what the read-out was computed with and the exact
+feature-cache key of this query's read-out (``row_key``). ``difficulty-router report LOG`` says
+what routing would have saved; ``difficulty-router feedback LOG`` joins grades to it for
+retraining. Prompts are never stored, only their SHA-256 (a log must be safe to hand to whoever
+reads the report); training needs the text again, from the grades or a prompts file (see
+:mod:`.feedback`).
 
 Appends are thread-safe (one lock per log; each line is written and flushed whole, so a reader
 never sees half a line). The log rotates only when ``max_bytes`` is given: the full file becomes
@@ -44,17 +49,27 @@ def prompt_sha256(query: Any) -> str:
     return hashlib.sha256(conversation_text(to_conversations([query])[0]).encode("utf-8")).hexdigest()
 
 
-def features_key(router: Any) -> dict | None:
-    """What the read-out was computed with (extractor weights, layers, pooling): with the prompt hash,
-    it names the feature-cache rows a later labelling job can reuse."""
+def features_key(router: Any, query: Any = None) -> dict | None:
+    """What the read-out was computed with (extractor weights, layers, pooling) and, given the query,
+    ``row_key``: the feature cache's key for this query's read-out
+    (:meth:`~difficulty_router.feature_cache.FeatureCache.row_key` of the exact token ids), the row a
+    router loaded with ``feature_cache=`` stored while routing and ``train --update`` reads back."""
     extractor = getattr(router, "extractor", None)
     if extractor is None:
         return None
-    return {
+    layers, pooling = list(getattr(router, "layers", ())), list(getattr(router, "pooling", ()))
+    key = {
         "extractor_sha256": str(getattr(extractor, "model_hash", ""))[:16],
-        "layers": list(getattr(router, "layers", ())),
-        "pooling": list(getattr(router, "pooling", ())),
+        "layers": layers,
+        "pooling": pooling,
     }
+    cache_key = getattr(extractor, "_cache_key", None)
+    if query is not None and isinstance(cache_key, str) and callable(getattr(extractor, "tokenize", None)):
+        from .feature_cache import FeatureCache
+
+        ids, _ = extractor.tokenize(to_conversations([query]))
+        key["row_key"] = FeatureCache.row_key(cache_key, layers, pooling, ids[0])
+    return key
 
 
 class DecisionLog:
@@ -122,7 +137,7 @@ class DecisionLog:
                 "served_by": served_by,
                 "probabilities": dict(decision.probabilities),
                 "predicted_cost": {"chosen": float(decision.expected_cost), "per_model": dict(decision.costs)},
-                "features_key": features_key(router),
+                "features_key": features_key(router, query),
                 "session": getattr(decision, "session", None),
                 "shadow": dict(shadow) if shadow is not None else None,
             }

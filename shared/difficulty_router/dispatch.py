@@ -152,8 +152,10 @@ class RoutedCall:
         on_served: Callable[[str], None] | None = None,
         shadow: dict[str, Any] | None = None,
         on_done: Callable[[RoutedCall], None] | None = None,
+        query_id: str | None = None,
     ) -> None:
         self.decision = decision
+        self.query_id = query_id  # names this call in the decision log, so a later grade can be joined to it
         self.on_served = on_served  # told the model that answered (a session sticks to it)
         self.on_done = on_done  # told once the call is over (the decision log), by the drivers' finish()
         self.shadow = shadow  # shadow mode: {"default", "would_be", "sampled", "alternative"}
@@ -304,6 +306,7 @@ class RoutedCall:
         served = self.served.model if self.served is not None else None
         return {
             "mode": self.mode,
+            "query_id": self.query_id,
             "decision": self.decision.to_dict() if self.decision is not None else None,
             "chosen": self.start,
             "served_by": served,
@@ -725,13 +728,16 @@ class Binding:
                 "sampled": sampled,
                 "alternative": decision.model if sampled else None,
             }
-        on_done = None
+        on_done, query_id = None, None
         if self.decision_log is not None and decision is not None:
             log, router = self.decision_log, self.router
+            query_id = new_query_id()
 
             def on_done(call: RoutedCall) -> None:
                 served = call.served.model if call.served is not None else None
-                log.log_call(query, decision, served_by=served, shadow=call.shadow_record(), router=router)
+                log.log_call(
+                    query, decision, served_by=served, shadow=call.shadow_record(), query_id=query_id, router=router
+                )
 
         return RoutedCall(
             decision=decision,
@@ -745,7 +751,15 @@ class Binding:
             on_served=on_served,
             shadow=shadow,
             on_done=on_done,
+            query_id=query_id,
         )
+
+
+def new_query_id() -> str:
+    """A fresh id for one logged call (random, 128 bits): the key ``difficulty-router feedback`` joins grades on."""
+    import uuid
+
+    return uuid.uuid4().hex
 
 
 def check_pool(pool: Sequence[str], models: Sequence[str], what: str = "models") -> None:

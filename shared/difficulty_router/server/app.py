@@ -43,7 +43,7 @@ from starlette.exceptions import HTTPException
 
 from ..cascade import pool_cost_fn
 from ..decision_log import DecisionLog
-from ..dispatch import Hooks, Reply, RoutedCall, run_async
+from ..dispatch import Hooks, Reply, RoutedCall, new_query_id, run_async
 from ..queries import clip_conversation, conversation_text, to_conversation
 from ..router import DifficultyRouter
 from ..sessions import MAX_KEY_CHARS, SESSION_POLICIES, Sessions, SessionStore
@@ -418,7 +418,8 @@ def create_app(
                     "sampled": sampled,
                     "alternative": decision.model if sampled else None,
                 }
-            call = RoutedCall(decision=decision, cost_fn=cost_fn, shadow=shadow_info)
+            query_id = new_query_id() if decision_log is not None else None  # the key a later grade is joined on
+            call = RoutedCall(decision=decision, cost_fn=cost_fn, shadow=shadow_info, query_id=query_id)
             call.sample_inline = False  # the server asks the alternative after responding (a background task)
         elif requested in backends:
             call = RoutedCall(ladder=[requested])
@@ -455,6 +456,8 @@ def create_app(
         tried = [a.model for a in call.attempts]
         headers = _decision_headers(requested if decision else None, decision, name, tried, routing_s)
         headers.update(_session_headers(decision, call))
+        if call.query_id is not None:
+            headers["x-router-query-id"] = call.query_id
         after = None
         if decision is not None and (decision_log is not None or call.sample_alternative is not None):
             after = BackgroundTask(_after, call, body, requested)
@@ -492,6 +495,7 @@ def create_app(
                 call.decision,
                 served_by=served,
                 shadow=call.shadow_record(),
+                query_id=call.query_id,
                 router=routers[requested],
             )
 
