@@ -141,7 +141,7 @@ def peak_rss_mb(model: str, dtype: str, layer: int, fast: bool, threads: int | N
         "from difficulty_router.datasets import ROUTELLM_MMLU_SAMPLE\n"
         f"e = ActivationExtractor({model!r}, dtype={dtype!r}, layers={layer}, batch_size=32, max_tokens=512, "
         f"threads={threads!r}"
-        + ("" if fast else ", prefix_cache=False, max_padding=0.99, max_batch_tokens=16384") + ")\n"
+        + ("" if fast else ", prefix_cache=False, lean_prefill=False, max_padding=0.99, max_batch_tokens=16384") + ")\n"
         "e.extract(load_outcomes(ROUTELLM_MMLU_SAMPLE).queries[:64], progress=False)\n"
         "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
     )
@@ -154,7 +154,7 @@ def interleaved_ab(model: str, layer: int, threads: int | None, prompts: list[st
     """Paths timed query by query in turn, so a neighbour's load hits all of them alike: on a shared
     machine only this comparison is fair. Reports each path's p50 and the median of per-query ratios
     to float32 with a bootstrap 95% interval."""
-    paths = {"float32": {}, "float32, before": {"prefix_cache": False, "max_padding": 0.99,
+    paths = {"float32": {}, "float32, before": {"prefix_cache": False, "lean_prefill": False, "max_padding": 0.99,
                                                 "max_batch_tokens": 16384}}
     if cpu_has_int8_dot() and int8_supported():
         paths["int8"] = {"dtype": "int8"}
@@ -226,7 +226,8 @@ def main() -> None:
     rates: dict[str, dict[int, float]] = {}
     for dtype, fast in paths:
         label = dtype if fast else f"{dtype}, before (no prefix cache, unbounded padding)"
-        kwargs = {} if fast else {"prefix_cache": False, "max_padding": 0.99, "max_batch_tokens": 16384}
+        kwargs = {} if fast else {"prefix_cache": False, "lean_prefill": False, "max_padding": 0.99,
+                                  "max_batch_tokens": 16384}
         extractor = ActivationExtractor(args.model, dtype=dtype, layers=args.layer, max_tokens=2048,
                                         threads=args.threads, **kwargs)
         config = extractor.model.config

@@ -220,3 +220,53 @@ def test_training_records_the_readout_choice_and_its_cost(extractor, sample_outc
     assert choice["chosen"]["layer"] == router.layers[0]
     assert choice["latency_ms_p50"] > 0 and choice["relative_cost"] == router.layers[0] / extractor.n_layers
     assert {row["layer"] for row in router.info["readout_sweep"]} == {6, 15}
+
+
+# -- the lean prefill (lean_prefill.py) --------------------------------------------------------------
+
+
+def test_lean_prefill_is_used_and_equals_the_framework_forward(extractor, sample_outcomes):
+    """Padding, the cached prefix, a conversation that cannot use it, every layer kind (embeddings, a
+    middle block, the final norm): the lean loop gives the framework's read-out to the dtype's tolerance."""
+    assert extractor._lean is not None  # SmolLM2 is a Llama: the lean path passed its start-up check
+    queries = [*QUERIES, *sample_outcomes.queries[:12]]
+    layers = [0, 1, 9, 15, 30]
+    lean = extractor.extract(queries, layers=layers, pooling="both").features
+    kept, extractor._lean = extractor._lean, None
+    try:
+        framework = extractor.extract(queries, layers=layers, pooling="both").features
+    finally:
+        extractor._lean = kept
+    assert relative_block_error(lean, framework, extractor.hidden_size).max() <= FEATURE_RTOL[extractor.dtype]
+
+
+def test_lean_prefill_joins_weights_without_copying_them(extractor):
+    """q/k/v and gate/up run as one matmul each; the modules' weights are views of the joined matrices."""
+    extractor.extract(["What is 2+2?"], layers=[2])
+    w_qkv, _, w_gate_up = extractor._lean._fused_weights(0)
+    attn, mlp = extractor._blocks[0].self_attn, extractor._blocks[0].mlp
+    assert attn.q_proj.weight.untyped_storage().data_ptr() == w_qkv.untyped_storage().data_ptr()
+    assert mlp.up_proj.weight.untyped_storage().data_ptr() == w_gate_up.untyped_storage().data_ptr()
+    assert torch.equal(w_qkv[-attn.v_proj.weight.shape[0] :], attn.v_proj.weight)
+
+
+def test_a_lean_prefill_that_disagrees_is_not_used(monkeypatch, caplog):
+    """The start-up check is real: break the rotary step and the extractor falls back, saying so."""
+    from difficulty_router import lean_prefill
+
+    monkeypatch.setattr(lean_prefill, "_rotate", lambda x, cos, sin: x)
+    with caplog.at_level("WARNING", logger="difficulty_router.extractor"):
+        broken = ActivationExtractor("smollm2-135m", layers=15, pooling="last")
+    assert broken._lean is None
+    assert "lean prefill disagreed" in caplog.text
+
+
+def test_lean_prefill_declines_blocks_that_are_not_llamas(extractor):
+    from types import SimpleNamespace
+
+    from difficulty_router.lean_prefill import LeanPrefill
+
+    config = SimpleNamespace(**{**extractor.model.config.to_dict(), "model_type": "gpt2"})
+    assert LeanPrefill.build(extractor._base, extractor._blocks, config, 64, extractor.device) is None
+    gelu = SimpleNamespace(**{**extractor.model.config.to_dict(), "hidden_act": "gelu"})
+    assert LeanPrefill.build(extractor._base, extractor._blocks, gelu, 64, extractor.device) is None
