@@ -133,6 +133,39 @@ def profile_share(extractor, prompt: str) -> dict:
     return {k: v / total for k, v in groups.items()}
 
 
+def ttft_rows(extractor, queries, repeats: int, count: int = 6) -> tuple[list[list[str]], dict]:
+    """Time to first token of a query routed to the extractor's own model (a local generator on it):
+    the routing read-out, then generation of one token, with the read-out's keys and values reused
+    (only the blocks above the read-out run again) and without (a second prefill of the whole prompt)."""
+    from difficulty_router import LocalGenerator
+
+    reuse = LocalGenerator(extractor, max_new_tokens=1)
+    again = LocalGenerator(extractor, max_new_tokens=1, reuse_routing_prefill=False)
+    rows, out = [], {}
+    for target in (100, 1000):
+        prompts = prompts_of(extractor, queries, target, count)
+        times: dict[str, list[float]] = {"reuse": [], "no reuse": []}
+        reused = []
+        for _ in range(repeats + 1):  # the first pass warms up
+            for p in prompts:
+                for name, gen in (("reuse", reuse), ("no reuse", again)):
+                    start = time.perf_counter()
+                    extractor.extract([p], progress=False)
+                    gen.generate(p)
+                    times[name].append((time.perf_counter() - start) * 1000)
+                    if name == "reuse":
+                        reused.append(gen.reused_prefill)
+        n_tokens = float(np.mean([len(x) for x in extractor.tokenize(prompts)[0]]))
+        with_reuse, without = (np.array(times[k][len(prompts):]) for k in ("reuse", "no reuse"))
+        ratio = with_reuse / without
+        out[str(target)] = {"tokens_mean": n_tokens, "reuse_p50_ms": float(np.median(with_reuse)),
+                            "no_reuse_p50_ms": float(np.median(without)), "ratio_median": float(np.median(ratio)),
+                            "reused_every_time": bool(all(reused))}
+        rows.append([f"{n_tokens:.0f}", f"{np.median(without):.1f}", f"{np.median(with_reuse):.1f}",
+                     f"{np.median(ratio):.2f}", "yes" if all(reused) else "no"])
+    return rows, out
+
+
 def peak_rss_mb(model: str, dtype: str, layer: int, fast: bool, threads: int | None) -> float:
     """Peak RSS of a fresh process that loads the extractor and extracts 64 prompts, batch 32."""
     code = (
@@ -222,7 +255,7 @@ def main() -> None:
     cpu = machine()
     flags = sorted(cpu_flags() & {"avx512_bf16", "amx_bf16", "amx_int8", "avx512_vnni", "avx_vnni", "avx512f"})
     payload: dict = {"machine": cpu, "flags": flags, "model": args.model, "layer": args.layer, "paths": []}
-    rate_rows, rows, profile_rows = [], [], []
+    rate_rows, rows, profile_rows, ttft = [], [], [], []
     rates: dict[str, dict[int, float]] = {}
     for dtype, fast in paths:
         label = dtype if fast else f"{dtype}, before (no prefix cache, unbounded padding)"
@@ -271,6 +304,8 @@ def main() -> None:
             shares = profile_share(extractor, hundred)
             entry["profile_100_tokens"] = shares
             profile_rows.append([dtype, *(f"{100 * shares[k]:.0f}%" for k in ("matmul", "attention", "other"))])
+        if fast and dtype == paths[0][0]:
+            ttft, payload["ttft_local_generation"] = ttft_rows(extractor, queries, args.repeats)
         payload["paths"].append(entry)
         print(rows[-1], flush=True)
         del extractor
@@ -288,6 +323,11 @@ def main() -> None:
                       "batch share of matmul rate", "peak RSS MB (batch 32, fresh process)"], rows)
           + "\n\nWhere a 100-token query's time goes (torch profiler, self CPU time):\n\n"
           + md_table(["path", "matmuls", "attention", "other ops"], profile_rows)
+          + f"\n\nTime to first token of a query routed to the extractor's own model ({paths[0][0]}, one token "
+          "generated after the routing read-out), without and with reuse of the read-out's keys and values "
+          "(with reuse only the blocks above the read-out run again):\n\n"
+          + md_table(["tokens", "route + TTFT, no reuse, p50 ms", "with reuse, p50 ms", "ratio (median per query)",
+                      "reused every call"], ttft)
           + f"\n\n{args.prompts} prompts x {args.repeats} passes per length, {load['threads']} torch threads; "
           f"load average (1, 5, 15 min) {tuple(round(x, 1) for x in load['before'])} before and "
           f"{tuple(round(x, 1) for x in load['after'])} after ({busy(load)}). The floor counts every prompt token, "

@@ -270,3 +270,42 @@ def test_lean_prefill_declines_blocks_that_are_not_llamas(extractor):
     assert LeanPrefill.build(extractor._base, extractor._blocks, config, 64, extractor.device) is None
     gelu = SimpleNamespace(**{**extractor.model.config.to_dict(), "hidden_act": "gelu"})
     assert LeanPrefill.build(extractor._base, extractor._blocks, gelu, 64, extractor.device) is None
+
+
+# -- reuse of the routing prefill by local generation -------------------------------------------------
+
+
+@pytest.fixture()
+def generators(extractor):
+    from difficulty_router import LocalGenerator
+
+    reuse = LocalGenerator(extractor, max_new_tokens=8)
+    fresh = LocalGenerator(extractor, max_new_tokens=8, reuse_routing_prefill=False)
+    yield reuse, fresh
+    extractor.keep_prefill, extractor._kept = False, None
+
+
+@pytest.mark.parametrize("query", [QUERIES[1], QUERIES[2]], ids=["cached-prefix", "own-system-message"])
+def test_generation_from_the_routing_prefill_equals_a_fresh_prefill(extractor, generators, query):
+    reuse, fresh = generators
+    extractor.extract([query], layers=[9])  # the routing read-out: blocks 1-9 only
+    reused = reuse.generate(query)
+    assert reuse.reused_prefill  # blocks 10-30 were run from the kept read-out, not the whole prompt again
+    again = fresh.generate(query)
+    assert reused.text == again.text and reused.completion_tokens == again.completion_tokens
+    np.testing.assert_allclose(reused.logprobs, again.logprobs, atol=1e-4)
+
+
+def test_prefill_is_reused_only_for_the_prompt_it_read(extractor, generators):
+    reuse, _ = generators
+    extractor.extract([QUERIES[0]], layers=[9])
+    reuse.generate(QUERIES[1])  # another prompt: its own full prefill
+    assert not reuse.reused_prefill
+    extractor.extract(QUERIES[:2], layers=[9])  # a batch keeps nothing
+    reuse.generate(QUERIES[1])
+    assert not reuse.reused_prefill
+    extractor.extract([QUERIES[1]], layers=[9])
+    reuse.generate(QUERIES[1])
+    assert reuse.reused_prefill
+    reuse.generate(QUERIES[1])  # used once
+    assert not reuse.reused_prefill

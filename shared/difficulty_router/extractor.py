@@ -149,6 +149,18 @@ class Extraction:
         )
 
 
+@dataclass
+class KeptPrefill:
+    """One prompt's read-out prefill, stopped after block ``depth``: what generation needs to go on from there."""
+
+    ids: tuple[int, ...]
+    depth: int
+    hidden: torch.Tensor  # hidden_states[depth] of the positions that ran (the suffix after a cached prefix)
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # blocks below depth: keys and values over the whole prompt
+    position_ids: torch.Tensor
+    skip: int  # tokens of the cached prefix in front
+
+
 class _StopForward(Exception):
     """Raised from a hook once the deepest requested block has run."""
 
@@ -265,6 +277,9 @@ class ActivationExtractor:
         self.prefix: PrefixState | None = None
         self._prefix_for(max(self.layers))
         self._lean: LeanPrefill | None = None
+        # A local generator on this model can finish the last single-query read-out instead of redoing it.
+        self.keep_prefill = False
+        self._kept: KeptPrefill | None = None
         if lean_prefill:
             self._lean = self._checked_lean()
 
@@ -420,6 +435,30 @@ class ActivationExtractor:
                 return None
         return lean
 
+    def take_prompt_cache(self, ids: Sequence[int]):
+        """Every layer's keys and values for ``ids[:-1]`` (a transformers cache), made by finishing the kept
+        read-out of exactly these token ids through the blocks above it; None when none was kept (a
+        cached feature row, a batch, the framework's forward, or another prompt since). Used once.
+
+        This is the routing prefill reused for generation: a query routed to this very model pays only
+        the blocks above the read-out, not a second prefill of the whole prompt."""
+        from transformers import DynamicCache
+
+        with self._forward_lock:
+            kept, self._kept = self._kept, None
+            if kept is None or self._lean is None or kept.ids != tuple(ids) or len(ids) < 2:
+                return None
+            prefix_kv = None
+            if kept.skip:
+                self._prefix_for(self.n_layers)
+                assert self.prefix is not None and len(self.prefix) == kept.skip
+                prefix_kv = self.prefix.kv
+            kv = list(kept.kv)
+            self._lean.resume(kept.hidden, kept.depth, self.n_layers, kept.position_ids, prefix_kv, kv)
+            cut = len(ids) - 1  # generation runs the last token itself, through every layer
+            data = [(k[:, :, :cut].contiguous(), v[:, :, :cut].contiguous()) for k, v in kv]
+            return DynamicCache(ddp_cache_data=data, config=self.model.config)
+
     def _uses_prefix(self, x: list[int]) -> bool:
         p = self.prefix
         return p is not None and len(x) > len(p) and tuple(x[: len(p)]) == p.ids
@@ -478,7 +517,13 @@ class ActivationExtractor:
         input_ids, position_ids = input_ids.to(self.device), position_ids.to(self.device)
         if self._lean is not None:
             kv = prefix.kv if prefix is not None else None
-            captured = self._lean.run(input_ids, mask.to(self.device), position_ids, layer_idx, kv)
+            keep_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = (
+                [] if self.keep_prefill and len(rows) == 1 else None
+            )
+            captured = self._lean.run(input_ids, mask.to(self.device), position_ids, layer_idx, kv, keep_kv)
+            if keep_kv is not None:
+                depth = max(layer_idx)
+                self._kept = KeptPrefill(tuple(batch_ids[0]), depth, captured[depth], keep_kv, position_ids, skip)
         else:
             captured = self._framework_forward(input_ids, mask, position_ids, layer_idx, prefix)
 

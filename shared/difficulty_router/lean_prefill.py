@@ -102,28 +102,51 @@ class LeanPrefill:
         position_ids: torch.Tensor,
         layers: Sequence[int],
         prefix_kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        keep_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> dict[int, torch.Tensor]:
         """``hidden_states[l]`` (before any final norm) for each l in ``layers``; blocks above the deepest never run.
 
         ``input_ids``/``attention_mask``/``position_ids`` are [batch, n] with left padding; ``prefix_kv``
         holds per block the keys and values (batch 1, after rotary) of a prefix every row shares.
+        ``keep_kv`` collects each block's keys and values over the whole prompt (prefix included), what a
+        generation that continues this prefill needs.
         """
         if int(position_ids.max()) >= self.max_positions:
             reached = int(position_ids.max())
             raise ValueError(f"a prompt reaches position {reached}, past this model's {self.max_positions}")
         wanted = set(layers)
-        deepest = max(wanted)
-        batch, n = input_ids.shape
         skip = prefix_kv[0][0].shape[2] if prefix_kv else 0
         mask = self._mask(attention_mask.to(torch.bool), skip)
-        cos = self.cos[position_ids].unsqueeze(1)
-        sin = self.sin[position_ids].unsqueeze(1)
         hidden = self.base.embed_tokens(input_ids)
         out: dict[int, torch.Tensor] = {}
         if 0 in wanted:
             out[0] = hidden
+        self._through(hidden, 0, max(wanted), position_ids, mask, prefix_kv, wanted, out, keep_kv)
+        return out
+
+    @torch.inference_mode()
+    def resume(
+        self,
+        hidden: torch.Tensor,
+        start: int,
+        stop: int,
+        position_ids: torch.Tensor,
+        prefix_kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | None,
+        keep_kv: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> None:
+        """Run one unpadded prompt's ``hidden_states[start]`` on through blocks ``start`` to ``stop - 1``,
+        collecting their keys and values (``prefix_kv`` indexed by block, as in ``run``)."""
+        skip = prefix_kv[0][0].shape[2] if prefix_kv else 0
+        mask = self._mask(torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device), skip)
+        self._through(hidden, start, stop, position_ids, mask, prefix_kv, set(), {}, keep_kv)
+
+    def _through(self, hidden, start, stop, position_ids, mask, prefix_kv, wanted, out, keep_kv) -> torch.Tensor:
+        """The block loop: ``hidden`` is hidden_states[start]; returns hidden_states[stop]."""
+        batch, n = hidden.shape[:2]
+        cos = self.cos[position_ids].unsqueeze(1)
+        sin = self.sin[position_ids].unsqueeze(1)
         split = (self.heads + self.kv_heads) * self.head_dim
-        for index in range(deepest):
+        for index in range(start, stop):
             block = self.blocks[index]
             attn, mlp = block.self_attn, block.mlp
             fused = self._fused_weights(index)
@@ -143,6 +166,8 @@ class LeanPrefill:
                 pk, pv = prefix_kv[index]
                 k = torch.cat((pk.expand(batch, -1, -1, -1), k), dim=2)
                 v = torch.cat((pv.expand(batch, -1, -1, -1), v), dim=2)
+            if keep_kv is not None:
+                keep_kv.append((k.contiguous(), v.contiguous()))
             context = F.scaled_dot_product_attention(
                 q,
                 k,
@@ -161,7 +186,7 @@ class LeanPrefill:
             hidden = hidden + mlp.down_proj(F.silu(gate) * up)
             if index + 1 in wanted:
                 out[index + 1] = hidden
-        return out
+        return hidden
 
     def _fused_weights(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
         """Block ``index``'s q/k/v weights (and biases) as one matrix and gate/up as another, or None when its
