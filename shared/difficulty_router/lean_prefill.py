@@ -214,7 +214,9 @@ class LeanPrefill:
     def _mask(self, keep: torch.Tensor, skip: int) -> torch.Tensor | None:
         """Which keys each query sees: causal, shifted past a cached prefix of ``skip`` tokens, padding
         hidden. None when plain causal attention is exact (no padding, no prefix). A padding query sees
-        itself, so no row is empty (an empty row gives NaN); padding is never read out."""
+        itself, so no row is empty (an empty row gives NaN); padding is never read out. (int8's per-batch
+        activation scale does see padding rows, so padded int8 batches differ from the framework's forward
+        within int8's batch-composition tolerance; single queries agree exactly.)"""
         batch, n = keep.shape
         padded = not bool(keep.all())
         if not padded and skip == 0:
