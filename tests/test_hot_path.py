@@ -240,16 +240,6 @@ def test_lean_prefill_is_used_and_equals_the_framework_forward(extractor, sample
     assert relative_block_error(lean, framework, extractor.hidden_size).max() <= FEATURE_RTOL[extractor.dtype]
 
 
-def test_lean_prefill_joins_weights_without_copying_them(extractor):
-    """q/k/v and gate/up run as one matmul each; the modules' weights are views of the joined matrices."""
-    extractor.extract(["What is 2+2?"], layers=[2])
-    w_qkv, _, w_gate_up = extractor._lean._fused_weights(0)
-    attn, mlp = extractor._blocks[0].self_attn, extractor._blocks[0].mlp
-    assert attn.q_proj.weight.untyped_storage().data_ptr() == w_qkv.untyped_storage().data_ptr()
-    assert mlp.up_proj.weight.untyped_storage().data_ptr() == w_gate_up.untyped_storage().data_ptr()
-    assert torch.equal(w_qkv[-attn.v_proj.weight.shape[0] :], attn.v_proj.weight)
-
-
 def test_a_lean_prefill_that_disagrees_is_not_used(monkeypatch, caplog):
     """The start-up check is real: break the rotary step and the extractor falls back, saying so."""
     from difficulty_router import lean_prefill
