@@ -159,6 +159,12 @@ class LeanPrefill:
                 v = torch.cat((pv.expand(batch, -1, -1, -1), v), dim=2)
             if keep_kv is not None:
                 keep_kv.append((k.contiguous(), v.contiguous()))
+            skip = k.shape[2] - n
+            if mask is None and skip:
+                # Causal attention past a cached prefix without a mask: ``is_causal`` aligns the query with
+                # the first key, so ``skip`` zero queries go in front (their rows are dropped). The kernel
+                # then skips the masked half of the scores; an explicit mask would compute all of them.
+                q = torch.cat((q.new_zeros(batch, self.heads, skip, self.head_dim), q), dim=2)
             context = F.scaled_dot_product_attention(
                 q,
                 k,
@@ -168,6 +174,8 @@ class LeanPrefill:
                 scale=self.scaling,
                 enable_gqa=self.kv_heads != self.heads,
             )
+            if mask is None and skip:
+                context = context[:, :, skip:]
             hidden = hidden + attn.o_proj(context.transpose(1, 2).reshape(batch, n, -1))
             normed = _rms_norm(hidden, block.post_attention_layernorm)
             hidden = hidden + mlp.down_proj(F.silu(mlp.gate_proj(normed)) * mlp.up_proj(normed))
@@ -176,18 +184,15 @@ class LeanPrefill:
         return hidden
 
     def _mask(self, keep: torch.Tensor, skip: int) -> torch.Tensor | None:
-        """Which keys each query sees: causal, shifted past a cached prefix of ``skip`` tokens, padding
-        hidden. None when plain causal attention is exact (no padding, no prefix). A padding query sees
-        itself, so no row is empty (an empty row gives NaN); padding is never read out. (int8's per-batch
-        activation scale does see padding rows, so padded int8 batches differ from the framework's forward
-        within int8's batch-composition tolerance; single queries agree exactly.)"""
+        """Which keys each query sees when some rows are padded: causal, shifted past a cached prefix of
+        ``skip`` tokens, padding hidden. None without padding (causal attention then needs no mask). A
+        padding query sees itself, so no row is empty (an empty row gives NaN); padding is never read out.
+        (int8's per-batch activation scale does see padding rows, so padded int8 batches differ from the
+        framework's forward within int8's batch-composition tolerance; single queries agree exactly.)"""
         batch, n = keep.shape
-        padded = not bool(keep.all())
-        if not padded and skip == 0:
+        if bool(keep.all()):
             return None
         causal = torch.ones((n, skip + n), dtype=torch.bool, device=keep.device).tril(skip)
-        if not padded:
-            return causal
         keys = torch.cat((torch.ones((batch, skip), dtype=torch.bool, device=keep.device), keep), dim=1)
         mask = causal[None] & keys[:, None, :]
         mask[:, torch.arange(n), skip + torch.arange(n)] = True
