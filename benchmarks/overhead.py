@@ -133,6 +133,39 @@ def profile_share(extractor, prompt: str) -> dict:
     return {k: v / total for k, v in groups.items()}
 
 
+def ttft_rows(extractor, queries, repeats: int, count: int = 6) -> tuple[list[list[str]], dict]:
+    """Time to first token of a query routed to the extractor's own model (a local generator on it):
+    the routing read-out, then generation of one token, with the read-out's keys and values reused
+    (only the blocks above the read-out run again) and without (a second prefill of the whole prompt)."""
+    from difficulty_router import LocalGenerator
+
+    reuse = LocalGenerator(extractor, max_new_tokens=1)
+    again = LocalGenerator(extractor, max_new_tokens=1, reuse_routing_prefill=False)
+    rows, out = [], {}
+    for target in (100, 1000):
+        prompts = prompts_of(extractor, queries, target, count)
+        times: dict[str, list[float]] = {"reuse": [], "no reuse": []}
+        reused = []
+        for _ in range(repeats + 1):  # the first pass warms up
+            for p in prompts:
+                for name, gen in (("reuse", reuse), ("no reuse", again)):
+                    start = time.perf_counter()
+                    extractor.extract([p], progress=False)
+                    gen.generate(p)
+                    times[name].append((time.perf_counter() - start) * 1000)
+                    if name == "reuse":
+                        reused.append(gen.reused_prefill)
+        n_tokens = float(np.mean([len(x) for x in extractor.tokenize(prompts)[0]]))
+        with_reuse, without = (np.array(times[k][len(prompts):]) for k in ("reuse", "no reuse"))
+        ratio = with_reuse / without
+        out[str(target)] = {"tokens_mean": n_tokens, "reuse_p50_ms": float(np.median(with_reuse)),
+                            "no_reuse_p50_ms": float(np.median(without)), "ratio_median": float(np.median(ratio)),
+                            "reused_every_time": bool(all(reused))}
+        rows.append([f"{n_tokens:.0f}", f"{np.median(without):.1f}", f"{np.median(with_reuse):.1f}",
+                     f"{np.median(ratio):.2f}", "yes" if all(reused) else "no"])
+    return rows, out
+
+
 def peak_rss_mb(model: str, dtype: str, layer: int, fast: bool, threads: int | None) -> float:
     """Peak RSS of a fresh process that loads the extractor and extracts 64 prompts, batch 32."""
     code = (
@@ -141,7 +174,7 @@ def peak_rss_mb(model: str, dtype: str, layer: int, fast: bool, threads: int | N
         "from difficulty_router.datasets import ROUTELLM_MMLU_SAMPLE\n"
         f"e = ActivationExtractor({model!r}, dtype={dtype!r}, layers={layer}, batch_size=32, max_tokens=512, "
         f"threads={threads!r}"
-        + ("" if fast else ", prefix_cache=False, max_padding=0.99, max_batch_tokens=16384") + ")\n"
+        + ("" if fast else ", prefix_cache=False, lean_prefill=False, max_padding=0.99, max_batch_tokens=16384") + ")\n"
         "e.extract(load_outcomes(ROUTELLM_MMLU_SAMPLE).queries[:64], progress=False)\n"
         "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
     )
@@ -154,7 +187,8 @@ def interleaved_ab(model: str, layer: int, threads: int | None, prompts: list[st
     """Paths timed query by query in turn, so a neighbour's load hits all of them alike: on a shared
     machine only this comparison is fair. Reports each path's p50 and the median of per-query ratios
     to float32 with a bootstrap 95% interval."""
-    paths = {"float32": {}, "float32, before": {"prefix_cache": False, "max_padding": 0.99,
+    paths = {"float32": {}, "float32, framework forward": {"lean_prefill": False},
+             "float32, before": {"prefix_cache": False, "lean_prefill": False, "max_padding": 0.99,
                                                 "max_batch_tokens": 16384}}
     if cpu_has_int8_dot() and int8_supported():
         paths["int8"] = {"dtype": "int8"}
@@ -222,31 +256,31 @@ def main() -> None:
     cpu = machine()
     flags = sorted(cpu_flags() & {"avx512_bf16", "amx_bf16", "amx_int8", "avx512_vnni", "avx_vnni", "avx512f"})
     payload: dict = {"machine": cpu, "flags": flags, "model": args.model, "layer": args.layer, "paths": []}
-    rate_rows, rows, profile_rows = [], [], []
+    rate_rows, rows, profile_rows, ttft, floors = [], [], [], [], []
     rates: dict[str, dict[int, float]] = {}
     for dtype, fast in paths:
         label = dtype if fast else f"{dtype}, before (no prefix cache, unbounded padding)"
-        kwargs = {} if fast else {"prefix_cache": False, "max_padding": 0.99, "max_batch_tokens": 16384}
+        kwargs = {} if fast else {"prefix_cache": False, "lean_prefill": False, "max_padding": 0.99,
+                                  "max_batch_tokens": 16384}
         extractor = ActivationExtractor(args.model, dtype=dtype, layers=args.layer, max_tokens=2048,
                                         threads=args.threads, **kwargs)
         config = extractor.model.config
         torch_dtype = extractor.dtype
         if dtype not in rates:
             rates[dtype] = {m: matmul_rate(config, torch_dtype, m) for m in (*TARGET_TOKENS, 4096)}
-            rate_rows.append([dtype, *(f"{rates[dtype][m] / 1e9:.0f}" for m in (*TARGET_TOKENS, 4096))])
         entry: dict = {"dtype": dtype, "hot_path": fast, "lengths": {}}
         for target in TARGET_TOKENS:
             prompts = prompts_of(extractor, queries, target, args.prompts)
             n_tokens = np.array([len(x) for x in extractor.tokenize(prompts)[0]])
             lat = latencies(extractor, prompts, args.repeats)
-            floor_ms = np.array([args.layer * block_flops(config, n) / rates[dtype][target] * 1000 for n in n_tokens])
+            # The host's matmul rate drifts by 20-30% over minutes: measured again after each run of latencies,
+            # the best of all measurements is the floor's rate (the stricter floor); floors are set at the end.
+            rates[dtype][target] = max(rates[dtype][target], matmul_rate(config, torch_dtype, target))
             p50, p99 = np.percentile(lat, [50, 99])
-            ratio = p50 / float(np.median(floor_ms))
             entry["lengths"][str(target)] = {"tokens_mean": float(n_tokens.mean()), "p50_ms": p50, "p99_ms": p99,
-                                             "floor_ms": float(np.median(floor_ms)), "ratio_to_floor": ratio,
                                              "latencies_ms": lat.round(3).tolist()}
-            rows.append([label, f"{n_tokens.mean():.0f}", f"{p50:.1f}", f"{p99:.1f}", f"{np.median(floor_ms):.1f}",
-                         f"{ratio:.2f}x", "", "", ""])
+            rows.append([label, f"{n_tokens.mean():.0f}", f"{p50:.1f}", f"{p99:.1f}", "", "", "", "", ""])
+            floors.append((len(rows) - 1, entry["lengths"][str(target)], n_tokens, dtype, target, config))
             print(rows[-1], flush=True)
         batch = queries[:64]
         extractor.batch_size = 32
@@ -270,15 +304,24 @@ def main() -> None:
             shares = profile_share(extractor, hundred)
             entry["profile_100_tokens"] = shares
             profile_rows.append([dtype, *(f"{100 * shares[k]:.0f}%" for k in ("matmul", "attention", "other"))])
+        if fast and dtype == paths[0][0]:
+            ttft, payload["ttft_local_generation"] = ttft_rows(extractor, queries, args.repeats)
         payload["paths"].append(entry)
         print(rows[-1], flush=True)
         del extractor
+    rate_rows = [[d, *(f"{r[m] / 1e9:.0f}" for m in (*TARGET_TOKENS, 4096))] for d, r in rates.items()]
+    for row, length, n_tokens, dtype, target, config in floors:
+        floor_ms = float(np.median([args.layer * block_flops(config, n) / rates[dtype][target] * 1000
+                                    for n in n_tokens]))
+        length.update({"floor_ms": floor_ms, "ratio_to_floor": length["p50_ms"] / floor_ms})
+        rows[row][4:6] = [f"{floor_ms:.1f}", f"{length['p50_ms'] / floor_ms:.2f}x"]
     load = {"before": load_before, "after": os.getloadavg(), "threads": torch.get_num_threads()}
     payload["load_average"] = load
     payload["matmul_gflops"] = {d: {str(m): r / 1e9 for m, r in v.items()} for d, v in rates.items()}
     md = (f"Routing overhead vs the hardware floor on **{cpu}** (flags: {', '.join(flags) or 'none'}); "
           f"{args.model}, read-out layer {args.layer} (blocks above it never run).\n\n"
-          "Matmul rate (GFLOP/s) of one block's linear layers at the given rows:\n\n"
+          "Matmul rate (GFLOP/s) of one block's linear layers at the given rows (best of a measurement before "
+          "and one after each length's latencies):\n\n"
           + md_table(["path", *(f"{m} rows" for m in (*TARGET_TOKENS, 4096))], rate_rows)
           + "\n\nSingle query (one at a time, real MMLU text) and batch 32 (64 MMLU prompts, mean "
           f"{payload['paths'][0]['batch32_tokens_mean']:.0f} tokens); floor = FLOPs of the prompt's tokens through "
@@ -287,6 +330,11 @@ def main() -> None:
                       "batch share of matmul rate", "peak RSS MB (batch 32, fresh process)"], rows)
           + "\n\nWhere a 100-token query's time goes (torch profiler, self CPU time):\n\n"
           + md_table(["path", "matmuls", "attention", "other ops"], profile_rows)
+          + f"\n\nTime to first token of a query routed to the extractor's own model ({paths[0][0]}, one token "
+          "generated after the routing read-out), without and with reuse of the read-out's keys and values "
+          "(with reuse only the blocks above the read-out run again):\n\n"
+          + md_table(["tokens", "route + TTFT, no reuse, p50 ms", "with reuse, p50 ms", "ratio (median per query)",
+                      "reused every call"], ttft)
           + f"\n\n{args.prompts} prompts x {args.repeats} passes per length, {load['threads']} torch threads; "
           f"load average (1, 5, 15 min) {tuple(round(x, 1) for x in load['before'])} before and "
           f"{tuple(round(x, 1) for x in load['after'])} after ({busy(load)}). The floor counts every prompt token, "

@@ -111,3 +111,16 @@ def _llama_servers_stay_alive():
     dead = dead_servers()
     if dead:
         pytest.fail("a llama.cpp backend died during this test:\n" + "\n\n".join(dead), pytrace=False)
+
+
+@pytest.fixture
+def recorder():
+    """LlamaIndex's root dispatcher events during one test (tests/llamaindex_events.py)."""
+    from llama_index.core.instrumentation import get_dispatcher
+    from llamaindex_events import Recorder
+
+    root = get_dispatcher()
+    rec = Recorder(events=[])
+    root.add_event_handler(rec)
+    yield rec
+    root.event_handlers.remove(rec)

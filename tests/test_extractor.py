@@ -63,8 +63,12 @@ def test_early_exit_equals_full_forward(any_dtype_extractor, layer):
 
 
 def test_early_exit_runs_no_later_layer(extractor):
+    # Each block's down projection runs in both the lean loop and the framework's forward.
     calls = []
-    handles = [block.register_forward_hook(lambda *_, i=i: calls.append(i)) for i, block in enumerate(extractor._blocks)]
+    handles = [
+        block.mlp.down_proj.register_forward_hook(lambda *_, i=i: calls.append(i))
+        for i, block in enumerate(extractor._blocks)
+    ]
     try:
         extractor.extract(["hello"], layers=[10])
     finally:

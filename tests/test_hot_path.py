@@ -220,3 +220,82 @@ def test_training_records_the_readout_choice_and_its_cost(extractor, sample_outc
     assert choice["chosen"]["layer"] == router.layers[0]
     assert choice["latency_ms_p50"] > 0 and choice["relative_cost"] == router.layers[0] / extractor.n_layers
     assert {row["layer"] for row in router.info["readout_sweep"]} == {6, 15}
+
+
+# -- the lean prefill (lean_prefill.py) --------------------------------------------------------------
+
+
+def test_lean_prefill_is_used_and_equals_the_framework_forward(extractor, sample_outcomes):
+    """Padding, the cached prefix, a conversation that cannot use it, every layer kind (embeddings, a
+    middle block, the final norm): the lean loop gives the framework's read-out to the dtype's tolerance."""
+    assert extractor._lean is not None  # SmolLM2 is a Llama: the lean path passed its start-up check
+    queries = [*QUERIES, *sample_outcomes.queries[:12]]
+    layers = [0, 1, 9, 15, 30]
+    lean = extractor.extract(queries, layers=layers, pooling="both").features
+    kept, extractor._lean = extractor._lean, None
+    try:
+        framework = extractor.extract(queries, layers=layers, pooling="both").features
+    finally:
+        extractor._lean = kept
+    assert relative_block_error(lean, framework, extractor.hidden_size).max() <= FEATURE_RTOL[extractor.dtype]
+
+
+def test_a_lean_prefill_that_disagrees_is_not_used(monkeypatch, caplog):
+    """The start-up check is real: break the rotary step and the extractor falls back, saying so."""
+    from difficulty_router import lean_prefill
+
+    monkeypatch.setattr(lean_prefill, "_rotate", lambda x, cos, sin: x)
+    with caplog.at_level("WARNING", logger="difficulty_router.extractor"):
+        broken = ActivationExtractor("smollm2-135m", layers=15, pooling="last")
+    assert broken._lean is None
+    assert "lean prefill disagreed" in caplog.text
+
+
+def test_lean_prefill_declines_blocks_that_are_not_llamas(extractor):
+    from types import SimpleNamespace
+
+    from difficulty_router.lean_prefill import LeanPrefill
+
+    config = SimpleNamespace(**{**extractor.model.config.to_dict(), "model_type": "gpt2"})
+    assert LeanPrefill.build(extractor._base, extractor._blocks, config, 64, extractor.device) is None
+    gelu = SimpleNamespace(**{**extractor.model.config.to_dict(), "hidden_act": "gelu"})
+    assert LeanPrefill.build(extractor._base, extractor._blocks, gelu, 64, extractor.device) is None
+
+
+# -- reuse of the routing prefill by local generation -------------------------------------------------
+
+
+@pytest.fixture()
+def generators(extractor):
+    from difficulty_router import LocalGenerator
+
+    reuse = LocalGenerator(extractor, max_new_tokens=8)
+    fresh = LocalGenerator(extractor, max_new_tokens=8, reuse_routing_prefill=False)
+    yield reuse, fresh
+    extractor.keep_prefill, extractor._kept = False, None
+
+
+@pytest.mark.parametrize("query", [QUERIES[1], QUERIES[2]], ids=["cached-prefix", "own-system-message"])
+def test_generation_from_the_routing_prefill_equals_a_fresh_prefill(extractor, generators, query):
+    reuse, fresh = generators
+    extractor.extract([query], layers=[9])  # the routing read-out: blocks 1-9 only
+    reused = reuse.generate(query)
+    assert reuse.reused_prefill  # blocks 10-30 were run from the kept read-out, not the whole prompt again
+    again = fresh.generate(query)
+    assert reused.text == again.text and reused.completion_tokens == again.completion_tokens
+    np.testing.assert_allclose(reused.logprobs, again.logprobs, atol=1e-4)
+
+
+def test_prefill_is_reused_only_for_the_prompt_it_read(extractor, generators):
+    reuse, _ = generators
+    extractor.extract([QUERIES[0]], layers=[9])
+    reuse.generate(QUERIES[1])  # another prompt: its own full prefill
+    assert not reuse.reused_prefill
+    extractor.extract(QUERIES[:2], layers=[9])  # a batch keeps nothing
+    reuse.generate(QUERIES[1])
+    assert not reuse.reused_prefill
+    extractor.extract([QUERIES[1]], layers=[9])
+    reuse.generate(QUERIES[1])
+    assert reuse.reused_prefill
+    reuse.generate(QUERIES[1])  # used once
+    assert not reuse.reused_prefill

@@ -16,20 +16,19 @@ import statistics
 from typing import Any
 
 import pytest
+from conftest import proba_atol
 from llama_index.core import Document, Settings, SummaryIndex, VectorStoreIndex
 from llama_index.core.agent.workflow import FunctionAgent, ReActAgent
 from llama_index.core.base.llms.types import CompletionResponse, LLMMetadata
 from llama_index.core.chat_engine import SimpleChatEngine
 from llama_index.core.embeddings import MockEmbedding
-from llama_index.core.instrumentation import get_dispatcher
-from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 from llama_index.core.llms import CustomLLM
 from llama_index.core.llms.callbacks import llm_completion_callback
 from llama_index.core.query_engine import RouterQueryEngine
 from llama_index.core.tools import FunctionTool, QueryEngineTool
 from llama_index.llms.huggingface import HuggingFaceLLM
 from llama_index.llms.openai_like import OpenAILike
-from conftest import proba_atol
+from llamaindex_events import Recorder
 
 from difficulty_router import DifficultyRouter, Policy
 from llamaindex_difficulty_router import (
@@ -116,29 +115,6 @@ def split_router(trained_router, p_weak):
     its group should is up to the probes; test_easy_and_hard_queries_go_to_different_models checks it."""
     tau = (statistics.median(p_weak["easy"]) + statistics.median(p_weak["hard"])) / 2
     return with_policy(trained_router, Policy("threshold", tau))
-
-
-class Recorder(BaseEventHandler):
-    events: list = []
-
-    @classmethod
-    def class_name(cls) -> str:
-        return "Recorder"
-
-    def handle(self, event: Any, **kwargs: Any) -> None:
-        self.events.append(event)
-
-    def named(self, name: str) -> list:
-        return [e for e in self.events if type(e).__name__ == name]
-
-
-@pytest.fixture
-def recorder():
-    root = get_dispatcher()
-    rec = Recorder(events=[])
-    root.add_event_handler(rec)
-    yield rec
-    root.event_handlers.remove(rec)
 
 
 def _served_tiers(recorder: Recorder) -> list[str]:

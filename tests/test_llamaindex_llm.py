@@ -11,30 +11,28 @@ server errors and tool calls use LlamaIndex's OpenAILike client on real llama.cp
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
-from typing import Any
 
+import openai
 import pytest
 from llama_index.core.base.llms.types import (
     ChatMessage,
+    CompletionResponse,
     ImageBlock,
+    LLMMetadata,
     MessageRole,
     TextBlock,
     ToolCallBlock,
 )
 from llama_index.core.callbacks import CallbackManager, TokenCountingHandler
-from llama_index.core.instrumentation import get_dispatcher
-from llama_index.core.instrumentation.event_handlers import BaseEventHandler
+from llama_index.core.llms.custom import CustomLLM
 from llama_index.core.prompts import PromptTemplate
 from llama_index.core.tools import FunctionTool
 from llama_index.llms.huggingface import HuggingFaceLLM
 from llama_index.llms.openai_like import OpenAILike
 from llama_servers import RUNNING, dead_url, llama_server, smollm2_gguf
+from llamaindex_events import Recorder
 
 from difficulty_router import DifficultyRouter, Policy
-import openai
-from llama_index.core.base.llms.types import CompletionResponse, LLMMetadata
-from llama_index.core.llms.custom import CustomLLM
 from llamaindex_difficulty_router import (
     CANNOT_CALL_TOOLS,
     ROUTING_KEY,
@@ -77,32 +75,6 @@ def strong_llm(extractor):
 def cheapest_router(trained_router):
     """tau = 0: the cheapest model always qualifies, so the weak tier gets every call."""
     return with_policy(trained_router, Policy("threshold", 0.0))
-
-
-class Recorder(BaseEventHandler):
-    events: list = []
-
-    @classmethod
-    def class_name(cls) -> str:
-        return "Recorder"
-
-    def handle(self, event: Any, **kwargs: Any) -> None:
-        self.events.append(event)
-
-    def names(self) -> Counter:
-        return Counter(type(e).__name__ for e in self.events)
-
-    def of(self, cls) -> list:
-        return [e for e in self.events if isinstance(e, cls)]
-
-
-@pytest.fixture
-def recorder():
-    root = get_dispatcher()
-    rec = Recorder(events=[])
-    root.add_event_handler(rec)
-    yield rec
-    root.event_handlers.remove(rec)
 
 
 def openai_like(base_url: str, alias: str, *, max_tokens: int = 8, is_chat_model: bool = True) -> OpenAILike:

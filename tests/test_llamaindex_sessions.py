@@ -16,15 +16,13 @@ threshold between them, so per-call routing would switch tiers between the turns
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import pytest
 from llama_index.core.agent.workflow import FunctionAgent
-from llama_index.core.instrumentation import get_dispatcher
-from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 from llama_index.core.memory import Memory
 from llama_index.core.tools import FunctionTool
 from llama_index.llms.openai_like import OpenAILike
+from llamaindex_events import Recorder
 from test_langchain_router import LoopbackServer
 
 from difficulty_router import DifficultyRouter, Policy, Sessions
@@ -36,29 +34,6 @@ ALIAS = {WEAK: "small", STRONG: "large"}
 HARD = ("Compute the fundamental group of the complement of a trefoil knot in S^3 and show that it is not "
         "abelian. Also, what is the weather in Paris?")
 EASY = "What is the weather in Rome?"
-
-
-class Recorder(BaseEventHandler):
-    events: list = []
-
-    @classmethod
-    def class_name(cls) -> str:
-        return "SessionRecorder"
-
-    def handle(self, event: Any, **kwargs: Any) -> None:
-        self.events.append(event)
-
-    def named(self, name: str) -> list:
-        return [e for e in self.events if type(e).__name__ == name]
-
-
-@pytest.fixture
-def recorder():
-    root = get_dispatcher()
-    rec = Recorder(events=[])
-    root.add_event_handler(rec)
-    yield rec
-    root.event_handlers.remove(rec)
 
 
 @pytest.fixture(scope="module")

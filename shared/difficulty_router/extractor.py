@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .feature_cache import FeatureCache
+from .lean_prefill import LeanPrefill, matches_reference
 from .model_store import DEFAULT_MODEL, ModelSource, fingerprint, load_model_and_tokenizer, resolve
 from .numerics import (  # noqa: F401
     DTYPE_ENV,
@@ -148,6 +149,18 @@ class Extraction:
         )
 
 
+@dataclass
+class KeptPrefill:
+    """One prompt's read-out prefill, stopped after block ``depth``: what generation needs to go on from there."""
+
+    ids: tuple[int, ...]
+    depth: int
+    hidden: torch.Tensor  # hidden_states[depth] of the positions that ran (the suffix after a cached prefix)
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # blocks below depth: keys and values over the whole prompt
+    position_ids: torch.Tensor
+    skip: int  # tokens of the cached prefix in front
+
+
 class _StopForward(Exception):
     """Raised from a hook once the deepest requested block has run."""
 
@@ -206,6 +219,9 @@ class ActivationExtractor:
         max_padding: the largest share of a batch's tokens that may be padding; prompts are sorted by
             length and a batch is closed before it would pad more.
         prefix_cache: reuse the chat template's fixed prefix (keys, values, hidden-state sums), computed once.
+        lean_prefill: run Llama-style blocks in a plain loop instead of the framework's forward (no per-call
+            mask, rotary or cache objects; see ``lean_prefill``); used only after it matched the framework's
+            read-out at start-up, so False is for measuring the difference.
         threads: torch's compute threads; by default no more than the cores this process may use.
         feature_cache: a directory or FeatureCache that memoises rows across runs.
     """
@@ -224,6 +240,7 @@ class ActivationExtractor:
         max_batch_tokens: int = 4096,
         max_padding: float = 0.125,
         prefix_cache: bool = True,
+        lean_prefill: bool = True,
         threads: int | None = None,
         feature_cache: FeatureCache | str | None = None,
     ) -> None:
@@ -259,6 +276,12 @@ class ActivationExtractor:
         self.prefix_cache = prefix_cache
         self.prefix: PrefixState | None = None
         self._prefix_for(max(self.layers))
+        self._lean: LeanPrefill | None = None
+        # A local generator on this model can finish the last single-query read-out instead of redoing it.
+        self.keep_prefill = False
+        self._kept: KeptPrefill | None = None
+        if lean_prefill:
+            self._lean = self._checked_lean()
 
     @property
     def tokenizer(self):
@@ -384,6 +407,58 @@ class ActivationExtractor:
                 self._base, self._blocks, self.model.config, self.prompts.prefix_ids, max(deepest, 1), self.device
             )
 
+    def _checked_lean(self) -> LeanPrefill | None:
+        """The lean prefill if this model's blocks are Llama's and it reproduces the framework's read-out:
+        two prompts of different lengths (so padding is covered), with and without the cached prefix,
+        through the first blocks (every block runs the same code)."""
+        positions = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
+        lean = LeanPrefill.build(self._base, self._blocks, self.model.config, positions, self.device)
+        if lean is None:
+            return None
+        ids = self.tokenize(["Is the lean path exact?", "Which of these is a prime number: 4, 6 or 7?"])[0]
+        layer = (max(1, min(2, max(self.layers))),)
+        variants = [False]
+        if self.prefix is not None and all(self._uses_prefix(x) for x in ids):
+            variants.append(True)
+        rtol = FEATURE_RTOL.get(self.dtype, 1e-5)
+        for prefixed in variants:
+            reference = self._forward(ids, layer, ("last", "mean"), prefixed)
+            self._lean = lean
+            try:
+                candidate = self._forward(ids, layer, ("last", "mean"), prefixed)
+            finally:
+                self._lean = None
+            if not matches_reference(torch.from_numpy(candidate), torch.from_numpy(reference), rtol):
+                logger.warning(
+                    "%s: the lean prefill disagreed with the framework's forward; using the latter", self.model_id
+                )
+                return None
+        return lean
+
+    def take_prompt_cache(self, ids: Sequence[int]):
+        """Every layer's keys and values for ``ids[:-1]`` (a transformers cache), made by finishing the kept
+        read-out of exactly these token ids through the blocks above it; None when none was kept (a
+        cached feature row, a batch, the framework's forward, or another prompt since). Used once.
+
+        This is the routing prefill reused for generation: a query routed to this very model pays only
+        the blocks above the read-out, not a second prefill of the whole prompt."""
+        from transformers import DynamicCache
+
+        with self._forward_lock:
+            kept, self._kept = self._kept, None
+            if kept is None or self._lean is None or kept.ids != tuple(ids) or len(ids) < 2:
+                return None
+            prefix_kv = None
+            if kept.skip:
+                self._prefix_for(self.n_layers)
+                assert self.prefix is not None and len(self.prefix) == kept.skip
+                prefix_kv = self.prefix.kv
+            kv = list(kept.kv)
+            self._lean.resume(kept.hidden, kept.depth, self.n_layers, kept.position_ids, prefix_kv, kv)
+            cut = len(ids) - 1  # generation runs the last token itself, through every layer
+            data = [(k[:, :, :cut].contiguous(), v[:, :, :cut].contiguous()) for k, v in kv]
+            return DynamicCache(ddp_cache_data=data, config=self.model.config)
+
     def _uses_prefix(self, x: list[int]) -> bool:
         p = self.prefix
         return p is not None and len(x) > len(p) and tuple(x[: len(p)]) == p.ids
@@ -439,41 +514,18 @@ class ActivationExtractor:
             input_ids[row, longest - len(x) :] = torch.tensor(x, dtype=torch.long)
             mask[row, longest - len(x) :] = 1
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0) + skip
-        kwargs: dict[str, Any] = {}
-        full_mask = mask
-        if prefix is not None:  # [prefix][padding][suffix]: the mask hides the padding between them
-            full_mask = torch.cat([torch.ones((len(rows), skip), dtype=torch.long), mask], dim=1)
-            kwargs[prefix.cache_kwarg(self._base)] = prefix.cache_for(len(rows), self.model.config)
-        input_ids, full_mask, position_ids = (t.to(self.device) for t in (input_ids, full_mask, position_ids))
-
-        captured: dict[int, torch.Tensor] = {}
-        deepest = max(layer_idx)
-        hooks = []
-
-        def keep(index: int, stop: bool):
-            def hook(_module, _args, output):
-                captured[index] = output[0] if isinstance(output, tuple) else output
-                if stop:
-                    raise _StopForward
-
-            return hook
-
-        for index in layer_idx:
-            module = self._base.embed_tokens if index == 0 else self._blocks[index - 1]
-            hooks.append(module.register_forward_hook(keep(index, stop=index == deepest)))
-        try:
-            self._base(
-                input_ids=input_ids,
-                attention_mask=full_mask,
-                position_ids=position_ids,
-                use_cache=prefix is not None,
-                **kwargs,
+        input_ids, position_ids = input_ids.to(self.device), position_ids.to(self.device)
+        if self._lean is not None:
+            kv = prefix.kv if prefix is not None else None
+            keep_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = (
+                [] if self.keep_prefill and len(rows) == 1 else None
             )
-        except _StopForward:
-            pass
-        finally:
-            for hook in hooks:
-                hook.remove()
+            captured = self._lean.run(input_ids, mask.to(self.device), position_ids, layer_idx, kv, keep_kv)
+            if keep_kv is not None:
+                depth = max(layer_idx)
+                self._kept = KeptPrefill(tuple(batch_ids[0]), depth, captured[depth], keep_kv, position_ids, skip)
+        else:
+            captured = self._framework_forward(input_ids, mask, position_ids, layer_idx, prefix)
 
         maskf = mask.to(self.device).unsqueeze(-1).to(torch.float32)
         counts = maskf.sum(1) + skip
@@ -493,3 +545,43 @@ class ActivationExtractor:
                     blocks.append(summed / counts)
             del hidden
         return torch.cat(blocks, dim=1).cpu().numpy()
+
+    def _framework_forward(
+        self, input_ids, mask, position_ids, layer_idx: tuple[int, ...], prefix: PrefixState | None
+    ) -> dict[int, torch.Tensor]:
+        """The framework's forward, read out by hooks and stopped after the deepest wanted block."""
+        kwargs: dict[str, Any] = {}
+        full_mask = mask
+        if prefix is not None:  # [prefix][padding][suffix]: the mask hides the padding between them
+            full_mask = torch.cat([torch.ones((len(mask), len(prefix)), dtype=torch.long), mask], dim=1)
+            kwargs[prefix.cache_kwarg(self._base)] = prefix.cache_for(len(mask), self.model.config)
+        captured: dict[int, torch.Tensor] = {}
+        deepest = max(layer_idx)
+        hooks = []
+
+        def keep(index: int, stop: bool):
+            def hook(_module, _args, output):
+                captured[index] = output[0] if isinstance(output, tuple) else output
+                if stop:
+                    raise _StopForward
+
+            return hook
+
+        for index in layer_idx:
+            module = self._base.embed_tokens if index == 0 else self._blocks[index - 1]
+            hooks.append(module.register_forward_hook(keep(index, stop=index == deepest)))
+        try:
+            self._base(
+                input_ids=input_ids,
+                attention_mask=full_mask.to(self.device),
+                position_ids=position_ids,
+                use_cache=prefix is not None,
+                **kwargs,
+            )
+        except _StopForward:
+            pass
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+        return captured

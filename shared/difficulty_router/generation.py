@@ -18,6 +18,7 @@ import torch
 
 from .confidence import MissingLogprobsError, openai_token_logprobs
 from .extractor import ActivationExtractor, normalise_layers, normalise_pooling
+from .prefix_kv import PrefixState
 from .probes import SuccessProbe
 from .queries import to_conversations
 
@@ -140,9 +141,15 @@ class LocalGenerator:
         pik_probe: PIKProbe | None = None,
         max_new_tokens: int = 32,
         readout: tuple[Any, str | Sequence[str]] | None = None,
+        reuse_routing_prefill: bool = True,
     ) -> None:
         """``readout`` = (layers, pooling) also returns the prefill's read-out in ``Generation.features``
-        (for training a P(IK) probe from the same pass); a ``pik_probe`` brings its own read-out."""
+        (for training a P(IK) probe from the same pass); a ``pik_probe`` brings its own read-out.
+
+        ``reuse_routing_prefill``: when a router reading this same extractor has just routed the query
+        here, generation starts from that read-out's keys and values and runs only the blocks above it
+        (``ActivationExtractor.take_prompt_cache``); the answer is the same. Not with a ``readout``,
+        which needs the whole prompt's hidden states."""
         if pik_probe is not None:
             pik_probe._check(extractor)
             readout = (pik_probe.layers, pik_probe.pooling)
@@ -154,6 +161,9 @@ class LocalGenerator:
         self.name = name or extractor.model_id
         self.pik_probe = pik_probe
         self.max_new_tokens = max_new_tokens
+        self.reuse_routing_prefill = reuse_routing_prefill and normalised is None
+        if self.reuse_routing_prefill:
+            extractor.keep_prefill = True
 
     @property
     def n_params(self) -> int:
@@ -171,10 +181,14 @@ class LocalGenerator:
         want_hidden = readout is not None
         tok = ext.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        cache = ext.take_prompt_cache(ids[0]) if self.reuse_routing_prefill else None
+        extra = {PrefixState.cache_kwarg(ext._base): cache} if cache is not None else {}
+        self.reused_prefill = cache is not None
         with ext._forward_lock:
             out = ext.model.generate(
                 input_ids,
                 attention_mask=torch.ones_like(input_ids),
+                **extra,
                 do_sample=False,
                 max_new_tokens=max_new_tokens or self.max_new_tokens,
                 output_scores=True,

@@ -19,7 +19,7 @@ import numpy as np
 from scipy import sparse
 from sklearn.feature_extraction.text import HashingVectorizer
 
-from .probes import _sigmoid, fit_calibrated_columns, shared_folds
+from .probes import _sigmoid, calibrated_arrays, fit_calibrated_columns, set_calibrated_arrays, shared_folds
 
 # (analyzer, n-gram range) candidates that training compares by CV AUROC
 LEXICAL_CANDIDATES = (("word", (1, 1)), ("word", (1, 2)), ("char_wb", (2, 5)))
@@ -191,28 +191,13 @@ class LexicalProbe:
         return self.features_.config()
 
     def arrays(self, prefix: str = "lexical") -> dict[str, np.ndarray]:
-        out = self.features_.arrays(prefix)
-        out.update(
-            {
-                f"{prefix}.coef": self.coef_,
-                f"{prefix}.intercept": self.intercept_,
-                f"{prefix}.platt": self.platt_,
-                f"{prefix}.C": self.C_,
-                f"{prefix}.cv_auroc": self.cv_auroc_,
-            }
-        )
-        return out
+        return {**self.features_.arrays(prefix), **calibrated_arrays(self, prefix)}
 
     @classmethod
     def from_arrays(cls, config: dict, arrays: dict[str, np.ndarray], prefix: str = "lexical") -> LexicalProbe:
         self = cls()
         self.features_ = LexicalFeatures.from_arrays(config, arrays, prefix)
-        self.coef_, self.intercept_ = arrays[f"{prefix}.coef"], arrays[f"{prefix}.intercept"]
-        self.platt_, self.C_, self.cv_auroc_ = (
-            arrays[f"{prefix}.platt"],
-            arrays[f"{prefix}.C"],
-            arrays[f"{prefix}.cv_auroc"],
-        )
+        set_calibrated_arrays(self, arrays, prefix)
         m = self.coef_.shape[0]
         if (
             self.coef_.shape != (m, self.features_.width)

@@ -240,31 +240,33 @@ class SuccessProbe:
         return _sigmoid(self.platt_[:, 0] * self.decision_function(X) + self.platt_[:, 1])
 
     def arrays(self, prefix: str = "success") -> dict[str, np.ndarray]:
-        out = self.standardizer_.arrays(f"{prefix}.standardizer")
-        out.update(
-            {
-                f"{prefix}.coef": self.coef_,
-                f"{prefix}.intercept": self.intercept_,
-                f"{prefix}.platt": self.platt_,
-                f"{prefix}.C": self.C_,
-                f"{prefix}.cv_auroc": self.cv_auroc_,
-            }
-        )
-        return out
+        return {**self.standardizer_.arrays(f"{prefix}.standardizer"), **calibrated_arrays(self, prefix)}
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str = "success") -> SuccessProbe:
         self = cls()
         self.standardizer_ = Standardizer.from_arrays(arrays, f"{prefix}.standardizer")
-        self.coef_ = arrays[f"{prefix}.coef"]
-        self.intercept_ = arrays[f"{prefix}.intercept"]
-        self.platt_ = arrays[f"{prefix}.platt"]
-        self.C_ = arrays[f"{prefix}.C"]
-        self.cv_auroc_ = arrays[f"{prefix}.cv_auroc"]
+        set_calibrated_arrays(self, arrays, prefix)
         m, _d = self.coef_.shape
         if self.intercept_.shape != (m,) or self.platt_.shape != (m, 2):
             raise ValueError("saved success probe arrays have inconsistent shapes")
         return self
+
+
+#: What a calibrated linear probe saves besides its input transform: weights, intercepts, Platt
+#: scaling, the chosen regularisation and the cross-validated AUROC (one row or entry per model).
+CALIBRATED_FIELDS = ("coef", "intercept", "platt", "C", "cv_auroc")
+
+
+def calibrated_arrays(probe: Any, prefix: str) -> dict[str, np.ndarray]:
+    """The probe's ``coef_``/``intercept_``/``platt_``/``C_``/``cv_auroc_`` as ``{prefix}.{field}`` arrays."""
+    return {f"{prefix}.{name}": getattr(probe, f"{name}_") for name in CALIBRATED_FIELDS}
+
+
+def set_calibrated_arrays(probe: Any, arrays: dict[str, np.ndarray], prefix: str) -> None:
+    """The inverse of ``calibrated_arrays``; a missing array raises KeyError naming it."""
+    for name in CALIBRATED_FIELDS:
+        setattr(probe, f"{name}_", arrays[f"{prefix}.{name}"])
 
 
 def derived_difficulty(proba: np.ndarray) -> np.ndarray:
