@@ -20,7 +20,7 @@ The float32 path is also run without the hot-path changes (no prefix cache, batc
 padding) as the before/after baseline. Run it on an idle machine if you can; the timings of a
 shared one are noisy (p99 especially).
 
-    python benchmarks/overhead.py                 # about 3-4 minutes on 2 cores
+    python benchmarks/overhead.py                 # about 4-5 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -305,7 +305,7 @@ def main() -> None:
             entry["profile_100_tokens"] = shares
             profile_rows.append([dtype, *(f"{100 * shares[k]:.0f}%" for k in ("matmul", "attention", "other"))])
         if fast and dtype == paths[0][0]:
-            ttft, payload["ttft_local_generation"] = ttft_rows(extractor, queries, args.repeats)
+            ttft, payload["ttft_local_generation"] = ttft_rows(extractor, queries, repeats=2, count=4)
         payload["paths"].append(entry)
         print(rows[-1], flush=True)
         del extractor
