@@ -5,33 +5,31 @@ from __future__ import annotations
 
 import copy
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from difficulty_router import DifficultyRouter, ModelPool, PoolModel, load_mmlu_pro
 from difficulty_router.cli import main as cli_main
+from difficulty_router.datasets import MMLU_PRO_SAMPLE
 from difficulty_router.decision_log import DecisionLog
 from difficulty_router.dispatch import Binding, Reply, run_sync
 from difficulty_router.length_head import OutputLengthHead, output_tokens_from_chars
-from difficulty_router.queries import conversation_text
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mmlu_pro"
-LONG, SHORT = "gemini-1.5-flash-002", "gemini-1.5-pro-002"  # median answers 305 and 119 characters
+LONG, SHORT = "gemini-1.5-flash-002", "gemini-1.5-pro-002"  # median answers 337 and 119 characters in the sample
+# USD per million input and output tokens, as the pool below prices them (written out here, not read back from the pool)
+PRICES = {"weak": (0.6, 0.6), "strong": (10.0, 30.0)}
 
 
 @pytest.fixture(scope="module")
 def mmlu_pro_lengths(trained_router):
-    if not DATA.is_dir():
-        pytest.skip(f"the team data kit is not at {DATA}")
-    outcomes = load_mmlu_pro(DATA, models=[LONG, SHORT])
-    rows = np.random.default_rng(0).choice(len(outcomes), 160, replace=False)
-    outcomes = outcomes.subset(np.sort(rows))
+    """The 160 MMLU-Pro questions shipped in difficulty_router.datasets (see its README.md), with both
+    Gemini models' recorded answer lengths in tokens."""
+    outcomes = load_mmlu_pro(MMLU_PRO_SAMPLE, models=[LONG, SHORT])
+    assert len(outcomes) == 160
     tokens = output_tokens_from_chars(outcomes.extra["output_chars"])
-    keep = np.isfinite(tokens).all(axis=1)
-    features = trained_router.features([q for q, k in zip(outcomes.queries, keep, strict=True) if k]).features
-    return [q for q, k in zip(outcomes.queries, keep, strict=True) if k], features, tokens[keep]
+    assert np.isfinite(tokens).all()  # the sample was drawn from rows where both models have a length
+    return outcomes.queries, trained_router.features(outcomes.queries).features, tokens
 
 
 def test_the_head_learns_each_models_length_better_than_a_constant(mmlu_pro_lengths):
@@ -53,8 +51,9 @@ def test_the_head_learns_each_models_length_better_than_a_constant(mmlu_pro_leng
 def token_priced_router(trained_router, head):
     router = copy.copy(trained_router)
     weak, strong = trained_router.models
-    router.pool = ModelPool((PoolModel(name=weak, input_cost_per_1m=0.6, output_cost_per_1m=0.6),
-                             PoolModel(name=strong, input_cost_per_1m=10.0, output_cost_per_1m=30.0,
+    (weak_in, weak_out), (strong_in, strong_out) = PRICES["weak"], PRICES["strong"]
+    router.pool = ModelPool((PoolModel(name=weak, input_cost_per_1m=weak_in, output_cost_per_1m=weak_out),
+                             PoolModel(name=strong, input_cost_per_1m=strong_in, output_cost_per_1m=strong_out,
                                        cached_input_cost_per_1m=2.5)))
     router.length_head = head
     return router
@@ -62,12 +61,21 @@ def token_priced_router(trained_router, head):
 
 def test_decisions_price_each_model_with_its_predicted_output_length(trained_router, mmlu_pro_lengths, tmp_path):
     queries, X, tokens = mmlu_pro_lengths
-    router = token_priced_router(trained_router, OutputLengthHead().fit(X, tokens))
-    decision = router.route(queries[0])
-    assert decision.output_tokens is not None and set(decision.output_tokens) == set(router.models)
-    for m in router.models:
-        expected = router.pool[m].cost(len(conversation_text(queries[0])), output_tokens=decision.output_tokens[m])
-        assert decision.costs[m] == pytest.approx(expected)
+    head = OutputLengthHead().fit(X, tokens)
+    router = token_priced_router(trained_router, head)
+    query = queries[0]
+    decision = router.route(query)
+    # the head's prediction for this query alone, column j = router.models[j] (LONG for weak, SHORT for strong)
+    predicted = head.predict_tokens(trained_router.features([query]).features)[0]
+    assert predicted[0] > predicted[1] > 0
+    assert decision.output_tokens == pytest.approx(dict(zip(router.models, predicted, strict=True)))
+    # expected dollars written out: prompt at 4 characters a token ("user: " + the question, as routed)
+    # times the input price, plus each model's own predicted output tokens times its output price
+    (message,) = query
+    prompt_tokens = len("user: " + message["content"]) / 4
+    for m, price, out_tokens in zip(router.models, (PRICES["weak"], PRICES["strong"]), predicted, strict=True):
+        expected = (prompt_tokens * price[0] + out_tokens * price[1]) / 1e6
+        assert decision.costs[m] == pytest.approx(expected, rel=1e-6)
     constant = copy.copy(router)
     constant.length_head = None
     assert constant.route(queries[0]).costs != pytest.approx(decision.costs)  # the head changed the prices
@@ -85,11 +93,15 @@ def test_report_summarises_a_real_shadow_log(trained_router, tmp_path, capsys):
                       decision_log=DecisionLog(log_path), rng=random.Random(0))
     queries = ["What is 2 + 2?", "Name the capital of France.", "Prove Fermat's little theorem.",
                "Explain entropy in statistical mechanics.", "What colour is the sky?", "Define a prime number."]
-    chosen = []
+    chosen, routed_cost, served_cost = [], 0.0, 0.0
     for q in queries:
         decision = binding.decide(q)
         run_sync(binding.start(decision, query=q), lambda model: Reply(model, "ok"))
         chosen.append(decision.model)
+        routed_cost += decision.costs[decision.model]
+        served_cost += decision.costs[default]
+    # the router sends some of these to the cheaper model, so the report has a real saving to state
+    assert set(chosen) != {default} and 0 < routed_cost < served_cost
     png = tmp_path / "report.png"
     assert cli_main(["report", str(log_path), "--plot", str(png)]) == 0
     out = capsys.readouterr().out
@@ -97,5 +109,4 @@ def test_report_summarises_a_real_shadow_log(trained_router, tmp_path, capsys):
     for m in set(chosen):
         assert f"{m}  {100 * chosen.count(m) / len(queries):.1f}%" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    if set(chosen) != {default}:
-        assert "saving" in out
+    assert f"({len(queries)} priced decisions): saving {100 * (1 - routed_cost / served_cost):.1f}%" in out
