@@ -22,7 +22,7 @@ import pytest
 
 from difficulty_router import DifficultyRouter, PIKProbe
 from difficulty_router.cli import main
-from difficulty_router.model_store import cache_root
+from difficulty_router.model_store import _dequantised_dir
 
 
 @pytest.fixture
@@ -122,17 +122,19 @@ def test_swapped_arrays_with_a_recomputed_hash_are_refused(saved, extractor):
         DifficultyRouter.load(saved, extractor)
 
 
-def dequantised_smollm2() -> Path:
-    """The real SmolLM2 weights as a transformers directory (the extractor writes it on first load)."""
-    found = sorted((cache_root() / "dequantized").glob("SmolLM2-135M-Instruct*"))
-    if not found:
-        pytest.skip("the dequantised SmolLM2 directory is not cached")
-    return found[0]
+@pytest.fixture(scope="module")
+def dequantised_smollm2(extractor) -> Path:
+    """The real SmolLM2 weights as a transformers directory: loading the session's extractor dequantises
+    the embedded GGUF once into the model cache (difficulty_router.model_store), so the directory exists
+    whatever ran before."""
+    directory = _dequantised_dir(extractor.source, extractor.model_hash)
+    assert (directory / "config.json").is_file() and (directory / "model.safetensors").is_file(), directory
+    return directory
 
 
-def test_a_manifest_cannot_choose_a_hub_id_or_path_to_load(saved, tmp_path):
+def test_a_manifest_cannot_choose_a_hub_id_or_path_to_load(saved, dequantised_smollm2, tmp_path):
     local = tmp_path / "smol-copy"
-    shutil.copytree(dequantised_smollm2(), local)
+    shutil.copytree(dequantised_smollm2, local)
     edit_manifest(saved, lambda m: {**m, "extractor": {**m["extractor"], "model_id": str(local)}})
     with pytest.raises(ValueError, match="hub id or path.*pass it yourself"):
         DifficultyRouter.load(saved)
@@ -141,9 +143,11 @@ def test_a_manifest_cannot_choose_a_hub_id_or_path_to_load(saved, tmp_path):
         DifficultyRouter.load(saved)
 
 
-def test_another_extractor_than_the_saved_one_needs_the_allow_flag_and_still_the_same_weights(saved, tmp_path):
+def test_another_extractor_than_the_saved_one_needs_the_allow_flag_and_still_the_same_weights(
+    saved, dequantised_smollm2, tmp_path
+):
     local = tmp_path / "smol-copy"
-    shutil.copytree(dequantised_smollm2(), local)
+    shutil.copytree(dequantised_smollm2, local)
     with pytest.raises(ValueError, match="allow_other_extractor"):
         DifficultyRouter.load(saved, model=str(local))
     with pytest.raises(ValueError, match="weights sha256"):  # allowed by name, refused by hash: other files
@@ -173,9 +177,9 @@ def fake_hub_cache(root: Path, weights: Path) -> Path:
     return snapshot
 
 
-def test_a_hub_model_is_fingerprinted_by_its_weights_not_its_name(tmp_path):
+def test_a_hub_model_is_fingerprinted_by_its_weights_not_its_name(dequantised_smollm2, tmp_path):
     """Runs in a subprocess so the hub client reads the test's cache and offline mode from the start."""
-    weights = dequantised_smollm2()
+    weights = dequantised_smollm2
     snapshot = fake_hub_cache(tmp_path / "hub", weights)
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join(sys.path)}
