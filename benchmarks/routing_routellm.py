@@ -15,6 +15,11 @@ Intervals are mean +- t(0.975, splits-1) x standard error over the splits; the r
 margin over the best baseline is a paired difference on the same splits.
 
     python benchmarks/routing_routellm.py --limit 6000 --splits 5 --labels 50 150 300 600 1500 3000
+
+That published setting writes ``results/routellm_mmlu_<extractor>.*``; any other setting writes a name
+that spells what differs (e.g. ``routellm_mmlu_smollm2-135m_limit1500``), so a smaller or quicker run
+never overwrites the published files, nor the ``routellm_mmlu_<extractor>_1500.*`` files an earlier,
+single-split version of this script wrote.
 """
 
 from __future__ import annotations
@@ -42,6 +47,22 @@ PUBLISHED = [  # RouteLLM paper, Table 2 (MMLU, GPT-4 vs Mixtral); trained on Ar
 ]
 PREDICTORS = ("router", "activation probe only", "tfidf (tuned)", "knn (tuned)", "length", "random", "oracle")
 BASELINE_NAMES = ("tfidf (tuned)", "knn (tuned)", "length")
+#: the setting of the published table (README, RouteLLM MMLU); its results carry no suffix
+PUBLISHED_SETTING = {"limit": 6000, "splits": 5, "labels": [50, 150, 300, 600, 1500, 3000],
+                     "layers": [0.3, 0.4, 0.5, 0.6], "max_tokens": 512, "seed": 0}
+
+
+def results_name(extractor_id: str, args: argparse.Namespace) -> str:
+    """``routellm_mmlu_<extractor>`` for the published setting, else with a suffix naming what differs."""
+    if args.name:
+        return args.name
+    differs = []
+    for key, published in PUBLISHED_SETTING.items():
+        value = getattr(args, key)
+        if value != published:
+            shown = "-".join(f"{x:g}" for x in value) if isinstance(value, list) else f"{value:g}"
+            differs.append(f"{key.replace('_', '-')}{shown}")
+    return "_".join([f"routellm_mmlu_{extractor_id}", *differs])
 
 
 def interval(values) -> tuple[float, float, float]:
@@ -69,6 +90,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--name", default=None,
+                        help="results file name (default: routellm_mmlu_<extractor> for the published setting, "
+                             "with a suffix naming every setting that differs from it otherwise)")
     args = parser.parse_args()
 
     outcomes, n_clean, n_contaminated = routellm_clean(args.limit, args.seed)
@@ -131,7 +155,7 @@ def main() -> None:
     chosen_rows = [[n, "; ".join(f"{c} x{chosen[n].count(c)}" for c in sorted(set(chosen[n]))),
                     f"{summary[n]['train_seconds']:.0f} s"] for n in labels]
 
-    name = f"routellm_mmlu_{extractor.model_id}" + ("" if args.limit == 6000 else f"_{args.limit}")
+    name = results_name(extractor.model_id, args)
     plot(results, labels, example_curves, RESULTS / f"{name}.png", extractor.model_id, len(test_idx), args.splits)
     md = (f"RouteLLM MMLU (GPT-4 vs Mixtral-8x7B), {len(outcomes)} of {n_clean} clean rows (seed {args.seed}); "
           f"{args.splits} random splits, each testing on the same {len(outcomes) - half} held-out rows for every "
