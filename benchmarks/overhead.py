@@ -14,7 +14,10 @@ bf16 only with AVX512-BF16/AMX, or on request with --emulated-bf16), it reports:
   below 1.0: the floor counts every token, the extractor does not recompute the prefix);
 - batch-32 throughput (prompts/s and the share of the matmul rate it reaches);
 - peak RSS of a fresh process that loads the extractor and extracts 64 prompts in batches of 32;
-- where the time of a 100-token query goes (torch profiler: matmuls, attention, the rest).
+- where the time of a 100-token query goes (torch profiler: matmuls, attention, the rest);
+- on the first path only, route + time to first token of a query routed to the extractor's own
+  model, with and without reuse of the routing read-out's prefill (``TTFT_PROMPTS`` prompts x
+  ``TTFT_REPEATS`` passes per length, fewer than the latency part, to keep the run short).
 
 The float32 path is also run without the hot-path changes (no prefix cache, batches unbounded by
 padding) as the before/after baseline. Run it on an idle machine if you can; the timings of a
@@ -41,6 +44,7 @@ from difficulty_router.numerics import (cpu_flags, cpu_has_bf16, cpu_has_int8_do
                                         quantise_int8)
 
 TARGET_TOKENS = (10, 100, 1000)
+TTFT_PROMPTS, TTFT_REPEATS = 4, 2  # the time-to-first-token sample per length (6 x 3 before a5de709)
 
 
 def block_shapes(config) -> list[tuple[int, int]]:
@@ -305,7 +309,8 @@ def main() -> None:
             entry["profile_100_tokens"] = shares
             profile_rows.append([dtype, *(f"{100 * shares[k]:.0f}%" for k in ("matmul", "attention", "other"))])
         if fast and dtype == paths[0][0]:
-            ttft, payload["ttft_local_generation"] = ttft_rows(extractor, queries, repeats=2, count=4)
+            ttft, payload["ttft_local_generation"] = ttft_rows(extractor, queries, repeats=TTFT_REPEATS,
+                                                               count=TTFT_PROMPTS)
         payload["paths"].append(entry)
         print(rows[-1], flush=True)
         del extractor
@@ -335,7 +340,8 @@ def main() -> None:
           "(with reuse only the blocks above the read-out run again):\n\n"
           + md_table(["tokens", "route + TTFT, no reuse, p50 ms", "with reuse, p50 ms", "ratio (median per query)",
                       "reused every call"], ttft)
-          + f"\n\n{args.prompts} prompts x {args.repeats} passes per length, {load['threads']} torch threads; "
+          + f"\n\n{args.prompts} prompts x {args.repeats} passes per length (time to first token: {TTFT_PROMPTS} "
+          f"prompts x {TTFT_REPEATS} passes), {load['threads']} torch threads; "
           f"load average (1, 5, 15 min) {tuple(round(x, 1) for x in load['before'])} before and "
           f"{tuple(round(x, 1) for x in load['after'])} after ({busy(load)}). The floor counts every prompt token, "
           "including the chat template's fixed prefix that the prefix cache skips, so very short prompts can run "
