@@ -19,7 +19,7 @@ Everything runs on loopback and stops by itself (each phase has a fixed budget):
 - memory: the process's RSS before and after the load run (server, router and clients share the
   process).
 
-    python benchmarks/reliability.py            # about 10 minutes on 2 cores
+    python benchmarks/reliability.py            # about 25 minutes on 2 busy cores (fuzzing alone took 1,174 s)
     python benchmarks/reliability.py --quick    # a smoke run
 """
 
