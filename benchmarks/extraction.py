@@ -10,7 +10,7 @@ logits (batch x tokens x 49,152 vocab in float32, gigabytes at batch 32) and eve
 included: that, not the extractor, is where the 5.7 GB it once reported came from. The extractor's
 own peak, in a fresh process, is measured by ``benchmarks/overhead.py``.
 
-    python benchmarks/extraction.py --models smollm2-135m:float32,bfloat16 qwen2.5-coder-0.5b:float32
+    python benchmarks/extraction.py --models smollm2-135m:float32,bfloat16 qwen2.5-coder-0.5b:float32 --n 64
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ shows it. The same answers, read back from the journal, are then graded with the
 every (prompt, model) pair the judge graded has a 95% bootstrap interval over prompts, with
 Cohen's kappa.
 
-    nice -n 19 python benchmarks/label_run.py            # 200 prompts; about an hour on 2 busy cores
+    nice -n 19 python benchmarks/label_run.py --time-limit-s 3240   # the committed run; about an hour on 2 busy cores
 """
 
 from __future__ import annotations

@@ -17,8 +17,12 @@ its own out-of-fold predictions. Reported: the cost at which each reaches the be
 model's accuracy (share of that model's cost), the share of the best-to-oracle gap closed,
 the frontier AUC, and how often P(stronger) < P(weaker) for pairs of models.
 
-    python benchmarks/routing_pools.py mmlu-pro --limit 3000 --splits 5
+    python benchmarks/routing_pools.py mmlu-pro --limit 3000 --splits 1
     python benchmarks/routing_pools.py llmrouter --limit 2000 --splits 1
+
+These are the settings of the committed results (results/pool_<data>_<extractor>.*). Any other setting,
+``--splits 5`` included, writes the same file name: give such runs another checkout or copy the results
+away first.
 """
 
 from __future__ import annotations

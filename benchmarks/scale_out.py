@@ -1,7 +1,7 @@
 """Scale-out on Ray: distributed extraction throughput with 1 and 2 workers, scaling efficiency, a projection
 to 10 million prompts, and (``--serve``) Ray Serve vs the plain server's latency at the same load.
 
-    python benchmarks/scale_out.py --rows 200 [--serve]
+    python benchmarks/scale_out.py --rows 100 --serve   # the committed results' setting (default --rows 200)
 
 Extraction runs on a fresh local Ray cluster with the feature cache off (every row is a forward pass), the
 same prompts (the first ``--rows`` of the shipped RouteLLM MMLU sample) for every configuration; each worker

@@ -1,6 +1,8 @@
 """Load test of `difficulty-router serve`: throughput, added latency, and what micro-batching buys.
 
-    python benchmarks/server_load.py --clients 1 4 16 --duration 10
+    python benchmarks/server_load.py --clients 1 8 --duration 8   # the committed results' setting
+
+Other settings (the defaults are --clients 1 4 16 --duration 10) write the same results/server_load.*.
 
 Everything runs on loopback: a stub OpenAI-compatible backend that answers at once (so the
 numbers are the routing layer's, not a model's), the routing server as a real
