@@ -41,5 +41,7 @@ lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff format --check shared/difficulty_router langchain_difficulty_router llamaindex_difficulty_router
 	$(VENV)/bin/mypy
 
+# Every test runs on the float32 path on every CPU; the numeric-sensitive ones run on float32 and bf16
+# (tests/conftest.py). -rsxX names every skip, xfail and xpass in the output.
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -rsxX

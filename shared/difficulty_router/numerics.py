@@ -42,6 +42,24 @@ _DTYPES = {
 #: ``route_batch`` can only disagree on a query whose decision margin is within that.
 FEATURE_RTOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 3e-2, torch.qint8: 0.25}
 
+#: What follows from ``FEATURE_RTOL`` for one query's calibrated P(success), routed alone and in a batch
+#: (absolute): measured at most 6e-7 in float32 and 7e-3 in bfloat16 on the shipped sample's router.
+PROBA_ATOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+
+#: Local generation's token log-probabilities (nats, absolute) against one full forward pass over prompt
+#: and answer (incremental decoding with a KV cache rounds each step differently): measured at most 7e-6
+#: in float32 and 0.05 in bfloat16.
+LOGPROB_ATOL = {torch.float32: 1e-3, torch.bfloat16: 0.25}
+
+#: Local generation that starts from the routing read-out's kept prefill (``LocalGenerator`` with
+#: ``reuse_routing_prefill``) against a fresh prefill of the same prompt: the log-probabilities (nats,
+#: absolute) of the tokens both chose. float32 gives the same answer to rounding (measured at most 9e-6
+#: over 30 prompts, 16 tokens each, read-out at layer 9). bfloat16 runs the two prefills through
+#: different kernels and rounds them differently: measured at most 0.18 nats on 30 prompts with native
+#: bf16 (Intel Xeon with AMX), and the greedy answers parted on 3 of the 30, each at a step where the
+#: fresh pass's two best tokens lay within ``2 x`` this bound. bf16 promises that, not the same text.
+PREFILL_REUSE_ATOL = {torch.float32: 1e-4, torch.bfloat16: 0.25}
+
 #: Models whose int8 path kept routing quality on RouteLLM MMLU within the 95% interval of float32
 #: (benchmarks/int8_quality.py; results in benchmarks/results/int8_quality_*.md) and was faster than
 #: float32 (benchmarks/overhead.py). Only these get int8 from ``dtype="auto"``; any model can still ask
