@@ -1,12 +1,17 @@
 """The console script, run in-process through its main() on real files."""
 
+import copy
 import json
 
 import numpy as np
 import pytest
 
+from difficulty_router import DifficultyRouter, Policy
 from difficulty_router.cli import main
 from difficulty_router.data import save_outcomes
+
+from conftest import STRONG, WEAK
+from test_router import HARD
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +38,37 @@ def test_extract_reports_bad_input(tmp_path, capsys):
     assert "input file not found" in capsys.readouterr().err
 
 
-def test_route(saved_router, capsys):
-    assert main(["route", "--router", str(saved_router), "--json", "What is 2+2?"]) == 0
-    decision = json.loads(capsys.readouterr().out)
-    assert decision["model"] in decision["probabilities"]
-    assert main(["route", "--router", str(saved_router), "--messages",
-                 '[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]']) == 0
-    assert capsys.readouterr().out.startswith("-> ")
+def test_route(trained_router, tmp_path, capsys):
+    """The CLI prints the library's own decision: ``DifficultyRouter.load(dir).route(query)``, the model and
+    the probabilities, for a plain prompt and for --messages. The saved policy is a threshold between an
+    easy and a hard query's P(weak right), so the two go to different models and a CLI that printed any
+    fixed model, or a model unrelated to the probabilities, would fail."""
+    easy, hard = "What is 2+2?", HARD
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+    weak = trained_router.models.index(WEAK)
+    p_easy, p_hard = trained_router.predict_proba([easy, hard])[:, weak]
+    assert p_easy - p_hard > 0.05, (p_easy, p_hard)  # room for a threshold between them
+    router = copy.copy(trained_router)
+    router.policy = Policy("threshold", float((p_easy + p_hard) / 2))
+    saved = router.save(tmp_path / "r")
+    library = DifficultyRouter.load(saved)  # what the CLI loads: the extractor the manifest names
+    expected = {"easy": library.route(easy), "hard": library.route(hard), "messages": library.route(messages)}
+    assert (expected["easy"].model, expected["hard"].model) == (WEAK, STRONG)
+
+    for name, query in (("easy", easy), ("hard", hard)):
+        assert main(["route", "--router", str(saved), "--json", query]) == 0
+        decision = json.loads(capsys.readouterr().out)
+        assert decision["model"] == expected[name].model, name
+        assert decision["probabilities"] == pytest.approx(expected[name].probabilities, abs=1e-6), name
+        assert decision["difficulty"] == pytest.approx(expected[name].difficulty, abs=1e-5), name
+        assert decision["policy"] == "threshold" and decision["parameter_value"] == router.policy.value
+
+    assert main(["route", "--router", str(saved), "--messages", json.dumps(messages)]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed.startswith(f"-> {expected['messages'].model} (difficulty ")
+    for model, p in expected["messages"].probabilities.items():
+        assert f"{model}={p:.2f}" in printed
+    assert printed == str(expected["messages"])
 
 
 def test_evaluate_json(saved_router, sample_outcomes, tmp_path, capsys):
