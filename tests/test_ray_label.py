@@ -16,14 +16,12 @@ import os
 from collections import Counter
 
 import pytest
+import ray  # the dev install includes the ray extra: a missing ray is an import error, not a skip
+from test_labelling import write_prompts
 
-ray = pytest.importorskip("ray", reason="the Ray tests need the ray extra: pip install 'difficulty-router[ray]'")
-
-from test_labelling import write_prompts  # noqa: E402
-
-from difficulty_router.cli import main  # noqa: E402
-from difficulty_router.datasets import ROUTELLM_MMLU_POOL  # noqa: E402
-from difficulty_router.labelling import (  # noqa: E402
+from difficulty_router.cli import main
+from difficulty_router.datasets import ROUTELLM_MMLU_POOL
+from difficulty_router.labelling import (
     Labeller,
     config_from_pool_file,
     journal_path,
@@ -31,7 +29,7 @@ from difficulty_router.labelling import (  # noqa: E402
     read_journal,
     read_prompt_rows,
 )
-from difficulty_router.scale.ray_label import RayLabeller  # noqa: E402
+from difficulty_router.scale.ray_label import RayLabeller
 
 PAIRS = 10  # 5 prompts x 2 models
 #: what must agree between the engines; latency does not

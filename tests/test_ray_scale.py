@@ -10,19 +10,18 @@ import json
 import os
 
 import numpy as np
+import pyarrow as pa  # the dev install includes the ray extra (ray, pyarrow): a missing one is an error, not a skip
+import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 
-ray = pytest.importorskip("ray", reason="the Ray tests need the ray extra: pip install 'difficulty-router[ray]'")
-pa = pytest.importorskip("pyarrow")
-import pyarrow.parquet as pq  # noqa: E402
-
-from difficulty_router import ActivationExtractor  # noqa: E402
-from difficulty_router.extractor import relative_block_error  # noqa: E402
-from difficulty_router.feature_cache import FeatureCache  # noqa: E402
-from difficulty_router.numerics import FEATURE_RTOL  # noqa: E402
-from difficulty_router.scale.ray_extract import extract_distributed  # noqa: E402
-from difficulty_router.scale.shards import FeatureShards  # noqa: E402
+from difficulty_router import ActivationExtractor
+from difficulty_router.extractor import relative_block_error
+from difficulty_router.feature_cache import FeatureCache
+from difficulty_router.numerics import FEATURE_RTOL
+from difficulty_router.scale.ray_extract import extract_distributed
+from difficulty_router.scale.shards import FeatureShards
 
 N_PROMPTS = 200
 #: A shallow read-out of short prompts keeps ~200 forward passes quick on 2 shared cores.
