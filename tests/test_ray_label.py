@@ -22,6 +22,7 @@ from test_labelling import write_prompts
 from difficulty_router.cli import main
 from difficulty_router.datasets import ROUTELLM_MMLU_POOL
 from difficulty_router.labelling import (
+    Backend,
     Labeller,
     config_from_pool_file,
     journal_path,
@@ -161,15 +162,29 @@ def test_ray_resumes_a_single_process_journal_without_duplicates(ray_cluster, po
 def test_a_worker_killed_mid_job_loses_and_duplicates_no_row(
     ray_cluster, pool_file, prompt_rows, single_process_output, tmp_path
 ):
-    """The worker that finishes (q2, terse) kills its process before returning, as a lost machine would. Ray
-    restarts it and makes that call again; the journal holds every pair exactly once, with the single-process
-    answers and grades."""
+    """The worker calling terse on q2 gets the real answer, then kills its process before returning, as a lost
+    machine would (the fault is in the test's backend, which the workers receive like any backend: a marker
+    file on disk makes only the first attempt crash). Ray restarts the worker and makes that call again; the
+    journal holds every pair exactly once, with the single-process answers and grades."""
     reference, _ = single_process_output
     marker, out = tmp_path / "crashed", tmp_path / "labels.jsonl"
     pool, config = config_from_pool_file(pool_file, grader="number", concurrency=1)
-    labeller = RayLabeller([openai_backend(m) for m in pool.models], config, workers=2,
-                           _crash_once=(str(marker), "q2", "terse"))
-    report = labeller.run(prompt_rows, out, progress=False)
+    terse, wordy = pool.models
+    q2 = next(row for row in prompt_rows if row["id"] == "q2")["prompt"]
+
+    class CrashOnce:  # defined here so that Ray ships it by value to the workers
+        def __init__(self, call):
+            self.call = call
+
+        def __call__(self, messages, settings):
+            reply = self.call(messages, settings)
+            if messages[-1]["content"] == q2 and not os.path.exists(marker):
+                marker.write_text(f"q2 {terse.name}")
+                os._exit(1)
+            return reply
+
+    backends = [Backend(terse.name, CrashOnce(openai_backend(terse).call), terse), openai_backend(wordy)]
+    report = RayLabeller(backends, config, workers=2).run(prompt_rows, out, progress=False)
     assert marker.exists(), "the fault was not injected"
     lines = journal_lines(out)
     assert Counter((r["id"], r["model"]) for r in lines) == Counter({pair: 1 for pair in by_pair(reference)})

@@ -126,15 +126,43 @@ def test_parquet_input_is_served_from_the_cache(ray_cluster, distributed, refere
     np.testing.assert_array_equal(shards.lookup(keys[:30]), distributed.lookup(keys[:30]))
 
 
+def crash_once_worker(marker: str, prompt):
+    """An actor class for ``extract_distributed`` that wraps the real ``ExtractorWorker``: the first time a batch
+    holds ``prompt`` (no ``marker`` file on disk yet), the real worker writes its shard, then this one creates
+    the marker and kills its own process before returning, as a machine loss would. The retried batch finds
+    the marker and returns normally. Defined in a function so that Ray ships it by value; the real worker is
+    imported inside the actor, whose process never sees the driver's monkeypatch."""
+
+    class CrashOnceWorker:
+        def __init__(self, config: dict) -> None:
+            from difficulty_router.scale.ray_extract import ExtractorWorker, _query
+
+            self.worker, self.config, self.parse = ExtractorWorker(config), config, _query
+
+        def __call__(self, batch):
+            out = self.worker(batch)  # the shard is on disk now
+            queries = [self.parse(v, self.config["kind"]) for v in batch.column(self.config["column"]).to_pylist()]
+            if prompt in queries and not os.path.exists(marker):
+                with open(marker, "w") as fh:
+                    fh.write(str(out["shard"][0]))
+                os._exit(1)
+            return out
+
+    return CrashOnceWorker
+
+
 def test_a_worker_killed_mid_job_loses_and_duplicates_no_row(
-    ray_cluster, distributed, prompts_jsonl, reference, cache_dir, tmp_path
+    ray_cluster, distributed, prompts_jsonl, reference, cache_dir, tmp_path, monkeypatch
 ):
     """The worker that meets the marked prompt writes its shard, then its process exits (as on a lost
     machine). Ray restarts the actor and retries the batch; the result holds every row exactly once and
     agrees with single-process extraction."""
+    from difficulty_router.scale import ray_extract
+
     keys, features = reference
     marker = tmp_path / "crashed"
     marked = json.loads(prompts_jsonl.read_text().splitlines()[123])["messages"]
+    monkeypatch.setattr(ray_extract, "ExtractorWorker", crash_once_worker(str(marker), marked))
     shards = extract_distributed(
         prompts_jsonl,
         tmp_path / "out",
@@ -142,10 +170,10 @@ def test_a_worker_killed_mid_job_loses_and_duplicates_no_row(
         rows_per_shard=25,
         feature_cache=cache_dir,  # the retried batch is served from the cache: quick, and still exactly once
         pooling="last",
-        _crash_once=(str(marker), marked),
         **READOUT,
     )
     assert marker.exists(), "the fault was not injected"
+    assert marker.read_text() in shards.manifest["shards"]  # the dead worker's shard, rewritten by the retry
     _assert_exactly_once(shards, keys)
     error = relative_block_error(shards.lookup(keys), features, shards.manifest["hidden_size"])
     assert error.max() <= FEATURE_RTOL[torch.float32]

@@ -48,17 +48,12 @@ def _query(value: Any, kind: str) -> Any:
 
 
 class ExtractorWorker:
-    """One extractor model per actor; ``__call__`` turns a batch of prompts into one shard and reports it.
+    """One extractor model per actor; ``__call__`` turns a batch of prompts into one shard and reports it."""
 
-    ``crash_once`` (fault injection for the tests): ``(marker_path, prompt)``: the first worker to see
-    ``prompt`` writes its shard, creates the marker and kills its own process, as a machine loss would.
-    """
-
-    def __init__(self, config: dict, crash_once: tuple[str, str] | None = None) -> None:
+    def __init__(self, config: dict) -> None:
         from ..extractor import ActivationExtractor
 
         self.config = config
-        self.crash_once = crash_once
         self.extractor = ActivationExtractor(
             config["model"],
             gguf_file=config["gguf_file"],
@@ -84,11 +79,6 @@ class ExtractorWorker:
         name = write_shard(
             self.config["output"], [keys[i] for i in keep], result.features, result.n_tokens, result.truncated
         )
-        if self.crash_once is not None:
-            marker, prompt = self.crash_once
-            if prompt in queries and not os.path.exists(marker):
-                Path(marker).write_text(name)
-                os._exit(1)
         return {
             "shard": np.array([name]),
             "rows": np.array([len(keep)]),
@@ -142,7 +132,6 @@ def extract_distributed(
     feature_cache: str | os.PathLike | None = None,
     address: str | None = None,
     progress: bool = False,
-    _crash_once: tuple[str, str] | None = None,
 ) -> FeatureShards:
     """Extract features for every prompt in ``inputs`` (JSON Lines, .txt or Parquet with a
     ``prompt``/``messages``/``query`` column) on a Ray cluster into shards under ``output``.
@@ -195,7 +184,7 @@ def extract_distributed(
     ds = ds.repartition(target_num_rows_per_block=rows_per_shard).materialize()
     results = ds.map_batches(
         ExtractorWorker,
-        fn_constructor_kwargs={"config": config, "crash_once": _crash_once},
+        fn_constructor_kwargs={"config": config},
         batch_size=rows_per_shard,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=workers),

@@ -31,25 +31,14 @@ from . import ensure_ray
 
 
 class LabelWorker:
-    """Holds the backends (each builds its client once per worker) and answers one pair per call.
+    """Holds the backends (each builds its client once per worker) and answers one pair per call."""
 
-    ``crash_once`` (fault injection for the tests): ``(marker_path, prompt_id, model)``: the first worker to
-    finish that pair creates the marker and kills its own process before returning, as a machine loss would.
-    """
-
-    def __init__(self, backends: list[Backend], config: LabelConfig, crash_once: tuple[str, str, str] | None = None):
+    def __init__(self, backends: list[Backend], config: LabelConfig):
         self.labeller = Labeller(backends, config)
         self.by_name = {b.name: b for b in backends}
-        self.crash_once = crash_once
 
     def label(self, row: dict, model: str) -> dict[str, Any]:
-        record = self.labeller.label_pair(row, self.by_name[model])
-        if self.crash_once is not None:
-            marker, prompt_id, crash_model = self.crash_once
-            if (row["id"], model) == (prompt_id, crash_model) and not os.path.exists(marker):
-                Path(marker).write_text(f"{prompt_id} {model}")
-                os._exit(1)
-        return record
+        return self.labeller.label_pair(row, self.by_name[model])
 
 
 class RayLabeller:
@@ -68,7 +57,6 @@ class RayLabeller:
         cpus_per_worker: float = 1.0,
         address: str | None = None,
         worker_restarts: int = 3,
-        _crash_once: tuple[str, str, str] | None = None,
     ) -> None:
         self.driver = Labeller(backends, config)  # validates backends and config before any cluster starts
         if workers is not None and workers < 1:
@@ -78,7 +66,6 @@ class RayLabeller:
         self.backends, self.config = list(backends), config
         self.workers, self.cpus_per_worker, self.address = workers, cpus_per_worker, address
         self.worker_restarts = worker_restarts
-        self._crash_once = _crash_once
 
     @property
     def stopped(self) -> str | None:
@@ -132,7 +119,7 @@ class RayLabeller:
             max_task_retries=self.worker_restarts,
             **({"runtime_env": {"env_vars": env}} if env else {}),
         )
-        return [actor_class.remote(self.backends, self.config, crash_once=self._crash_once) for _ in range(n)]
+        return [actor_class.remote(self.backends, self.config) for _ in range(n)]
 
     def _dispatch(self, ray, actors: list, todo: list[tuple[dict, Backend]], sink, bar) -> None:
         """Keep up to ``concurrency`` calls per model in flight on the least busy workers; journal each result
