@@ -91,13 +91,13 @@ def _assert_exactly_once(shards: FeatureShards, expected_keys: list[str]) -> Non
     assert on_disk == sorted(shards.manifest["shards"]), "a shard outside the manifest was left behind"
 
 
-def test_distributed_features_equal_single_process(distributed, reference):
+def test_distributed_features_equal_single_process(distributed, reference, single_process):
     keys, features = reference
     _assert_exactly_once(distributed, keys)
     assert distributed.manifest["workers"] == 2 and len(distributed.shards) == N_PROMPTS // 50
     got = distributed.lookup(keys)
     error = relative_block_error(got, features, distributed.manifest["hidden_size"])
-    assert error.max() <= FEATURE_RTOL[torch.float32], error.max()
+    assert error.max() <= FEATURE_RTOL[single_process.dtype], error.max()
 
 
 def test_distributed_rows_land_in_the_shared_feature_cache(distributed, reference, cache_dir, prompts):
@@ -152,7 +152,7 @@ def crash_once_worker(marker: str, prompt):
 
 
 def test_a_worker_killed_mid_job_loses_and_duplicates_no_row(
-    ray_cluster, distributed, prompts_jsonl, reference, cache_dir, tmp_path, monkeypatch
+    ray_cluster, distributed, prompts_jsonl, reference, cache_dir, tmp_path, monkeypatch, single_process
 ):
     """The worker that meets the marked prompt writes its shard, then its process exits (as on a lost
     machine). Ray restarts the actor and retries the batch; the result holds every row exactly once and
@@ -176,7 +176,7 @@ def test_a_worker_killed_mid_job_loses_and_duplicates_no_row(
     assert marker.read_text() in shards.manifest["shards"]  # the dead worker's shard, rewritten by the retry
     _assert_exactly_once(shards, keys)
     error = relative_block_error(shards.lookup(keys), features, shards.manifest["hidden_size"])
-    assert error.max() <= FEATURE_RTOL[torch.float32]
+    assert error.max() <= FEATURE_RTOL[single_process.dtype]
 
 
 def test_bad_input_is_refused_with_a_clear_error(ray_cluster, tmp_path):
