@@ -14,7 +14,6 @@ import pyarrow as pa  # the dev install includes the ray extra (ray, pyarrow): a
 import pyarrow.parquet as pq
 import pytest
 import ray
-import torch
 
 from difficulty_router import ActivationExtractor
 from difficulty_router.extractor import relative_block_error
