@@ -1,25 +1,47 @@
 """Shared fixtures: the real embedded extractor (SmolLM2-135M) and a router trained on the shipped sample.
 
-Both are session-scoped: the model loads once (under a second after the first GGUF
+Numeric paths (issue 28). The same test must pass on every CPU kind, and ``dtype="auto"`` picks bf16 on
+some and float32 on others, so no test here runs on "auto":
+
+* every test runs on one *pinned* path, float32, on every machine: ``DIFFICULTY_ROUTER_DTYPE`` is set
+  before any extractor, CLI subprocess or server is built, so what a test sees does not depend on the CPU;
+* a test whose expectation depends on the numeric path takes the ``numeric_path`` fixture (or
+  ``any_dtype_extractor``, which takes it) and runs once per path, float32 and bfloat16, on every machine
+  (bf16 is emulated where the CPU has no native bf16), with the tolerance that path promises
+  (``difficulty_router.numerics.FEATURE_RTOL`` and friends);
+* ``DIFFICULTY_ROUTER_DTYPE=bfloat16 pytest ...`` (or ``float32``) forces one path for everything:
+  pinned tests and numeric tests alike run only that path.
+
+Both fixtures are session-scoped: the model loads once per path (under a second after the first GGUF
 dequantisation) and the router trains once on 240 real RouteLLM MMLU rows.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 
 from difficulty_router import ActivationExtractor, ModelPool, load_outcomes, train_router
 from difficulty_router.datasets import ROUTELLM_MMLU_POOL, ROUTELLM_MMLU_SAMPLE
+from difficulty_router.numerics import DTYPE_ENV, PROBA_ATOL
 
 WEAK = "mistralai/Mixtral-8x7B-Instruct-v0.1"
 STRONG = "gpt-4-1106-preview"
 
-
-#: How far P(success) may move when the same query is routed in another batch composition (left
-#: padding changes the kernels' summation order; see difficulty_router.extractor.FEATURE_RTOL):
-#: measured at most 6e-7 in float32 and 7e-3 in bfloat16.
-PROBA_ATOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+_FORCED = os.environ.get(DTYPE_ENV, "").strip().lower()
+if _FORCED in ("", "auto"):
+    #: the path every test runs on unless it asks for ``numeric_path``
+    PINNED_PATH = "float32"
+    #: the paths a numeric test runs on
+    NUMERIC_PATHS: tuple[str, ...] = ("float32", "bfloat16")
+else:
+    PINNED_PATH = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "qint8": "int8"}.get(_FORCED, _FORCED)
+    NUMERIC_PATHS = (PINNED_PATH,)
+# set at import, before any fixture: extractors built on "auto" inside tests, the CLI's and the servers'
+# subprocesses all take the pinned path
+os.environ[DTYPE_ENV] = PINNED_PATH
 
 
 def proba_atol(router) -> float:
@@ -27,26 +49,39 @@ def proba_atol(router) -> float:
     return PROBA_ATOL[router.extractor.dtype]
 
 
-@pytest.fixture(scope="session")
-def extractor() -> ActivationExtractor:
-    """The extractor as users get it: dtype "auto" (bf16 on CPUs with native bf16, else float32)."""
-    return ActivationExtractor("smollm2-135m", layers=15, pooling="last")
+@pytest.fixture(params=NUMERIC_PATHS)
+def numeric_path(request, monkeypatch) -> str:
+    """The numeric path a dtype-sensitive test runs on: each of float32 and bfloat16 in turn (one, when
+    forced). Extractors built on "auto" during the test, and subprocesses it starts, take this path too."""
+    monkeypatch.setenv(DTYPE_ENV, request.param)
+    return request.param
+
+
+class _ExtractorsByPath(dict):
+    """One extractor per numeric path, built on first use (the bf16 one only where a test needs it)."""
+
+    def __missing__(self, name: str) -> ActivationExtractor:
+        self[name] = ActivationExtractor("smollm2-135m", layers=15, pooling="last", dtype=name)
+        return self[name]
 
 
 @pytest.fixture(scope="session")
-def extractors_by_dtype(extractor) -> dict[str, ActivationExtractor]:
+def extractors_by_dtype() -> dict[str, ActivationExtractor]:
     """One extractor per numeric path, whatever this CPU picks for "auto": bf16 runs everywhere
     (emulated where the CPU has no native bf16), so both paths are tested on every machine."""
-    out = {}
-    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-        out[name] = extractor if extractor.dtype == dtype else ActivationExtractor(
-            "smollm2-135m", layers=15, pooling="last", dtype=name)
-    return out
+    return _ExtractorsByPath()
 
 
-@pytest.fixture(params=["float32", "bfloat16"])
-def any_dtype_extractor(request, extractors_by_dtype) -> ActivationExtractor:
-    return extractors_by_dtype[request.param]
+@pytest.fixture(scope="session")
+def extractor(extractors_by_dtype) -> ActivationExtractor:
+    """The extractor on the pinned path (float32 unless $DIFFICULTY_ROUTER_DTYPE forces one)."""
+    return extractors_by_dtype[PINNED_PATH]
+
+
+@pytest.fixture
+def any_dtype_extractor(numeric_path, extractors_by_dtype) -> ActivationExtractor:
+    """The extractor on each numeric path in turn."""
+    return extractors_by_dtype[numeric_path]
 
 
 @pytest.fixture(scope="session")
