@@ -101,16 +101,18 @@ def trained_router(extractor, sample_outcomes, sample_pool):
     return train_router(train, sample_pool, extractor, layers=[15], pooling="last", cv=3, progress=False)
 
 
-def _small_and_large(chat_format: str | None = None):
-    """Yields ``{"small": base_url, "large": base_url}``: two llama.cpp servers on the embedded GGUF."""
+def _small_and_large(chat_format: str | None = None, large_template: str | None = None):
+    """Yields ``{"small": base_url, "large": base_url}``: two llama.cpp servers on the embedded GGUF,
+    both on ``chat_format`` (None: the GGUF's own template), or "large" on ``large_template``."""
     from contextlib import ExitStack
 
     from llama_servers import llama_server, smollm2_gguf
 
     gguf = smollm2_gguf()
     with ExitStack() as stack:
-        yield {alias: stack.enter_context(llama_server(gguf, alias, chat_format=chat_format))
-               for alias in ("small", "large")}
+        yield {"small": stack.enter_context(llama_server(gguf, "small", chat_format=chat_format)),
+               "large": stack.enter_context(llama_server(gguf, "large", chat_format=chat_format,
+                                                         chat_template=large_template))}
 
 
 @pytest.fixture(scope="session")
@@ -119,8 +121,14 @@ def llama_backends():
 
     Yields ``{"small": base_url, "large": base_url}``; each serves the model under its alias.
     Both run the same GGUF: the tests check plumbing (routing, streaming, fallback), not quality.
+    They differ in their chat template, so they give different greedy answers and a test can tell
+    which one served a reply by its content: "small" uses the GGUF's own, "large"
+    ``llama_servers.FRENCH_CHATML`` (the same ChatML, told to reply in French). Whether a given
+    request's answers differ is checked, not assumed: ``llama_servers.direct_answers``.
     """
-    yield from _small_and_large()
+    from llama_servers import FRENCH_CHATML
+
+    yield from _small_and_large(large_template=FRENCH_CHATML)
 
 
 @pytest.fixture(scope="session")

@@ -611,21 +611,55 @@ HARD = [
 ]
 
 
+#: Calibration queries, separate from EASY and HARD: tau is set on these, the routing is checked on those.
+EASY_CALIBRATION = ["What is 3 + 4?", "What is the capital of Italy?", "How many wheels does a bicycle have?",
+                    "What colour is grass?", "What is 9 minus 5?", "How many months are in a year?",
+                    "What is the opposite of up?", "Which animal barks?"]
+HARD_CALIBRATION = [
+    "Let G be a group of order 2p for an odd prime p. Using Sylow's theorems, show that G is either cyclic or "
+    "dihedral, and justify every step.",
+    "A uniform ladder of length 4 m and mass 10 kg leans against a frictionless wall at 60 degrees to the floor; "
+    "find the minimum coefficient of static friction at the floor that keeps it from slipping, showing each step.",
+    "Derive the Black-Scholes partial differential equation from a delta-hedged portfolio, state every assumption "
+    "you use, and solve it for a European call with the heat-equation substitution.",
+    "Determine the Galois group of x^4 - 2 over the rationals, list every intermediate field of its splitting "
+    "field and match each one to its subgroup under the fundamental theorem.",
+    "In a Solow growth model with technological progress at rate g, population growth n and depreciation d, "
+    "derive the steady-state capital per effective worker and the golden-rule savings rate.",
+    "Evaluate the contour integral of e^(iz)/(z^2 + 4z + 5) over the real line with the residue theorem, "
+    "justifying why the arc at infinity vanishes.",
+    "Given the recurrence T(n) = 2T(n/2) + n/log n, show why the master theorem does not apply and derive the "
+    "asymptotic growth by unrolling the recursion.",
+    "Explain how the lac operon integrates catabolite repression through cAMP-CAP with induction by allolactose, "
+    "and predict the expression level in each of the four glucose/lactose conditions.",
+]
+
+
 def test_easy_and_hard_queries_are_routed_differently(router, pool):
     """The probe ranks easy questions as likelier to be solved by the weak model than hard multi-step
-    ones (mean P(weak right) and a pairwise AUROC over 8 + 8 questions). A threshold between the two
-    groups' medians then sends most easy questions to WEAK and most hard ones to STRONG."""
+    ones (mean P(weak right) and a pairwise AUROC over 8 + 8 questions). A threshold set on other
+    questions (between the medians of 8 easy and 8 hard calibration queries, none of them in EASY or
+    HARD) then sends most of EASY to WEAK and most of HARD to STRONG, each served by its own pool model."""
     p_easy = [d.probabilities[WEAK] for d in router.route_batch(EASY, progress=False)]
     p_hard = [d.probabilities[WEAK] for d in router.route_batch(HARD, progress=False)]
     assert statistics.mean(p_easy) > statistics.mean(p_hard)
     auroc = statistics.mean(float(e > h) + 0.5 * float(e == h) for e in p_easy for h in p_hard)
     assert auroc > 0.75, (p_easy, p_hard)
-    router.policy = Policy("threshold", (statistics.median(p_easy) + statistics.median(p_hard)) / 2)
+    assert not set(EASY_CALIBRATION + HARD_CALIBRATION) & set(EASY + HARD)
+    cal_easy = [d.probabilities[WEAK] for d in router.route_batch(EASY_CALIBRATION, progress=False)]
+    cal_hard = [d.probabilities[WEAK] for d in router.route_batch(HARD_CALIBRATION, progress=False)]
+    tau = (statistics.median(cal_easy) + statistics.median(cal_hard)) / 2
+    router.policy = Policy("threshold", tau)
     chat = ChatDifficultyRouter(router=router, models=pool)
     outs = chat.batch(EASY + HARD)
     chosen = [o.response_metadata["difficulty_router"]["chosen"] for o in outs]
-    assert chosen[:8].count(WEAK) >= 5 and chosen[8:].count(STRONG) >= 5, chosen
+    assert chosen[:8].count(WEAK) >= 5 and chosen[8:].count(STRONG) >= 5, (tau, p_easy, p_hard, chosen)
     assert all(served(o) == c and o.response_metadata["model_name"] == ALIAS[c] for o, c in zip(outs, chosen))
+    # the text is the chosen pool model's own answer, which the other one does not give (llama_backends)
+    for query, out, c in zip(EASY[:2] + HARD[:2], outs[:2] + outs[8:10], chosen[:2] + chosen[8:10], strict=True):
+        answers = {name: model.invoke(query).text for name, model in pool.items()}
+        assert answers[WEAK] != answers[STRONG], f"precondition: the pool models must answer {query!r} differently"
+        assert out.text == answers[c], (query, c, answers)
     meta = outs[0].response_metadata["difficulty_router"]
     # the same query in another batch: equal within the dtype's batch tolerance
     assert meta["decision"]["probabilities"][WEAK] == pytest.approx(p_easy[0], abs=proba_atol(router))

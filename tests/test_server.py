@@ -3,6 +3,13 @@
 The backends are llama-cpp-python's OpenAI-compatible server on SmolLM2-135M (the
 ``llama_backends`` fixture); the router is the session's real trained router. Nothing is
 mocked: requests cross real sockets, the extractor runs a real forward pass per batch.
+
+Which backend answered is checked by content: the server writes its own label into ``model`` (and the
+x-router-* headers), so those say what the server believes it did. The two backends answer the same
+greedy request differently (``llama_backends``: "large" is told to reply in French), and a test compares
+the routed reply with what the backend it names returns when asked directly (``direct_answers``, which
+fails first if the two backends' answers are alike). ``model`` and header assertions that remain test
+the label itself: that the reply, the headers and the decision record agree.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import httpx
 import openai
 import pytest
 from conftest import STRONG, WEAK
-from llama_servers import dead_url, free_port, llama_server, smollm2_gguf
+from llama_servers import dead_url, direct_answers, free_port, llama_server, smollm2_gguf
 from server_helpers import running, with_policy
 
 from difficulty_router.server import Backends, BackendSpec, create_app
@@ -24,6 +31,10 @@ MESSAGES = [{"role": "system", "content": "You answer in one short sentence."},
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+#: the llama_backends alias serving each pool model
+ALIAS = {WEAK: "small", STRONG: "large"}
 
 
 def specs(llama_backends, weak_url=None, strong_url=None):
@@ -48,13 +59,16 @@ def client(server):
     return openai_client(server[0])
 
 
-def test_non_stream_routes_and_reports_the_decision(server, client, trained_router):
+def test_non_stream_routes_and_reports_the_decision(server, client, trained_router, llama_backends):
+    direct = direct_answers(llama_backends, messages=MESSAGES, max_tokens=8)
     raw = client.chat.completions.with_raw_response.create(model="router", messages=MESSAGES, max_tokens=8,
                                                             temperature=0)
     completion = raw.parse()
     assert completion.model in (WEAK, STRONG)
-    assert raw.headers["x-router-model"] == completion.model == raw.headers["x-router-decision"]
+    assert raw.headers["x-router-model"] == completion.model == raw.headers["x-router-decision"]  # the label
     assert completion.choices[0].message.content.strip()
+    # the backend the decision names is the one that answered: its own answer, not the other's
+    assert completion.choices[0].message.content == direct[ALIAS[trained_router.route(MESSAGES).model]], direct
     assert 0 < completion.usage.completion_tokens <= 8
     probabilities = json.loads(raw.headers["x-router-probabilities"])
     expected = trained_router.route(MESSAGES)
@@ -67,7 +81,8 @@ def test_non_stream_routes_and_reports_the_decision(server, client, trained_rout
 
 
 @pytest.mark.asyncio
-async def test_stream_relays_chunks_with_the_routed_model(server):
+async def test_stream_relays_chunks_with_the_routed_model(server, llama_backends):
+    direct = direct_answers(llama_backends, messages=MESSAGES, max_tokens=6)
     client = openai.AsyncOpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0)
     raw = await client.chat.completions.with_raw_response.create(model="router", messages=MESSAGES, max_tokens=6,
                                                                   temperature=0, stream=True)
@@ -75,9 +90,10 @@ async def test_stream_relays_chunks_with_the_routed_model(server):
     routed = raw.headers["x-router-model"]
     chunks = [chunk async for chunk in raw.parse()]
     assert len(chunks) >= 3
-    assert {c.model for c in chunks} == {routed}
+    assert {c.model for c in chunks} == {routed}  # the label, on every chunk
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text.strip()
+    assert text == direct[ALIAS[routed]], direct  # streamed by the backend the header names
     assert chunks[-1].choices[0].finish_reason in ("length", "stop")
     await client.close()
 
@@ -101,10 +117,13 @@ def test_sampling_fields_pass_through(client):
     assert completion.choices[0].finish_reason in ("length", "stop")
 
 
-def test_a_backend_name_bypasses_routing(client):
-    raw = client.chat.completions.with_raw_response.create(model=STRONG, messages=MESSAGES, max_tokens=4)
+def test_a_backend_name_bypasses_routing(client, llama_backends):
+    direct = direct_answers(llama_backends, messages=MESSAGES, max_tokens=4)
+    raw = client.chat.completions.with_raw_response.create(model=STRONG, messages=MESSAGES, max_tokens=4,
+                                                            temperature=0)
     assert raw.headers["x-router-decision"] == "direct"
-    assert raw.headers["x-router-model"] == raw.parse().model == STRONG
+    assert raw.headers["x-router-model"] == raw.parse().model == STRONG  # the label
+    assert raw.parse().choices[0].message.content == direct["large"], direct  # STRONG's backend answered
     assert "x-router-probabilities" not in raw.headers
 
 
@@ -131,18 +150,24 @@ def test_health_and_metrics(server, client):
 @pytest.mark.asyncio
 async def test_concurrent_requests_share_forward_passes(trained_router, llama_backends):
     app = create_app(trained_router, specs(llama_backends), max_wait=0.5, max_batch=32)
-    questions = [f"What is {i} plus {i}?" for i in range(8)]
+    questions = [f"What is {i} plus {i}?" for i in range(2, 10)]  # 1 + 1: both backends start "1 + "
+    direct = [direct_answers(llama_backends, messages=[{"role": "user", "content": q}], max_tokens=3)
+              for q in questions]
     with running(app) as url:
         client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         replies = await asyncio.gather(*(client.chat.completions.create(
-            model="router", messages=[{"role": "user", "content": q}], max_tokens=1) for q in questions))
+            model="router", messages=[{"role": "user", "content": q}], max_tokens=3, temperature=0)
+            for q in questions))
         await client.close()
-    assert all(r.model in (WEAK, STRONG) for r in replies)
+    assert all(r.model in (WEAK, STRONG) for r in replies)  # the label
     batches = app.state.metrics.batch_size
     assert batches.sum == 8
     assert batches.count < 8  # fewer forward passes than requests
     expected = [d.model for d in trained_router.route_batch(questions)]
     assert [r.model_extra["router"]["decision"]["model"] for r in replies] == expected
+    # each reply came from the backend its decision names
+    served = [d[ALIAS[m]] for d, m in zip(direct, expected, strict=True)]
+    assert [r.choices[0].message.content for r in replies] == served
 
 
 def test_fallback_when_the_chosen_backend_is_stopped(trained_router, llama_backends):
@@ -150,14 +175,20 @@ def test_fallback_when_the_chosen_backend_is_stopped(trained_router, llama_backe
         pass  # started for real, then stopped: its port now refuses connections
     cheapest_first = with_policy(trained_router, "threshold", 0.0)  # always picks WEAK, the cheaper model
     app = create_app(cheapest_first, Backends(specs(llama_backends, weak_url=doomed), cooldown=0))
+    direct = direct_answers(llama_backends, messages=MESSAGES, max_tokens=4)
     with running(app) as url:
         client = openai_client(url)
-        raw = client.chat.completions.with_raw_response.create(model="router", messages=MESSAGES, max_tokens=4)
+        raw = client.chat.completions.with_raw_response.create(model="router", messages=MESSAGES, max_tokens=4,
+                                                                temperature=0)
         assert raw.headers["x-router-decision"] == WEAK
-        assert raw.headers["x-router-model"] == raw.parse().model == STRONG
+        assert raw.headers["x-router-model"] == raw.parse().model == STRONG  # the label
+        assert raw.parse().choices[0].message.content == direct["large"], direct  # STRONG's backend answered
         assert raw.headers["x-router-escalated-from"] == WEAK
-        stream = client.chat.completions.create(model="router", messages=MESSAGES, max_tokens=4, stream=True)
-        assert {chunk.model for chunk in stream} == {STRONG}
+        stream = client.chat.completions.create(model="router", messages=MESSAGES, max_tokens=4, temperature=0,
+                                                stream=True)
+        chunks = list(stream)
+        assert {chunk.model for chunk in chunks} == {STRONG}  # the label
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == direct["large"]
     metrics = app.state.metrics
     assert metrics.escalations.get(WEAK, STRONG) == 2
     assert metrics.backend_errors.get(WEAK, "connection") == 2
@@ -167,11 +198,15 @@ def test_fallback_when_the_chosen_backend_is_stopped(trained_router, llama_backe
 def test_a_failed_backend_is_routed_around_while_down(trained_router, llama_backends):
     cheapest_first = with_policy(trained_router, "threshold", 0.0)
     app = create_app(cheapest_first, Backends(specs(llama_backends, weak_url=dead_url()), cooldown=60))
+    direct = direct_answers(llama_backends, messages=MESSAGES, max_tokens=2)
     with running(app) as url:
         client = openai_client(url)
-        first = client.chat.completions.create(model="router", messages=MESSAGES, max_tokens=2)
-        second = client.chat.completions.with_raw_response.create(model="router", messages=MESSAGES, max_tokens=2)
+        first = client.chat.completions.create(model="router", messages=MESSAGES, max_tokens=2, temperature=0)
+        second = client.chat.completions.with_raw_response.create(model="router", messages=MESSAGES, max_tokens=2,
+                                                                   temperature=0)
         health = httpx.get(url + "/health").json()
+    # both served by STRONG's backend (the only live one): its own answer
+    assert [first.choices[0].message.content, second.parse().choices[0].message.content] == [direct["large"]] * 2
     assert [a["model"] for a in first.model_extra["router"]["attempts"]] == [WEAK, STRONG]
     decision = second.parse().model_extra["router"]["decision"]
     assert decision["model"] == STRONG and WEAK in decision["skipped"]
@@ -205,6 +240,7 @@ def test_auth_refuses_requests_without_the_token(trained_router, llama_backends)
         assert httpx.post(url + "/v1/chat/completions", json={}).status_code == 401  # auth before validation
         assert httpx.get(url + "/health").status_code == 200
         allowed = openai_client(url, "s3cret")
+        # served at all (the label suffices: which backend answered is not what this test is about)
         assert allowed.chat.completions.create(model="router", messages=MESSAGES, max_tokens=2).model in (WEAK, STRONG)
 
 
@@ -266,8 +302,11 @@ def test_serve_command_end_to_end(trained_router, llama_backends, tmp_path):
             assert time.monotonic() < deadline, "serve did not come up"
             time.sleep(0.3)
         client = openai_client(f"http://127.0.0.1:{port}")
-        completion = client.chat.completions.create(model="router", messages=MESSAGES, max_tokens=3)
-        assert completion.model == trained_router.route(MESSAGES).model
+        completion = client.chat.completions.create(model="router", messages=MESSAGES, max_tokens=3, temperature=0)
+        chosen = trained_router.route(MESSAGES).model
+        assert completion.model == chosen  # the label
+        direct = direct_answers(llama_backends, messages=MESSAGES, max_tokens=3)
+        assert completion.choices[0].message.content == direct[ALIAS[chosen]], direct  # and who answered
         assert [m.id for m in client.models.list().data] == ["router", WEAK, STRONG]
     finally:
         process.terminate()
