@@ -183,7 +183,7 @@ def served(message) -> str:
 
 
 # --------------------------------------------------------------------------------------
-# The one fake that stays
+# The two fakes that stay (GatedStreamModel, and GenericFakeChatModel below), each saying why
 # --------------------------------------------------------------------------------------
 class GatedStreamModel(BaseChatModel):
     """Streams two chunks and waits between them until the consumer has seen the first:

@@ -5,7 +5,8 @@ weights the extractor reads, greedy, a few new tokens); they differ in max_new_t
 model_name so the tier that served a call is visible in LlamaIndex's own events. Outages,
 server errors and tool calls use LlamaIndex's OpenAILike client on real llama.cpp servers
 (SmolLM2-135M GGUF): a shut-down server for an outage, a server killed mid-stream, the
-``chatml-function-calling`` backends for tool calls. There are no fakes.
+``chatml-function-calling`` backends for tool calls. One fake stays, said so: ``SilentLLM``, an empty
+stream no real OpenAI-compatible server sends.
 """
 
 from __future__ import annotations
