@@ -120,15 +120,25 @@ def chat(base_url: str, alias: str, **request) -> dict:
         return json.load(response)
 
 
-def direct_answers(backends: dict[str, str], **request) -> dict[str, str]:
+def direct_answers(backends: dict[str, str], *, repeat: bool = True, **request) -> dict[str, str]:
     """``{alias: content}``: each backend's own answer to the same chat completion, asked directly.
 
     Greedy (``temperature=0``) unless the request says otherwise. Raises AssertionError, with every
     answer, when two backends answer alike: then a routed reply's content cannot tell which one served
-    it, and a test comparing against these answers would prove nothing."""
+    it, and a test comparing against these answers would prove nothing.
+
+    Each backend is asked twice and the second answer kept: llama-cpp-python reuses the longest prompt
+    prefix it evaluated last, so the first request after another prompt evaluates this one in a larger
+    batch than a repeat does, which moves logprobs by ~0.05 and can flip a greedy token at a near-tie.
+    A routed request that follows at once is such a repeat, so it is compared with the repeat's answer.
+    ``repeat=False`` asks once: for a conversation asked turn by turn, where each routed turn follows
+    the previous turn just as each direct turn does."""
     request.setdefault("temperature", 0)
-    answers = {alias: chat(url, alias, **request)["choices"][0]["message"]["content"] or ""
-               for alias, url in backends.items()}
+    answers = {}
+    for alias, url in backends.items():
+        if repeat:
+            chat(url, alias, **request)  # the cold evaluation of this prompt
+        answers[alias] = chat(url, alias, **request)["choices"][0]["message"]["content"] or ""
     assert len(set(answers.values())) == len(answers), (
         f"precondition: the backends must answer this request differently to be told apart by content, "
         f"got {answers} for {request}")

@@ -59,7 +59,7 @@ def per_call_choices(router):
 @pytest.fixture(scope="module")
 def direct(llama_backends) -> list[dict[str, str]]:
     """Per turn, each backend's own greedy answer to that turn's transcript, asked directly (they differ)."""
-    return [direct_answers(llama_backends, messages=conversation(t), max_tokens=MAX_TOKENS)
+    return [direct_answers(llama_backends, messages=conversation(t), max_tokens=MAX_TOKENS, repeat=False)
             for t in range(1, len(QUERIES) + 1)]
 
 
@@ -122,7 +122,7 @@ def test_shadow_mode_serves_the_default_and_logs_the_would_be_choice(
         rng=random.Random(0),
     )
     hello = [{"role": "user", "content": "Say hello."}]
-    hello_direct = direct_answers(llama_backends, messages=hello, max_tokens=3)
+    hello_direct = direct_answers(llama_backends, messages=hello, max_tokens=3, repeat=False)  # streamed after a turn
     with running(app) as url:
         client = openai_client(url)
         answers = [ask(client, t) for t in range(1, len(QUERIES) + 1)]
