@@ -62,10 +62,21 @@ def test_demo_command_trains_evaluates_and_plots(tmp_path, capsys):
     report = json.loads((out_dir / "evaluation.json").read_text())
     assert report["n"] == 120 and 0.0 <= report["apgr"] <= 1.0
     assert set(report["baselines"]) >= {"random", "length", "tfidf", "knn"}
-    # the demo says in one line whether the router beats the best baseline, with the interval
+    # the router routes better than chance on these held-out rows: above the random baseline scored on
+    # the same rows and above 0.5, random routing's expected APGR. Measured on the pinned float32 path,
+    # seed 0: training picks the lexical family (cross-validated APGR 0.748 vs activation 0.695, stacked
+    # 0.636) and it scores 0.875 held-out, random 0.295. The activation probe alone would score 0.578 on
+    # these rows: the margin below holds for the family training picks here, not for every family.
+    assert report["apgr"] > max(report["baselines"]["random"]["apgr"], 0.5) + 0.2, report["apgr"]
+    # the demo says in one line whether the router beats the best baseline, with the interval, and the
+    # word follows the paired interval in evaluation.json
+    margin = report["margin"]
+    lo, hi = margin["interval"]
     verdict = next(line for line in printed.splitlines() if "the best baseline" in line)
-    assert report["margin"]["baseline"] in verdict and "95% interval" in verdict
-    assert any(word in verdict for word in ("beats", "loses to", "is not distinguishable from"))
+    word = "beats" if lo > 0 else "loses to" if hi < 0 else "is not distinguishable from"
+    assert verdict.startswith(f"router {word} the best baseline ({margin['baseline']}) on these rows"), verdict
+    assert f"margin {margin['difference']:+.3f}, 95% interval [{lo:+.3f}, {hi:+.3f}]" in verdict, verdict
+    assert margin["difference"] == pytest.approx(report["apgr"] - report["baselines"][margin["baseline"]]["apgr"])
     assert (out_dir / "evaluation.png").stat().st_size > 10_000
     manifest = json.loads((out_dir / "manifest.json").read_text())
     assert {m["name"] for m in manifest["pool"]["models"]} == {WEAK, STRONG}
@@ -73,7 +84,9 @@ def test_demo_command_trains_evaluates_and_plots(tmp_path, capsys):
 
 @pytest.mark.parametrize("script, sections", [
     ("langchain_quickstart.py", ["1) LCEL", "2) ChatDifficultyRouter", "3) as the model of a LangChain agent"]),
-    ("llamaindex_quickstart.py", ["1) a query engine", "2) the decision", "3) RouterQueryEngine", "4) a ReAct agent"]),
+    # "tool calls:" is printed only after the ReAct agent's run returned (the example catches nothing)
+    ("llamaindex_quickstart.py", ["1) a query engine", "2) the decision", "3) RouterQueryEngine", "4) a ReAct agent",
+                                  "tool calls:"]),
 ])
 def test_example_runs(script, sections):
     """Each example runs as a user would run it, in its own process, offline."""
