@@ -25,7 +25,7 @@ import torch
 
 from difficulty_router import ActivationExtractor, ModelPool, load_outcomes, train_router
 from difficulty_router.datasets import ROUTELLM_MMLU_POOL, ROUTELLM_MMLU_SAMPLE
-from difficulty_router.numerics import DTYPE_ENV, PROBA_ATOL
+from difficulty_router.numerics import DTYPE_ENV, PROBA_ATOL, dtype_name, pick_dtype
 
 WEAK = "mistralai/Mixtral-8x7B-Instruct-v0.1"
 STRONG = "gpt-4-1106-preview"
@@ -37,7 +37,8 @@ if _FORCED in ("", "auto"):
     #: the paths a numeric test runs on
     NUMERIC_PATHS: tuple[str, ...] = ("float32", "bfloat16")
 else:
-    PINNED_PATH = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "qint8": "int8"}.get(_FORCED, _FORCED)
+    # the library's own reading of the variable: its aliases, and its error for a value that is no dtype
+    PINNED_PATH = dtype_name(pick_dtype("auto", torch.device("cpu")))
     NUMERIC_PATHS = (PINNED_PATH,)
 # set at import, before any fixture: extractors built on "auto" inside tests, the CLI's and the servers'
 # subprocesses all take the pinned path
