@@ -180,8 +180,10 @@ def extract_distributed(
     config["column"] = column
     # Read and cut into batches before the actors start: an actor pool holding every CPU would otherwise
     # starve the read tasks (a deadlock on a small cluster); the prompts wait in the object store (spilled
-    # to disk when large), which is far smaller than the features.
-    ds = ds.repartition(target_num_rows_per_block=rows_per_shard).materialize()
+    # to disk when large), which is far smaller than the features. ``strict``: every block but the last holds
+    # exactly ``rows_per_shard`` rows, so every batch (and shard) does too; best-effort bundling leaves one short
+    # block per read block, and 10 rows at 5 a shard came out as 3 shards on a CI machine.
+    ds = ds.repartition(target_num_rows_per_block=rows_per_shard, strict=True).materialize()
     results = ds.map_batches(
         ExtractorWorker,
         fn_constructor_kwargs={"config": config},
