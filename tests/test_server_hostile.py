@@ -184,7 +184,7 @@ class ExplodingRouter(RouterProxy):
 
 class SlowRouter(RouterProxy):
     def route_batch(self, *args, **kwargs):
-        time.sleep(0.5)  # a forward pass held up by a CPU-heavy neighbour
+        time.sleep(1.0)  # a forward pass held up by a CPU-heavy neighbour
         return self.router.route_batch(*args, **kwargs)
 
 
@@ -202,6 +202,12 @@ def test_a_crashed_batch_fails_its_callers_with_500_and_routing_goes_on(trained_
 
 @pytest.mark.asyncio
 async def test_a_full_queue_sheds_with_429_and_an_expired_deadline_with_503(trained_router):
+    """Eight requests at once, one routed at a time, two may wait, each decision takes over 1 s, deadline 1.2 s.
+
+    Whatever the arrival order, at most three are accepted in the first second (so some get 429) and the
+    second one accepted cannot be decided before 2 s (so it gets 503). With a 0.5 s decision this failed a
+    CI run on a loaded machine: when the batcher had not yet taken the first request as the others arrived,
+    only two were accepted and both were decided within 1.2 s, so no deadline passed."""
     import asyncio
 
     app = create_app({"router": SlowRouter(trained_router)}, dead_specs(), max_batch=1, max_queue=2,
