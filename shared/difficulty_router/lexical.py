@@ -19,7 +19,14 @@ import numpy as np
 from scipy import sparse
 from sklearn.feature_extraction.text import HashingVectorizer
 
-from .probes import _sigmoid, calibrated_arrays, fit_calibrated_columns, set_calibrated_arrays, shared_folds
+from .probes import (
+    _sigmoid,
+    calibrated_arrays,
+    fit_calibrated_columns,
+    nested_choice,
+    set_calibrated_arrays,
+    shared_folds,
+)
 
 # (analyzer, n-gram range) candidates that training compares by CV AUROC
 LEXICAL_CANDIDATES = (("word", (1, 1)), ("word", (1, 2)), ("char_wb", (2, 5)))
@@ -151,7 +158,8 @@ class LexicalProbe:
         folds = folds or shared_folds(Y, self.cv, self.seed)
         self.candidate_scores_ = []
         best = None
-        errors = []
+        errors: list[str] = []
+        nested_logits: list[np.ndarray] = []
         for analyzer, ngrams in self.candidates:
             # the vocabulary is learned on all rows: only which n-grams exist, never the labels
             try:
@@ -170,6 +178,7 @@ class LexicalProbe:
             )
             score = float(np.nanmean(fitted["cv_auroc"])) if np.isfinite(fitted["cv_auroc"]).any() else 0.5
             self.candidate_scores_.append({"analyzer": analyzer, "ngram_range": list(ngrams), "cv_auroc": score})
+            nested_logits.append(fitted["nested_oof_logit"])
             if best is None or score > best[0] + 1e-4:
                 best = (score, features, fitted)
         if best is None:
@@ -178,6 +187,9 @@ class LexicalProbe:
         self.coef_, self.intercept_, self.platt_ = fitted["coef"], fitted["intercept"], fitted["platt"]
         self.C_, self.cv_auroc_ = fitted["C"], fitted["cv_auroc"]
         self.oof_logit_, self.oof_proba_ = fitted["oof_logit"], fitted["oof_proba"]
+        # the n-gram kind is chosen without the predicted fold too (C already was)
+        nested = nested_choice(nested_logits, Y, folds, per_column=False)
+        self.nested_oof_logit_, self.nested_oof_proba_ = nested["logit"], nested["proba"]
         return self
 
     def decision_function(self, texts: Sequence[str]) -> np.ndarray:
