@@ -62,11 +62,11 @@ def test_every_family_round_trips_with_identical_decisions_and_no_pickle(family,
 
 
 def test_families_predict_differently(routers_by_family):
-    """The three families are different predictors, not one under three names."""
+    """The families are different predictors, not one under several names."""
     proba = {f: r.predict_proba(QUERIES) for f, r in routers_by_family.items()}
-    assert not np.allclose(proba["activation"], proba["lexical"], atol=1e-3)
-    assert not np.allclose(proba["stacked"], proba["lexical"], atol=1e-3)
-    assert not np.allclose(proba["stacked"], proba["activation"], atol=1e-3)
+    for i, a in enumerate(FAMILIES):
+        for b in FAMILIES[i + 1:]:
+            assert not np.allclose(proba[a], proba[b], atol=1e-3), (a, b)
 
 
 def _rewrite_arrays(router, arrays_path, arrays):
@@ -138,7 +138,8 @@ def test_cross_validation_picks_the_family_that_carries_the_label(signal, expect
     fit = fit_families(features, texts, scores, costs, capability)
     table = {row["family"]: row["cv_routing_quality"] for row in fit.table}
     assert set(table) == set(FAMILIES)
-    assert fit.family in (expected, "stacked"), table
+    # the shared model reads the same read-out: it may win where the read-out carries the label
+    assert fit.family in ((expected, "stacked") if expected == "lexical" else (expected, "stacked", "shared")), table
     # the family without the signal is near chance; the chosen one is far above it
     other = "activation" if expected == "lexical" else "lexical"
     assert table[expected] > table[other] + 0.15, table
@@ -164,6 +165,32 @@ def test_stack_beats_either_family_when_each_knows_half():
     assert table["stacked"] > max(table["activation"], table["lexical"]) + 0.02, table
     aurocs = {row["family"]: row["cv_auroc"] for row in fit.table}
     assert aurocs["stacked"] > max(aurocs["activation"], aurocs["lexical"]) + 0.05, aurocs
+
+
+def test_the_shared_family_ranks_best_where_one_ability_drives_a_many_model_pool():
+    """Eight models ranked along one ability axis of the read-out, 200 labelled rows: per-model probes each
+    estimate the axis alone, the shared model pools the labels, so its out-of-fold AUROC is higher and a
+    stronger model less often gets the lower P(success). The lexical family reads random words here; with
+    its n-gram kind and C chosen without the predicted fold (``nested_choice``) it sits at chance instead
+    of the 0.53-0.57 that choosing on the predicted rows gave it.
+
+    Not asserted: that routing quality picks the shared family. On this pool a chance-level predictor
+    scatters queries between neighbouring models, which traces the chord between single models, and the
+    frontier AUC of that mixture is as high as that of the true probabilities (measured, seeds 4-6)."""
+    from test_shared_success import synthetic_pool
+
+    for seed in (4, 5):
+        features, scores, _ = synthetic_pool(200, m=8, seed=seed)
+        texts = [" ".join(np.random.default_rng(i).choice(WORDS, 12)) for i in range(200)]
+        costs = np.tile(np.geomspace(1, 30, 8), (200, 1))
+        fit = fit_families(features, texts, scores, costs, scores.mean(axis=0))
+        aurocs = {row["family"]: row["cv_auroc"] for row in fit.table}
+        assert aurocs["shared"] > aurocs["activation"] + 0.03, aurocs
+        assert abs(aurocs["lexical"] - 0.5) < 0.03, aurocs
+        inversions = {f: float(np.mean(np.diff(p, axis=1) < 0)) for f, p in fit.oof.items()}
+        assert inversions["shared"] < inversions["activation"] - 0.1, inversions
+    features, texts, scores, costs, capability = _synthetic("words")
+    assert fit_families(features, texts, scores, costs, capability).family != "shared"
 
 
 def test_lexical_features_match_scikit_learn_tfidf():
@@ -196,15 +223,16 @@ def test_unknown_family_is_refused(extractor, sample_outcomes, sample_pool):
 
 
 def test_a_lexical_family_that_cannot_be_fitted_is_skipped_not_fatal():
-    """Prompts without text (e.g. image-only turns) leave the activation family to route alone."""
+    """Prompts without text (e.g. image-only turns) leave the read-out families (activation, shared) to route."""
     rng = np.random.default_rng(0)
     n = 60
     features = rng.normal(size=(n, 8))
     texts = [""] * n
     scores = np.column_stack([rng.random(n) < 0.4, rng.random(n) < 0.8]).astype(float)
     fit = fit_families(features, texts, scores, np.tile([1.0, 10.0], (n, 1)), scores.mean(axis=0), cv=3)
-    assert fit.family == "activation" and fit.lexical is None
-    assert {row["family"]: row["cv_routing_quality"] for row in fit.table}["lexical"] is None
+    assert fit.family in ("activation", "shared") and fit.lexical is None
+    table = {row["family"]: row["cv_routing_quality"] for row in fit.table}
+    assert table["lexical"] is None and table["stacked"] is None
     with pytest.raises(ValueError, match="lexical family cannot be fitted"):
         fit_families(features, texts, scores, np.tile([1.0, 10.0], (n, 1)), scores.mean(axis=0), cv=3,
                      families=("lexical",))

@@ -24,6 +24,7 @@ from .policies import Policy, pick_operating_point, sweep
 from .pool import ModelPool
 from .probes import DifficultyProbe, SuccessProbe, derived_difficulty
 from .queries import conversation_text, to_conversations
+from .shared_success import SharedSuccessModel
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class DifficultyRouter:
         novelty: NoveltyScore | None = None,
         ood: OODPolicy | None = None,
         length_head: OutputLengthHead | None = None,
+        shared: SharedSuccessModel | None = None,
     ) -> None:
         if family not in FAMILIES:
             raise ValueError(f"unknown feature family {family!r}; expected one of {FAMILIES}")
@@ -67,14 +69,16 @@ class DifficultyRouter:
             raise ValueError(f"the {family!r} family needs a lexical probe")
         if family == "stacked" and stack is None:
             raise ValueError("the 'stacked' family needs a stack")
-        for name, part in (("lexical probe", lexical), ("stack", stack)):
+        if family == "shared" and shared is None:
+            raise ValueError("the 'shared' family needs a shared success model")
+        for name, part in (("lexical probe", lexical), ("stack", stack), ("shared success model", shared)):
             if part is not None and part.coef_.shape[0] != len(pool):
                 raise ValueError(f"the {name} predicts {part.coef_.shape[0]} models, the pool has {len(pool)}")
         if stack is not None and stack.coef_.shape[1] != 2 * len(pool) + 1:
             raise ValueError(
                 f"the stack reads {stack.coef_.shape[1]} inputs; a pool of {len(pool)} gives {2 * len(pool) + 1}"
             )
-        self.family, self.lexical, self.stack = family, lexical, stack
+        self.family, self.lexical, self.stack, self.shared = family, lexical, stack, shared
         self.length_head = length_head  # predicted output tokens per model: costs in expected dollars
         self.novelty, self.ood = novelty, ood or OODPolicy()
         if self.ood.model is not None and self.ood.model not in pool.names:
@@ -99,6 +103,10 @@ class DifficultyRouter:
             raise ValueError(
                 f"the probe ({probe.coef_.shape[0]} models, {probe.standardizer_.mean_.shape[0]} features) "
                 f"does not fit a pool of {len(pool)} and a read-out of {width} features"
+            )
+        if shared is not None and shared.standardizer_.mean_.shape != (width,):
+            raise ValueError(
+                f"the shared success model reads {shared.standardizer_.mean_.shape[0]} features, read-out has {width}"
             )
         if length_head is not None and (
             length_head.coef_.shape != (len(pool), width) or length_head.standardizer_.mean_.shape != (width,)
@@ -144,6 +152,9 @@ class DifficultyRouter:
         """P(success) from conversations and their activation read-out, by the router's feature family."""
         if self.family == "activation":
             return self.probe.predict_proba(features)
+        if self.family == "shared":
+            assert self.shared is not None  # __init__ requires one for the shared family
+            return self.shared.predict_proba(features)
         texts = [conversation_text(c) for c in conversations]
         lexical = self.lexical
         assert lexical is not None  # __init__ requires one for the lexical and stacked families
@@ -365,6 +376,8 @@ class DifficultyRouter:
             arrays.update(self.lexical.arrays("lexical"))
         if self.stack is not None:
             arrays.update(self.stack.arrays("stack"))
+        if self.shared is not None:
+            arrays.update(self.shared.arrays("shared"))
         if self.novelty is not None:
             arrays.update(self.novelty.arrays("novelty"))
         if self.length_head is not None:
@@ -467,6 +480,7 @@ class DifficultyRouter:
                 LexicalProbe.from_arrays(lexical_config, arrays, "lexical") if lexical_config is not None else None
             )
             stack = StackedProbe.from_arrays(arrays, "stack") if "stack.coef" in arrays else None
+            shared = SharedSuccessModel.from_arrays(arrays, "shared") if family == "shared" else None
             novelty = NoveltyScore.from_arrays(arrays, "novelty") if "novelty.mean" in arrays else None
             length_head = OutputLengthHead.from_arrays(arrays, "length") if "length.coef" in arrays else None
             return cls(
@@ -486,6 +500,7 @@ class DifficultyRouter:
                 novelty=novelty,
                 ood=OODPolicy.from_dict(manifest.get("novelty")),
                 length_head=length_head,
+                shared=shared,
             )
         except KeyError as exc:
             raise ValueError(
