@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from difficulty_router.policies import Policy, dominated, fit_margin, pick_operating_point, sweep
+from difficulty_router.policies import Policy, complementary, dominated, fit_margin, pick_operating_point, sweep
 
 P = np.array([[0.9, 0.95, 0.97], [0.3, 0.7, 0.9], [0.1, 0.2, 0.4]])
 COSTS = np.array([[1.0, 5.0, 20.0]] * 3)
@@ -94,3 +94,40 @@ def test_dominated_models_are_found_and_pins_are_respected():
     assert list(out) == ["pricey-weak"] and "cheap" in out["pricey-weak"]
     assert dominated([0.5, 0.45, 0.8], [1.0, 5.0, 10.0], names, keep=("pricey-weak",)) == {}
     assert dominated([0.5, 0.5], [1.0, 1.0], ["a", "b"]) == {}  # a tie dominates nobody
+
+
+def _complementary_pool(signal: bool, seed: int = 0):
+    """Two models: "cheap" is right on 80% of rows, "dear" (4x the price) on 75%, so "dear" is dominated.
+    With ``signal`` the rows where only "dear" is right (7.5%) are marked by feature 0 (a kind of query it
+    is good at); without it they are random. Returns out-of-fold P(success) of a real probe, outcomes, costs."""
+    from difficulty_router.probes import SuccessProbe
+
+    rng = np.random.default_rng(seed)
+    n = 2000
+    X = rng.standard_normal((n, 10))
+    kind = X[:, 0] > 1.44 if signal else rng.random(n) < 0.075  # ~7.5% of rows
+    cheap = np.where(kind, 0.0, (rng.random(n) < 0.865).astype(float))
+    dear = np.where(kind, 1.0, (rng.random(n) < 0.73).astype(float))
+    Y = np.column_stack([cheap, dear])
+    probe = SuccessProbe(cv=5, seed=seed).fit(X, Y)
+    costs = np.tile([1.0, 4.0], (n, 1))
+    return probe.oof_proba_, Y, costs
+
+
+def test_a_dominated_model_that_is_right_on_a_recognisable_kind_of_query_is_kept():
+    proba, Y, costs = _complementary_pool(signal=True)
+    capability = Y.mean(axis=0)
+    names = ["cheap", "dear"]
+    dropped = dominated(capability, costs.mean(axis=0), names)
+    assert list(dropped) == ["dear"]
+    kept = complementary(proba, Y, costs, capability, dropped, names)
+    assert list(kept) == ["dear"] and "gains +" in kept["dear"]
+
+
+def test_a_dominated_model_without_a_recognisable_niche_stays_dropped():
+    """Same accuracies and the same disjoint successes, but nothing in the features marks them."""
+    for seed in range(3):
+        proba, Y, costs = _complementary_pool(signal=False, seed=seed)
+        capability = Y.mean(axis=0)
+        dropped = dominated(capability, costs.mean(axis=0), ["cheap", "dear"])
+        assert complementary(proba, Y, costs, capability, dropped, ["cheap", "dear"]) == {}

@@ -161,6 +161,43 @@ def dominated(accuracy, cost, names, keep=()) -> dict[str, str]:
     return out
 
 
+def complementary(proba, correct, costs, capability, dropped, names) -> dict[str, str]:
+    """Dropped models that out-of-fold evidence says are worth routing to after all, as name -> reason.
+
+    A model worse on average and dearer than another can still be right where the others are wrong
+    on queries the predictor recognises. Each dropped model (most capable first) is re-admitted if, at
+    some margin of :data:`MARGINS`, the accuracy-seeking utility router with it eligible beats the same
+    router without it row by row, with a 95% lower bound above zero: the test :func:`fit_margin` uses
+    for leaving the best model. Predictions must be out-of-fold, or the test is fooled by overfitting.
+    """
+    correct = np.asarray(correct, dtype=np.float64)
+    n, m = correct.shape
+    if n < 2:
+        return {}
+    rows = np.arange(n)
+    capability = np.asarray(capability, dtype=np.float64)
+    admitted = np.array([name not in dropped for name in names])
+    out = {}
+    for j in sorted((names.index(d) for d in dropped), key=lambda j: -capability[j]):
+        with_j = admitted.copy()
+        with_j[j] = True
+        for margin in MARGINS:
+            policy = Policy("utility", 0.0, margin)
+            base = policy.choose(proba, costs, capability, np.broadcast_to(admitted, (n, m)))
+            chosen = policy.choose(proba, costs, capability, np.broadcast_to(with_j, (n, m)))
+            diff = correct[rows, chosen] - correct[rows, base]
+            gain = float(diff.mean())
+            low = gain - 1.96 * float(diff.std(ddof=1)) / np.sqrt(n)
+            if low > 0:
+                out[names[j]] = (
+                    f"kept although dominated on average: out of fold it is chosen on {int((chosen == j).sum())} "
+                    f"of {n} rows and gains {gain:+.3f} accuracy (95% lower bound {low:+.3f}) at margin {margin:g}"
+                )
+                admitted = with_j
+                break
+    return out
+
+
 def sweep(policy: Policy, proba, costs, capability, correct, realised_costs=None, eligible=None) -> list[dict]:
     """Accuracy and mean cost at every operating point of ``policy`` on labelled rows.
 

@@ -15,7 +15,7 @@ from .families import FAMILIES, fit_families
 from .metrics import apgr_cpt
 from .novelty import NoveltyScore
 from .numerics import dtype_name
-from .policies import Policy, dominated, fit_margin, pick_operating_point, sweep
+from .policies import Policy, complementary, dominated, fit_margin, pick_operating_point, sweep
 from .pool import ModelPool
 from .probes import DifficultyProbe, _auroc, bootstrap_mean_auroc, readout_oof
 from .queries import conversation_text
@@ -141,7 +141,8 @@ def train_router(
 
     ``families`` are the predictors of success compared by cross-validated routing quality
     on the same folds (APGR for two models, frontier AUC otherwise): ``activation`` (the
-    read-out probe), ``lexical`` (tf-idf n-grams) and ``stacked`` (both plus prompt length).
+    read-out probe), ``lexical`` (tf-idf n-grams), ``stacked`` (both plus prompt length) and ``shared`` (one
+    low-rank representation of the read-out for the whole pool, small per-model heads).
     The best is kept and the table goes into ``router.info["families"]``.
 
     The read-out sweep prefers the shallowest layer whose AUROC is within the best's 95% interval
@@ -150,7 +151,9 @@ def train_router(
     rule, the best and chosen read-outs and the chosen one's measured latency.
 
     Models another pool model beats on both training accuracy and mean cost are dropped from
-    routing (kept as a last resort) unless named in ``keep_models``. The utility policy's
+    routing (kept as a last resort) unless named in ``keep_models`` or the out-of-fold predictions
+    show routing some queries to them gains accuracy (:func:`~difficulty_router.policies.complementary`;
+    ``router.info["complementary_models"]`` says why). The utility policy's
     margin is fitted on out-of-fold predictions (:func:`~difficulty_router.policies.fit_margin`).
 
     ``extraction``: features already extracted for ``outcomes.queries`` (e.g. read from Parquet shards by
@@ -228,6 +231,9 @@ def train_router(
         difficulty_probe = DifficultyProbe().fit(extraction.features[labelled], outcomes.difficulty[labelled])
     realised = realised_costs(outcomes, costs)
     dropped = dominated(capability, realised.mean(axis=0), pool.names, keep=tuple(keep_models))
+    # complementarity: a dominated model comes back where the out-of-fold predictions find it useful
+    readmitted = complementary(fit.oof[family], outcomes.scores, costs, capability, dropped, pool.names)
+    dropped = {m: reason for m, reason in dropped.items() if m not in readmitted}
     router = DifficultyRouter(
         extractor,
         pool,
@@ -238,8 +244,9 @@ def train_router(
         policy=Policy(policy),
         difficulty_probe=difficulty_probe,
         family=family,
-        lexical=fit.lexical if family != "activation" else None,
+        lexical=fit.lexical if family in ("lexical", "stacked") else None,
         stack=fit.stack if family == "stacked" else None,
+        shared=fit.shared if family == "shared" else None,
         dropped=dropped,
         novelty=NoveltyScore(seed=seed).fit(extraction.features),
     )
@@ -285,6 +292,7 @@ def train_router(
         "regularisation_C": {m: float(c) for m, c in zip(pool.names, probe.C_, strict=False)},
         "out_of_fold_policies": comparison,
         "dropped_models": dropped,
+        "complementary_models": readmitted,
         "utility_margin": {"margin": margin, "candidates": margin_table},
         "default_operating_point": {"max_accuracy_drop": max_accuracy_drop, **comparison[policy]["point"]},
         "truncated_prompts": int(extraction.truncated.sum()),
