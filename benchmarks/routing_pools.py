@@ -1,9 +1,14 @@
-"""Many-model pools: the MMLU-Pro seven-model ladder and the LLMRouter pool, with 95% intervals over splits.
+"""Many-model pools: the MMLU-Pro seven-model ladder, a five-model MMLU-Pro pool spanning a 27x price range
+and the LLMRouter pool, with 95% intervals over splits.
 
 MMLU-Pro: prices are assumed public list prices in USD per million input/output tokens
 (serverless Together AI for the open models, Google AI Studio <=128k context for Gemini,
 late 2024); every model is charged the prompt (4 characters a token) plus 300 output
 tokens of chain-of-thought. Each split holds out half of a seeded ``--limit``-row subset.
+The five-model pool (``mmlu-pro-5``) adds DeepSeek-Coder-V2 (DeepSeek API) and jamba-1.5-large
+(AI21, the dearest and weaker than three cheaper models: a dominated model) to the ladder's
+gemini-1.5-flash, Llama-3.1-70B-Instruct and gemini-1.5-pro; it uses the ladder's seeded rows
+(those where all five models have a record), so one extraction serves both.
 
 LLMRouter: its own pool and prices (``models.json``, USD per million tokens), the prompt
 plus 200 output tokens; scores are its 0..1 per-model scores. It trains on a seeded
@@ -12,13 +17,15 @@ plus 200 output tokens; scores are its 0..1 per-model scores. It trains on a see
 rows; with more splits each trains on a different 80% of the subset.
 
 Every predictor goes through the same utility policy sweep on the same rows, drops the
-same dominated models (found on the training rows), and fits its margin the same way on
+same dominated models (found on the training rows, less those the router's out-of-fold predictions
+keep as complementary), and fits its margin the same way on
 its own out-of-fold predictions. Reported: the cost at which each reaches the best single
 model's accuracy (share of that model's cost), the share of the best-to-oracle gap closed,
 the frontier AUC, and how often P(stronger) < P(weaker) for pairs of models.
 
-    python benchmarks/routing_pools.py mmlu-pro --limit 3000 --splits 1
-    python benchmarks/routing_pools.py llmrouter --limit 2000 --splits 1
+    python benchmarks/routing_pools.py mmlu-pro --limit 3000 --splits 5
+    python benchmarks/routing_pools.py mmlu-pro-5 --limit 3000 --splits 5
+    python benchmarks/routing_pools.py llmrouter --limit 2000 --splits 5
 
 These are the settings of the committed results (results/pool_<data>_<extractor>.*). Any other setting,
 ``--splits 5`` included, writes the same file name: give such runs another checkout or copy the results
@@ -51,18 +58,31 @@ MMLU_PRO_LADDER = {  # name in MMLU-Pro's eval_results: (input, output) USD per 
     "gemini-1.5-flash-002": (0.075, 0.30),
     "gemini-1.5-pro-002": (1.25, 5.00),
 }
-PREDICTORS = ("router", "activation probe only", "tfidf (tuned)", "knn (tuned)", "length", "random")
+MMLU_PRO_FIVE = {
+    "gemini-1.5-flash-002": (0.075, 0.30),
+    "DeepSeek-Coder-V2": (0.14, 0.28),
+    "Meta-Llama-3_1-70B-Instruct": (0.88, 0.88),
+    "gemini-1.5-pro-002": (1.25, 5.00),
+    "jamba-1.5-large": (2.00, 8.00),
+}
+PREDICTORS = ("router", "activation probe only", "shared model", "tfidf (tuned)", "knn (tuned)", "length", "random")
 METRICS = ("cost_to_match_best", "oracle_gap_closed", "auc", "inversions")
 
 
 def load(kind: str, limit: int, seed: int):
     """(all outcomes, pool, fixed test indexes or None)."""
-    if kind == "mmlu-pro":
+    if kind in ("mmlu-pro", "mmlu-pro-5"):
         outcomes = load_mmlu_pro(need_data("mmlu_pro"), models=list(MMLU_PRO_LADDER))
         if limit and limit < len(outcomes):
             outcomes = outcomes.subset(np.sort(np.random.default_rng(seed).choice(len(outcomes), limit, replace=False)))
+        prices = MMLU_PRO_LADDER
+        if kind == "mmlu-pro-5":  # the ladder's rows where all five have a record
+            prices = MMLU_PRO_FIVE
+            five = load_mmlu_pro(need_data("mmlu_pro"), models=list(MMLU_PRO_FIVE))
+            where = {q: i for i, q in enumerate(five.ids)}
+            outcomes = five.subset([where[q] for q in outcomes.ids if q in where])
         pool = ModelPool(tuple(PoolModel(name=m, input_cost_per_1m=i, output_cost_per_1m=o, expected_output_tokens=300)
-                               for m, (i, o) in MMLU_PRO_LADDER.items()))
+                               for m, (i, o) in prices.items()))
         return outcomes, pool, None
     prices = json.loads(need_data("llmrouter/models.json").read_text())
     train = load_llmrouter(need_data("llmrouter/train.jsonl.gz"))
@@ -107,7 +127,7 @@ def score(proba, margin, test, costs_test, capability, eligible_test) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("data", choices=["mmlu-pro", "llmrouter"])
+    parser.add_argument("data", choices=["mmlu-pro", "mmlu-pro-5", "llmrouter"])
     parser.add_argument("--extractor", default="smollm2-135m")
     parser.add_argument("--limit", type=int, default=3000)
     parser.add_argument("--splits", type=int, default=5)
@@ -125,7 +145,7 @@ def main() -> None:
 
     results = {p: {m: [] for m in METRICS} for p in PREDICTORS}
     boot = {p: {m: [] for m in METRICS} for p in PREDICTORS}
-    chosen, dropped_sets, singles = [], [], []
+    chosen, dropped_sets, kept_sets, singles = [], [], [], []
     for s in tqdm(range(args.splits), desc="splits", disable=not args.progress):
         rng = np.random.default_rng(args.seed + 1 + s)
         if fixed_test is None:
@@ -140,6 +160,7 @@ def main() -> None:
         chosen.append(f"{router.family}, L{'+'.join(map(str, router.layers))} {'+'.join(router.pooling)}, "
                       f"margin {router.utility_margin:g}")
         dropped_sets.append(sorted(router.dropped))
+        kept_sets.append(sorted(router.info["complementary_models"]))
         X = features.select(layers=router.layers, pooling=router.pooling).features
         capability = router.capability
         costs_train, costs_test = router.estimated_costs(train), router.estimated_costs(test)
@@ -149,6 +170,7 @@ def main() -> None:
         predictions = {
             "router": (router.proba_from(test.queries, X[test_idx]), fit.oof[router.family]),
             "activation probe only": (router.probe.predict_proba(X[test_idx]), fit.oof["activation"]),
+            "shared model": (fit.shared.predict_proba(X[test_idx]), fit.oof["shared"]),
             # the router's own lexical probe is the tuned TF-IDF baseline (same CV over analyzer, n-grams and C)
             "tfidf (tuned)": (fit.lexical.predict_proba(test_texts), fit.oof["lexical"]),
         }
@@ -199,15 +221,18 @@ def main() -> None:
              cell(p, "inversions", True)] for p in PREDICTORS]
     models = list(singles[0])
     single_rows = [[m, f"{np.mean([s[m][0] for s in singles]):.3f}", f"${np.mean([s[m][1] for s in singles]):.6f}",
-                    f"{sum(m in d for d in dropped_sets)}/{len(dropped_sets)}"] for m in models]
-    title = {"mmlu-pro": "MMLU-Pro seven-model ladder", "llmrouter": "LLMRouter pool"}[args.data]
+                    f"{sum(m in d for d in dropped_sets)}/{len(dropped_sets)}",
+                    f"{sum(m in k for k in kept_sets)}/{len(kept_sets)}"] for m in models]
+    title = {"mmlu-pro": "MMLU-Pro seven-model ladder", "mmlu-pro-5": "MMLU-Pro five-model pool (27x price range)",
+             "llmrouter": "LLMRouter pool"}[args.data]
     md = (f"{title}: {len(outcomes)} rows, {args.splits} splits "
           + ("(half train / half test each)" if fixed_test is None else
              f"(train on {'all' if args.splits == 1 else '80% of'} {fixed_test[0]} training rows, test on the "
              f"{len(fixed_test)} rows of its test file)")
           + f"; extractor {extractor.model_id}, candidate layers {list(features.layers)}; extraction {extract_s:.0f} s "
           f"(0 when cached) on {machine()}.\n\n"
-          + md_table(["model", "test accuracy (mean)", "mean cost per query", "dropped as dominated"], single_rows)
+          + md_table(["model", "test accuracy (mean)", "mean cost per query", "dropped as dominated",
+                      "dominated but kept (complementary)"], single_rows)
           + ("\n\nOne split: the value on the test rows with a 95% interval from "
              f"{args.bootstrap} bootstrap resamples of them (margins and models fixed)." if args.splits == 1 else
              "\n\nMean over splits with its 95% t-interval.")
@@ -219,7 +244,7 @@ def main() -> None:
           + "\n\nWhat the router chose per split: " + "; ".join(chosen) + "\n")
     write_results(f"pool_{args.data}_{extractor.model_id}", md,
                   {"machine": machine(), "data": args.data, "n": len(outcomes), "splits": args.splits,
-                   "results": results, "chosen": chosen, "dropped": dropped_sets, "singles": singles})
+                   "results": results, "chosen": chosen, "dropped": dropped_sets, "complementary": kept_sets, "singles": singles})
 
 
 if __name__ == "__main__":
