@@ -258,6 +258,37 @@ def xfail_upstream(upstream, reason: str, *, raises: type[BaseException] | tuple
     return pytest.mark.xfail(strict=True, reason=reason, raises=raises)(test)
 
 
+class UpstreamSkipped(Exception):
+    """An upstream standard test skipped itself; raised instead so that a strict xfail records it."""
+
+
+def xfail_upstream_skip(upstream, reason: str):
+    """An override that runs ``upstream`` unchanged and turns its own ``pytest.skip`` into a strict xfail.
+
+    Some standard tests skip themselves on a capability flag we declare honestly False. A skip is
+    silent in CI and stays a skip if upstream changes the test; here the skip must happen (raised as
+    :class:`UpstreamSkipped`), and if the test ever runs and passes, the strict xfail fails the run.
+    """
+    if inspect.iscoroutinefunction(upstream):
+
+        @functools.wraps(upstream)
+        async def test(self, *args, **kwargs) -> None:
+            try:
+                await upstream(self, *args, **kwargs)
+            except pytest.skip.Exception as exc:
+                raise UpstreamSkipped(str(exc)) from None
+    else:
+
+        @functools.wraps(upstream)
+        def test(self, *args, **kwargs) -> None:
+            try:
+                upstream(self, *args, **kwargs)
+            except pytest.skip.Exception as exc:
+                raise UpstreamSkipped(str(exc)) from None
+
+    return pytest.mark.xfail(strict=True, reason=reason, raises=UpstreamSkipped)(test)
+
+
 # The suites' async tests carry no async marker (they expect an auto mode); anyio runs them on asyncio.
 @pytest.mark.anyio
 class TestStandardUnit(ChatModelUnitTests):
@@ -287,6 +318,11 @@ class TestStandardUnit(ChatModelUnitTests):
         "ChatDifficultyRouter reads no environment variables: its router and pool models are passed as objects, "
         "each pool model reading its own (ChatOpenAI reads OPENAI_API_KEY itself), so the router has no api_key "
         "set from OPENAI_API_KEY and getattr(model, 'api_key') is AttributeError", raises=AttributeError)
+    test_serdes = xfail_upstream_skip(
+        ChatModelUnitTests.test_serdes,
+        "upstream skips it ('Model is not serializable'): ChatDifficultyRouter.is_lc_serializable() is False, "
+        "since it holds a DifficultyRouter (a local LM and probes) and chat-model instances that dumpd/load cannot "
+        "rebuild; a router is saved with DifficultyRouter.save instead")
 
 
 #: Upstream tests that download a sample file (served offline by TestStandardIntegration._offline_samples).
@@ -418,6 +454,15 @@ class TestStandardIntegration(ChatModelIntegrationTests):
 
         monkeypatch.setattr(upstream_module, "httpx", types.SimpleNamespace(get=get))
 
+    test_image_inputs = xfail_upstream_skip(
+        ChatModelIntegrationTests.test_image_inputs,
+        "upstream skips it ('Model does not support image message'): supports_image_inputs is False because the "
+        "pool is text-only SmolLM2; enabled, the test passes only because llama-cpp-python accepts image_url parts "
+        "and the model answers without seeing the image")
+    test_stream_time = xfail_upstream_skip(
+        ChatModelIntegrationTests.test_stream_time,
+        "upstream skips it ('VCR not set up'): enable_vcr_tests is False; the suite's VCR cassettes replay recorded HTTP of "
+        "a hosted API; replay matches requests on the URI, and the llama.cpp test servers take a new port each run")
     test_pdf_inputs = xfail_upstream(
         ChatModelIntegrationTests.test_pdf_inputs,
         "llama-cpp-python 0.3.36's request model takes only 'text' and 'image_url' parts in a user message "
