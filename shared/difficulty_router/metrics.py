@@ -53,21 +53,38 @@ def frontier(points: list[dict]) -> list[dict]:
     return best
 
 
-def curve_auc(points: list[dict], cost_min: float, cost_max: float) -> float:
+def curve_auc(points: list[dict], cost_min: float, cost_max: float, scored: list[float] | None = None) -> float:
     """Mean accuracy of the cost-accuracy frontier over costs from the cheapest to the dearest model.
 
     At each budget the best point not above budget counts; below the router's cheapest point
     the cheapest point's accuracy counts, which is what a policy at its cheapest setting gives.
+    ``scored``: the accuracy of the same settings on other rows. Points are then chosen by
+    ``points`` and valued by ``scored``, which is what a setting picked on one set of labels
+    gives on new queries (:func:`~difficulty_router.families.heldout_frontier_auc`).
     """
+    cost = np.array([p["cost"] for p in points], dtype=np.float64)
+    accuracy = np.array([p["accuracy"] for p in points], dtype=np.float64)
+    value = accuracy if scored is None else np.asarray(scored, dtype=np.float64)
     if cost_max <= cost_min:
-        return float(max(p["accuracy"] for p in points))
-    front = frontier(points)
+        return float(value[best_within_budget(cost, accuracy, np.array([np.inf]))[0]])
     grid = np.linspace(cost_min, cost_max, 1001)
-    costs = np.array([p["cost"] for p in front])
-    accs = np.array([p["accuracy"] for p in front])
-    idx = np.searchsorted(costs, grid + 1e-12, side="right") - 1
-    values = np.where(idx >= 0, accs[np.clip(idx, 0, None)], accs[0])
+    values = value[best_within_budget(cost, accuracy, grid)]
     return float(np.trapezoid(values, grid) / (cost_max - cost_min))
+
+
+def best_within_budget(cost: np.ndarray, accuracy: np.ndarray, budgets: np.ndarray) -> np.ndarray:
+    """For each budget, the index of the most accurate point costing no more (the cheaper on a tie).
+
+    Where no point fits the budget, the cheapest point (the most accurate of the cheapest).
+    """
+    by_cost = np.lexsort((-accuracy, cost))
+    best_so_far, best = np.empty(len(by_cost), dtype=int), by_cost[0]
+    for k, i in enumerate(by_cost):  # the running best of the frontier, by cost
+        if accuracy[i] > accuracy[best] + 1e-12:
+            best = i
+        best_so_far[k] = best
+    within = np.searchsorted(cost[by_cost], budgets + 1e-12, side="right") - 1
+    return best_so_far[np.clip(within, 0, None)]
 
 
 def pool_summary(points: list[dict], correct: np.ndarray, model_costs: np.ndarray, models: list[str]) -> dict:
