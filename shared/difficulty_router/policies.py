@@ -111,6 +111,13 @@ class Policy:
 MARGINS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
 
 
+def paired_gain(diff: np.ndarray) -> tuple[float, float]:
+    """Mean of row-by-row accuracy differences and its 95% lower bound (normal approximation; -inf for one row)."""
+    gain = float(np.mean(diff))
+    n = len(diff)
+    return gain, gain - 1.96 * float(np.std(diff, ddof=1)) / np.sqrt(n) if n > 1 else -np.inf
+
+
 def fit_margin(proba, correct, costs, capability, eligible=None) -> tuple[float, list[dict]]:
     """The margin a utility policy needs before leaving the most capable model, from out-of-fold predictions.
 
@@ -127,9 +134,7 @@ def fit_margin(proba, correct, costs, capability, eligible=None) -> tuple[float,
     table, best = [], (1.0, 0.0)
     for margin in MARGINS:
         chosen = Policy("utility", 0.0, margin).choose(proba, costs, capability, eligible)
-        diff = correct[rows, chosen] - correct[rows, anchor]
-        gain = float(diff.mean())
-        low = gain - 1.96 * float(diff.std(ddof=1)) / np.sqrt(n) if n > 1 else -np.inf
+        gain, low = paired_gain(correct[rows, chosen] - correct[rows, anchor])
         table.append({"margin": margin, "deviations": int((chosen != anchor).sum()), "gain": gain, "gain_low95": low})
         if (chosen != anchor).any() and low > 0 and gain > best[1]:
             best = (margin, gain)
@@ -167,8 +172,9 @@ def complementary(proba, correct, costs, capability, dropped, names) -> dict[str
     A model worse on average and dearer than another can still be right where the others are wrong
     on queries the predictor recognises. Each dropped model (most capable first) is re-admitted if, at
     some margin of :data:`MARGINS`, the accuracy-seeking utility router with it eligible beats the same
-    router without it row by row, with a 95% lower bound above zero: the test :func:`fit_margin` uses
-    for leaving the best model. Predictions must be out-of-fold, or the test is fooled by overfitting.
+    router without it row by row, with a 95% lower bound above zero (:func:`paired_gain`, the test
+    :func:`fit_margin` uses for leaving the best model). Predictions must be out-of-fold, or the test is
+    fooled by overfitting.
     """
     correct = np.asarray(correct, dtype=np.float64)
     n, m = correct.shape
@@ -185,9 +191,7 @@ def complementary(proba, correct, costs, capability, dropped, names) -> dict[str
             policy = Policy("utility", 0.0, margin)
             base = policy.choose(proba, costs, capability, np.broadcast_to(admitted, (n, m)))
             chosen = policy.choose(proba, costs, capability, np.broadcast_to(with_j, (n, m)))
-            diff = correct[rows, chosen] - correct[rows, base]
-            gain = float(diff.mean())
-            low = gain - 1.96 * float(diff.std(ddof=1)) / np.sqrt(n)
+            gain, low = paired_gain(correct[rows, chosen] - correct[rows, base])
             if low > 0:
                 out[names[j]] = (
                     f"kept although dominated on average: out of fold it is chosen on {int((chosen == j).sum())} "
