@@ -235,6 +235,10 @@ JSON_SCHEMA_500 = ("method='json_schema' (with_structured_output's default) reac
 WHOLE_ANSWER = {"test_json_mode", "test_structured_output_pydantic_2_v1"}
 
 
+class UpstreamSkipped(Exception):
+    """An upstream standard test skipped itself; raised instead, so that a strict xfail records it."""
+
+
 def xfail_upstream(upstream, reason: str, *, raises: type[BaseException] | tuple[type[BaseException], ...]):
     """An override of an upstream standard test that runs ``upstream`` unchanged under a strict xfail.
 
@@ -243,31 +247,10 @@ def xfail_upstream(upstream, reason: str, *, raises: type[BaseException] | tuple
     ``raises``, the error the named limitation produces (any other error fails the run); if an upstream
     fix makes it pass, the strict xfail turns the XPASS into a failure. ``functools.wraps`` keeps the
     upstream signature and marks (parametrize, indirect fixtures).
-    """
-    if inspect.iscoroutinefunction(upstream):
 
-        @functools.wraps(upstream)
-        async def test(self, *args, **kwargs) -> None:
-            await upstream(self, *args, **kwargs)
-    else:
-
-        @functools.wraps(upstream)
-        def test(self, *args, **kwargs) -> None:
-            upstream(self, *args, **kwargs)
-
-    return pytest.mark.xfail(strict=True, reason=reason, raises=raises)(test)
-
-
-class UpstreamSkipped(Exception):
-    """An upstream standard test skipped itself; raised instead so that a strict xfail records it."""
-
-
-def xfail_upstream_skip(upstream, reason: str):
-    """An override that runs ``upstream`` unchanged and turns its own ``pytest.skip`` into a strict xfail.
-
-    Some standard tests skip themselves on a capability flag we declare honestly False. A skip is
-    silent in CI and stays a skip if upstream changes the test; here the skip must happen (raised as
-    :class:`UpstreamSkipped`), and if the test ever runs and passes, the strict xfail fails the run.
+    A ``pytest.skip`` inside the upstream body is raised as :class:`UpstreamSkipped`, never a silent
+    skip: a test that skips itself on a capability flag we keep off names ``raises=UpstreamSkipped``
+    (the skip must happen), and any other override that starts to skip fails the run.
     """
     if inspect.iscoroutinefunction(upstream):
 
@@ -286,7 +269,7 @@ def xfail_upstream_skip(upstream, reason: str):
             except pytest.skip.Exception as exc:
                 raise UpstreamSkipped(str(exc)) from None
 
-    return pytest.mark.xfail(strict=True, reason=reason, raises=UpstreamSkipped)(test)
+    return pytest.mark.xfail(strict=True, reason=reason, raises=raises)(test)
 
 
 # The suites' async tests carry no async marker (they expect an auto mode); anyio runs them on asyncio.
@@ -318,11 +301,11 @@ class TestStandardUnit(ChatModelUnitTests):
         "ChatDifficultyRouter reads no environment variables: its router and pool models are passed as objects, "
         "each pool model reading its own (ChatOpenAI reads OPENAI_API_KEY itself), so the router has no api_key "
         "set from OPENAI_API_KEY and getattr(model, 'api_key') is AttributeError", raises=AttributeError)
-    test_serdes = xfail_upstream_skip(
+    test_serdes = xfail_upstream(
         ChatModelUnitTests.test_serdes,
         "upstream skips it ('Model is not serializable'): ChatDifficultyRouter.is_lc_serializable() is False, "
         "since it holds a DifficultyRouter (a local LM and probes) and chat-model instances that dumpd/load cannot "
-        "rebuild; a router is saved with DifficultyRouter.save instead")
+        "rebuild; a router is saved with DifficultyRouter.save instead", raises=UpstreamSkipped)
 
 
 #: Upstream tests that download a sample file (served offline by TestStandardIntegration._offline_samples).
@@ -454,15 +437,16 @@ class TestStandardIntegration(ChatModelIntegrationTests):
 
         monkeypatch.setattr(upstream_module, "httpx", types.SimpleNamespace(get=get))
 
-    test_image_inputs = xfail_upstream_skip(
+    test_image_inputs = xfail_upstream(
         ChatModelIntegrationTests.test_image_inputs,
         "upstream skips it ('Model does not support image message'): supports_image_inputs is False because the "
         "pool is text-only SmolLM2; enabled, the test passes only because llama-cpp-python accepts image_url parts "
-        "and the model answers without seeing the image")
-    test_stream_time = xfail_upstream_skip(
+        "and the model answers without seeing the image", raises=UpstreamSkipped)
+    test_stream_time = xfail_upstream(
         ChatModelIntegrationTests.test_stream_time,
         "upstream skips it ('VCR not set up'): enable_vcr_tests is False; the suite's VCR cassettes replay recorded HTTP of "
-        "a hosted API; replay matches requests on the URI, and the llama.cpp test servers take a new port each run")
+        "a hosted API; replay matches requests on the URI, and the llama.cpp test servers take a new port each run",
+        raises=UpstreamSkipped)
     test_pdf_inputs = xfail_upstream(
         ChatModelIntegrationTests.test_pdf_inputs,
         "llama-cpp-python 0.3.36's request model takes only 'text' and 'image_url' parts in a user message "
