@@ -37,13 +37,13 @@ from sklearn.model_selection import StratifiedKFold
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from _common import machine, need_data, write_results  # noqa: E402
+from _common import machine, need_data, write_results
 
-from difficulty_router import ActivationExtractor, SuccessProbe, cache_root  # noqa: E402
-from difficulty_router.cascade import CascadePolicy, simulate  # noqa: E402
-from difficulty_router.generation import LocalGenerator  # noqa: E402
-from difficulty_router.metrics import frontier  # noqa: E402
-from difficulty_router.model_store import resolve  # noqa: E402
+from difficulty_router import ActivationExtractor, SuccessProbe, cache_root
+from difficulty_router.calling.cascade import CascadePolicy, simulate
+from difficulty_router.calling.generation import LocalGenerator
+from difficulty_router.core.metrics import frontier
+from difficulty_router.extraction.model_store import resolve
 
 LADDER = ["smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
 LETTERS = "ABCDEFGHIJ"
@@ -382,7 +382,6 @@ def plot(curves, results, name: str, task: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from _common import RESULTS
 
     fig, ax = plt.subplots(figsize=(7, 4.5))

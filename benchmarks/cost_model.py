@@ -33,10 +33,10 @@ from routing_routellm import interval
 from tqdm.auto import tqdm
 
 from difficulty_router import ModelPool, PoolModel, load_mmlu_pro, train_router
-from difficulty_router.length_head import OutputLengthHead, output_tokens_from_chars
-from difficulty_router.metrics import pool_summary
-from difficulty_router.policies import Policy, sweep
-from difficulty_router.queries import conversation_text
+from difficulty_router.core.metrics import pool_summary
+from difficulty_router.data.queries import conversation_text
+from difficulty_router.learning.length_head import OutputLengthHead, output_tokens_from_chars
+from difficulty_router.learning.policies import Policy, sweep
 
 PRICES = {  # USD per 1M input / output tokens: assumed public list prices, late 2024 (see the docstring)
     "DeepSeek-Coder-V2": (0.14, 0.28),

@@ -22,6 +22,7 @@ import time
 import numpy as np
 import torch
 from _common import machine, md_table, write_results
+
 from difficulty_router import ActivationExtractor, load_outcomes
 from difficulty_router.datasets import ROUTELLM_MMLU_SAMPLE
 

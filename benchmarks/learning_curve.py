@@ -19,7 +19,7 @@ shared by all arms of that seed. Arms, each evaluated at every count in ``--labe
 - active: rounds at the label counts. Round 1 ranks the pool with the zero-label ladder router for the
   pair (``DifficultyRouter.pretrained`` from the head: the starting router ``label --select`` uses
   without ``--router``); each later round refits on all labels so far and adds the rows ranked first by
-  ``difficulty_router.labelling.uncertainty_order`` -- the rule ``label --select`` applies;
+  ``difficulty_router.data.labelling.uncertainty_order`` -- the rule ``label --select`` applies;
 - "+ prior": the pretrained head's difficulty as a prior, stacked with the probe: per model, a logistic
   regression on (the probe's out-of-fold logit, the head's difficulty) over the labelled rows -- three
   parameters, so even 50 labels set how far to trust the prior and how far the read-out. Random + prior
@@ -28,14 +28,14 @@ shared by all arms of that seed. Arms, each evaluated at every count in ``--labe
   penalty on it; close to stacking with random labels, but it hurt active selection -- the README gives
   the numbers.)
 
-The learner is the router's activation probe (``difficulty_router.probes.SuccessProbe``: standardise,
+The learner is the router's activation probe (``difficulty_router.learning.probes.SuccessProbe``: standardise,
 L2 logistic per model with C by 5-fold CV, Platt-calibrated) on a fixed read-out, the head's
 L12+L15 last+mean projected on the top ``--components`` (128) principal components of the candidate
 rows (unlabelled read-outs only; the test rows are not used). ``train_router``'s read-out/family
 sweep is left out, and the read-out is compressed, because active selection refits after every round:
 on the full 2,304-wide read-out one fit took 190-460 s on this shared box (load ~20), the full
 sweep more. Rows go to the strong model in order of
-P(strong) - P(weak) (the utility rule); APGR from ``difficulty_router.metrics.apgr_cpt`` on the test
+P(strong) - P(weak) (the utility rule); APGR from ``difficulty_router.core.metrics.apgr_cpt`` on the test
 rows. Intervals: mean and 95% t-interval over seeds; the target comparison also gets a paired
 bootstrap over test rows (seed means per resample).
 
@@ -58,12 +58,12 @@ from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from difficulty_router import ModelPool, cache_root
+from difficulty_router import DifficultyRouter, ModelPool, cache_root
+from difficulty_router.core.metrics import apgr_cpt
+from difficulty_router.data.labelling import uncertainty_order
 from difficulty_router.datasets import ROUTELLM_MMLU_POOL
-from difficulty_router.labelling import uncertainty_order
-from difficulty_router.metrics import apgr_cpt
-from difficulty_router.pretrained import TOP_ABILITY, DifficultyHead, pretrained_router
-from difficulty_router.probes import SuccessProbe
+from difficulty_router.learning.probes import SuccessProbe
+from difficulty_router.routing.pretrained import TOP_ABILITY, DifficultyHead
 
 LAYERS = (12, 15)
 HIDDEN_BLOCK = {"L12 last": 0, "L12 mean": 1, "L15 last": 2, "L15 mean": 3}  # extract(layers, pooling="both") order
@@ -109,7 +109,7 @@ def load_routellm(args):
     prior = head.difficulty(blocks(x, list(HIDDEN_BLOCK), extractor.hidden_size))
     start = ladder_proba(prior, head.quantile(0.5), head.discrimination)
     # the formula must be the shipped router's own probabilities (same head, even shares)
-    router = pretrained_router([rows.models[weak_j], rows.models[strong_j]], head=head, extractor=extractor)
+    router = DifficultyRouter.pretrained([rows.models[weak_j], rows.models[strong_j]], head=head, extractor=extractor)
     check = router.probe.predict_proba(blocks(x[:50], list(HIDDEN_BLOCK), extractor.hidden_size))
     if not np.allclose(check, start[:50], atol=1e-6):
         raise SystemExit("ladder_proba disagrees with DifficultyRouter.pretrained's probabilities")

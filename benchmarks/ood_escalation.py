@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import extract_cached, machine, md_table, need_data, write_results  # noqa: E402
-from routing_pools import MMLU_PRO_LADDER  # noqa: E402
+from _common import extract_cached, machine, md_table, need_data, write_results
+from routing_pools import MMLU_PRO_LADDER
 
-from difficulty_router import ModelPool, PoolModel, load_mmlu_pro, train_router  # noqa: E402
-from difficulty_router.novelty import OODPolicy  # noqa: E402
+from difficulty_router import ModelPool, PoolModel, load_mmlu_pro, train_router
+from difficulty_router.learning.novelty import OODPolicy
 
 STEM = {"math", "physics", "chemistry", "engineering", "computer science"}
 

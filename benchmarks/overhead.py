@@ -38,10 +38,17 @@ import time
 import numpy as np
 import torch
 from _common import machine, md_table, write_results
+
 from difficulty_router import ActivationExtractor, load_outcomes
 from difficulty_router.datasets import ROUTELLM_MMLU_SAMPLE
-from difficulty_router.numerics import (cpu_flags, cpu_has_bf16, cpu_has_int8_dot, int8_supported, match_threads,
-                                        quantise_int8)
+from difficulty_router.extraction.numerics import (
+    cpu_flags,
+    cpu_has_bf16,
+    cpu_has_int8_dot,
+    int8_supported,
+    match_threads,
+    quantise_int8,
+)
 
 TARGET_TOKENS = (10, 100, 1000)
 TTFT_PROMPTS, TTFT_REPEATS = 4, 2  # the time-to-first-token sample per length (6 x 3 before a5de709)

@@ -48,16 +48,23 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, md_table, write_results  # noqa: E402
-from _stub_backend import StubBackend, serving  # noqa: E402
+from _common import machine, md_table, write_results
+from _stub_backend import StubBackend, serving
 
-from difficulty_router import ActivationExtractor, DifficultyRouter, ModelPool, Policy, PoolModel  # noqa: E402
-from difficulty_router import PIKProbe, load_outcomes, train_router  # noqa: E402
-from difficulty_router.cli import main as cli_main  # noqa: E402
-from difficulty_router.datasets import ROUTELLM_MMLU_POOL, ROUTELLM_MMLU_SAMPLE  # noqa: E402
-from difficulty_router.probes import SuccessProbe  # noqa: E402
-from difficulty_router.server import BackendSpec, Backends, create_app  # noqa: E402
-from difficulty_router.server.schema import Limits  # noqa: E402
+from difficulty_router import (
+    ActivationExtractor,
+    DifficultyRouter,
+    ModelPool,
+    PIKProbe,
+    Policy,
+    load_outcomes,
+    train_router,
+)
+from difficulty_router.cli.main import main as cli_main
+from difficulty_router.datasets import ROUTELLM_MMLU_POOL, ROUTELLM_MMLU_SAMPLE
+from difficulty_router.learning.probes import SuccessProbe
+from difficulty_router.server import Backends, BackendSpec, create_app
+from difficulty_router.server.schema import Limits
 
 LEAK = re.compile(r'Traceback|File "|\.py", line|site-packages|\b(?:Type|Attribute|Key|Index|Recursion|Unicode\w*|'
                   r'Name|Runtime|Assertion|ZeroDivision)Error\b')
@@ -297,10 +304,10 @@ def fuzz_loaders(router: DifficultyRouter, pik: PIKProbe, n: int, work: Path) ->
         which = data.draw(st.sampled_from(["router", "pik"]))
         if which == "router":
             target = tampered_copy(clean_router, work / "tampered", data, "probes.safetensors", "manifest.json", marker)
-            load = lambda: DifficultyRouter.load(target, router.extractor)  # noqa: E731
+            load = lambda: DifficultyRouter.load(target, router.extractor)
         else:
             target = tampered_copy(clean_pik, work / "tampered", data, "pik.safetensors", "pik.json", marker)
-            load = lambda: PIKProbe.load(target)  # noqa: E731
+            load = lambda: PIKProbe.load(target)
         try:
             load()
             tally.statuses["loaded"] = tally.statuses.get("loaded", 0) + 1

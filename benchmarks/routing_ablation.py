@@ -9,13 +9,14 @@ no forward pass of its own when that ran first.
 from __future__ import annotations
 
 import argparse
-import numpy as np
 
-from _common import md_table, machine, num, pct, routellm_clean, write_results
+import numpy as np
+from _common import machine, md_table, num, pct, routellm_clean, write_results
+
 from difficulty_router import ActivationExtractor, FeatureCache, SuccessProbe, cache_root
-from difficulty_router.baselines import baseline_proba
-from difficulty_router.metrics import apgr_cpt
-from difficulty_router.queries import conversation_text
+from difficulty_router.core.metrics import apgr_cpt
+from difficulty_router.data.queries import conversation_text
+from difficulty_router.evaluation.baselines import baseline_proba
 
 WEAK, STRONG = "mistralai/Mixtral-8x7B-Instruct-v0.1", "gpt-4-1106-preview"
 

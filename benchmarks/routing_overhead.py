@@ -9,8 +9,8 @@ import argparse
 import time
 
 import numpy as np
-
 from _common import machine, md_table, write_results
+
 from difficulty_router import ActivationExtractor, ModelPool, load_outcomes, train_router
 from difficulty_router.datasets import ROUTELLM_MMLU_POOL, ROUTELLM_MMLU_SAMPLE
 

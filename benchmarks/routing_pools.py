@@ -38,16 +38,16 @@ import argparse
 import json
 
 import numpy as np
-from tqdm.auto import tqdm
-
 from _common import extract_cached, machine, md_table, need_data, write_results
 from routing_routellm import interval
+from tqdm.auto import tqdm
+
 from difficulty_router import ModelPool, PoolModel, load_llmrouter, load_mmlu_pro, train_router
-from difficulty_router.baselines import baseline_proba
-from difficulty_router.metrics import pool_summary
-from difficulty_router.policies import Policy, fit_margin, sweep
-from difficulty_router.queries import conversation_text
-from difficulty_router.router import realised_costs
+from difficulty_router.core.metrics import pool_summary
+from difficulty_router.data.queries import conversation_text
+from difficulty_router.evaluation.baselines import baseline_proba
+from difficulty_router.learning.policies import Policy, fit_margin, sweep
+from difficulty_router.routing.router import realised_costs
 
 MMLU_PRO_LADDER = {  # name in MMLU-Pro's eval_results: (input, output) USD per 1M tokens
     "Mistral-7B-Instruct-v0.2": (0.20, 0.20),
@@ -94,7 +94,7 @@ def load(kind: str, limit: int, seed: int):
     pool = ModelPool(tuple(PoolModel(name=m, input_cost_per_1m=prices[m]["input_price"],
                                      output_cost_per_1m=prices[m]["output_price"], expected_output_tokens=200)
                            for m in names))
-    from difficulty_router.data import Outcomes
+    from difficulty_router.data.outcomes import Outcomes
 
     both = Outcomes(queries=train.queries + test.queries, models=names, scores=np.vstack([train.scores, test.scores]),
                     ids=train.ids + test.ids)

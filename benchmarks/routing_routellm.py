@@ -28,15 +28,15 @@ import argparse
 import time
 
 import numpy as np
+from _common import RESULTS, extract_cached, machine, md_table, num, pct, routellm_clean, write_results
 from scipy import stats
 from tqdm.auto import tqdm
 
-from _common import extract_cached, RESULTS, md_table, machine, num, pct, routellm_clean, write_results
 from difficulty_router import ModelPool, train_router
-from difficulty_router.baselines import baseline_proba, knn_proba
+from difficulty_router.core.metrics import apgr_cpt
+from difficulty_router.data.queries import conversation_text
 from difficulty_router.datasets import ROUTELLM_MMLU_POOL
-from difficulty_router.metrics import apgr_cpt
-from difficulty_router.queries import conversation_text
+from difficulty_router.evaluation.baselines import baseline_proba, knn_proba
 
 PUBLISHED = [  # RouteLLM paper, Table 2 (MMLU, GPT-4 vs Mixtral); trained on Arena data + MMLU-val golden labels
     ("published: random", 0.500, 0.5007, 0.7993),

@@ -38,7 +38,7 @@ def load_average() -> str:
 
 
 def prompts(rows: int):
-    from difficulty_router.data import load_outcomes
+    from difficulty_router.data.outcomes import load_outcomes
     from difficulty_router.datasets import ROUTELLM_MMLU_SAMPLE
 
     return load_outcomes(ROUTELLM_MMLU_SAMPLE).subset(np.arange(rows))
@@ -147,10 +147,10 @@ def serve_vs_plain(args, queries) -> list[dict]:
     from _stub_backend import StubBackend, free_port
 
     from difficulty_router import ActivationExtractor, ModelPool, train_router
+    from difficulty_router.data.queries import conversation_text
     from difficulty_router.datasets import ROUTELLM_MMLU_POOL
-    from difficulty_router.feature_cache import FeatureCache
-    from difficulty_router.model_store import cache_root
-    from difficulty_router.queries import conversation_text
+    from difficulty_router.extraction.feature_cache import FeatureCache
+    from difficulty_router.extraction.model_store import cache_root
     from difficulty_router.scale.ray_serve import build_app, run, shutdown
     from difficulty_router.server import BackendSpec, create_app
 

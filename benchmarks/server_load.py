@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from _common import machine, md_table, write_results
 
 REPLY = {"id": "chatcmpl-stub", "object": "chat.completion", "created": 0, "model": "stub",
@@ -118,8 +116,8 @@ async def load(url: str, model: str, queries: list[str], clients: int, duration:
 def train_and_save(directory: Path, rows: int) -> None:
     from difficulty_router import ActivationExtractor, ModelPool, load_outcomes, train_router
     from difficulty_router.datasets import ROUTELLM_MMLU_POOL, ROUTELLM_MMLU_SAMPLE
-    from difficulty_router.feature_cache import FeatureCache
-    from difficulty_router.model_store import cache_root
+    from difficulty_router.extraction.feature_cache import FeatureCache
+    from difficulty_router.extraction.model_store import cache_root
 
     outcomes = load_outcomes(ROUTELLM_MMLU_SAMPLE).subset(range(rows))
     extractor = ActivationExtractor("smollm2-135m", max_tokens=512, feature_cache=FeatureCache(cache_root() / "features"))

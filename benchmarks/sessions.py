@@ -35,11 +35,11 @@ from cost_model import PRICES, load_rows
 from tqdm.auto import tqdm
 
 from difficulty_router import ModelPool, PoolModel, train_router
-from difficulty_router.decision import RouteDecision
-from difficulty_router.length_head import OutputLengthHead
-from difficulty_router.policies import Policy
-from difficulty_router.queries import conversation_text
-from difficulty_router.sessions import Sessions, SessionStore
+from difficulty_router.data.queries import conversation_text
+from difficulty_router.learning.length_head import OutputLengthHead
+from difficulty_router.learning.policies import Policy
+from difficulty_router.routing.decision import RouteDecision
+from difficulty_router.routing.sessions import Sessions, SessionStore
 
 CACHED_SHARE = 0.10
 POLICIES = ("per_call", "sticky", "cache_aware")

@@ -5,7 +5,7 @@ models' correctness (the rows of ``routing_pools.py mmlu-pro --limit 3000``, so 
 read-outs are in the feature cache) and LLMRouter's 2,000-row train subset plus its
 500-row test file (the rows of ``routing_pools.py llmrouter --limit 2000``), with its 9
 models' 0..1 scores. The head is one linear difficulty over the extractor's read-out shared
-by a two-parameter IRT model per source (``difficulty_router.pretrained.fit_irt``).
+by a two-parameter IRT model per source (``difficulty_router.routing.pretrained.fit_irt``).
 
 Selection without the test set: read-out (blocks of layers 12/15, last/mean pooling) and
 L2 strength are chosen by the mean AUROC of difficulty against each training model's
@@ -31,15 +31,20 @@ import time
 
 import numpy as np
 import torch
+from _common import extract_cached, machine, md_table, need_data, routellm_clean, write_results
+from routing_pools import load as load_pool_rows
 from sklearn.linear_model import Ridge
 from sklearn.metrics import roc_auc_score
 
-from _common import extract_cached, machine, md_table, need_data, routellm_clean, write_results
-from routing_pools import load as load_pool_rows
-from difficulty_router import ModelPool
+from difficulty_router import DifficultyRouter, ModelPool
+from difficulty_router.core.metrics import apgr_cpt
 from difficulty_router.datasets import ROUTELLM_MMLU_POOL
-from difficulty_router.metrics import apgr_cpt
-from difficulty_router.pretrained import PRETRAINED_DIR, QUANTILE_LEVELS, DifficultyHead, fit_irt, pretrained_router
+from difficulty_router.routing.pretrained import (
+    PRETRAINED_DIR,
+    QUANTILE_LEVELS,
+    DifficultyHead,
+    fit_irt,
+)
 
 LAYERS = (12, 15)
 BLOCKS = {"L12 last": 0, "L12 mean": 1, "L15 last": 2, "L15 mean": 3}  # order of extract(layers, pooling="both")
@@ -167,9 +172,9 @@ def main() -> None:
         head.save(PRETRAINED_DIR)
         print(f"wrote {PRETRAINED_DIR}")
     head = DifficultyHead.load()
-    router = pretrained_router([test.models[weak_j], test.models[strong_j]], head=head, extractor=extractor)
+    router = DifficultyRouter.pretrained([test.models[weak_j], test.models[strong_j]], head=head, extractor=extractor)
     # the shipped router's own order of queries: its difficulty read back from the probe it routes with
-    from difficulty_router.pretrained import ladder_difficulty
+    from difficulty_router.routing.pretrained import ladder_difficulty
 
     shipped_score = ladder_difficulty(router, blocks(test_x, [f"L{l} {p}" for l in head.layers for p in head.pooling], hidden))
     shipped = bootstrap_apgr(shipped_score, weak, strong, resamples)

@@ -1,7 +1,7 @@
 """Zero-label routing on MMLU-Pro, leave one subject out: the shipped head's recipe refitted without the subject.
 
 For each of MMLU-Pro's 14 subjects the difficulty head is refitted exactly as the shipped one
-(``zero_label.py --write-head``: 2PL IRT via ``difficulty_router.pretrained.fit_irt``, read-out
+(``zero_label.py --write-head``: 2PL IRT via ``difficulty_router.routing.pretrained.fit_irt``, read-out
 L12+L15 last+mean, l2 3 -- the shipped selection, not re-selected per fold) on the other
 13 subjects' rows of the same 3,000 MMLU-Pro rows (29 models) plus LLMRouter (2,500 rows, 9
 models), and tested on the held-out subject's rows. Those rows, their subject and their
@@ -9,7 +9,7 @@ labels are unseen by the head that scores them.
 
 Pair: Mixtral-8x7B-Instruct-v0.1 (weak, cheap) vs gemini-1.5-pro-002 (strong), the same pair as
 ``learning_curve.py``'s MMLU-Pro curve (why: see that script). Queries go to the strong model in
-order of predicted difficulty; APGR (``difficulty_router.metrics.apgr_cpt``) per subject and
+order of predicted difficulty; APGR (``difficulty_router.core.metrics.apgr_cpt``) per subject and
 pooled, 95% percentile intervals from bootstrap resamples of the rows (within each subject for
 the subject mean), and the paired difference to prompt length (longer = harder) on the same
 resamples. The per-row held-out difficulties are written to the JSON for ``learning_curve.py``.
@@ -30,8 +30,8 @@ from routing_pools import load as load_pool_rows
 from tqdm.auto import tqdm
 from zero_label import BLOCKS, blocks, training_sources
 
-from difficulty_router.metrics import apgr_cpt
-from difficulty_router.pretrained import DifficultyHead, fit_irt
+from difficulty_router.core.metrics import apgr_cpt
+from difficulty_router.routing.pretrained import DifficultyHead, fit_irt
 
 WEAK, STRONG = "Mixtral-8x7B-Instruct-v0.1", "gemini-1.5-pro-002"
 SHIPPED_L2 = 3.0  # the shipped head's selected l2 (read back from its manifest below)

@@ -7,8 +7,8 @@ the chat model does not.
 
 from typing import Any
 
-from difficulty_router.dispatch import RECORD_KEY
-from difficulty_router.errors import is_transient_error
+from difficulty_router.calling.dispatch import RECORD_KEY
+from difficulty_router.core.errors import is_transient_error
 
 from ._convert import to_router_query
 from ._tracing import message_reply

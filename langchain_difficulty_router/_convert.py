@@ -12,7 +12,7 @@ from typing import Any
 from langchain_core.messages import BaseMessage, convert_to_messages, convert_to_openai_messages
 from langchain_core.prompt_values import PromptValue, StringPromptValue
 
-from difficulty_router.queries import ROLES
+from difficulty_router.data.queries import ROLES
 
 
 def to_router_query(value: Any) -> str | list[dict]:

@@ -24,8 +24,8 @@ from langchain_core.runnables.config import ensure_config, get_config_list, get_
 from langchain_core.runnables.utils import gather_with_concurrency
 from pydantic import PrivateAttr
 
-from difficulty_router.dispatch import Binding
-from difficulty_router.session_keys import config_session_key, decide_in_session
+from difficulty_router.calling.dispatch import Binding
+from difficulty_router.routing.session_keys import config_session_key, decide_in_session
 
 from ._convert import to_router_query
 

@@ -13,8 +13,8 @@ from typing import Any
 from langchain_core.messages import BaseMessage
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
 
-from difficulty_router import dispatch
-from difficulty_router.dispatch import Reply
+from difficulty_router.calling import dispatch
+from difficulty_router.calling.dispatch import Reply
 
 from ._convert import to_router_query
 from ._pool import pool_config

@@ -14,9 +14,9 @@ from langchain_core.messages import AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata, add_usage
 from langchain_core.outputs import ChatGenerationChunk
 
-from difficulty_router import dispatch
-from difficulty_router.confidence import MissingLogprobsError, openai_token_logprobs
-from difficulty_router.dispatch import RECORD_KEY, Hooks, Reply
+from difficulty_router.calling import dispatch
+from difficulty_router.calling.confidence import MissingLogprobsError, openai_token_logprobs
+from difficulty_router.calling.dispatch import RECORD_KEY, Hooks, Reply
 
 
 def message_reply(message: BaseMessage) -> Reply:

@@ -2,7 +2,7 @@
 
 Framework conversion, calling the pool model and tracing only: the walk up the ladder (plain
 routing with fallbacks, or a confidence cascade), the escalation rule, retries and the record
-under ``response_metadata["difficulty_router"]`` are the core's :mod:`difficulty_router.dispatch`,
+under ``response_metadata["difficulty_router"]`` are the core's :mod:`difficulty_router.calling.dispatch`,
 shared with the LlamaIndex adapter and the server.
 
 Callbacks see the router's own chat-model run plus one child chain run per attempt, named
@@ -24,9 +24,9 @@ from langchain_core.runnables import Runnable
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field, model_validator
 
-from difficulty_router import dispatch
-from difficulty_router.dispatch import RECORD_KEY, Binding, Reply, Retry
-from difficulty_router.session_keys import as_sessions
+from difficulty_router.calling import dispatch
+from difficulty_router.calling.dispatch import RECORD_KEY, Binding, Reply, Retry
+from difficulty_router.routing.session_keys import as_sessions
 
 from ._convert import to_router_query
 from ._pool import can_call_tools, merged_profile, pool_config
@@ -46,7 +46,7 @@ class ChatDifficultyRouter(RoutesBeforeRun):
         tool_calling: ``{name: bool}`` overrides for whether a pool model can call tools
             (by default: it implements ``bind_tools`` and its profile does not deny it).
         escalate_on: exception types, or a predicate on the exception, that move the call on to
-            the next more capable model; default ``difficulty_router.errors.is_transient_error``.
+            the next more capable model; default ``difficulty_router.core.errors.is_transient_error``.
         max_retries / retry_backoff: extra tries of the same model on such an error before
             escalating, waiting ``retry_backoff * 2**k`` seconds.
         stop: default stop sequences passed to the chosen model.
@@ -55,7 +55,7 @@ class ChatDifficultyRouter(RoutesBeforeRun):
             Streaming then buffers each rung until it is accepted.
         pik_scorers: ``{ladder model: callable(conversation) -> float}`` (conversation as OpenAI dicts).
         skip_threshold: hybrid mode: start at the first rung whose routing probability is at least this.
-        sessions: a ``difficulty_router.sessions.Sessions`` or a policy name ("per_call", "sticky",
+        sessions: a ``difficulty_router.routing.sessions.Sessions`` or a policy name ("per_call", "sticky",
             "cache_aware"): calls whose config names a session (``configurable`` ``session_id``, else
             ``thread_id``, as ``create_agent`` runs with a checkpointer have) are decided for that session.
             ``batch`` then routes each call on its own (one session turn each) instead of in one extraction.

@@ -3,7 +3,7 @@
 Anything that consumes a ``BaseDecisionModel`` (for example
 ``langchain.agents.middleware.ModelRouterMiddleware(choices=..., instructions=..., classifier=...)``)
 can use the router with no glue. It answers from the router's calibrated P(success) per pool model
-(the arithmetic is the core's :mod:`difficulty_router.answers`, documented there):
+(the arithmetic is the core's :mod:`difficulty_router.calling.answers`, documented there):
 
 - ``Choice`` whose labels are pool models (or mapped to them with ``routes=``): ``choice`` is the
   router's decision (the session's model under a session policy); ``probabilities`` is
@@ -51,9 +51,9 @@ from langchain_core.messages import BaseMessage
 from langchain_core.runnables.config import ensure_config
 from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
-from difficulty_router import answers
-from difficulty_router.dispatch import Binding
-from difficulty_router.session_keys import as_sessions, config_session_key, decide_in_session
+from difficulty_router.calling import answers
+from difficulty_router.calling.dispatch import Binding
+from difficulty_router.routing.session_keys import as_sessions, config_session_key, decide_in_session
 
 from ._convert import to_router_query
 
@@ -83,7 +83,7 @@ class DifficultyDecisionModel(BaseDecisionModel):
         router: the trained router.
         routes: ``{label: pool model}`` for ``Choice`` labels that are not pool model names
             (e.g. ``{"fast": "gpt-4o-mini", "powerful": "gpt-4o"}``).
-        sessions: a ``difficulty_router.sessions.Sessions`` or a policy name ("per_call", "sticky",
+        sessions: a ``difficulty_router.routing.sessions.Sessions`` or a policy name ("per_call", "sticky",
             "cache_aware"); ``Choice`` answers then follow the session of the run's
             ``configurable`` ``session_id`` (or ``thread_id``).
     """

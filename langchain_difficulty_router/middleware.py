@@ -4,7 +4,7 @@ routes every model call of the agent, under a session policy.
 ``ModelRouterMiddleware`` with :class:`~langchain_difficulty_router.DifficultyDecisionModel`
 classifies once per agent run; this middleware decides each model call on the conversation so
 far (system prompt, messages, tool calls and results), for agents whose later steps differ from
-the first. Each call's decision goes through the core's :class:`~difficulty_router.dispatch.Binding`
+the first. Each call's decision goes through the core's :class:`~difficulty_router.calling.dispatch.Binding`
 (the session policy, escalation on transient errors, retries) and the served model's message
 carries the routing record under ``response_metadata["difficulty_router"]``, as
 :class:`~langchain_difficulty_router.ChatDifficultyRouter`'s messages do.
@@ -24,9 +24,9 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage
 from langchain_core.runnables.config import ensure_config
 
-from difficulty_router import dispatch
-from difficulty_router.dispatch import Binding, Reply, Retry
-from difficulty_router.session_keys import as_sessions, config_session_key, decide_in_session
+from difficulty_router.calling import dispatch
+from difficulty_router.calling.dispatch import Binding, Reply, Retry
+from difficulty_router.routing.session_keys import as_sessions, config_session_key, decide_in_session
 
 from ._convert import to_router_query
 from ._pool import can_call_tools
@@ -40,7 +40,7 @@ class DifficultyRouterMiddleware(AgentMiddleware):
         router: a trained ``difficulty_router.DifficultyRouter``.
         models: ``{pool model name: chat model}``, covering the router's pool exactly. The agent's
             own ``model`` is never called (give any of these to ``create_agent``).
-        sessions: a ``difficulty_router.sessions.Sessions`` or a policy name ("per_call", "sticky",
+        sessions: a ``difficulty_router.routing.sessions.Sessions`` or a policy name ("per_call", "sticky",
             "cache_aware"); default: per call.
         session_id: a fixed session key for every run of the agent (default: from the run's config).
         tool_calling: ``{name: bool}`` overrides for whether a pool model can call tools.

@@ -1,7 +1,7 @@
 """LlamaIndex adapter for difficulty_router: a routed LLM and a RouterQueryEngine selector.
 
 Thin by design: routing decisions come from ``difficulty_router.DifficultyRouter`` and each
-call's walk (fallbacks, cascade, escalation, record) from ``difficulty_router.dispatch``; this
+call's walk (fallbacks, cascade, escalation, record) from ``difficulty_router.calling.dispatch``; this
 package converts LlamaIndex messages, calls the chosen LLM and reports honest metadata.
 """
 

@@ -1,6 +1,6 @@
 """LlamaIndex replies in the core's terms, the record attached to them, and escalation events.
 
-A candidate's response (or a stream's chunks) becomes a :class:`difficulty_router.dispatch.Reply`:
+A candidate's response (or a stream's chunks) becomes a :class:`difficulty_router.calling.dispatch.Reply`:
 text, answer tokens and their logprobs (for a cascade's P(T)) and token usage. Logprobs come
 from ``raw`` (the OpenAI completion or stream chunk of OpenAI/OpenAILike LLMs built with
 ``logprobs=True``), else from ``response.logprobs`` (the most likely alternative per position,
@@ -13,8 +13,8 @@ from typing import Any
 
 from llama_index.core.base.llms.types import ChatMessage, ChatResponse, CompletionResponse, MessageRole
 
-from difficulty_router.confidence import MissingLogprobsError, openai_token_logprobs
-from difficulty_router.dispatch import RECORD_KEY, Hooks, Reply
+from difficulty_router.calling.confidence import MissingLogprobsError, openai_token_logprobs
+from difficulty_router.calling.dispatch import RECORD_KEY, Hooks, Reply
 
 from .events import DifficultyEscalationEvent, dispatcher
 

@@ -1,5 +1,5 @@
 """What every routed call of :class:`DifficultyRouterLLM` does, in one place: route (or not),
-start a :class:`~difficulty_router.dispatch.RoutedCall`, let the core walk it while this calls
+start a :class:`~difficulty_router.calling.dispatch.RoutedCall`, let the core walk it while this calls
 the candidate it names, and attach the record to what comes back."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import LLM
 
-from difficulty_router import dispatch
-from difficulty_router.dispatch import Binding
-from difficulty_router.session_keys import conversation_key, decide_in_session
+from difficulty_router.calling import dispatch
+from difficulty_router.calling.dispatch import Binding
+from difficulty_router.routing.session_keys import conversation_key, decide_in_session
 
 from ._replies import EscalationEvents, annotate, empty_like, response_reply, stream_reply
 from .events import DifficultyRouteEvent, dispatcher

@@ -2,7 +2,7 @@
 
 Framework conversion, calling a candidate and instrumentation only: the walk up the ladder
 (plain routing with fallbacks, or a confidence cascade), the escalation rule, retries and the
-record are the core's :mod:`difficulty_router.dispatch`, shared with LangChain and the server.
+record are the core's :mod:`difficulty_router.calling.dispatch`, shared with LangChain and the server.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from llama_index.core.base.llms.types import (
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import LLM, ToolSelection
 
-from difficulty_router.dispatch import CANNOT_CALL_TOOLS, RECORD_KEY, Binding, Retry
-from difficulty_router.session_keys import as_sessions
-from difficulty_router.sessions import check_key
+from difficulty_router.calling.dispatch import CANNOT_CALL_TOOLS, RECORD_KEY, Binding, Retry
+from difficulty_router.routing.session_keys import as_sessions
+from difficulty_router.routing.sessions import check_key
 
 from ._convert import to_router_messages, tool_conversation
 from ._serving import CURRENT_SESSION, RoutedCalls, calls_tools
@@ -58,7 +58,7 @@ class DifficultyRouterLLM(RoutedCalls):
             while its confidence is low (P(T) from ``response.raw`` logprobs or ``response.logprobs``,
             P(IK) from the scorers); streams are then buffered until a rung is accepted. Tool
             calls route; they do not cascade.
-        sessions: a ``difficulty_router.sessions.Sessions`` or a policy name ("per_call", "sticky",
+        sessions: a ``difficulty_router.routing.sessions.Sessions`` or a policy name ("per_call", "sticky",
             "cache_aware"). Each call then belongs to a session: the key set with :meth:`session`
             (``with llm.session("user-42"): ...``), else a key derived from the conversation's opening
             (its system messages and first user message), which every step of a ``FunctionAgent`` /

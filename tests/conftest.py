@@ -8,7 +8,7 @@ some and float32 on others, so no test here runs on "auto":
 * a test whose expectation depends on the numeric path takes the ``numeric_path`` fixture (or
   ``any_dtype_extractor``, which takes it) and runs once per path, float32 and bfloat16, on every machine
   (bf16 is emulated where the CPU has no native bf16), with the tolerance that path promises
-  (``difficulty_router.numerics.FEATURE_RTOL`` and friends);
+  (``difficulty_router.extraction.numerics.FEATURE_RTOL`` and friends);
 * ``DIFFICULTY_ROUTER_DTYPE=bfloat16 pytest ...`` (or ``float32``) forces one path for everything:
   pinned tests and numeric tests alike run only that path.
 
@@ -25,7 +25,7 @@ import torch
 
 from difficulty_router import ActivationExtractor, ModelPool, load_outcomes, train_router
 from difficulty_router.datasets import ROUTELLM_MMLU_POOL, ROUTELLM_MMLU_SAMPLE
-from difficulty_router.numerics import DTYPE_ENV, PROBA_ATOL, dtype_name, pick_dtype
+from difficulty_router.extraction.numerics import DTYPE_ENV, PROBA_ATOL, dtype_name, pick_dtype
 
 WEAK = "mistralai/Mixtral-8x7B-Instruct-v0.1"
 STRONG = "gpt-4-1106-preview"

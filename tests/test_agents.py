@@ -30,7 +30,7 @@ from langgraph.checkpoint.memory import InMemorySaver
 from test_langchain_router import LoopbackServer, add, chat_openai, check_add_call
 
 from difficulty_router import DifficultyRouter, Policy
-from difficulty_router.sessions import Sessions
+from difficulty_router.routing.sessions import Sessions
 from langchain_difficulty_router import (
     RECORD_KEY,
     DifficultyDecisionModel,
@@ -281,7 +281,7 @@ def test_our_middleware_async_and_a_named_session(trained_router, tool_pool):
 
 
 def _state(model: str):
-    from difficulty_router.sessions import SessionState
+    from difficulty_router.routing.sessions import SessionState
 
     return SessionState(model=model, turns=1, context_tokens=0, switches=0, last_seen=0.0)
 

@@ -1,5 +1,5 @@
-"""The core's reading of a decision as typed answers (difficulty_router.answers) and the session-key
-helpers (difficulty_router.session_keys), on decisions with known numbers: the sums checked here
+"""The core's reading of a decision as typed answers (difficulty_router.calling.answers) and the session-key
+helpers (difficulty_router.routing.session_keys), on decisions with known numbers: the sums checked here
 are done by hand, so a wrong formula fails."""
 
 from __future__ import annotations
@@ -7,14 +7,14 @@ from __future__ import annotations
 import pytest
 
 from difficulty_router import RouteDecision, Sessions
-from difficulty_router.answers import (
+from difficulty_router.calling.answers import (
     cheapest_failure,
     choice_distribution,
     cost_order,
     difficulty_distribution,
     expected_level,
 )
-from difficulty_router.session_keys import as_sessions, config_session_key, conversation_key, prompt_tokens
+from difficulty_router.routing.session_keys import as_sessions, config_session_key, conversation_key, prompt_tokens
 
 ORDER = ["small", "medium", "large"]  # least to most capable
 

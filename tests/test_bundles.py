@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from difficulty_router import DifficultyRouter, PIKProbe
-from difficulty_router.cli import main
-from difficulty_router.model_store import _dequantised_dir
+from difficulty_router.cli.main import main
+from difficulty_router.extraction.model_store import _dequantised_dir
 
 
 @pytest.fixture
@@ -125,7 +125,7 @@ def test_swapped_arrays_with_a_recomputed_hash_are_refused(saved, extractor):
 @pytest.fixture(scope="module")
 def dequantised_smollm2(extractor) -> Path:
     """The real SmolLM2 weights as a transformers directory: loading the session's extractor dequantises
-    the embedded GGUF once into the model cache (difficulty_router.model_store), so the directory exists
+    the embedded GGUF once into the model cache (difficulty_router.extraction.model_store), so the directory exists
     whatever ran before."""
     directory = _dequantised_dir(extractor.source, extractor.model_hash)
     assert (directory / "config.json").is_file() and (directory / "model.safetensors").is_file(), directory
@@ -158,7 +158,7 @@ def test_another_extractor_than_the_saved_one_needs_the_allow_flag_and_still_the
 HUB_SCRIPT = """
 import sys
 from difficulty_router import ActivationExtractor
-from difficulty_router.model_store import weights_fingerprint, hub_snapshot
+from difficulty_router.extraction.model_store import weights_fingerprint, hub_snapshot
 extractor = ActivationExtractor("acme/smol", layers=1)
 print(extractor.model_hash)
 print(weights_fingerprint(hub_snapshot("acme/smol")))
@@ -205,7 +205,7 @@ def test_a_hub_model_is_fingerprinted_by_its_weights_not_its_name(dequantised_sm
 
 @pytest.fixture
 def pik_bundle(tmp_path, trained_router) -> Path:
-    from difficulty_router.probes import SuccessProbe
+    from difficulty_router.learning.probes import SuccessProbe
 
     rng = np.random.default_rng(0)
     X = rng.normal(size=(40, trained_router.extractor.hidden_size))

@@ -23,8 +23,8 @@ from difficulty_router import (
     answer_confidence,
     openai_token_logprobs,
 )
-from difficulty_router.cascade import hybrid_start, simulate
-from difficulty_router.numerics import LOGPROB_ATOL
+from difficulty_router.calling.cascade import hybrid_start, simulate
+from difficulty_router.extraction.numerics import LOGPROB_ATOL
 
 LADDER = ["small", "medium", "large"]
 
@@ -267,7 +267,7 @@ def test_openai_endpoint_logprobs_drive_the_cascade(llama_backends, extractor):
         def generate(self, query, max_new_tokens=None):
             reply = client.chat.completions.create(model="small", messages=[{"role": "user", "content": query}],
                                                    max_tokens=3)
-            from difficulty_router.generation import Generation
+            from difficulty_router.calling.generation import Generation
 
             return Generation(reply.choices[0].message.content or "", None, None, 0, 0)
 

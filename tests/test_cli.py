@@ -5,13 +5,12 @@ import json
 
 import numpy as np
 import pytest
-
-from difficulty_router import DifficultyRouter, Policy
-from difficulty_router.cli import main
-from difficulty_router.data import save_outcomes
-
 from conftest import STRONG, WEAK
 from test_router import HARD
+
+from difficulty_router import DifficultyRouter, Policy
+from difficulty_router.cli.main import main
+from difficulty_router.data.outcomes import save_outcomes
 
 
 @pytest.fixture(scope="module")

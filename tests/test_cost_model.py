@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from difficulty_router import DifficultyRouter, ModelPool, PoolModel, load_mmlu_pro
-from difficulty_router.cli import main as cli_main
+from difficulty_router.calling.dispatch import Binding, Reply, run_sync
+from difficulty_router.cli.main import main as cli_main
 from difficulty_router.datasets import MMLU_PRO_SAMPLE
-from difficulty_router.decision_log import DecisionLog
-from difficulty_router.dispatch import Binding, Reply, run_sync
-from difficulty_router.length_head import OutputLengthHead, output_tokens_from_chars
+from difficulty_router.learning.length_head import OutputLengthHead, output_tokens_from_chars
+from difficulty_router.routing.decision_log import DecisionLog
 
 LONG, SHORT = "gemini-1.5-flash-002", "gemini-1.5-pro-002"  # median answers 337 and 119 characters in the sample
 # USD per million input and output tokens, as the pool below prices them (written out here, not read back from the pool)

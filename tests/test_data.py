@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from difficulty_router import ModelPool, load_llmrouter, load_mmlu_pro, load_outcomes, save_outcomes
-from difficulty_router.data import mmlu_pro_prompt
+from difficulty_router.data.outcomes import mmlu_pro_prompt
 
 
 def write_lines(path, rows):

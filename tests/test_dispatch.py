@@ -13,12 +13,12 @@ import math
 
 import pytest
 
-from difficulty_router import dispatch
-from difficulty_router.cascade import CascadePolicy
-from difficulty_router.confidence import MissingLogprobsError
-from difficulty_router.decision import RouteDecision
-from difficulty_router.dispatch import Binding, Reply, Retry, RoutedCall
-from difficulty_router.errors import is_transient_error
+from difficulty_router.calling import dispatch
+from difficulty_router.calling.cascade import CascadePolicy
+from difficulty_router.calling.confidence import MissingLogprobsError
+from difficulty_router.calling.dispatch import Binding, Reply, Retry, RoutedCall
+from difficulty_router.core.errors import is_transient_error
+from difficulty_router.routing.decision import RouteDecision
 
 WEAK, MID, STRONG = "weak", "mid", "strong"
 RECORD_KEYS = {"mode", "query_id", "decision", "chosen", "served_by", "escalated", "attempts", "usage", "cost", "session",

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from difficulty_router import ActivationExtractor, FeatureCache
-from difficulty_router.extractor import FEATURE_RTOL, normalise_layers, relative_block_error
+from difficulty_router.extraction.extractor import FEATURE_RTOL, normalise_layers, relative_block_error
 
 QUERIES = [
     "What is 2+2?",
@@ -243,7 +243,7 @@ def test_concurrent_extractions_do_not_mix(any_dtype_extractor):
 
 
 def test_dtype_env_variable_sets_auto(monkeypatch):
-    from difficulty_router.extractor import DTYPE_ENV, _pick_dtype
+    from difficulty_router.extraction.extractor import DTYPE_ENV, _pick_dtype
 
     cpu = torch.device("cpu")
     monkeypatch.setenv(DTYPE_ENV, "bfloat16")

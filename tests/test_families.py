@@ -15,9 +15,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from difficulty_router import DifficultyRouter, FeatureCache, train_router
-from difficulty_router.families import FAMILIES, fit_families
-from difficulty_router.lexical import LexicalFeatures, LexicalProbe
-
+from difficulty_router.learning.families import FAMILIES, fit_families
+from difficulty_router.learning.lexical import LexicalFeatures, LexicalProbe
 
 QUERIES = ["What is 2 + 2?", "Prove that every finite integral domain is a field.",
            [{"role": "system", "content": "You are a tax lawyer."},

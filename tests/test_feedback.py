@@ -2,7 +2,7 @@
 
 Real parts throughout: a router trained by the CLI on real RouteLLM MMLU rows with the real
 SmolLM2-135M extractor and an on-disk feature cache, routed calls through the real
-:class:`~difficulty_router.dispatch.Binding` writing a real decision log. The only stand-in is the
+:class:`~difficulty_router.calling.dispatch.Binding` writing a real decision log. The only stand-in is the
 chat model that "answers" each routed call (a function returning a fixed reply): the join needs
 which model served, not what it said. Grades are the rows' true RouteLLM labels for the model
 that served, as a user's thumbs would be if the user were always right.
@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 
 from difficulty_router import DifficultyRouter
-from difficulty_router.cli import main
+from difficulty_router.calling.dispatch import Binding, Reply, run_sync
+from difficulty_router.cli.main import main
+from difficulty_router.data.queries import to_conversation
 from difficulty_router.datasets import ROUTELLM_MMLU_POOL
-from difficulty_router.decision_log import DecisionLog, prompt_sha256, read_log
-from difficulty_router.dispatch import Binding, Reply, run_sync
-from difficulty_router.feature_cache import FeatureCache
-from difficulty_router.feedback import feedback_to_file, join_feedback, read_grades
-from difficulty_router.queries import to_conversation
+from difficulty_router.extraction.feature_cache import FeatureCache
+from difficulty_router.routing.decision_log import DecisionLog, prompt_sha256, read_log
+from difficulty_router.training.feedback import feedback_to_file, join_feedback, read_grades
 
 OLD_ROWS = range(0, 80)
 NEW_ROWS = range(80, 140)
@@ -31,7 +31,7 @@ HELD_OUT_ROWS = range(140, 260)
 
 
 def write_outcomes(outcomes, path):
-    from difficulty_router.data import save_outcomes
+    from difficulty_router.data.outcomes import save_outcomes
 
     save_outcomes(outcomes, path)
     return path
@@ -148,7 +148,7 @@ def test_grades_by_hash_or_prompt_with_correct_and_scores_and_a_prompts_file(tra
         ],
     )
     records = list(read_log(traffic["log"]))
-    from difficulty_router.feedback import read_prompts
+    from difficulty_router.training.feedback import read_prompts
 
     rows, report = join_feedback(records, read_grades(grades), prompts=read_prompts(prompts))
     got = {r["feedback"]["prompt_sha256"]: r["correct"] for r in rows}

@@ -11,10 +11,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from difficulty_router import ActivationExtractor, Extraction, numerics
-from difficulty_router.extractor import FEATURE_RTOL, relative_block_error
-from difficulty_router.numerics import PREFILL_REUSE_ATOL
-from difficulty_router.training import select_readout
+
+from difficulty_router import ActivationExtractor, Extraction
+from difficulty_router.extraction import numerics
+from difficulty_router.extraction.extractor import FEATURE_RTOL, relative_block_error
+from difficulty_router.extraction.numerics import PREFILL_REUSE_ATOL
+from difficulty_router.training.train import select_readout
 
 QUERIES = [
     "What is 2+2?",
@@ -246,10 +248,10 @@ def test_lean_prefill_is_used_and_equals_the_framework_forward(any_dtype_extract
 
 def test_a_lean_prefill_that_disagrees_is_not_used(monkeypatch, caplog):
     """The start-up check is real: break the rotary step and the extractor falls back, saying so."""
-    from difficulty_router import lean_prefill
+    from difficulty_router.extraction import lean_prefill
 
     monkeypatch.setattr(lean_prefill, "_rotate", lambda x, cos, sin: x)
-    with caplog.at_level("WARNING", logger="difficulty_router.extractor"):
+    with caplog.at_level("WARNING", logger="difficulty_router.extraction.extractor"):
         broken = ActivationExtractor("smollm2-135m", layers=15, pooling="last")
     assert broken._lean is None
     assert "lean prefill disagreed" in caplog.text
@@ -258,7 +260,7 @@ def test_a_lean_prefill_that_disagrees_is_not_used(monkeypatch, caplog):
 def test_lean_prefill_declines_blocks_that_are_not_llamas(extractor):
     from types import SimpleNamespace
 
-    from difficulty_router.lean_prefill import LeanPrefill
+    from difficulty_router.extraction.lean_prefill import LeanPrefill
 
     config = SimpleNamespace(**{**extractor.model.config.to_dict(), "model_type": "gpt2"})
     assert LeanPrefill.build(extractor._base, extractor._blocks, config, 64, extractor.device) is None

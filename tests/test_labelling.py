@@ -20,8 +20,9 @@ import openai
 import pytest
 
 from difficulty_router import DifficultyRouter, load_outcomes
-from difficulty_router.cli import main
-from difficulty_router.graders import (
+from difficulty_router.cli.main import main
+from difficulty_router.core.pool import PoolModel
+from difficulty_router.data.graders import (
     DEFAULT_RUBRIC,
     JudgeParseError,
     extract_choice,
@@ -30,7 +31,7 @@ from difficulty_router.graders import (
     judge_prompt,
     parse_judge_score,
 )
-from difficulty_router.labelling import (
+from difficulty_router.data.labelling import (
     LabelConfig,
     Labeller,
     config_from_pool_file,
@@ -42,8 +43,7 @@ from difficulty_router.labelling import (
     select_uncertain,
     uncertainty_order,
 )
-from difficulty_router.pool import PoolModel
-from difficulty_router.queries import conversation_text
+from difficulty_router.data.queries import conversation_text
 
 PROMPTS = [
     ("What is 2 + 2? Reply with the number only.", "4"),

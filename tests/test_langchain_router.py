@@ -30,6 +30,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import openai
 import pytest
+from calibration_queries import EASY_CALIBRATION, HARD_CALIBRATION
+from conftest import proba_atol
 from langchain_core.callbacks import BaseCallbackHandler, UsageMetadataCallbackHandler
 from langchain_core.exceptions import OutputParserException
 from langchain_core.language_models import BaseChatModel
@@ -43,8 +45,6 @@ from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
-from calibration_queries import EASY_CALIBRATION, HARD_CALIBRATION
-from conftest import proba_atol
 from llama_servers import dead_url
 from pydantic import BaseModel, Field
 
@@ -396,7 +396,13 @@ class TestStandardIntegration(ChatModelIntegrationTests):
         the upstream body runs unchanged from there on and sends real bytes to the real pool model."""
         if request.node.originalname not in CONTENT_PART_TESTS:
             return
-        import io, math, struct, types, wave, zlib
+        import io
+        import math
+        import struct
+        import types
+        import wave
+        import zlib
+
         import langchain_tests.integration_tests.chat_models as upstream_module
 
         def png(w=8, h=8):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from difficulty_router.metrics import apgr_cpt, curve_auc, frontier, pool_summary, strong_call_curve
+from difficulty_router.core.metrics import apgr_cpt, curve_auc, frontier, pool_summary, strong_call_curve
 
 
 def test_hand_computed_oracle_case():

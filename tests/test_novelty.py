@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from difficulty_router import DifficultyRouter
-from difficulty_router.novelty import NoveltyScore, OODPolicy
+from difficulty_router.learning.novelty import NoveltyScore, OODPolicy
 
 ALIEN = [
     "0x7f454c46 0x02010100 0x00000000 0x00000000 0x03003e00 0x01000000 0x40100000 " * 8,

@@ -3,7 +3,14 @@
 import numpy as np
 import pytest
 
-from difficulty_router.policies import Policy, complementary, dominated, fit_margin, pick_operating_point, sweep
+from difficulty_router.learning.policies import (
+    Policy,
+    complementary,
+    dominated,
+    fit_margin,
+    pick_operating_point,
+    sweep,
+)
 
 P = np.array([[0.9, 0.95, 0.97], [0.3, 0.7, 0.9], [0.1, 0.2, 0.4]])
 COSTS = np.array([[1.0, 5.0, 20.0]] * 3)
@@ -100,7 +107,7 @@ def _complementary_pool(signal: bool, seed: int = 0):
     """Two models: "cheap" is right on 80% of rows, "dear" (4x the price) on 75%, so "dear" is dominated.
     With ``signal`` the rows where only "dear" is right (7.5%) are marked by feature 0 (a kind of query it
     is good at); without it they are random. Returns out-of-fold P(success) of a real probe, outcomes, costs."""
-    from difficulty_router.probes import SuccessProbe
+    from difficulty_router.learning.probes import SuccessProbe
 
     rng = np.random.default_rng(seed)
     n = 2000

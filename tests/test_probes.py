@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from difficulty_router.probes import DifficultyProbe, SuccessProbe, derived_difficulty
+from difficulty_router.learning.probes import DifficultyProbe, SuccessProbe, derived_difficulty
 
 
 def synthetic(n=600, d=20, seed=0):

@@ -19,9 +19,8 @@ import pytest
 import ray  # the dev install includes the ray extra: a missing ray is an import error, not a skip
 from test_labelling import write_prompts
 
-from difficulty_router.cli import main
-from difficulty_router.datasets import ROUTELLM_MMLU_POOL
-from difficulty_router.labelling import (
+from difficulty_router.cli.main import main
+from difficulty_router.data.labelling import (
     Backend,
     Labeller,
     config_from_pool_file,
@@ -30,6 +29,7 @@ from difficulty_router.labelling import (
     read_journal,
     read_prompt_rows,
 )
+from difficulty_router.datasets import ROUTELLM_MMLU_POOL
 from difficulty_router.scale.ray_label import RayLabeller
 
 PAIRS = 10  # 5 prompts x 2 models
@@ -198,7 +198,7 @@ def test_the_per_model_limit_holds_across_workers(ray_cluster, pool_file, prompt
     overlap more than ``concurrency`` (2)."""
     import time as clock
 
-    from difficulty_router.labelling import Backend
+    from difficulty_router.data.labelling import Backend
 
     log, out = tmp_path / "calls.log", tmp_path / "labels.jsonl"
 
@@ -261,7 +261,7 @@ def test_cli_label_with_the_ray_engine(ray_cluster, pool_file, tmp_path, capsys)
 def test_backends_that_do_not_pickle_are_refused_clearly(tmp_path, prompt_rows):
     import threading
 
-    from difficulty_router.labelling import Backend, LabelConfig, Reply
+    from difficulty_router.data.labelling import Backend, LabelConfig, Reply
 
     lock = threading.Lock()  # a lock does not pickle: the kind of state a client object carries
 

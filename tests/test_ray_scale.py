@@ -16,9 +16,9 @@ import pytest
 import ray
 
 from difficulty_router import ActivationExtractor
-from difficulty_router.extractor import relative_block_error
-from difficulty_router.feature_cache import FeatureCache
-from difficulty_router.numerics import FEATURE_RTOL
+from difficulty_router.extraction.extractor import relative_block_error
+from difficulty_router.extraction.feature_cache import FeatureCache
+from difficulty_router.extraction.numerics import FEATURE_RTOL
 from difficulty_router.scale.ray_extract import extract_distributed
 from difficulty_router.scale.shards import FeatureShards
 
@@ -190,7 +190,7 @@ def test_bad_input_is_refused_with_a_clear_error(ray_cluster, tmp_path):
 
 
 def test_extract_command_with_the_ray_engine(ray_cluster, distributed, prompts_jsonl, reference, cache_dir, tmp_path):
-    from difficulty_router.cli import main
+    from difficulty_router.cli.main import main
 
     keys, _ = reference
     small = tmp_path / "ten.jsonl"
@@ -215,7 +215,7 @@ def test_streamed_solver_reaches_the_in_memory_logistic_fit(distributed, prompts
     Why not compare routing quality here: on 200 rows the held-out APGR of the in-memory fit alone moves
     from 0.13 to 0.97 between splits (measured), so no tolerance would be both honest and able to fail;
     benchmarks/scale_out.py compares quality on more rows."""
-    from difficulty_router.probes import Standardizer, _fit_logistic
+    from difficulty_router.learning.probes import Standardizer, _fit_logistic
     from difficulty_router.scale.shard_training import _rows_of, shard_keys, stream_logistic, stream_standardiser
 
     keys, _ = shard_keys(single_process, distributed, prompts.queries)

@@ -5,14 +5,13 @@ import json
 
 import numpy as np
 import pytest
+from conftest import STRONG, WEAK, proba_atol
 from sklearn.metrics import roc_auc_score
 
 from difficulty_router import DifficultyRouter, ModelPool, Policy, RouteDecision
-from difficulty_router.evaluation import evaluate_router, plot_report, report_table
-from difficulty_router.pool import PoolModel
-from difficulty_router.probes import SuccessProbe
-
-from conftest import STRONG, WEAK, proba_atol
+from difficulty_router.core.pool import PoolModel
+from difficulty_router.evaluation.evaluate import evaluate_router, plot_report, report_table
+from difficulty_router.learning.probes import SuccessProbe
 
 HARD = "Let p = (1, 2, 5, 4)(2, 3) in S_5 . Find the index of <p> in S_5.\nA. 8\nB. 2\nC. 24\nD. 120\nAnswer:"
 EASY = "What colour is the sky on a clear day?\nA. Blue\nB. Green\nC. Red\nD. Black\nAnswer:"
@@ -330,7 +329,7 @@ def test_most_accuracy_seeking_point_is_the_best_single_model(trained_router, he
     """On real held-out rows the utility curve's accuracy-seeking end is exactly "always the best model",
     so matching the best model never costs more than it; and at value 0 with the trained margin the router
     leaves the best model only where training measured a gain (95% lower bound above zero)."""
-    from difficulty_router.metrics import pool_summary
+    from difficulty_router.core.metrics import pool_summary
 
     router = trained_router
     held, proba = held_out  # rows 240-479

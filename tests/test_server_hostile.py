@@ -153,7 +153,7 @@ def test_a_long_prompt_is_clipped_before_routing(trained_router):
 
 
 def test_clipping_keeps_the_tail_the_extractor_reads():
-    from difficulty_router.queries import clip_conversation
+    from difficulty_router.data.queries import clip_conversation
 
     conversation = [{"role": "system", "content": "s" * 50}, {"role": "user", "content": "a" * 30 + "END"}]
     assert clip_conversation(conversation, 100) == (conversation, False)

@@ -9,11 +9,10 @@ import time
 import pytest
 
 from difficulty_router import ModelPool
-from difficulty_router.cli import main
+from difficulty_router.cli.main import main
 from difficulty_router.server import MicroBatcher, ServerMetrics, specs_from_pool
 from difficulty_router.server.run import check_exposure, is_loopback
 from difficulty_router.server.schema import ApiError, validate_chat_request
-
 
 # -- micro-batching -------------------------------------------------------------------
 

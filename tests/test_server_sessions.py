@@ -15,7 +15,7 @@ from llama_servers import direct_answers
 from server_helpers import running, with_policy
 from test_server import ALIAS, openai_client, specs
 
-from difficulty_router.decision_log import DecisionLog, prompt_sha256, read_log
+from difficulty_router.routing.decision_log import DecisionLog, prompt_sha256, read_log
 from difficulty_router.server import create_app
 
 QUERIES = [

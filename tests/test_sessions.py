@@ -12,10 +12,10 @@ import threading
 
 import pytest
 
-from difficulty_router.decision import RouteDecision
-from difficulty_router.dispatch import Binding, Reply, run_sync
-from difficulty_router.pool import ModelPool, PoolModel
-from difficulty_router.sessions import SESSION_POLICIES, Sessions, SessionState, SessionStore
+from difficulty_router.calling.dispatch import Binding, Reply, run_sync
+from difficulty_router.core.pool import ModelPool, PoolModel
+from difficulty_router.routing.decision import RouteDecision
+from difficulty_router.routing.sessions import SESSION_POLICIES, Sessions, SessionState, SessionStore
 
 WEAK, MID, STRONG = "weak", "mid", "strong"
 ORDER = (WEAK, MID, STRONG)
@@ -352,7 +352,7 @@ def test_binding_refuses_sessions_of_the_wrong_type(trained_router):
 
 # -- shadow mode and the decision log ---------------------------------------------------------
 def test_shadow_mode_serves_the_default_and_logs_the_routers_choice(trained_router, tmp_path):
-    from difficulty_router.decision_log import DecisionLog, prompt_sha256, read_log
+    from difficulty_router.routing.decision_log import DecisionLog, prompt_sha256, read_log
 
     order = trained_router.capability_order()
     default = order[-1]
@@ -383,7 +383,7 @@ def test_shadow_mode_serves_the_default_and_logs_the_routers_choice(trained_rout
 def test_shadow_sampling_also_asks_the_alternative_and_records_its_answer(trained_router, tmp_path):
     import random
 
-    from difficulty_router.decision_log import DecisionLog, read_log
+    from difficulty_router.routing.decision_log import DecisionLog, read_log
 
     order = trained_router.capability_order()
     default = order[-1]
@@ -412,7 +412,7 @@ def test_shadow_sampling_also_asks_the_alternative_and_records_its_answer(traine
 
 
 def test_decision_log_appends_whole_lines_from_threads_and_rotates(tmp_path):
-    from difficulty_router.decision_log import DecisionLog, read_log
+    from difficulty_router.routing.decision_log import DecisionLog, read_log
 
     log = DecisionLog(tmp_path / "d.jsonl", max_bytes=4_000, backups=50)
 

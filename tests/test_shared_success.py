@@ -8,8 +8,8 @@ comparison is ``benchmarks/routing_pools.py``.
 import numpy as np
 import pytest
 
-from difficulty_router.probes import SuccessProbe, _auroc, shared_folds
-from difficulty_router.shared_success import SharedSuccessModel
+from difficulty_router.learning.probes import SuccessProbe, _auroc, shared_folds
+from difficulty_router.learning.shared_success import SharedSuccessModel
 
 
 def synthetic_pool(n, d=60, m=8, rank=1, seed=0, noise_dims=None):

@@ -10,14 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import STRONG, WEAK
 from sklearn.metrics import roc_auc_score
 
 from difficulty_router import DifficultyRouter
-from difficulty_router.cli import main
-from difficulty_router.data import save_outcomes
+from difficulty_router.cli.main import main
+from difficulty_router.data.outcomes import save_outcomes
 from difficulty_router.datasets import ROUTELLM_MMLU_POOL
-
-from conftest import STRONG, WEAK
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,8 +16,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from difficulty_router import DifficultyRouter, ModelPool, PoolModel
-from difficulty_router.cli import main
-from difficulty_router.pretrained import PRETRAINED_DIR, DifficultyHead, ladder_difficulty
+from difficulty_router.cli.main import main
+from difficulty_router.routing.pretrained import PRETRAINED_DIR, DifficultyHead, ladder_difficulty
 
 WEAK = "mistralai/Mixtral-8x7B-Instruct-v0.1"
 STRONG = "gpt-4-1106-preview"
@@ -219,7 +219,7 @@ def test_pretrained_router_drives_the_langchain_adapter(extractor, llama_backend
 
 
 def test_serve_pretrained_builds_the_router_for_the_served_pool(tmp_path):
-    from difficulty_router.cli import _pretrained_routers, build_parser
+    from difficulty_router.cli.main import _pretrained_routers, build_parser
 
     pool = {"models": [{"name": "a", "cost_per_query": 1.0, "base_url": "http://127.0.0.1:9/v1"},
                        {"name": "b", "cost_per_query": 2.0, "base_url": "http://127.0.0.1:9/v1"}]}

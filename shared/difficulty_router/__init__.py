@@ -1,22 +1,21 @@
 """difficulty_router: route queries by difficulty read from a small LM's hidden states."""
 
-__version__ = "0.1.0"
-
-from .cascade import Cascade, CascadePolicy, CascadeResult, CascadeRun
-from .confidence import MissingLogprobsError, answer_confidence, openai_token_logprobs
-from .data import Outcomes, load_llmrouter, load_mmlu_pro, load_outcomes, save_outcomes
-from .decision import RouteDecision
-from .decision_log import DecisionLog, read_log
-from .extractor import ActivationExtractor, Extraction
-from .feature_cache import FeatureCache
-from .generation import Generation, LocalGenerator, OpenAIGenerator, PIKProbe
-from .model_store import DEFAULT_MODEL, KNOWN_MODELS, cache_root
-from .policies import Policy
-from .pool import ModelPool, PoolModel
-from .probes import DifficultyProbe, SuccessProbe
-from .router import DifficultyRouter
-from .sessions import SESSION_POLICIES, Sessions, SessionState, SessionStore
-from .training import train_router
+from difficulty_router.calling.cascade import Cascade, CascadePolicy, CascadeResult, CascadeRun
+from difficulty_router.calling.confidence import MissingLogprobsError, answer_confidence, openai_token_logprobs
+from difficulty_router.calling.generation import Generation, LocalGenerator, OpenAIGenerator, PIKProbe
+from difficulty_router.core.pool import ModelPool, PoolModel
+from difficulty_router.core.version import __version__
+from difficulty_router.data.outcomes import Outcomes, load_llmrouter, load_mmlu_pro, load_outcomes, save_outcomes
+from difficulty_router.extraction.extractor import ActivationExtractor, Extraction
+from difficulty_router.extraction.feature_cache import FeatureCache
+from difficulty_router.extraction.model_store import DEFAULT_MODEL, KNOWN_MODELS, cache_root
+from difficulty_router.learning.policies import Policy
+from difficulty_router.learning.probes import DifficultyProbe, SuccessProbe
+from difficulty_router.routing.decision import RouteDecision
+from difficulty_router.routing.decision_log import DecisionLog, read_log
+from difficulty_router.routing.router import DifficultyRouter
+from difficulty_router.routing.sessions import SESSION_POLICIES, Sessions, SessionState, SessionStore
+from difficulty_router.training.train import train_router
 
 __all__ = [
     "DEFAULT_MODEL",

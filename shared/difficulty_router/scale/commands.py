@@ -28,8 +28,8 @@ def add_extract_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_extract(args, layers) -> int:
-    from ..model_store import cache_root
-    from .ray_extract import extract_distributed
+    from difficulty_router.extraction.model_store import cache_root
+    from difficulty_router.scale.ray_extract import extract_distributed
 
     cache = None if args.no_feature_cache else (args.feature_cache or cache_root() / "features")
     shards = extract_distributed(
@@ -74,7 +74,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 def train_from_shard_args(args, outcomes, pool, extractor, common: dict) -> tuple[Any, str]:
     """``train --features``: the router fitted from the shards (``common``: the train options both paths
     take), and the words that say where its read-outs came from."""
-    from .shard_training import train_from_shards
+    from difficulty_router.scale.shard_training import train_from_shards
 
     memory_budget = int(args.memory_budget_gb * (1 << 30))
     router = train_from_shards(outcomes, pool, extractor, args.features, memory_budget=memory_budget, **common)
@@ -89,7 +89,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_serve(args, specs, router_dirs, api_key, limits, max_batch) -> int:
-    from .ray_serve import build_app, run
+    from difficulty_router.scale.ray_serve import build_app, run
 
     app = build_app(
         router_dirs,
@@ -113,7 +113,7 @@ def run_serve(args, specs, router_dirs, api_key, limits, max_batch) -> int:
         f"(auth {'on' if api_key else 'off'})",
         flush=True,
     )
-    from . import ensure_ray
+    from difficulty_router.scale import ensure_ray
 
     ensure_ray(args.ray_address)
     run(app, args.host, args.port, blocking=True)
@@ -127,7 +127,7 @@ def add_label_args(p: argparse.ArgumentParser) -> None:
 
 def ray_labeller(args, backends, config):
     """``label --engine ray``: the labeller whose calls run on Ray workers (its ``run`` is the plain one's)."""
-    from .ray_label import RayLabeller
+    from difficulty_router.scale.ray_label import RayLabeller
 
     return RayLabeller(backends, config, workers=args.workers, address=args.ray_address)
 

@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from ..feature_cache import FeatureCache
-from ..model_store import DEFAULT_MODEL
-from ..queries import QUERY_FIELDS, query_from_json_line
-from . import ensure_ray
-from .shards import MANIFEST, FeatureShards, write_manifest, write_shard
+from difficulty_router.data.queries import QUERY_FIELDS, query_from_json_line
+from difficulty_router.extraction.feature_cache import FeatureCache
+from difficulty_router.extraction.model_store import DEFAULT_MODEL
+from difficulty_router.scale import ensure_ray
+from difficulty_router.scale.shards import MANIFEST, FeatureShards, write_manifest, write_shard
 
 TEXT_SUFFIXES = (".jsonl", ".json", ".txt")
 
@@ -51,7 +51,7 @@ class ExtractorWorker:
     """One extractor model per actor; ``__call__`` turns a batch of prompts into one shard and reports it."""
 
     def __init__(self, config: dict) -> None:
-        from ..extractor import ActivationExtractor
+        from difficulty_router.extraction.extractor import ActivationExtractor
 
         self.config = config
         self.extractor = ActivationExtractor(

@@ -1,6 +1,6 @@
 """Distributed labelling: the (prompt, model) calls of ``difficulty-router label`` spread over Ray workers.
 
-The driver plans, journals and reports with :class:`~difficulty_router.labelling.Labeller` itself (the same
+The driver plans, journals and reports with :class:`~difficulty_router.data.labelling.Labeller` itself (the same
 journal, training file and summary table as the single-process command, so a run of either engine resumes
 the other's); only :meth:`Labeller.label_pair` (the call, its retries and the grade) runs on the workers.
 
@@ -26,8 +26,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..labelling import Backend, LabelConfig, Labeller, LabelReport
-from . import ensure_ray
+from difficulty_router.data.labelling import Backend, LabelConfig, Labeller, LabelReport
+from difficulty_router.scale import ensure_ray
 
 
 class LabelWorker:
@@ -45,7 +45,7 @@ class RayLabeller:
     """``Labeller`` with the calls made by ``workers`` Ray actors (default: one per CPU of the cluster at
     ``cpus_per_worker``). ``address``: an existing cluster (``"auto"`` for one started with ``ray start``);
     without it a local one is started. Backends travel to the workers by pickling: those of
-    :func:`~difficulty_router.labelling.openai_backend` do (a worker reads an API key from its own environment;
+    :func:`~difficulty_router.data.labelling.openai_backend` do (a worker reads an API key from its own environment;
     the driver's values of the pool's ``api_key_env`` variables are passed to the workers it starts)."""
 
     def __init__(
@@ -179,7 +179,7 @@ def label_distributed(
     address: str | None = None,
     progress: bool = True,
 ) -> LabelReport:
-    """Label ``rows`` (from :func:`~difficulty_router.labelling.read_prompt_rows`) with every backend on a Ray
+    """Label ``rows`` (from :func:`~difficulty_router.data.labelling.read_prompt_rows`) with every backend on a Ray
     cluster into ``output`` and its journal: the single-process ``Labeller.run`` result, resumable by either."""
     labeller = RayLabeller(backends, config, workers=workers, cpus_per_worker=cpus_per_worker, address=address)
     return labeller.run(rows, output, progress=progress)

@@ -13,7 +13,7 @@ import asyncio
 import os
 from typing import Any
 
-from . import ensure_ray, require_ray
+from difficulty_router.scale import ensure_ray, require_ray
 
 APP_NAME = "difficulty-router"
 
@@ -47,8 +47,8 @@ def build_app(
     @serve.ingress()
     class RoutingServer:
         def __init__(self) -> None:
-            from ..router import DifficultyRouter
-            from ..server import create_app
+            from difficulty_router.routing.router import DifficultyRouter
+            from difficulty_router.server import create_app
 
             self.routers = {
                 name: DifficultyRouter.load(d, model=extractor, allow_other_extractor=allow_other_extractor)

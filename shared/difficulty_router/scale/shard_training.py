@@ -24,16 +24,16 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..extractor import ActivationExtractor, Extraction
-from ..feature_cache import FeatureCache
-from ..metrics import apgr_cpt
-from ..novelty import NoveltyScore
-from ..policies import Policy, dominated, fit_margin, pick_operating_point, sweep
-from ..pool import ModelPool
-from ..probes import SuccessProbe, _auroc, _logit, _platt, _sigmoid
-from ..queries import conversation_text
-from ..router import DifficultyRouter, realised_costs
-from .shards import FeatureShards
+from difficulty_router.core.metrics import apgr_cpt
+from difficulty_router.core.pool import ModelPool
+from difficulty_router.data.queries import conversation_text
+from difficulty_router.extraction.extractor import ActivationExtractor, Extraction
+from difficulty_router.extraction.feature_cache import FeatureCache
+from difficulty_router.learning.novelty import NoveltyScore
+from difficulty_router.learning.policies import Policy, dominated, fit_margin, pick_operating_point, sweep
+from difficulty_router.learning.probes import SuccessProbe, _auroc, _logit, _platt, _sigmoid
+from difficulty_router.routing.router import DifficultyRouter, realised_costs
+from difficulty_router.scale.shards import FeatureShards
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def train_from_shards(
     need = in_memory_bytes(len(keys), shards.width)
     where = {"shards": str(shards.directory), "bytes_in_memory": need, "memory_budget": memory_budget}
     if need <= memory_budget:
-        from ..training import train_router
+        from difficulty_router.training.train import train_router
 
         features = shards.lookup(keys, batch_rows)
         extraction = Extraction(

@@ -15,7 +15,7 @@ tokens anyway), and every error is OpenAI-shaped with an ``x-request-id`` (see :
 
 Sessions: a request's ``X-Session-Id`` header, else its ``user`` field, names its session; under
 ``session_policy`` ``sticky`` or ``cache_aware`` its turns are decided by
-:class:`~difficulty_router.sessions.Sessions` (one bounded store per router). Shadow mode
+:class:`~difficulty_router.routing.sessions.Sessions` (one bounded store per router). Shadow mode
 (``shadow=`` a backend) routes every request but serves it with that backend; the would-be choice
 goes to the record, the ``x-router-shadow-*`` headers and the ``decision_log``, and a
 ``shadow_sample`` share of non-streaming requests is also sent to the would-be model after the
@@ -41,17 +41,17 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
-from ..cascade import pool_cost_fn
-from ..decision_log import DecisionLog
-from ..dispatch import Hooks, Reply, RoutedCall, new_query_id, run_async
-from ..queries import clip_conversation, conversation_text, to_conversation
-from ..router import DifficultyRouter
-from ..sessions import MAX_KEY_CHARS, SESSION_POLICIES, Sessions, SessionStore
-from .backends import BackendFailure, Backends, BackendSpec
-from .batching import DeadlineExceeded, MicroBatcher, QueueFull
-from .guard import Guard, error_bytes
-from .metrics import CONTENT_TYPE, ServerMetrics
-from .schema import ApiError, Limits, parse_json, quote, read_body, validate_chat_request
+from difficulty_router.calling.cascade import pool_cost_fn
+from difficulty_router.calling.dispatch import Hooks, Reply, RoutedCall, new_query_id, run_async
+from difficulty_router.data.queries import clip_conversation, conversation_text, to_conversation
+from difficulty_router.routing.decision_log import DecisionLog
+from difficulty_router.routing.router import DifficultyRouter
+from difficulty_router.routing.sessions import MAX_KEY_CHARS, SESSION_POLICIES, Sessions, SessionStore
+from difficulty_router.server.backends import BackendFailure, Backends, BackendSpec
+from difficulty_router.server.batching import DeadlineExceeded, MicroBatcher, QueueFull
+from difficulty_router.server.guard import Guard, error_bytes
+from difficulty_router.server.metrics import CONTENT_TYPE, ServerMetrics
+from difficulty_router.server.schema import ApiError, Limits, parse_json, quote, read_body, validate_chat_request
 
 logger = logging.getLogger(__name__)
 DEFAULT_ROUTER_NAME = "router"

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..pool import ModelPool, PoolModel
+from difficulty_router.core.pool import ModelPool, PoolModel
 
 if TYPE_CHECKING:
     import httpx
@@ -67,7 +67,7 @@ class BackendFailure(Exception):
 
     @property
     def transient(self) -> bool:
-        """Read by :func:`difficulty_router.errors.is_transient_error`: the dispatch core's one rule."""
+        """Read by :func:`difficulty_router.core.errors.is_transient_error`: the dispatch core's one rule."""
         return self.escalate
 
 

@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ..queries import ROLES
+from difficulty_router.data.queries import ROLES
 
 
 @dataclass(frozen=True)
