@@ -35,11 +35,13 @@ install: $(DEV_STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/difficulty-router demo
 
-# ruff (lint and format) and mypy over the core and the adapters, configured in pyproject.toml.
+# ruff (lint and format), mypy and import-linter (the stages import only downward) over the core and the
+# adapters, configured in pyproject.toml.
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check shared/difficulty_router langchain_difficulty_router llamaindex_difficulty_router
 	$(VENV)/bin/ruff format --check shared/difficulty_router langchain_difficulty_router llamaindex_difficulty_router
 	$(VENV)/bin/mypy
+	PYTHONPATH=shared $(VENV)/bin/lint-imports
 
 # Every test runs on the float32 path on every CPU; the numeric-sensitive ones run on float32 and bf16
 # (tests/conftest.py). -rsxX names every skip, xfail and xpass in the output.
