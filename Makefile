@@ -5,6 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
+DOCS_STAMP := $(VENV)/.installed-docs
 
 # The main job needs only the package; the test tools (llama-cpp-python builds from source,
 # about 5 minutes on 2 cores) come in only for the tests.
@@ -29,7 +30,7 @@ $(DEV_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e '.[dev,ray]'
 	touch $(DEV_STAMP)
 
-.PHONY: install demo test lint
+.PHONY: install demo test lint docs
 install: $(DEV_STAMP)
 
 demo: $(STAMP)
@@ -47,3 +48,12 @@ lint: $(DEV_STAMP)
 # (tests/conftest.py). -rsxX names every skip, xfail and xpass in the output.
 test: lint
 	$(PY) -m pytest -q -rsxX
+
+# The documentation site (docs/, mkdocs.yml) into site/. --strict: a broken link or anchor, a missing plot or a
+# docstring reference that does not resolve fails the build. CI runs it after `make test` (.ci/run).
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
