@@ -8,17 +8,16 @@ problem is reported with its line number: a silent default here would skew train
 
 from __future__ import annotations
 
-import gzip
-import io
-import json
 import math
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from difficulty_router.data.jsonl import open_text, read_jsonl, write_jsonl
 from difficulty_router.data.queries import Conversation, to_conversation
 
 
@@ -91,12 +90,6 @@ class Outcomes:
         }
 
 
-def _open_text(path: Path):
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
 def _score(value: Any, where: str) -> float:
     if isinstance(value, bool):
         return float(value)
@@ -109,11 +102,19 @@ def _score(value: Any, where: str) -> float:
     raise ValueError(f"{where} must be a bool or a number in [0, 1], got {value!r}")
 
 
-def parse_outcome_rows(rows, source: str = "outcomes") -> Outcomes:
-    """Validate already-decoded rows (dicts); ``source`` names them in errors."""
+def parse_outcome_rows(
+    rows: Iterable[tuple[int, Any]], source: str = "outcomes", *, models: Sequence[str] | None = None
+) -> Outcomes:
+    """Validate already-decoded ``(line number, row)`` pairs; ``source`` names them in errors.
+
+    ``models`` None: the first row's models are the outcomes' models and every row must label each of
+    them. ``models`` given (a router's pool, for ``train --update``): a row may label any non-empty subset
+    of them, the labels it leaves out are NaN, and a model outside them is an error naming the line.
+    """
     queries, ids, table, difficulty = [], [], [], []
     costs: list[list[float] | None] = []
-    models: list[str] | None = None
+    partial = models is not None
+    models = list(models) if models is not None else None
     for lineno, row in rows:
         where = f"{source}, line {lineno}"
         if not isinstance(row, dict):
@@ -134,6 +135,10 @@ def parse_outcome_rows(rows, source: str = "outcomes") -> Outcomes:
             raise ValueError(f"{where}: '{key}' must be a non-empty object mapping model -> outcome")
         if models is None:
             models = list(outcome)
+        elif partial:
+            unknown = sorted(set(outcome) - set(models))
+            if unknown:
+                raise ValueError(f"{where}: '{key}' names {unknown}, which are not in the pool {models}")
         elif set(outcome) != set(models):
             extra, missing = sorted(set(outcome) - set(models)), sorted(set(models) - set(outcome))
             raise ValueError(
@@ -141,7 +146,7 @@ def parse_outcome_rows(rows, source: str = "outcomes") -> Outcomes:
                 + (f"; unknown here: {extra}" if extra else "")
                 + (f"; missing here: {missing}" if missing else "")
             )
-        table.append([_score(outcome[m], f"{where}: {key}[{m!r}]") for m in models])
+        table.append([_score(outcome[m], f"{where}: {key}[{m!r}]") if m in outcome else math.nan for m in models])
         ids.append(str(row.get("id", lineno)))
         level = row.get("difficulty")
         if level is not None and (isinstance(level, bool) or level not in (1, 2, 3, 4, 5)):
@@ -183,47 +188,36 @@ def load_outcomes(path: str | os.PathLike) -> Outcomes:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"outcomes file not found: {path}")
-
-    def rows():
-        with _open_text(path) as fh:
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield lineno, json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}, line {lineno}: not valid JSON ({exc.msg})") from None
-
-    outcomes = parse_outcome_rows(rows(), source=str(path))
-    return outcomes
+    return parse_outcome_rows(read_jsonl(path), source=str(path))
 
 
 def save_outcomes(outcomes: Outcomes, path: str | os.PathLike) -> None:
     """Write the canonical JSON Lines form (gzip when the name ends in .gz)."""
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "wt", encoding="utf-8") as fh:
-        for i in range(len(outcomes)):
-            conv = outcomes.queries[i]
-            row: dict[str, Any] = {"id": outcomes.ids[i]}
-            if len(conv) == 1 and conv[0]["role"] == "user":
-                row["prompt"] = conv[0]["content"]
-            else:
-                row["messages"] = conv
-            scores = outcomes.scores[i]
-            if np.isin(scores, (0.0, 1.0)).all():
-                row["correct"] = {m: bool(s) for m, s in zip(outcomes.models, scores, strict=False)}
-            else:
-                row["scores"] = {m: float(s) for m, s in zip(outcomes.models, scores, strict=False)}
-            if outcomes.difficulty is not None and outcomes.difficulty[i]:
-                row["difficulty"] = int(outcomes.difficulty[i])
-            if outcomes.cost is not None:
-                row["cost"] = {
-                    m: float(c) for m, c in zip(outcomes.models, outcomes.cost[i], strict=False) if not math.isnan(c)
-                }
-            for key, values in outcomes.extra.items():
-                row.setdefault(key, values[i])
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_jsonl(path, (_outcome_row(outcomes, i) for i in range(len(outcomes))))
+
+
+def _outcome_row(outcomes: Outcomes, i: int) -> dict[str, Any]:
+    """Row ``i`` of ``outcomes`` in the file format :func:`load_outcomes` reads."""
+    conv = outcomes.queries[i]
+    row: dict[str, Any] = {"id": outcomes.ids[i]}
+    if len(conv) == 1 and conv[0]["role"] == "user":
+        row["prompt"] = conv[0]["content"]
+    else:
+        row["messages"] = conv
+    scores = outcomes.scores[i]
+    if np.isin(scores, (0.0, 1.0)).all():
+        row["correct"] = {m: bool(s) for m, s in zip(outcomes.models, scores, strict=False)}
+    else:
+        row["scores"] = {m: float(s) for m, s in zip(outcomes.models, scores, strict=False)}
+    if outcomes.difficulty is not None and outcomes.difficulty[i]:
+        row["difficulty"] = int(outcomes.difficulty[i])
+    if outcomes.cost is not None:
+        row["cost"] = {
+            m: float(c) for m, c in zip(outcomes.models, outcomes.cost[i], strict=False) if not math.isnan(c)
+        }
+    for key, values in outcomes.extra.items():
+        row.setdefault(key, values[i])
+    return row
 
 
 # -- converters for public routing data ------------------------------------------------
@@ -248,11 +242,10 @@ def load_mmlu_pro(directory: str | os.PathLike, models: list[str] | None = None)
     for name in ("questions.jsonl.gz", "correct.csv.gz"):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory / name} not found (expected the MMLU-Pro export)")
-    with _open_text(directory / "questions.jsonl.gz") as fh:
-        questions = {str(q["question_id"]): q for q in map(json.loads, fh)}
+    questions = {str(q["question_id"]): q for _, q in read_jsonl(directory / "questions.jsonl.gz")}
 
     def read_matrix(name):
-        with _open_text(directory / name) as fh:
+        with open_text(directory / name) as fh:
             reader = csv.reader(fh)
             header = next(reader)
             return header[1:], {row[0]: row[1:] for row in reader}
@@ -296,10 +289,7 @@ def load_llmrouter(path: str | os.PathLike) -> Outcomes:
         raise FileNotFoundError(f"LLMRouter split not found: {path}")
 
     def rows():
-        with _open_text(path) as fh:
-            for lineno, line in enumerate(fh, start=1):
-                if line.strip():
-                    raw = json.loads(line)
-                    yield lineno, {"prompt": raw["question"], "scores": raw["scores"], "id": f"{path.stem}-{lineno}"}
+        for lineno, raw in read_jsonl(path):
+            yield lineno, {"prompt": raw["question"], "scores": raw["scores"], "id": f"{path.stem}-{lineno}"}
 
     return parse_outcome_rows(rows(), source=str(path))

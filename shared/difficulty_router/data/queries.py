@@ -13,6 +13,8 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from difficulty_router.data.jsonl import parse_json_line
+
 Message = dict[str, str]
 Conversation = list[Message]
 Query = str | Sequence[Any]
@@ -155,10 +157,7 @@ QUERY_FIELDS = ("messages", "prompt", "query")
 def query_from_json_line(line: str, where: str) -> Any:
     """One JSON Lines row of a query file: a JSON string, a message list, or an object whose first of
     ``messages``/``prompt``/``query`` holds the query. ``where`` names the row in errors (file and line)."""
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
+    row = parse_json_line(line, where)
     if isinstance(row, dict):
         for key in QUERY_FIELDS:
             if key in row:

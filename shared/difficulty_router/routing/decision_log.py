@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from difficulty_router.data.jsonl import read_jsonl
 from difficulty_router.data.queries import conversation_text, to_conversations
 
 FIELDS = (
@@ -162,17 +163,10 @@ def read_log(path: str | os.PathLike) -> Iterator[dict]:
     if not files:
         raise FileNotFoundError(f"decision log not found: {path}")
     for file in files:
-        with open(file, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{file}:{number}: not a JSON record ({exc.msg})") from None
-                if not isinstance(record, dict) or "chosen" not in record:
-                    raise ValueError(f"{file}:{number}: not a decision record (no 'chosen')")
-                yield record
+        for number, record in read_jsonl(file, objects_only=False):
+            if not isinstance(record, dict) or "chosen" not in record:
+                raise ValueError(f"{file}, line {number}: not a decision record (no 'chosen')")
+            yield record
 
 
 def _plain(value: Any) -> Any:

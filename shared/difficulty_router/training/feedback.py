@@ -28,7 +28,6 @@ naming both lines, and the report counts everything.
 
 from __future__ import annotations
 
-import json
 import os
 from collections import defaultdict
 from collections.abc import Iterable
@@ -36,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from difficulty_router.data.jsonl import read_jsonl, write_jsonl
 from difficulty_router.data.queries import to_conversation
 from difficulty_router.routing.decision_log import prompt_sha256, read_log
 
@@ -117,39 +117,28 @@ def read_grades(path: str | os.PathLike, score_threshold: float = 4.0) -> list[G
     if not path.is_file():
         raise FileNotFoundError(f"grades file not found: {path}")
     grades = []
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {number}"
+    for number, row in read_jsonl(path):
+        where = f"{path}, line {number}"
+        if "prompt" in row and "messages" in row:
+            raise ValueError(f"{where}: has both 'prompt' and 'messages'; give one")
+        query = row.get("prompt", row.get("messages"))
+        if query is not None:
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            if "prompt" in row and "messages" in row:
-                raise ValueError(f"{where}: has both 'prompt' and 'messages'; give one")
-            query = row.get("prompt", row.get("messages"))
-            if query is not None:
-                try:
-                    query = to_conversation(query)
-                except ValueError as exc:
-                    raise ValueError(f"{where}: {exc}") from None
-            query_id, digest = row.get("query_id"), row.get("prompt_sha256")
-            for name, value in (("query_id", query_id), ("prompt_sha256", digest), ("model", row.get("model"))):
-                if value is not None and (not isinstance(value, str) or not value):
-                    raise ValueError(f"{where}: {name} must be a non-empty string, got {value!r}")
-            if query is not None:
-                text_digest = prompt_sha256(query)
-                if digest is not None and digest != text_digest:
-                    raise ValueError(f"{where}: prompt_sha256 does not match the SHA-256 of the given prompt")
-                digest = text_digest
-            if query_id is None and digest is None:
-                raise ValueError(f"{where}: name the graded call: 'query_id', 'prompt_sha256' or the 'prompt' itself")
-            grades.append(
-                Grade(where, _verdict(row, where, score_threshold), query_id, digest, query, row.get("model"))
-            )
+                query = to_conversation(query)
+            except ValueError as exc:
+                raise ValueError(f"{where}: {exc}") from None
+        query_id, digest = row.get("query_id"), row.get("prompt_sha256")
+        for name, value in (("query_id", query_id), ("prompt_sha256", digest), ("model", row.get("model"))):
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{where}: {name} must be a non-empty string, got {value!r}")
+        if query is not None:
+            text_digest = prompt_sha256(query)
+            if digest is not None and digest != text_digest:
+                raise ValueError(f"{where}: prompt_sha256 does not match the SHA-256 of the given prompt")
+            digest = text_digest
+        if query_id is None and digest is None:
+            raise ValueError(f"{where}: name the graded call: 'query_id', 'prompt_sha256' or the 'prompt' itself")
+        grades.append(Grade(where, _verdict(row, where, score_threshold), query_id, digest, query, row.get("model")))
     if not grades:
         raise ValueError(f"{path} holds no grades")
     return grades
@@ -162,28 +151,17 @@ def read_prompts(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"prompts file not found: {path}")
     out: dict[str, Any] = {}
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}, line {number}: not valid JSON ({exc.msg})") from None
-            query = (
-                row
-                if isinstance(row, str)
-                else row.get("prompt", row.get("messages"))
-                if isinstance(row, dict)
-                else None
-            )
-            if query is None:
-                raise ValueError(f"{path}, line {number}: expected a string or an object with 'prompt' or 'messages'")
-            try:
-                conversation = to_conversation(query)
-            except ValueError as exc:
-                raise ValueError(f"{path}, line {number}: {exc}") from None
-            out[prompt_sha256(conversation)] = conversation
+    for number, row in read_jsonl(path, objects_only=False):
+        query = (
+            row if isinstance(row, str) else row.get("prompt", row.get("messages")) if isinstance(row, dict) else None
+        )
+        if query is None:
+            raise ValueError(f"{path}, line {number}: expected a string or an object with 'prompt' or 'messages'")
+        try:
+            conversation = to_conversation(query)
+        except ValueError as exc:
+            raise ValueError(f"{path}, line {number}: {exc}") from None
+        out[prompt_sha256(conversation)] = conversation
     return out
 
 
@@ -324,9 +302,5 @@ def feedback_to_file(
     )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
+    write_jsonl(out, rows)
     return report

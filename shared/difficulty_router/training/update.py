@@ -24,16 +24,14 @@ filled, and the sources.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from difficulty_router.data.outcomes import Outcomes, _open_text, _score
-from difficulty_router.data.queries import to_conversation
+from difficulty_router.data.jsonl import read_jsonl
+from difficulty_router.data.outcomes import Outcomes, parse_outcome_rows
 from difficulty_router.learning.bundle import sha256_file
 from difficulty_router.learning.families import FAMILIES
 
@@ -47,58 +45,14 @@ def data_source(path: str | os.PathLike, limit: int | None = None, seed: int = 0
 def read_label_rows(path: str | os.PathLike, models: list[str]) -> Outcomes:
     """An outcomes file whose rows may label any subset of ``models`` (missing labels are NaN).
 
-    The same row format as :func:`~difficulty_router.data.outcomes.load_outcomes` (``prompt``/``messages``,
-    ``correct`` or ``scores``, optional ``id``, ``difficulty``, ``cost``); a model outside the pool is
-    an error naming the line, as is a row that labels none.
+    The same row format and checks as :func:`~difficulty_router.data.outcomes.load_outcomes` (``prompt``/
+    ``messages``, ``correct`` or ``scores``, optional ``id``, ``difficulty``, ``cost``), through the same
+    parser; a model outside the pool is an error naming the line, as is a row that labels none.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"labels file not found: {path}")
-    queries, ids, table, difficulty, costs = [], [], [], [], []
-    with _open_text(path) as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            if ("prompt" in row) == ("messages" in row):
-                raise ValueError(f"{where}: give one of 'prompt' (string) or 'messages' (chat conversation)")
-            try:
-                queries.append(to_conversation(row.get("prompt", row.get("messages"))))
-            except ValueError as exc:
-                raise ValueError(f"{where}: {exc}") from None
-            key = "correct" if "correct" in row else "scores" if "scores" in row else None
-            labels = row.get(key) if key else None
-            if not isinstance(labels, dict) or not labels:
-                raise ValueError(f"{where}: missing 'correct' or 'scores' (a non-empty object model -> outcome)")
-            unknown = sorted(set(labels) - set(models))
-            if unknown:
-                raise ValueError(f"{where}: '{key}' names {unknown}, which are not in the router's pool {models}")
-            table.append([_score(labels[m], f"{where}: {key}[{m!r}]") if m in labels else math.nan for m in models])
-            ids.append(str(row.get("id", number)))
-            level = row.get("difficulty")
-            if level is not None and (isinstance(level, bool) or level not in (1, 2, 3, 4, 5)):
-                raise ValueError(f"{where}: difficulty must be an integer 1-5, got {level!r}")
-            difficulty.append(int(level) if level is not None else 0)
-            given = row.get("cost")
-            cost: dict = given if isinstance(given, dict) else {}
-            costs.append([float(cost[m]) if m in cost else math.nan for m in models])
-    if not queries:
-        raise ValueError(f"{path} holds no rows")
-    cost_matrix = np.array(costs, dtype=np.float64)
-    return Outcomes(
-        queries=queries,
-        models=list(models),
-        scores=np.array(table, dtype=np.float64),
-        ids=ids,
-        difficulty=np.array(difficulty, dtype=np.int64) if any(difficulty) else None,
-        cost=None if np.isnan(cost_matrix).all() else cost_matrix,
-    )
+    return parse_outcome_rows(read_jsonl(path), source=str(path), models=models)
 
 
 def _subset(outcomes: Outcomes, limit: int | None, seed: int) -> Outcomes:
