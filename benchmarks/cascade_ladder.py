@@ -40,7 +40,7 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 from _common import machine, need_data, write_results
 
 from difficulty_router import ActivationExtractor, SuccessProbe, cache_root
-from difficulty_router.calling.cascade import CascadePolicy, simulate
+from difficulty_router.calling.cascade_policy import CascadePolicy, simulate
 from difficulty_router.calling.generation import LocalGenerator
 from difficulty_router.core.metrics import frontier
 from difficulty_router.extraction.model_store import resolve

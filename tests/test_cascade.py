@@ -23,7 +23,7 @@ from difficulty_router import (
     answer_confidence,
     openai_token_logprobs,
 )
-from difficulty_router.calling.cascade import hybrid_start, simulate
+from difficulty_router.calling.cascade_policy import hybrid_start, simulate
 from difficulty_router.extraction.numerics import LOGPROB_ATOL
 
 LADDER = ["small", "medium", "large"]
@@ -232,6 +232,26 @@ def test_cascade_runs_real_rungs_and_prices_attempts(extractor, pik_probe):
     assert [a.model for a in strict.attempts] == ["small", "large"] and strict.cost == pytest.approx(first.cost + 0.5)
     with pytest.raises(ValueError, match="no generator for ladder rungs"):
         Cascade([small], CascadePolicy(["small", "large"]))
+
+
+def test_a_routed_call_keeps_the_routing_prefill_for_itself_only(extractor, trained_router):
+    """A local rung on the router's own model starts from the routing read-out's keys and values, within
+    the one routed call that made them; afterwards the extractor holds none (a server would otherwise
+    keep the last query's), whether the rung used them or the call went elsewhere."""
+    assert extractor._lean is not None  # the path that can keep a read-out's keys and values
+    small, large = trained_router.models[:2]
+    local = LocalGenerator(extractor, name=small, max_new_tokens=3)
+    other = LocalGenerator(extractor, name=large, max_new_tokens=3, reuse_routing_prefill=False)
+    query = "What is 2 + 2? Reply with the number only."
+    trained_router.route(query)  # routing alone, as a server does for every request: nothing is kept
+    assert not extractor.holds_prefill
+    policy = CascadePolicy([small, large], pt_threshold=0.0)
+    served_here = Cascade([local, other], policy, router=trained_router, skip_threshold=0.0).run(query)
+    assert served_here.model == small and local.reused_prefill
+    assert not extractor.holds_prefill
+    skipped = Cascade([local, other], policy, router=trained_router, skip_threshold=1.0).run(query)
+    assert skipped.model == large and [a.model for a in skipped.attempts] == [large]
+    assert not extractor.holds_prefill  # read for routing, not used by the rung that served: dropped
 
 
 # -- a real OpenAI-compatible endpoint (llama-cpp-python's server on loopback) -----------------

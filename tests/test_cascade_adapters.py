@@ -32,7 +32,7 @@ from llama_index.core.base.llms.types import ChatMessage
 from llama_index.llms.openai_like import OpenAILike
 from llama_servers import dead_url
 
-from difficulty_router.calling.cascade import CascadePolicy
+from difficulty_router.calling.cascade_policy import CascadePolicy
 from difficulty_router.calling.confidence import REDUCTIONS, MissingLogprobsError, answer_confidence
 from langchain_difficulty_router import RECORD_KEY, ChatDifficultyRouter
 from llamaindex_difficulty_router import ROUTING_KEY, DifficultyRouterLLM

@@ -14,7 +14,7 @@ import math
 import pytest
 
 from difficulty_router.calling import dispatch
-from difficulty_router.calling.cascade import CascadePolicy
+from difficulty_router.calling.cascade_policy import CascadePolicy
 from difficulty_router.calling.confidence import MissingLogprobsError
 from difficulty_router.calling.dispatch import Binding, Reply, Retry, RoutedCall
 from difficulty_router.core.errors import is_transient_error
@@ -112,11 +112,11 @@ def test_escalation_rule_forms():
 @pytest.mark.parametrize("mode", MODES)
 def test_retries_back_off_on_the_same_model_before_escalating(mode, monkeypatch):
     waits = []
-    monkeypatch.setattr(dispatch.time, "sleep", waits.append)
+    monkeypatch.setattr(dispatch.drivers.time, "sleep", waits.append)
 
     async def no_wait(seconds):
         waits.append(seconds)
-    monkeypatch.setattr(dispatch.asyncio, "sleep", no_wait)
+    monkeypatch.setattr(dispatch.drivers.asyncio, "sleep", no_wait)
     models = Models(weak=[TimeoutError("t")], mid=["m"], strong=["s"])
     call = RoutedCall(decision=decision(), retry=Retry(max_retries=2, backoff=0.5))
     assert drive(call, models, mode).value == "m"

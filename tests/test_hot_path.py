@@ -279,7 +279,7 @@ def generators(any_dtype_extractor):
     reuse = LocalGenerator(extractor, max_new_tokens=8)
     fresh = LocalGenerator(extractor, max_new_tokens=8, reuse_routing_prefill=False)
     yield reuse, fresh
-    extractor.keep_prefill, extractor._kept = False, None
+    assert not extractor.holds_prefill  # kept only within a routed call's scope
 
 
 def greedy_margins(extractor, query, token_ids: list[int]) -> np.ndarray:
@@ -302,8 +302,9 @@ def test_generation_from_the_routing_prefill_equals_a_fresh_prefill(any_dtype_ex
     extractor = any_dtype_extractor
     atol = PREFILL_REUSE_ATOL[extractor.dtype]
     reuse, fresh = generators
-    extractor.extract([query], layers=[9])  # the routing read-out: blocks 1-9 only
-    reused = reuse.generate(query)
+    with reuse.reusing_routing_prefill():  # one routed call: its read-out, then its generation
+        extractor.extract([query], layers=[9])  # the routing read-out: blocks 1-9 only
+        reused = reuse.generate(query)
     assert reuse.reused_prefill  # blocks 10-30 were run from the kept read-out, not the whole prompt again
     again = fresh.generate(query)
     ids = extractor.tokenizer(again.text, add_special_tokens=False)["input_ids"]
@@ -323,14 +324,23 @@ def test_generation_from_the_routing_prefill_equals_a_fresh_prefill(any_dtype_ex
 def test_prefill_is_reused_only_for_the_prompt_it_read(any_dtype_extractor, generators):
     extractor = any_dtype_extractor
     reuse, _ = generators
-    extractor.extract([QUERIES[0]], layers=[9])
-    reuse.generate(QUERIES[1])  # another prompt: its own full prefill
-    assert not reuse.reused_prefill
-    extractor.extract(QUERIES[:2], layers=[9])  # a batch keeps nothing
+    with reuse.reusing_routing_prefill():
+        extractor.extract([QUERIES[0]], layers=[9])
+        reuse.generate(QUERIES[1])  # another prompt: its own full prefill
+        assert not reuse.reused_prefill
+        extractor.extract([QUERIES[1]], layers=[9])
+        extractor.extract(QUERIES[:2], layers=[9])  # a batch keeps nothing, and drops what was kept
+        assert not extractor.holds_prefill
+        reuse.generate(QUERIES[1])
+        assert not reuse.reused_prefill
+        extractor.extract([QUERIES[1]], layers=[9])
+        reuse.generate(QUERIES[1])
+        assert reuse.reused_prefill
+        reuse.generate(QUERIES[1])  # used once
+        assert not reuse.reused_prefill
+        extractor.extract([QUERIES[1]], layers=[9])
+    assert not extractor.holds_prefill  # the call is over: what it did not use is dropped
+    extractor.extract([QUERIES[1]], layers=[9])  # outside a routed call's scope nothing is kept
+    assert not extractor.holds_prefill
     reuse.generate(QUERIES[1])
-    assert not reuse.reused_prefill
-    extractor.extract([QUERIES[1]], layers=[9])
-    reuse.generate(QUERIES[1])
-    assert reuse.reused_prefill
-    reuse.generate(QUERIES[1])  # used once
     assert not reuse.reused_prefill

@@ -1,6 +1,7 @@
 """difficulty_router: route queries by difficulty read from a small LM's hidden states."""
 
-from difficulty_router.calling.cascade import Cascade, CascadePolicy, CascadeResult, CascadeRun
+from difficulty_router.calling.cascade import Cascade, CascadeResult, CascadeRun
+from difficulty_router.calling.cascade_policy import CascadePolicy
 from difficulty_router.calling.confidence import MissingLogprobsError, answer_confidence, openai_token_logprobs
 from difficulty_router.calling.generation import Generation, LocalGenerator, OpenAIGenerator, PIKProbe
 from difficulty_router.core.pool import ModelPool, PoolModel

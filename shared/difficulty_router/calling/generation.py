@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,8 +148,9 @@ class LocalGenerator:
         (for training a P(IK) probe from the same pass); a ``pik_probe`` brings its own read-out.
 
         ``reuse_routing_prefill``: when a router reading this same extractor has just routed the query
-        here, generation starts from that read-out's keys and values and runs only the blocks above it
-        (``ActivationExtractor.take_prompt_cache``); the answer is the same. Not with a ``readout``,
+        here, inside :meth:`reusing_routing_prefill` (which :class:`~difficulty_router.Cascade` opens per
+        query), generation starts from that read-out's keys and values and runs only the blocks above
+        it (``ActivationExtractor.take_prompt_cache``); the answer is the same. Not with a ``readout``,
         which needs the whole prompt's hidden states."""
         if pik_probe is not None:
             pik_probe._check(extractor)
@@ -162,8 +164,13 @@ class LocalGenerator:
         self.pik_probe = pik_probe
         self.max_new_tokens = max_new_tokens
         self.reuse_routing_prefill = reuse_routing_prefill and normalised is None
-        if self.reuse_routing_prefill:
-            extractor.keep_prefill = True
+        self.reused_prefill = False
+
+    def reusing_routing_prefill(self) -> AbstractContextManager[Any]:
+        """The scope of one routed call: a routing read-out of a single query taken inside it keeps its
+        keys and values for this generator's next :meth:`generate` of that query; leaving it drops
+        them. Nothing is kept outside it, nor when ``reuse_routing_prefill`` is off."""
+        return self.extractor.keeping_prefill() if self.reuse_routing_prefill else nullcontext()
 
     @property
     def n_params(self) -> int:

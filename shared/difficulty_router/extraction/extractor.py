@@ -4,6 +4,12 @@ The read-out is the residual stream after decoder block ``l`` (Hugging Face's
 ``hidden_states[l]``: 0 is the embeddings, the last one is post final-norm), taken at the
 end of the chat-templated prompt with the generation prompt appended. The forward pass
 stops after the deepest requested block: routing needs no logits.
+
+Around it: the read-out specs and :class:`Extraction` in :mod:`.readout`, batching, padding and
+pooling in :mod:`.batching`, the framework's hooked forward in :mod:`.framework_forward`, the lean
+path in :mod:`.lean_prefill`. What stays here (a little over 400 lines) is the state one extractor
+owns and must keep consistent under its forward lock: the model, the cached prefix, the feature
+cache, the checked lean path and the kept prefill.
 """
 
 from __future__ import annotations
@@ -12,8 +18,9 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,7 +28,9 @@ import torch
 from tqdm.auto import tqdm
 
 from difficulty_router.data.queries import to_conversations
+from difficulty_router.extraction.batching import left_padded, length_batches, pooled_features
 from difficulty_router.extraction.feature_cache import FeatureCache
+from difficulty_router.extraction.framework_forward import decoder_layers, framework_readout, pick_device
 from difficulty_router.extraction.lean_prefill import LeanPrefill, matches_reference
 from difficulty_router.extraction.model_store import (
     DEFAULT_MODEL,
@@ -43,116 +52,19 @@ from difficulty_router.extraction.numerics import (  # noqa: F401
 )
 from difficulty_router.extraction.prefix_kv import PrefixState, compute_prefix
 from difficulty_router.extraction.prompting import PromptTokenizer
+from difficulty_router.extraction.readout import (  # noqa: F401 (importable from here, as before)
+    POOLINGS,
+    Extraction,
+    normalise_layers,
+    normalise_pooling,
+    relative_block_error,
+)
 
 logger = logging.getLogger(__name__)
 
-POOLINGS = ("last", "mean")
-
-
-def normalise_pooling(pooling: str | Sequence[str]) -> tuple[str, ...]:
-    """'last', 'mean', 'both' or a sequence of them -> an ordered tuple without repeats."""
-    names = [pooling] if isinstance(pooling, str) else list(pooling)
-    out: list[str] = []
-    for name in names:
-        if name == "both":
-            out.extend(POOLINGS)
-        elif name in POOLINGS:
-            out.append(name)
-        else:
-            raise ValueError(f"unknown pooling {name!r}; expected 'last', 'mean' or 'both'")
-    if not out:
-        raise ValueError("pooling is empty; expected 'last', 'mean' or 'both'")
-    return tuple(dict.fromkeys(out))
-
-
-def normalise_layers(layers: Any, n_layers: int) -> tuple[int, ...]:
-    """Map layer specs to hidden-state indexes 0..n_layers.
-
-    Ints index ``hidden_states`` (negative from the end, so -1 is the last); floats in
-    (0, 1) are fractions of the depth (0.5 -> the middle block).
-    """
-    specs = [layers] if isinstance(layers, (int, float, np.integer, np.floating)) else list(layers)
-    if not specs:
-        raise ValueError("layers is empty")
-    out: list[int] = []
-    for spec in specs:
-        if isinstance(spec, bool) or not isinstance(spec, (int, float, np.integer, np.floating)):
-            raise ValueError(f"layer {spec!r} is not an int index or a float fraction")
-        if isinstance(spec, (float, np.floating)) and not float(spec).is_integer():
-            if not 0.0 < spec < 1.0:
-                raise ValueError(f"layer fraction {spec} must lie strictly between 0 and 1")
-            index = round(spec * n_layers)
-        else:
-            index = int(spec)
-            if index < 0:
-                index += n_layers + 1
-        if not 0 <= index <= n_layers:
-            raise ValueError(
-                f"layer {spec} is out of range: this model has hidden states 0..{n_layers} (or -{n_layers + 1}..-1)"
-            )
-        out.append(index)
-    return tuple(dict.fromkeys(out))
-
-
-@dataclass(frozen=True)
-class Extraction:
-    """Features of a batch of queries and the read-out that produced them.
-
-    ``features`` has one row per query and, for each layer in ``layers``, one
-    ``hidden_size`` block per pooling in ``pooling``, in that nesting order.
-    """
-
-    features: np.ndarray
-    layers: tuple[int, ...]
-    pooling: tuple[str, ...]
-    hidden_size: int
-    n_tokens: np.ndarray
-    truncated: np.ndarray
-    model_id: str = ""
-    model_hash: str = ""
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.features.shape
-
-    def __len__(self) -> int:
-        return len(self.features)
-
-    def __array__(self, dtype=None, copy=None):
-        return self.features if dtype is None else self.features.astype(dtype)
-
-    @property
-    def any_truncated(self) -> bool:
-        return bool(self.truncated.any())
-
-    def select(
-        self, layers: Sequence[int] | int | None = None, pooling: str | Sequence[str] | None = None
-    ) -> Extraction:
-        """Slice out some of the extracted layers/poolings without another forward pass."""
-        layers = (
-            self.layers if layers is None else ((layers,) if isinstance(layers, (int, np.integer)) else tuple(layers))
-        )
-        pooling = self.pooling if pooling is None else normalise_pooling(pooling)
-        blocks = []
-        for layer in layers:
-            if layer not in self.layers:
-                raise ValueError(f"layer {layer} was not extracted (have {self.layers})")
-            for pool in pooling:
-                if pool not in self.pooling:
-                    raise ValueError(f"pooling {pool!r} was not extracted (have {self.pooling})")
-                block = self.layers.index(layer) * len(self.pooling) + self.pooling.index(pool)
-                blocks.append(self.features[:, block * self.hidden_size : (block + 1) * self.hidden_size])
-        return Extraction(
-            features=np.ascontiguousarray(np.concatenate(blocks, axis=1)),
-            layers=tuple(layers),
-            pooling=tuple(pooling),
-            hidden_size=self.hidden_size,
-            n_tokens=self.n_tokens,
-            truncated=self.truncated,
-            model_id=self.model_id,
-            model_hash=self.model_hash,
-        )
+# Kept under their old names: callers and tests import them from here.
+_cpu_has_bf16 = cpu_has_bf16
+_pick_dtype = pick_dtype
 
 
 @dataclass
@@ -165,42 +77,6 @@ class KeptPrefill:
     kv: list[tuple[torch.Tensor, torch.Tensor]]  # blocks below depth: keys and values over the whole prompt
     position_ids: torch.Tensor
     skip: int  # tokens of the cached prefix in front
-
-
-class _StopForward(Exception):
-    """Raised from a hook once the deepest requested block has run."""
-
-
-def relative_block_error(a: np.ndarray, b: np.ndarray, hidden_size: int) -> np.ndarray:
-    """Per row and per ``hidden_size`` block: ``|a - b| / |b|`` (the measure ``FEATURE_RTOL`` bounds)."""
-    a = np.asarray(a, dtype=np.float64).reshape(len(a), -1, hidden_size)
-    b = np.asarray(b, dtype=np.float64).reshape(len(b), -1, hidden_size)
-    return np.linalg.norm(a - b, axis=-1) / np.maximum(np.linalg.norm(b, axis=-1), 1e-12)
-
-
-def _pick_device(device: str) -> torch.device:
-    if device != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-# Kept under their old names: callers and tests import them from here.
-_cpu_has_bf16 = cpu_has_bf16
-_pick_dtype = pick_dtype
-
-
-def _decoder_layers(model) -> torch.nn.ModuleList:
-    """The list of decoder blocks, found by shape rather than by architecture name."""
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
-    n = model.config.num_hidden_layers
-    for module in base.children():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
-            return module
-    raise ValueError(f"cannot find the {n} decoder layers of {type(model).__name__}")
 
 
 class ActivationExtractor:
@@ -257,7 +133,7 @@ class ActivationExtractor:
         if not 0.0 <= max_padding < 1.0:
             raise ValueError(f"max_padding must lie in [0, 1), got {max_padding!r}")
         self.source: ModelSource = resolve(model, gguf_file)
-        self.device = _pick_device(device)
+        self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device, self.source.model_id)
         self.threads = match_threads(threads) if self.device.type == "cpu" else None
         self.batch_size = batch_size
@@ -267,7 +143,7 @@ class ActivationExtractor:
         self.model_hash = fingerprint(self.source)
         self.n_layers = int(self.model.config.num_hidden_layers)
         self.hidden_size = int(self.model.config.hidden_size)
-        self._blocks = _decoder_layers(self.model)
+        self._blocks = decoder_layers(self.model)
         if self.dtype == torch.qint8:
             quantise_int8(self._blocks)
         self._base = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
@@ -283,8 +159,9 @@ class ActivationExtractor:
         self.prefix: PrefixState | None = None
         self._prefix_for(max(self.layers))
         self._lean: LeanPrefill | None = None
-        # A local generator on this model can finish the last single-query read-out instead of redoing it.
-        self.keep_prefill = False
+        # A local generator on this model can finish a single-query read-out instead of redoing it, within
+        # the scope of the routed call that asked for it (keeping_prefill): nothing outlives that call.
+        self._keeping_prefill = 0
         self._kept: KeptPrefill | None = None
         if lean_prefill:
             self._lean = self._checked_lean()
@@ -441,10 +318,31 @@ class ActivationExtractor:
                 return None
         return lean
 
+    @contextmanager
+    def keeping_prefill(self) -> Iterator[ActivationExtractor]:
+        """Within this block, a single-query read-out keeps its keys and values for :meth:`take_prompt_cache`;
+        on leaving it, whatever is still kept is dropped. One routed call opens it around its routing
+        read-out and its generation, so a server never holds the last query's keys and values."""
+        with self._forward_lock:
+            self._keeping_prefill += 1
+        try:
+            yield self
+        finally:
+            with self._forward_lock:
+                self._keeping_prefill -= 1
+                if not self._keeping_prefill:
+                    self._kept = None
+
+    @property
+    def holds_prefill(self) -> bool:
+        """Does this extractor hold a read-out's keys and values (kept for a generation to take)?"""
+        return self._kept is not None
+
     def take_prompt_cache(self, ids: Sequence[int]):
         """Every layer's keys and values for ``ids[:-1]`` (a transformers cache), made by finishing the kept
         read-out of exactly these token ids through the blocks above it; None when none was kept (a
-        cached feature row, a batch, the framework's forward, or another prompt since). Used once.
+        cached feature row, a batch, the framework's forward, another prompt since, or outside
+        :meth:`keeping_prefill`). Used once.
 
         This is the routing prefill reused for generation: a query routed to this very model pays only
         the blocks above the read-out, not a second prefill of the whole prompt."""
@@ -470,32 +368,11 @@ class ActivationExtractor:
         return p is not None and len(x) > len(p) and tuple(x[: len(p)]) == p.ids
 
     def _batches(self, todo: list[int], ids: list[list[int]]) -> list[tuple[list[int], bool]]:
-        """Length buckets: prompts sorted by the tokens they run, cut into batches bounded by count,
-        padded tokens and padding share; prompts that reuse the cached prefix batch apart from the rest."""
-        out: list[tuple[list[int], bool]] = []
-        for prefixed in (True, False):
-            skip = len(self.prefix) if prefixed and self.prefix is not None else 0
-            group = [i for i in todo if self._uses_prefix(ids[i]) == prefixed]
-            group.sort(key=lambda i: -len(ids[i]))
-            current: list[int] = []
-            real = 0
-            for i in group:
-                length = len(ids[i]) - skip
-                if current:
-                    longest = len(ids[current[0]]) - skip
-                    padded = longest * (len(current) + 1)
-                    if (
-                        len(current) >= self.batch_size
-                        or padded > self.max_batch_tokens
-                        or padded - real - length > self.max_padding * padded
-                    ):
-                        out.append((current, prefixed))
-                        current, real = [], 0
-                current.append(i)
-                real += length
-            if current:
-                out.append((current, prefixed))
-        return out
+        """Length buckets of ``todo`` (see :func:`.batching.length_batches`)."""
+        prefix_len = len(self.prefix) if self.prefix is not None else 0
+        return length_batches(
+            todo, ids, self._uses_prefix, prefix_len, self.batch_size, self.max_batch_tokens, self.max_padding
+        )
 
     def _forward(
         self, batch_ids: list[list[int]], layer_idx: tuple[int, ...], pools: tuple[str, ...], prefixed: bool = False
@@ -507,87 +384,36 @@ class ActivationExtractor:
     def _forward_locked(
         self, batch_ids: list[list[int]], layer_idx: tuple[int, ...], pools: tuple[str, ...], prefixed: bool
     ) -> np.ndarray:
+        self._kept = None  # a read-out's keys and values are kept for the prompt it read last, or not at all
         prefix = self.prefix if prefixed else None
         skip = len(prefix) if prefix is not None else 0
         rows = [x[skip:] for x in batch_ids]
-        longest = max(len(x) for x in rows)
         pad_id = self.tokenizer.pad_token_id
         if pad_id is None:
             pad_id = self.tokenizer.eos_token_id or 0
-        input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), longest), dtype=torch.long)
-        for row, x in enumerate(rows):  # left padding: every prompt ends at the last column
-            input_ids[row, longest - len(x) :] = torch.tensor(x, dtype=torch.long)
-            mask[row, longest - len(x) :] = 1
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0) + skip
+        input_ids, mask, position_ids = left_padded(rows, pad_id, skip)
         input_ids, position_ids = input_ids.to(self.device), position_ids.to(self.device)
         if self._lean is not None:
             kv = prefix.kv if prefix is not None else None
             keep_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = (
-                [] if self.keep_prefill and len(rows) == 1 else None
+                [] if self._keeping_prefill and len(rows) == 1 else None
             )
             captured = self._lean.run(input_ids, mask.to(self.device), position_ids, layer_idx, kv, keep_kv)
             if keep_kv is not None:
                 depth = max(layer_idx)
                 self._kept = KeptPrefill(tuple(batch_ids[0]), depth, captured[depth], keep_kv, position_ids, skip)
         else:
-            captured = self._framework_forward(input_ids, mask, position_ids, layer_idx, prefix)
-
-        maskf = mask.to(self.device).unsqueeze(-1).to(torch.float32)
-        counts = maskf.sum(1) + skip
-        blocks = []
-        for index in layer_idx:
-            hidden = captured.pop(index)
-            if index == self.n_layers and hasattr(self._base, "norm"):
-                hidden = self._base.norm(hidden)  # hidden_states[-1] is post final-norm in transformers
-            hidden = hidden.to(torch.float32)
-            for pool in pools:
-                if pool == "last":
-                    blocks.append(hidden[:, -1, :])
-                else:
-                    summed = (hidden * maskf).sum(1)
-                    if prefix is not None:
-                        summed = summed + prefix.hidden_sum[index].to(summed.device)
-                    blocks.append(summed / counts)
-            del hidden
-        return torch.cat(blocks, dim=1).cpu().numpy()
-
-    def _framework_forward(
-        self, input_ids, mask, position_ids, layer_idx: tuple[int, ...], prefix: PrefixState | None
-    ) -> dict[int, torch.Tensor]:
-        """The framework's forward, read out by hooks and stopped after the deepest wanted block."""
-        kwargs: dict[str, Any] = {}
-        full_mask = mask
-        if prefix is not None:  # [prefix][padding][suffix]: the mask hides the padding between them
-            full_mask = torch.cat([torch.ones((len(mask), len(prefix)), dtype=torch.long), mask], dim=1)
-            kwargs[prefix.cache_kwarg(self._base)] = prefix.cache_for(len(mask), self.model.config)
-        captured: dict[int, torch.Tensor] = {}
-        deepest = max(layer_idx)
-        hooks = []
-
-        def keep(index: int, stop: bool):
-            def hook(_module, _args, output):
-                captured[index] = output[0] if isinstance(output, tuple) else output
-                if stop:
-                    raise _StopForward
-
-            return hook
-
-        for index in layer_idx:
-            module = self._base.embed_tokens if index == 0 else self._blocks[index - 1]
-            hooks.append(module.register_forward_hook(keep(index, stop=index == deepest)))
-        try:
-            self._base(
-                input_ids=input_ids,
-                attention_mask=full_mask.to(self.device),
-                position_ids=position_ids,
-                use_cache=prefix is not None,
-                **kwargs,
+            captured = framework_readout(
+                self._base,
+                self._blocks,
+                self.model.config,
+                self.device,
+                input_ids,
+                mask,
+                position_ids,
+                layer_idx,
+                prefix,
             )
-        except _StopForward:
-            pass
-        finally:
-            for hook in hooks:
-                hook.remove()
-
-        return captured
+        final_norm = self._base.norm if hasattr(self._base, "norm") else None
+        features = pooled_features(captured, layer_idx, pools, mask.to(self.device), prefix, final_norm, self.n_layers)
+        return features.cpu().numpy()

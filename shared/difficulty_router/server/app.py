@@ -41,8 +41,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
-from difficulty_router.calling.cascade import pool_cost_fn
-from difficulty_router.calling.dispatch import Hooks, Reply, RoutedCall, new_query_id, run_async
+from difficulty_router.calling.attempt import pool_cost_fn
+from difficulty_router.calling.dispatch import Hooks, Reply, RoutedCall, new_query_id, run_async, shadow_plan
 from difficulty_router.data.queries import clip_conversation, conversation_text, to_conversation
 from difficulty_router.routing.decision_log import DecisionLog
 from difficulty_router.routing.router import DifficultyRouter
@@ -412,12 +412,7 @@ def create_app(
             shadow_info = None
             if shadow is not None:
                 sampled = not streaming and decision.model != shadow and rng.random() < shadow_sample
-                shadow_info = {
-                    "default": shadow,
-                    "would_be": decision.model,
-                    "sampled": sampled,
-                    "alternative": decision.model if sampled else None,
-                }
+                shadow_info = shadow_plan(shadow, decision, sampled)
             query_id = new_query_id() if decision_log is not None else None  # the key a later grade is joined on
             call = RoutedCall(decision=decision, cost_fn=cost_fn, shadow=shadow_info, query_id=query_id)
             call.sample_inline = False  # the server asks the alternative after responding (a background task)
@@ -486,18 +481,9 @@ def create_app(
                     completion_tokens=int(usage.get("completion_tokens") or 0),
                 )
             except Exception as exc:  # noqa: BLE001 - a label we could not collect is logged, never raised
-                call.shadow = {**(call.shadow or {}), "alternative_error": f"{type(exc).__name__}: {exc}"}
+                call.alternative_failed(exc)
         if decision_log is not None:
-            served = call.served.model if call.served is not None else None
-            await asyncio.to_thread(
-                decision_log.log_call,
-                body["messages"],
-                call.decision,
-                served_by=served,
-                shadow=call.shadow_record(),
-                query_id=call.query_id,
-                router=routers[requested],
-            )
+            await asyncio.to_thread(call.log_to, decision_log, body["messages"], routers[requested])
 
     async def _relay(first, rest, close, name: str):
         try:
