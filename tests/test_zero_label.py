@@ -219,14 +219,15 @@ def test_pretrained_router_drives_the_langchain_adapter(extractor, llama_backend
 
 
 def test_serve_pretrained_builds_the_router_for_the_served_pool(tmp_path):
-    from difficulty_router.cli.main import _pretrained_routers, build_parser
+    from difficulty_router.cli.main import build_parser
+    from difficulty_router.cli.serve import with_pretrained_router
 
     pool = {"models": [{"name": "a", "cost_per_query": 1.0, "base_url": "http://127.0.0.1:9/v1"},
                        {"name": "b", "cost_per_query": 2.0, "base_url": "http://127.0.0.1:9/v1"}]}
     (tmp_path / "pool.json").write_text(json.dumps(pool))
     args = build_parser().parse_args(["serve", "--pretrained", "--pool", str(tmp_path / "pool.json")])
-    routers = _pretrained_routers(args, {})
+    routers = with_pretrained_router(args, {})
     assert list(routers) == ["router"] and routers["router"].models == ["a", "b"]
     assert routers["router"].info["zero_label"]["costing"] == "prices"
     with pytest.raises(ValueError, match="served as 'router'"):
-        _pretrained_routers(args, {"router": routers["router"]})
+        with_pretrained_router(args, {"router": routers["router"]})

@@ -1,10 +1,10 @@
-"""``difficulty-router feedback`` (grades joined to a decision log) and ``train --update`` (refit with new labels).
-Registered by :mod:`.cli`; the work is in :mod:`.feedback` and :mod:`.update`."""
+"""``difficulty-router feedback``: user grades or thumbs joined to a decision log, written as training rows that
+``train --update`` (in :mod:`.train`) refits a router with. A module of its own because it reads traffic, not a
+labelled data set; the work is in :mod:`difficulty_router.training.feedback`."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 
 def cmd_feedback(args) -> int:
@@ -42,37 +42,3 @@ def register(sub) -> None:
     p.add_argument("--allow-unmatched", action="store_true", help="count grades with no logged call instead of failing")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(func=cmd_feedback)
-
-
-def add_update_args(p) -> None:
-    """``train --update OLD --data NEW``: the pool, read-out, policy kind and families come from OLD."""
-    p.add_argument(
-        "--update",
-        metavar="OLD_ROUTER_DIR",
-        help="refit OLD_ROUTER_DIR on its own training labels plus --data (its read-out, policy and pool kept)",
-    )
-    p.add_argument(
-        "--old-data",
-        nargs="+",
-        metavar="FILE",
-        help="with --update: the labels OLD was trained on, when its manifest does not record them",
-    )
-
-
-def cmd_train_update(args, feature_cache) -> int:
-    from difficulty_router.routing.router import DifficultyRouter
-    from difficulty_router.training.update import describe_update, update_router
-
-    given = [f for f, v in (("--pool", args.pool), ("--limit", args.limit), ("--layers", args.layers)) if v]
-    if args.pooling or args.features:
-        given.append("--pooling/--features")
-    if given:
-        raise ValueError(f"train --update takes the pool, read-out and rows from the old router; drop {given}")
-    if Path(args.out).resolve() == Path(args.update).resolve():
-        raise ValueError("train --update writes a new router: give an --out other than the old router's directory")
-    old = DifficultyRouter.load(args.update, feature_cache=feature_cache)
-    router = update_router(old, args.data, old_data=args.old_data, cv=args.cv, progress=args.progress is not False)
-    router.save(args.out)
-    print(describe_update(router))
-    print(f"saved router to {args.out}")
-    return 0

@@ -1,9 +1,13 @@
 """``difficulty-router label``: run a prompt file through every pool model, grade, write training JSONL.
-Registered by :mod:`.cli`; the work is in :mod:`.labelling`."""
+A module of its own because it is the one command that calls the pool's models (and spends money); the work is
+in :mod:`difficulty_router.data.labelling`."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
+
+from difficulty_router.cli.common import extractor_args, load_router_or_pretrained, progress_arg
 
 
 def cmd_label(args) -> int:
@@ -32,8 +36,6 @@ def cmd_label(args) -> int:
             }
     rows = read_prompt_rows(args.input)
     if args.select is not None:
-        from difficulty_router.cli.zero_label import load_router_or_pretrained
-
         if args.router is None and args.pretrained is None:
             args.pretrained = args.pool  # the zero-label router for this pool
         router = load_router_or_pretrained(args, args.router)
@@ -57,7 +59,7 @@ def cmd_label(args) -> int:
     return 0
 
 
-def register(sub, extractor_args, progress_arg) -> None:
+def register(sub) -> None:
     p = sub.add_parser("label", help="collect correctness labels: every prompt through every pool model, graded")
     p.add_argument("input", help="JSON Lines of prompts: strings or objects with prompt/messages, id, reference")
     p.add_argument("--pool", required=True, help="pool file whose models carry base_url (optional 'label' section)")
@@ -74,16 +76,10 @@ def register(sub, extractor_args, progress_arg) -> None:
     p.add_argument("--system", help="system prompt for every pool model")
     p.add_argument("--select", type=int, help="label only the N prompts the router is least sure about")
     p.add_argument("--router", help="router for --select (default: the zero-label router for --pool)")
-    p.add_argument("--pretrained", help=argparse_suppress())
+    p.add_argument("--pretrained", help=argparse.SUPPRESS)
     from difficulty_router.scale.commands import add_label_args
 
     add_label_args(p)
     extractor_args(p)
     progress_arg(p)
     p.set_defaults(func=cmd_label)
-
-
-def argparse_suppress() -> str:
-    import argparse
-
-    return argparse.SUPPRESS

@@ -1,5 +1,7 @@
-"""CLI for routing without labels: ``pretrained`` (write a zero-label router), ``calibrate --unlabelled``, and
-the ``--pretrained`` option of ``route`` / ``serve``. Registered by :mod:`.cli` with a few lines."""
+"""``difficulty-router pretrained`` (write a zero-label router for a pool from the shipped difficulty head) and
+``calibrate`` (set a saved router's operating point from unlabelled prompts). Together because both route
+without labels; ``route`` and ``serve`` take the same zero-label router with ``--pretrained`` (its option and
+loader are in :mod:`.common`). The work is in :mod:`difficulty_router.routing.pretrained`."""
 
 from __future__ import annotations
 
@@ -7,32 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-
-def pool_from_spec(spec: str):
-    """A pool file (JSON/YAML, models listed cheapest first) or comma-separated model names, cheapest first."""
-    from difficulty_router.core.pool import ModelPool
-
-    if Path(spec).is_file():
-        return ModelPool.load(spec)
-    names = [n.strip() for n in spec.split(",") if n.strip()]
-    if len(names) < 2 or Path(spec).suffix in (".json", ".yaml", ".yml"):
-        raise ValueError(
-            f"--pretrained {spec!r}: expected a pool file or at least two comma-separated model names, cheapest first"
-        )
-    return names
-
-
-def load_router_or_pretrained(args, directory: str | None):
-    """``--router DIR`` loads a saved router; ``--pretrained POOL`` builds the zero-label one (one of the two)."""
-    from difficulty_router.routing.router import DifficultyRouter
-
-    spec = getattr(args, "pretrained", None)
-    if (spec is None) == (directory is None):
-        raise ValueError("give --router DIR or --pretrained POOL (a pool file or cheap,...,strong model names)")
-    if spec is not None:
-        return DifficultyRouter.pretrained(pool_from_spec(spec))
-    assert directory is not None  # one of the two, checked above
-    return DifficultyRouter.load(directory, model=args.extractor, allow_other_extractor=args.allow_other_extractor)
+from difficulty_router.cli.common import extractor_args, extractor_choice, pool_from_spec, progress_arg, read_queries
 
 
 def cmd_pretrained(args) -> int:
@@ -50,9 +27,7 @@ def cmd_pretrained(args) -> int:
 
 
 def _calibrate(router, args) -> dict:
-    from difficulty_router.cli.main import _read_queries
-
-    prompts = _read_queries(Path(args.unlabelled))
+    prompts = read_queries(Path(args.unlabelled))
     report = router.calibrate(
         unlabelled=prompts,
         strong_share=args.strong_share,
@@ -71,7 +46,7 @@ def _calibrate(router, args) -> dict:
 def cmd_calibrate(args) -> int:
     from difficulty_router.routing.router import DifficultyRouter
 
-    router = DifficultyRouter.load(args.router, model=args.extractor, allow_other_extractor=args.allow_other_extractor)
+    router = DifficultyRouter.load(args.router, **extractor_choice(args))
     _calibrate(router, args)
     out = args.out or args.router
     router.save(out)
@@ -94,7 +69,7 @@ def _target_args(p, with_shares: bool) -> None:
         p.add_argument("--shares", type=_share, nargs="+", help="share of calls per model, cheapest first (sum 1)")
 
 
-def register(sub, extractor_args, progress_arg) -> None:
+def register(sub) -> None:
     p = sub.add_parser("pretrained", help="write a zero-label router for a pool from the shipped difficulty head")
     p.add_argument("--pool", required=True, help="pool file (models cheapest first) or cheap,...,strong model names")
     p.add_argument("--out", required=True, help="directory to save the router")
@@ -114,15 +89,3 @@ def register(sub, extractor_args, progress_arg) -> None:
     extractor_args(p)
     progress_arg(p)
     p.set_defaults(func=cmd_calibrate)
-
-
-def pretrained_arg(p, *, flag_only: bool) -> None:
-    if flag_only:
-        p.add_argument(
-            "--pretrained",
-            nargs="?",
-            const="",
-            help="serve the zero-label router built from the shipped head for --pool (models listed cheapest first)",
-        )
-    else:
-        p.add_argument("--pretrained", metavar="POOL", help="zero-label router: a pool file or cheap,...,strong names")
