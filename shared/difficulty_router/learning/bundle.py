@@ -30,6 +30,16 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def write_arrays(path: Path, arrays: dict[str, Any], metadata: dict[str, str] | None = None) -> str:
+    """Save named arrays as safetensors (int64 for integer arrays, float64 for the rest) and return the
+    file's sha256, which the bundle's manifest records so that :func:`load_arrays` can check it."""
+    from safetensors.numpy import save_file
+
+    dtypes = {k: np.int64 if np.issubdtype(np.asarray(v).dtype, np.integer) else np.float64 for k, v in arrays.items()}
+    save_file({k: np.ascontiguousarray(v, dtype=dtypes[k]) for k, v in arrays.items()}, str(path), metadata=metadata)
+    return sha256_file(path)
+
+
 def read_manifest(path: Path) -> dict:
     """The manifest as a dict; ValueError when it is not a JSON object."""
     try:

@@ -15,10 +15,14 @@ from typing import Any
 import numpy as np
 
 from difficulty_router.core.metrics import apgr_cpt, curve_auc
+from difficulty_router.learning.folds import shared_folds
 from difficulty_router.learning.lexical import LexicalProbe
+from difficulty_router.learning.logistic import _auroc, _fit_logistic, _sigmoid
 from difficulty_router.learning.policies import Policy, sweep
-from difficulty_router.learning.probes import Standardizer, SuccessProbe, _auroc, _fit_logistic, _sigmoid, shared_folds
+from difficulty_router.learning.probe_arrays import LINEAR_FIELDS, part_arrays, set_part_arrays
+from difficulty_router.learning.probes import SuccessProbe
 from difficulty_router.learning.shared_success import SharedSuccessModel
+from difficulty_router.learning.standardizer import Standardizer
 
 #: ``shared``: one low-rank representation of the read-out with per-model heads (:mod:`.shared_success`).
 #: Listed last, so it is kept only where cross-validation prefers it by more than a tie.
@@ -76,15 +80,12 @@ class StackedProbe:
         return _sigmoid(Z @ self.coef_.T + self.intercept_)
 
     def arrays(self, prefix: str = "stack") -> dict[str, np.ndarray]:
-        out = self.standardizer_.arrays(f"{prefix}.standardizer")
-        out.update({f"{prefix}.coef": self.coef_, f"{prefix}.intercept": self.intercept_})
-        return out
+        return part_arrays(self, prefix, LINEAR_FIELDS)
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str = "stack") -> StackedProbe:
         self = cls()
-        self.standardizer_ = Standardizer.from_arrays(arrays, f"{prefix}.standardizer")
-        self.coef_, self.intercept_ = arrays[f"{prefix}.coef"], arrays[f"{prefix}.intercept"]
+        set_part_arrays(self, arrays, prefix, LINEAR_FIELDS)
         m, k = self.coef_.shape
         if self.intercept_.shape != (m,) or self.standardizer_.mean_.shape != (k,):
             raise ValueError("saved stack arrays have inconsistent shapes")

@@ -14,9 +14,14 @@ from typing import Any
 
 import numpy as np
 
-from difficulty_router.learning.probes import Standardizer, _check_xy
+from difficulty_router.learning.logistic import _check_xy
+from difficulty_router.learning.probe_arrays import part_arrays, set_part_arrays
+from difficulty_router.learning.standardizer import Standardizer
 
 CHARS_PER_TOKEN = 4.0
+#: What the head saves beside its input transform: ridge weights and intercepts per model, and the
+#: smearing factors that undo the log scale's bias.
+LENGTH_FIELDS = ("coef", "intercept", "smearing")
 
 
 class OutputLengthHead:
@@ -61,18 +66,12 @@ class OutputLengthHead:
         return np.exp(self.predict_log(X)) * self.smearing_[None, :]
 
     def arrays(self, prefix: str = "length") -> dict[str, np.ndarray]:
-        out = self.standardizer_.arrays(f"{prefix}.standardizer")
-        out.update(
-            {f"{prefix}.coef": self.coef_, f"{prefix}.intercept": self.intercept_, f"{prefix}.smearing": self.smearing_}
-        )
-        return out
+        return part_arrays(self, prefix, LENGTH_FIELDS)
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str = "length") -> OutputLengthHead:
         self = cls()
-        self.standardizer_ = Standardizer.from_arrays(arrays, f"{prefix}.standardizer")
-        self.coef_, self.intercept_ = arrays[f"{prefix}.coef"], arrays[f"{prefix}.intercept"]
-        self.smearing_ = arrays[f"{prefix}.smearing"]
+        set_part_arrays(self, arrays, prefix, LENGTH_FIELDS)
         if self.coef_.ndim != 2 or self.intercept_.shape != (self.coef_.shape[0],):
             raise ValueError("the length head's arrays are inconsistent")
         return self

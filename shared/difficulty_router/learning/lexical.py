@@ -19,14 +19,10 @@ import numpy as np
 from scipy import sparse
 from sklearn.feature_extraction.text import HashingVectorizer
 
-from difficulty_router.learning.probes import (
-    _sigmoid,
-    calibrated_arrays,
-    fit_calibrated_columns,
-    nested_choice,
-    set_calibrated_arrays,
-    shared_folds,
-)
+from difficulty_router.learning.folds import nested_choice, shared_folds
+from difficulty_router.learning.logistic import apply_platt
+from difficulty_router.learning.probe_arrays import calibrated_arrays, set_calibrated_arrays
+from difficulty_router.learning.probes import fit_calibrated_columns
 
 # (analyzer, n-gram range) candidates that training compares by CV AUROC
 LEXICAL_CANDIDATES = (("word", (1, 1)), ("word", (1, 2)), ("char_wb", (2, 5)))
@@ -197,7 +193,7 @@ class LexicalProbe:
         return np.asarray(Z @ self.coef_.T) + self.intercept_
 
     def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
-        return _sigmoid(self.platt_[:, 0] * self.decision_function(texts) + self.platt_[:, 1])
+        return apply_platt(self.platt_, self.decision_function(texts))
 
     def config(self) -> dict:
         return self.features_.config()

@@ -27,19 +27,18 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.optimize import minimize
 
-from difficulty_router.learning.probes import (
-    Standardizer,
-    _auroc,
-    _check_xy,
-    _logit,
-    _platt,
-    _sigmoid,
-    nested_choice,
-    shared_folds,
-)
+from difficulty_router.learning.folds import nested_choice, shared_folds
+from difficulty_router.learning.logistic import _auroc, _check_xy, _sigmoid, apply_platt, is_lopsided, platt_scaling
+from difficulty_router.learning.probe_arrays import part_arrays, set_part_arrays
+from difficulty_router.learning.standardizer import Standardizer
 
 DEFAULT_RANKS = (1, 2, 4, 8)
 DEFAULT_ALPHAS = (0.01, 0.03, 0.1, 0.3)
+#: What the model saves beside its input transform: the shared trunk W, the per-model heads, their
+#: intercepts, Platt pairs and cross-validated AUROC. ``heads`` is held as ``coef_heads_`` (``coef_``
+#: is the rank-k product).
+SHARED_FIELDS = ("W", "heads", "intercept", "platt", "cv_auroc")
+_SHARED_ATTRIBUTES = {"heads": "coef_heads_"}
 
 
 def _check_labels(X: np.ndarray, Y) -> tuple[np.ndarray, np.ndarray]:
@@ -198,17 +197,15 @@ class SharedSuccessModel:
         )
         self.platt_ = np.zeros((m, 2))
         self.cv_auroc_ = np.full(m, np.nan)
-        self.oof_logit_, self.oof_proba_ = oof, np.zeros(Y.shape)
+        self.oof_logit_ = oof
         for j in range(m):
             seen = observed[:, j]
             y = Y[seen, j]
-            hard = (y >= 0.5).astype(int)
-            if np.bincount(hard, minlength=2).min() < len(folds):  # (almost) constant: a constant is honest
-                self.platt_[j] = (0.0, _logit(y.mean()))
-            else:
-                self.platt_[j] = _platt(oof[seen, j], y)
+            # (almost) constant: the base rate is honest, and there is no AUROC to report
+            self.platt_[j] = platt_scaling(oof[seen, j], y, len(folds))
+            if not is_lopsided(y, len(folds)):
                 self.cv_auroc_[j] = _auroc(y, oof[seen, j])
-            self.oof_proba_[:, j] = _sigmoid(self.platt_[j, 0] * oof[:, j] + self.platt_[j, 1])
+        self.oof_proba_ = apply_platt(self.platt_, oof)
         # rank and alpha chosen without the predicted fold: what family selection compares (see nested_choice)
         nested = nested_choice(candidate_logits, np.where(observed, Y, np.nan), folds, per_column=False)
         self.nested_oof_logit_, self.nested_oof_proba_ = nested["logit"], nested["proba"]
@@ -228,7 +225,7 @@ class SharedSuccessModel:
         return self.representation(X) @ self.coef_heads_.T + self.intercept_
 
     def predict_proba(self, X) -> np.ndarray:
-        return _sigmoid(self.platt_[:, 0] * self.decision_function(X) + self.platt_[:, 1])
+        return apply_platt(self.platt_, self.decision_function(X))
 
     def trunk(self) -> tuple[Standardizer, np.ndarray]:
         """The fitted representation (input transform and W), to start another pool from."""
@@ -242,22 +239,12 @@ class SharedSuccessModel:
         return X
 
     def arrays(self, prefix: str = "shared") -> dict[str, np.ndarray]:
-        return {
-            **self.standardizer_.arrays(f"{prefix}.standardizer"),
-            f"{prefix}.W": self.W_,
-            f"{prefix}.heads": self.coef_heads_,
-            f"{prefix}.intercept": self.intercept_,
-            f"{prefix}.platt": self.platt_,
-            f"{prefix}.cv_auroc": self.cv_auroc_,
-        }
+        return part_arrays(self, prefix, SHARED_FIELDS, attributes=_SHARED_ATTRIBUTES)
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str = "shared") -> SharedSuccessModel:
         self = cls()
-        self.standardizer_ = Standardizer.from_arrays(arrays, f"{prefix}.standardizer")
-        self.W_, self.coef_heads_ = arrays[f"{prefix}.W"], arrays[f"{prefix}.heads"]
-        self.intercept_, self.platt_ = arrays[f"{prefix}.intercept"], arrays[f"{prefix}.platt"]
-        self.cv_auroc_ = arrays[f"{prefix}.cv_auroc"]
+        set_part_arrays(self, arrays, prefix, SHARED_FIELDS, attributes=_SHARED_ATTRIBUTES)
         m, k = self.coef_heads_.shape
         width = self.standardizer_.transform(self.standardizer_.mean_[None]).shape[1]
         if self.W_.shape != (width, k) or self.intercept_.shape != (m,) or self.platt_.shape != (m, 2):

@@ -289,6 +289,7 @@ def ladder_parts(
     offer ``pretrained`` without this module importing it back."""
     from difficulty_router.extraction.extractor import ActivationExtractor
     from difficulty_router.learning.policies import Policy
+    from difficulty_router.learning.probe_arrays import calibrated_probe_arrays
     from difficulty_router.learning.probes import DifficultyProbe, SuccessProbe
 
     head = head if isinstance(head, DifficultyHead) else DifficultyHead.load(head)
@@ -311,16 +312,15 @@ def ladder_parts(
             f"{head.extractor['model_hash'][:12]}...), not {extractor.model_id!r}"
         )
     a = head.discrimination
-    standardizer = {"success.standardizer.mean": head.mean, "success.standardizer.scale": head.scale}
     probe = SuccessProbe.from_arrays(
-        {
-            **standardizer,
-            "success.coef": np.tile(-a * head.weight, (k, 1)),
-            "success.intercept": np.zeros(k),
-            "success.platt": np.tile([1.0, 0.0], (k, 1)),
-            "success.C": np.zeros(k),
-            "success.cv_auroc": np.full(k, np.nan),
-        }
+        calibrated_probe_arrays(
+            "success",
+            mean=head.mean,
+            scale=head.scale,
+            coef=np.tile(-a * head.weight, (k, 1)),
+            intercept=np.zeros(k),
+            platt=np.tile([1.0, 0.0], (k, 1)),
+        )
     )
     # 1-5 difficulty for decisions: the head's 1st..99th training percentiles mapped linearly onto 1..5
     low, high = head.quantile([0.01, 0.99])
