@@ -15,6 +15,11 @@ file may carry a top-level ``label`` section: ``{"judge": {pool-model fields}, "
 int}}}``. Calls run concurrently with a per-model limit; transient errors (the package's one
 rule, :func:`.errors.is_transient_error`) are retried with backoff; a ``max_usd`` budget stops
 new calls once spent, and what finished is kept.
+
+This module is the run itself (:class:`Labeller`) and the choice of which prompts to label
+(:func:`select_uncertain`); the models it calls are in :mod:`.label_backends`, the files it reads and
+writes (settings, prompts, journal, training file, report) in :mod:`.label_files`. Their names are
+importable from here too, where callers have always found them.
 """
 
 from __future__ import annotations
@@ -23,221 +28,46 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from difficulty_router.core.errors import is_transient_error
-from difficulty_router.core.pool import ModelPool, PoolModel
-from difficulty_router.data.graders import (
-    DEFAULT_RUBRIC,
-    Grader,
-    JudgeParseError,
-    get_grader,
-    judge_prompt,
-    parse_judge_score,
+from difficulty_router.data.graders import JudgeParseError, get_grader, judge_prompt, parse_judge_score
+from difficulty_router.data.label_backends import Backend, OpenAICall, Reply, langchain_backend, openai_backend
+from difficulty_router.data.label_files import (
+    GENERATION_KEYS,
+    LabelConfig,
+    LabelReport,
+    config_from_pool_file,
+    journal_path,
+    read_journal,
+    read_prompt_rows,
+    summarise,
+    write_training_file,
 )
-from difficulty_router.data.queries import conversation_text, to_conversation
+from difficulty_router.data.queries import conversation_text
 
-GENERATION_KEYS = {"system", "temperature", "max_tokens"}
-
-
-@dataclass
-class Reply:
-    text: str
-    prompt_tokens: int | None
-    completion_tokens: int | None
-
-
-@dataclass
-class Backend:
-    """One callable model: ``call(messages, settings) -> Reply``, with its prices."""
-
-    name: str
-    call: Callable[[list[dict], dict], Reply]
-    spec: PoolModel | None = None
-
-    def cost(self, reply: Reply, messages: list[dict]) -> float:
-        spec = self.spec
-        if spec is None:
-            return 0.0
-        if spec.cost_per_query is not None:
-            return float(spec.cost_per_query)
-        prompt = reply.prompt_tokens if reply.prompt_tokens is not None else len(conversation_text(messages)) / 4
-        completion = reply.completion_tokens if reply.completion_tokens is not None else len(reply.text) / 4
-        return (prompt * (spec.input_cost_per_1m or 0.0) + completion * (spec.output_cost_per_1m or 0.0)) / 1e6
-
-
-def openai_backend(spec: PoolModel) -> Backend:
-    """A pool model served at ``spec.base_url`` through the OpenAI client (no client-side retries: ours).
-
-    The backend pickles (its call keeps the spec and builds its client on first use), so the Ray engine
-    sends it to workers; a worker reads the API key from its own environment."""
-    if not spec.base_url:
-        raise ValueError(f"pool model {spec.name!r} has no base_url; label needs an endpoint (or a LangChain model)")
-    if spec.api_key_env and not os.environ.get(spec.api_key_env):
-        raise ValueError(f"pool model {spec.name!r}: the environment variable {spec.api_key_env} is not set here")
-    return Backend(spec.name, OpenAICall(spec), spec)
-
-
-class OpenAICall:
-    """``call(messages, settings) -> Reply`` against an OpenAI-compatible endpoint; the client is built lazily
-    and left out of the pickled state (it holds sockets and locks)."""
-
-    def __init__(self, spec: PoolModel) -> None:
-        self.spec = spec
-        self._client: Any = None
-        self._lock = threading.Lock()
-
-    def __getstate__(self) -> dict:
-        return {"spec": self.spec}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(state["spec"])  # type: ignore[misc]
-
-    def _ensure_client(self):
-        with self._lock:
-            if self._client is None:
-                import openai
-
-                spec = self.spec
-                key = os.environ.get(spec.api_key_env, "") if spec.api_key_env else "none"
-                if spec.api_key_env and not key:
-                    raise ValueError(
-                        f"pool model {spec.name!r}: the environment variable {spec.api_key_env} is not set here"
-                    )
-                self._client = openai.OpenAI(
-                    base_url=spec.base_url, api_key=key or "none", timeout=spec.timeout or 60.0, max_retries=0
-                )
-            return self._client
-
-    def __call__(self, messages: list[dict], settings: dict) -> Reply:
-        client = self._ensure_client()
-        extra = {k: settings[k] for k in ("temperature", "max_tokens") if k in settings}
-        response = client.chat.completions.create(model=self.spec.served_model, messages=messages, **extra)
-        usage = response.usage
-        return Reply(
-            text=response.choices[0].message.content or "",
-            prompt_tokens=usage.prompt_tokens if usage else None,
-            completion_tokens=usage.completion_tokens if usage else None,
-        )
-
-
-def langchain_backend(name: str, chat_model: Any, spec: PoolModel | None = None) -> Backend:
-    """A LangChain chat model (``invoke`` on role/content dicts); tokens from its ``usage_metadata``."""
-
-    def call(messages: list[dict], settings: dict) -> Reply:
-        message = chat_model.invoke(messages)
-        usage = getattr(message, "usage_metadata", None) or {}
-        content = message.content if isinstance(message.content, str) else json.dumps(message.content)
-        return Reply(content, usage.get("input_tokens"), usage.get("output_tokens"))
-
-    return Backend(name, call, spec)
-
-
-@dataclass
-class LabelConfig:
-    grader: str | Grader | None = None
-    judge: Backend | None = None
-    rubric: str = DEFAULT_RUBRIC
-    threshold: int = 4
-    generation: dict[str, dict] = field(default_factory=dict)
-    concurrency: int = 4
-    retries: int = 3
-    backoff_s: float = 0.5
-    max_usd: float | None = None
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.threshold <= 5:
-            raise ValueError(f"the judge threshold must be 1-5, got {self.threshold}")
-        if self.concurrency < 1 or self.retries < 0:
-            raise ValueError("concurrency must be >= 1 and retries >= 0")
-        if self.max_usd is not None and not self.max_usd >= 0:
-            raise ValueError(f"max_usd must be a non-negative number, got {self.max_usd}")
-        for model, settings in self.generation.items():
-            unknown = set(settings) - GENERATION_KEYS
-            if unknown:
-                raise ValueError(f"generation settings for {model!r}: unknown keys {sorted(unknown)}")
-
-
-def config_from_pool_file(path: str | os.PathLike, **overrides) -> tuple[ModelPool, LabelConfig]:
-    """The pool and the ``label`` section of a pool file (judge backend, rubric, threshold, generation)."""
-    pool = ModelPool.load(path)
-    data = json.loads(Path(path).read_text()) if Path(path).suffix == ".json" else _yaml(path)
-    section = data.get("label") or {}
-    if not isinstance(section, dict):
-        raise ValueError(f"{path}: 'label' must be an object")
-    judge = None
-    if section.get("judge") is not None:
-        try:
-            judge = openai_backend(PoolModel(**section["judge"]))
-        except TypeError as exc:
-            raise ValueError(f"{path}: label.judge: {exc}") from None
-    kwargs = {k: section[k] for k in ("rubric", "threshold", "generation") if k in section}
-    kwargs.update({k: v for k, v in overrides.items() if v is not None})
-    return pool, LabelConfig(judge=judge, **kwargs)
-
-
-def _yaml(path) -> dict:
-    import yaml
-
-    return yaml.safe_load(Path(path).read_text()) or {}
-
-
-def read_prompt_rows(path: str | os.PathLike) -> list[dict]:
-    """JSON Lines: a string, or an object with ``prompt``/``messages`` (+ optional ``id``, ``reference``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file not found: {path}")
-    rows, seen = [], set()
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}, line {lineno}: not valid JSON ({exc.msg})") from None
-            row = {"prompt": row} if isinstance(row, str) else row
-            if not isinstance(row, dict) or ("prompt" in row) == ("messages" in row):
-                raise ValueError(f"{path}, line {lineno}: expected a string or an object with 'prompt' or 'messages'")
-            row = dict(row)
-            row["id"] = str(row.get("id", lineno))
-            if row["id"] in seen:
-                raise ValueError(f"{path}, line {lineno}: the id {row['id']!r} repeats")
-            seen.add(row["id"])
-            try:
-                row["_messages"] = to_conversation(row.get("prompt", row.get("messages")))
-            except ValueError as exc:
-                raise ValueError(f"{path}, line {lineno}: {exc}") from None
-            rows.append(row)
-    if not rows:
-        raise ValueError(f"{path} holds no prompts")
-    return rows
-
-
-@dataclass
-class LabelReport:
-    rows_written: int
-    calls: int
-    stopped: str | None
-    per_model: dict[str, dict]
-    seconds: float
-    output: str
-
-    def table(self) -> str:
-        head = "| model | graded | correct | skipped | errors | tokens in/out | USD | mean latency |"
-        lines = [head, "|---|---|---|---|---|---|---|---|"]
-        for name, s in self.per_model.items():
-            acc = f"{s['correct'] / s['graded']:.1%}" if s["graded"] else "-"
-            lat = f"{s['latency_s'] / max(s['answered'], 1):.2f} s"
-            lines.append(
-                f"| {name} | {s['graded']} | {acc} | {s['skipped']} | {s['errors']} | "
-                f"{s['prompt_tokens']}/{s['completion_tokens']} | {s['usd']:.6f} | {lat} |"
-            )
-        return "\n".join(lines)
+__all__ = [
+    "GENERATION_KEYS",
+    "Backend",
+    "LabelConfig",
+    "LabelReport",
+    "Labeller",
+    "OpenAICall",
+    "Reply",
+    "config_from_pool_file",
+    "journal_path",
+    "langchain_backend",
+    "openai_backend",
+    "read_journal",
+    "read_prompt_rows",
+    "select_uncertain",
+    "summarise",
+    "uncertainty_order",
+    "write_training_file",
+]
 
 
 class Labeller:
@@ -373,76 +203,6 @@ class Labeller:
             sink.write(json.dumps(record) + "\n")
             sink.flush()
             bar.update(1)
-
-
-def journal_path(output: Path) -> Path:
-    return output.with_name(output.name + ".calls.jsonl")
-
-
-def read_journal(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    out = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue  # a line cut by a crash mid-write: that call is simply redone
-    # the latest record of a pair wins (a retried error is replaced by its success)
-    latest = {(r["id"], r["model"]): r for r in out}
-    return list(latest.values())
-
-
-def write_training_file(rows: list[dict], records: list[dict], models: list[str], output: Path) -> int:
-    """Prompts graded for every model, in ``difficulty-router train`` format (plus tokens, latency, answers)."""
-    by_pair = {(r["id"], r["model"]): r for r in records if r["status"] == "graded"}
-    written = 0
-    tmp = output.with_name(output.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for row in rows:
-            pairs = [by_pair.get((row["id"], m)) for m in models]
-            if any(p is None for p in pairs):
-                continue
-            graded = [p for p in pairs if p is not None]
-            out: dict[str, Any] = {"id": row["id"]}
-            out["prompt" if "prompt" in row else "messages"] = row.get("prompt", row.get("messages"))
-            hard = all(p["score"] in (0.0, 1.0) for p in graded)
-            out["correct" if hard else "scores"] = {
-                m: (bool(p["score"]) if hard else p["score"]) for m, p in zip(models, graded, strict=True)
-            }
-            out["cost"] = {m: p["usd"] for m, p in zip(models, graded, strict=True)}
-            out["tokens"] = {
-                m: [p["prompt_tokens"], p["completion_tokens"]] for m, p in zip(models, graded, strict=True)
-            }
-            out["latency_s"] = {m: round(p["latency_s"], 4) for m, p in zip(models, graded, strict=True)}
-            if "reference" in row:
-                out["reference"] = row["reference"]
-            fh.write(json.dumps(out, ensure_ascii=False) + "\n")
-            written += 1
-    os.replace(tmp, output)
-    return written
-
-
-def summarise(records: list[dict], models: list[str]) -> dict[str, dict]:
-    out = {}
-    for m in models:
-        mine = [r for r in records if r["model"] == m]
-        answered = [r for r in mine if "answer" in r]
-        graded = [r for r in mine if r["status"] == "graded"]
-        out[m] = {
-            "graded": len(graded),
-            "correct": sum(r["score"] >= 0.5 for r in graded),
-            "skipped": sum(r["status"] == "skipped" for r in mine),
-            "errors": sum(r["status"] == "error" for r in mine),
-            "answered": len(answered),
-            "prompt_tokens": sum(r.get("prompt_tokens") or 0 for r in answered),
-            "completion_tokens": sum(r.get("completion_tokens") or 0 for r in answered),
-            "usd": sum(r.get("usd", 0.0) for r in mine),
-            "latency_s": sum(r.get("latency_s", 0.0) for r in answered),
-        }
-    return out
 
 
 def select_uncertain(router, rows: list[dict], n: int, progress: bool | None = None) -> list[dict]:
