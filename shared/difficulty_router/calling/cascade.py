@@ -112,11 +112,10 @@ class CascadeRun:
 
     def record_failure(self, model: str, error: BaseException) -> Attempt:
         """The rung raised (provider down, timeout): escalate, or re-raise at the top of the ladder."""
-        self._call._expect(model)
-        if self.policy.rung(model) == len(self.policy.ladder) - 1:
+        if model == self.next_model == self.policy.ladder[-1]:
             raise error
         attempt = Attempt(model, "", accepted=False, reason=f"failed: {type(error).__name__}", error=str(error))
-        self._call.move_past(attempt)
+        self._call.move_past(attempt)  # refuses a model other than the one the walk is on
         return attempt
 
     def result(self) -> CascadeResult:

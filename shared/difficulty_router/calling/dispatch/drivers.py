@@ -3,7 +3,9 @@ calling the model it names, and the tracing hooks (:class:`Hooks`) a front end p
 
 The loop is the same in both: wait out a retry's backoff, call the model, report the answer
 (the call's verdict accepts it or moves on) or the error (the call's rule escalates it or not),
-and, in shadow mode, ask the sampled alternative once the call is served.
+and, in shadow mode, ask the sampled alternative once the call is served. The two loops are
+twins line for line (one awaits the model and the hooks): what the call decides lives in
+:class:`~.routed_call.RoutedCall`, so all they repeat is the order of the steps.
 """
 
 from __future__ import annotations
