@@ -13,7 +13,8 @@ from difficulty_router.data.outcomes import Outcomes
 from difficulty_router.evaluation.baselines import BASELINES, baseline_proba
 from difficulty_router.learning.families import routing_quality
 from difficulty_router.learning.policies import Policy, sweep
-from difficulty_router.routing.router import DifficultyRouter, realised_costs
+from difficulty_router.routing.calibration import realised_costs
+from difficulty_router.routing.router import DifficultyRouter
 
 
 def _two_model_score(proba: np.ndarray, kind: str, weak: int, strong: int) -> np.ndarray:

@@ -1,13 +1,17 @@
-"""DifficultyRouter: extractor read-out -> success probes -> policy -> RouteDecision."""
+"""DifficultyRouter: extractor read-out -> success probes -> policy -> RouteDecision.
+
+This module is the decision itself (probabilities by feature family, eligibility, the policy's
+choice, novelty escalation, the decision record). Its neighbours hold the rest, each reached through a
+thin method here: saving and loading (:mod:`.persistence`), the operating point on labelled rows
+(:mod:`.calibration`), on unlabelled traffic (:mod:`.traffic`) and the zero-label ladder (:mod:`.pretrained`).
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,23 +20,29 @@ from difficulty_router.core.pool import ModelPool
 from difficulty_router.data.outcomes import Outcomes
 from difficulty_router.data.queries import conversation_text, to_conversations
 from difficulty_router.extraction.extractor import ActivationExtractor, normalise_pooling
-from difficulty_router.learning.bundle import sha256_file
 from difficulty_router.learning.families import FAMILIES, StackedProbe, stack_inputs
 from difficulty_router.learning.length_head import OutputLengthHead
 from difficulty_router.learning.lexical import LexicalProbe
 from difficulty_router.learning.novelty import NoveltyScore, OODPolicy
-from difficulty_router.learning.policies import Policy, pick_operating_point, sweep
+from difficulty_router.learning.policies import Policy
 from difficulty_router.learning.probes import DifficultyProbe, SuccessProbe, derived_difficulty
 from difficulty_router.learning.shared_success import SharedSuccessModel
+from difficulty_router.routing.calibration import (  # noqa: F401 (realised_costs is importable from here)
+    calibrate_router,
+    operating_curve,
+    realised_costs,
+)
 from difficulty_router.routing.decision import RouteDecision
+from difficulty_router.routing.persistence import (  # noqa: F401 (the format's names, importable from here)
+    ARRAYS,
+    FORMAT,
+    MANIFEST,
+    load_router,
+    save_router,
+)
 from difficulty_router.routing.pretrained import ladder_parts, set_ladder
-from difficulty_router.routing.traffic import calibrate_unlabelled
 
 logger = logging.getLogger(__name__)
-
-FORMAT = "difficulty-router/1"
-MANIFEST = "manifest.json"
-ARRAYS = "probes.safetensors"
 
 
 class DifficultyRouter:
@@ -261,93 +271,15 @@ class DifficultyRouter:
         return derived_difficulty(proba)
 
     # -- operating point -----------------------------------------------------------
-    def operating_curve(
-        self, outcomes: Outcomes, kind: str | None = None, proba: np.ndarray | None = None
-    ) -> list[dict]:
-        """Accuracy and cost at every setting of the policy on labelled rows."""
-        outcomes = outcomes.select_models(self.models)
-        if proba is None:
-            proba = self.predict_proba(outcomes.queries)
-        costs = self.estimated_costs(outcomes)
-        kind = kind or self.policy.kind
-        policy = Policy(kind, margin=self.utility_margin if kind == "utility" else 0.0)
-        return sweep(
-            policy,
-            proba,
-            costs,
-            self.capability,
-            outcomes.scores,
-            realised_costs=realised_costs(outcomes, costs),
-            eligible=self.eligibility(len(outcomes), None),
-        )
+    #: Accuracy and cost at every setting of the policy on labelled rows (:func:`.calibration.operating_curve`).
+    operating_curve = operating_curve
 
     def estimated_costs(self, outcomes: Outcomes) -> np.ndarray:
         return self.pool.costs([len(conversation_text(c)) for c in outcomes.queries])
 
-    def calibrate(
-        self,
-        outcomes: Outcomes | None = None,
-        *,
-        target_cost: float | None = None,
-        target_accuracy: float | None = None,
-        max_accuracy_drop: float | None = None,
-        kind: str | None = None,
-        proba: np.ndarray | None = None,
-        unlabelled: Sequence[Any] | None = None,
-        strong_share: float | None = None,
-        shares: Sequence[float] | None = None,
-        max_cost_per_1k: float | None = None,
-        progress: bool | None = None,
-    ) -> dict:
-        """Set the policy's knob on labelled traffic of your own, or on unlabelled prompts.
-
-        ``target_cost``: best accuracy at a mean cost per query no higher than this.
-        ``target_accuracy``: cheapest setting reaching this accuracy.
-        ``max_accuracy_drop``: cheapest setting within this many accuracy points (0.01 = 1 point)
-        of the best single pool model on these rows.
-
-        Without labels, pass ``unlabelled`` prompts and one of ``strong_share`` (share of calls
-        to the most capable model), ``shares`` (per model, zero-label ladder routers) or
-        ``max_cost_per_1k``; see :func:`difficulty_router.routing.traffic.calibrate_unlabelled`.
-        """
-        if unlabelled is not None:
-            if outcomes is not None or any(x is not None for x in (target_cost, target_accuracy, max_accuracy_drop)):
-                raise ValueError(
-                    "give labelled outcomes with their targets, or unlabelled prompts with theirs, not both"
-                )
-            return calibrate_unlabelled(
-                self,
-                unlabelled,
-                strong_share=strong_share,
-                shares=shares,
-                max_cost_per_1k=max_cost_per_1k,
-                progress=progress,
-            )
-        if outcomes is None:
-            raise ValueError(
-                "calibrate needs labelled outcomes, or unlabelled= prompts with strong_share/max_cost_per_1k"
-            )
-        given = [x is not None for x in (target_cost, target_accuracy, max_accuracy_drop)]
-        if sum(given) != 1:
-            raise ValueError("give exactly one of target_cost, target_accuracy or max_accuracy_drop")
-        outcomes = outcomes.select_models(self.models)
-        if len(outcomes) < 10:
-            raise ValueError(f"calibration needs at least 10 labelled rows, got {len(outcomes)}")
-        points = self.operating_curve(outcomes, kind, proba)
-        if max_accuracy_drop is not None:
-            target_accuracy = float(outcomes.scores.mean(axis=0).max()) - max_accuracy_drop
-        kind = kind or self.policy.kind
-        point = pick_operating_point(
-            points, Policy(kind).parameter, target_cost=target_cost, target_accuracy=target_accuracy
-        )
-        self.policy = Policy.from_point(kind, point)
-        self.info["calibration"] = {
-            "n": len(outcomes),
-            "target_cost": target_cost,
-            "target_accuracy": target_accuracy,
-            "point": point,
-        }
-        return point
+    #: Set the policy's knob on labelled traffic of your own, or on unlabelled prompts
+    #: (:func:`.calibration.calibrate_router`).
+    calibrate = calibrate_router
 
     @classmethod
     def pretrained(
@@ -373,189 +305,19 @@ class DifficultyRouter:
         return router
 
     # -- persistence ---------------------------------------------------------------
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``manifest.json`` and ``probes.safetensors``; nothing in them is executable."""
-        from safetensors.numpy import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        arrays = self.probe.arrays("success")
-        if self.difficulty_probe is not None:
-            arrays.update(self.difficulty_probe.arrays("difficulty"))
-        if self.lexical is not None:
-            arrays.update(self.lexical.arrays("lexical"))
-        if self.stack is not None:
-            arrays.update(self.stack.arrays("stack"))
-        if self.shared is not None:
-            arrays.update(self.shared.arrays("shared"))
-        if self.novelty is not None:
-            arrays.update(self.novelty.arrays("novelty"))
-        if self.length_head is not None:
-            arrays.update(self.length_head.arrays("length"))
-        arrays["capability"] = self.capability
-        arrays = {
-            k: np.ascontiguousarray(v, dtype=np.int64 if np.issubdtype(np.asarray(v).dtype, np.integer) else np.float64)
-            for k, v in arrays.items()
-        }
-        # what the arrays mean travels inside the hashed file, so editing it is caught like editing an array
-        metadata = {
-            "family": self.family,
-            "lexical": json.dumps(self.lexical.config() if self.lexical is not None else None),
-        }
-        save_file(arrays, str(directory / ARRAYS), metadata=metadata)
-        manifest = {
-            "format": FORMAT,
-            "extractor": self.extractor.describe(),
-            "readout": {"layers": list(self.layers), "pooling": list(self.pooling)},
-            "pool": self.pool.to_dict(),
-            "policy": self.policy.to_dict(),
-            "has_difficulty_probe": self.difficulty_probe is not None,
-            "family": self.family,
-            "lexical": self.lexical.config() if self.lexical is not None else None,
-            "dropped": self.dropped,
-            "novelty": self.ood.to_dict(),
-            "arrays_sha256": sha256_file(directory / ARRAYS),
-            "versions": _versions(),
-            "info": self.info,
-        }
-        (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default))
-        return directory
+    #: Write ``manifest.json`` and ``probes.safetensors`` (:func:`.persistence.save_router`).
+    save = save_router
 
     @classmethod
     def load(
-        cls,
-        directory: str | os.PathLike,
-        extractor: ActivationExtractor | None = None,
-        *,
-        model: str | None = None,
-        allow_other_extractor: bool = False,
-        **extractor_kwargs,
+        cls, directory: str | os.PathLike, extractor: ActivationExtractor | None = None, **options: Any
     ) -> DifficultyRouter:
-        """Load a saved router; refuses bundles that were altered or that belong to another extractor.
-
-        The extractor comes from ``extractor``, else ``model``, else the manifest. A manifest may
-        name only an embedded model (``smollm2-135m``, ...) on its own authority: a hub id or a
-        path must also be passed as ``model`` (the manifest is just a file someone sent), and a
-        ``model`` other than the manifest's needs ``allow_other_extractor``. Whatever loads, its
-        weights hash must equal the one recorded at save time.
-        """
-        from difficulty_router.extraction.model_store import KNOWN_MODELS
-        from difficulty_router.learning.bundle import (
-            check_extractor_allowed,
-            check_router_manifest,
-            load_arrays,
-            read_manifest,
-        )
-
-        directory = Path(directory)
-        if not (directory / MANIFEST).is_file():
-            raise FileNotFoundError(f"{directory} holds no {MANIFEST}; not a saved router")
-        if not (directory / ARRAYS).is_file():
-            raise FileNotFoundError(f"{directory} holds no {ARRAYS}; the saved router is incomplete")
-        where = str(directory / MANIFEST)
-        manifest = read_manifest(directory / MANIFEST)
-        check_router_manifest(manifest, where, FORMAT)
-        arrays, metadata = load_arrays(directory / ARRAYS, manifest["arrays_sha256"])
-        family = metadata.get("family", "activation")
-        try:
-            lexical_config = json.loads(metadata.get("lexical", "null"))
-        except json.JSONDecodeError:
-            raise ValueError(f"{directory / ARRAYS}: its 'lexical' metadata is not JSON") from None
-        if family != manifest.get("family", "activation") or lexical_config != manifest.get("lexical"):
-            raise ValueError(
-                f"{where} describes a different feature family than {ARRAYS} holds; the bundle was altered"
-            )
-        readout = manifest["readout"]
-        described = manifest["extractor"]
-        if extractor is None:
-            name = check_extractor_allowed(
-                described["model_id"], model, allow_other_extractor, where, frozenset(KNOWN_MODELS)
-            )
-            extractor = ActivationExtractor(
-                name,
-                layers=readout["layers"],
-                pooling=readout["pooling"],
-                max_tokens=described.get("max_tokens", 2048),
-                **extractor_kwargs,
-            )
-        if extractor.model_hash != described["model_hash"]:
-            raise ValueError(
-                f"this router was trained on extractor {described['model_id'][:200]!r} (weights sha256 "
-                f"{described['model_hash'][:12]}...), but the extractor in use is {extractor.model_id!r} "
-                f"({extractor.model_hash[:12]}...); its probes would read meaningless features"
-            )
-        if extractor.hidden_size != described["hidden_size"] or extractor.n_layers != described["n_layers"]:
-            raise ValueError("the extractor's shape differs from the one the router was trained on")
-        try:
-            probe = SuccessProbe.from_arrays(arrays, "success")
-            difficulty_probe = (
-                DifficultyProbe.from_arrays(arrays, "difficulty") if manifest.get("has_difficulty_probe") else None
-            )
-            lexical = (
-                LexicalProbe.from_arrays(lexical_config, arrays, "lexical") if lexical_config is not None else None
-            )
-            stack = StackedProbe.from_arrays(arrays, "stack") if "stack.coef" in arrays else None
-            shared = SharedSuccessModel.from_arrays(arrays, "shared") if family == "shared" else None
-            novelty = NoveltyScore.from_arrays(arrays, "novelty") if "novelty.mean" in arrays else None
-            length_head = OutputLengthHead.from_arrays(arrays, "length") if "length.coef" in arrays else None
-            return cls(
-                extractor,
-                ModelPool.from_dict(manifest["pool"], source=where),
-                probe,
-                layers=readout["layers"],
-                pooling=readout["pooling"],
-                capability=arrays["capability"],
-                policy=Policy.from_dict(manifest["policy"]),
-                difficulty_probe=difficulty_probe,
-                info=manifest.get("info") or {},
-                family=family,
-                lexical=lexical,
-                stack=stack,
-                dropped=manifest.get("dropped") or {},
-                novelty=novelty,
-                ood=OODPolicy.from_dict(manifest.get("novelty")),
-                length_head=length_head,
-                shared=shared,
-            )
-        except KeyError as exc:
-            raise ValueError(
-                f"{directory / ARRAYS} lacks the array {exc.args[0]!r}; the bundle is incomplete"
-            ) from None
-        except (TypeError, AttributeError, IndexError) as exc:
-            raise ValueError(f"{directory}: the saved router is inconsistent ({exc})") from None
+        """Load a saved router, refusing altered bundles and other extractors; ``options`` are ``model``,
+        ``allow_other_extractor`` and the extractor's keyword arguments (:func:`.persistence.load_router`)."""
+        return load_router(cls, directory, extractor, **options)
 
     def __repr__(self) -> str:
         return (
             f"DifficultyRouter(extractor={self.extractor.model_id!r}, family={self.family!r}, layers={self.layers}, "
             f"pooling={self.pooling}, models={self.models}, policy={self.policy})"
         )
-
-
-def realised_costs(outcomes: Outcomes, estimated: np.ndarray) -> np.ndarray:
-    """Logged per-query costs where the outcomes have them, estimates elsewhere."""
-    if outcomes.cost is None:
-        return estimated
-    return np.where(np.isnan(outcomes.cost), estimated, outcomes.cost)
-
-
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"cannot serialise {type(value).__name__}")
-
-
-def _versions() -> dict:
-    import sklearn
-    import torch
-    import transformers
-
-    from difficulty_router.core.version import __version__
-
-    return {
-        "difficulty_router": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "scikit-learn": sklearn.__version__,
-    }
