@@ -20,94 +20,47 @@ Sessions: a request's ``X-Session-Id`` header, else its ``user`` field, names it
 goes to the record, the ``x-router-shadow-*`` headers and the ``decision_log``, and a
 ``shadow_sample`` share of non-streaming requests is also sent to the would-be model after the
 response (a background task), its answer logged as a label.
+
+This module is the app's shape: its arguments checked, its endpoints, and the chat handler that
+ties one request together. The pieces it ties live beside it: one request's routing decision in
+:mod:`.deciding`, headers, the SSE relay and errors in :mod:`.responses`, the work after a response in
+:mod:`.follow_up`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import copy
-import dataclasses
 import hmac
-import json
 import logging
-import threading
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 from difficulty_router.calling.attempt import pool_cost_fn
 from difficulty_router.calling.dispatch import Hooks, Reply, RoutedCall, new_query_id, run_async, shadow_plan
-from difficulty_router.data.queries import clip_conversation, conversation_text, to_conversation
 from difficulty_router.routing.decision_log import DecisionLog
 from difficulty_router.routing.router import DifficultyRouter
-from difficulty_router.routing.sessions import MAX_KEY_CHARS, SESSION_POLICIES, Sessions, SessionStore
+from difficulty_router.routing.sessions import SESSION_POLICIES, Sessions, SessionStore
 from difficulty_router.server.backends import BackendFailure, Backends, BackendSpec
-from difficulty_router.server.batching import DeadlineExceeded, MicroBatcher, QueueFull
-from difficulty_router.server.guard import Guard, error_bytes
+from difficulty_router.server.batching import MicroBatcher
+from difficulty_router.server.deciding import (  # noqa: F401 (ROUTE_CHARS_PER_TOKEN is importable from here)
+    ROUTE_CHARS_PER_TOKEN,
+    RequestRouting,
+    every_backend_failed,
+    session_key,
+)
+from difficulty_router.server.follow_up import follow_up
+from difficulty_router.server.guard import Guard
 from difficulty_router.server.metrics import CONTENT_TYPE, ServerMetrics
+from difficulty_router.server.responses import decision_headers, error_response, relay, session_headers
 from difficulty_router.server.schema import ApiError, Limits, parse_json, quote, read_body, validate_chat_request
 
 logger = logging.getLogger(__name__)
 DEFAULT_ROUTER_NAME = "router"
-#: Characters of a conversation's tail routing reads per extractor token (tokens average about 4
-#: characters in English text; twice that keeps what the extractor would read in all but odd text).
-ROUTE_CHARS_PER_TOKEN = 8
-
-
-def _sse(data: Any) -> bytes:
-    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
-
-
-def _error_response(error: ApiError, metrics: ServerMetrics, headers: dict | None = None):
-    metrics.errors.inc(str(error.status), error.type)
-    body = error_bytes(error.status, error.message, type=error.type, code=error.code, param=error.param)
-    return Response(body, status_code=error.status, media_type="application/json", headers=headers)
-
-
-def _decision_headers(
-    router_name: str | None, decision, served: str, tried: list[str], routing_s: float | None
-) -> dict:
-    headers = {"x-router-model": served}
-    if decision is None:
-        headers["x-router-decision"] = "direct"
-        return headers
-    assert router_name is not None and routing_s is not None  # both come with a routing decision
-    headers.update(
-        {
-            "x-router-name": router_name,
-            "x-router-decision": decision.model,
-            "x-router-probabilities": json.dumps(
-                {m: round(p, 4) for m, p in decision.probabilities.items()}, separators=(",", ":")
-            ),
-            "x-router-difficulty": f"{decision.difficulty:.2f}",
-            "x-router-latency-ms": f"{1000 * routing_s:.2f}",
-            "x-router-truncated": "1" if decision.truncated else "0",
-        }
-    )
-    if decision.novelty is not None:
-        headers["x-router-novelty"] = f"{decision.novelty:.1f}"
-        headers["x-router-ood"] = "1" if decision.ood else "0"
-    if len(tried) > 1:
-        headers["x-router-escalated-from"] = ",".join(tried[:-1])
-    return headers
-
-
-def _session_headers(decision, call: RoutedCall) -> dict:
-    headers = {}
-    session = getattr(decision, "session", None)
-    if session is not None:
-        headers["x-router-session-action"] = session["action"]
-        headers["x-router-session-turn"] = str(session["turn"])
-    if call.shadow is not None:
-        headers["x-router-shadow-would-be"] = call.shadow["would_be"]
-        headers["x-router-shadow-sampled"] = "1" if call.shadow["sampled"] else "0"
-    return headers
 
 
 def create_app(
@@ -260,11 +213,11 @@ def create_app(
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
         headers = {"retry-after": "1"} if exc.status == 429 else None
-        return _error_response(exc, metrics, headers)
+        return error_response(exc, metrics, headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):  # unknown paths, wrong methods
-        return _error_response(
+        return error_response(
             ApiError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None), metrics
         )
 
@@ -292,95 +245,7 @@ def create_app(
         ]
         return {"object": "list", "data": data}
 
-    def session_key(request: Request, body: dict) -> str | None:
-        """The request's session: its ``X-Session-Id`` header, else its ``user`` field, else none."""
-        key = request.headers.get("x-session-id")
-        where = "X-Session-Id"
-        if key is None:
-            key, where = body.get("user"), "user"
-        if key is None:
-            return None
-        if not isinstance(key, str) or not key.strip() or len(key) > MAX_KEY_CHARS:
-            raise ApiError(
-                400, f"{where} must be a non-empty string of at most {MAX_KEY_CHARS} characters", param="user"
-            )
-        return key
-
-    # the cache-aware policy prices the prompt in extractor tokens; a copy of the tokenizer (with a lock)
-    # counts them, since a fast tokenizer must not be used from two threads at once (the batcher uses its own)
-    tokenizers: dict[int, tuple[Any, threading.Lock]] = {}
-
-    def count_tokens(router: DifficultyRouter, text: str) -> int:
-        entry = tokenizers.get(id(router))
-        if entry is None:
-            entry = tokenizers.setdefault(id(router), (copy.deepcopy(router.extractor.tokenizer), threading.Lock()))
-        tokenizer, lock = entry
-        with lock:
-            return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    async def context_tokens(router: DifficultyRouter, messages: list) -> int:
-        """The prompt's tokens by the extractor's tokenizer (what the cache-aware policy prices)."""
-        return await asyncio.to_thread(count_tokens, router, conversation_text(to_conversation(messages)))
-
-    async def decide(router_name: str, messages: list) -> tuple[Any, float]:
-        router = routers[router_name]
-        try:
-            conversation = to_conversation(messages)  # validated here so one bad query cannot fail a whole batch
-        except ValueError as exc:
-            raise ApiError(400, str(exc).replace("query: ", "", 1), param="messages") from None
-        # the extractor reads the last max_tokens tokens: a longer tail is tokenised for nothing
-        conversation, clipped = clip_conversation(conversation, ROUTE_CHARS_PER_TOKEN * router.extractor.max_tokens)
-        down = {m: why for m, why in backends.down().items() if m in router.models}
-        if len(down) == len(router.models):
-            down = {}  # everything is down: try them anyway rather than refuse outright
-        start = time.perf_counter()
-        try:
-            if route_one is None:
-                decision = await batchers[router_name].submit(conversation, frozenset(down.items()))
-            else:
-                try:
-                    decision = await asyncio.wait_for(
-                        route_one(router_name, conversation, frozenset(down.items())), route_timeout
-                    )
-                except TimeoutError:
-                    raise DeadlineExceeded(f"not decided within {route_timeout:g} s") from None
-        except QueueFull:
-            metrics.shed.inc(router_name, "queue_full")
-            raise ApiError(
-                429,
-                f"router {router_name!r} is busy: too many requests are waiting to be routed; retry shortly",
-                type="rate_limit_error",
-                code="router_queue_full",
-            ) from None
-        except DeadlineExceeded:
-            metrics.shed.inc(router_name, "deadline")
-            metrics.deadline_expiries.inc(router_name)
-            raise ApiError(
-                503,
-                f"router {router_name!r} could not route the request in time ({route_timeout:g} s); retry shortly",
-                type="server_error",
-                code="routing_timeout",
-            ) from None
-        if clipped:
-            decision = dataclasses.replace(decision, truncated=True)
-        elapsed = time.perf_counter() - start
-        metrics.routing_latency.observe(elapsed)
-        metrics.routed.inc(router_name, decision.model)
-        if decision.ood:
-            metrics.ood_escalations.inc(router_name, decision.model)
-        return decision, elapsed
-
-    def failed(requested: str, failures: list[BaseException]) -> ApiError:
-        metrics.requests.inc(requested, "none")
-        backend_failures = [f for f in failures if isinstance(f, BackendFailure)]
-        last = backend_failures[-1]
-        if not last.escalate:  # the backend refused the request itself: pass its verdict on
-            return ApiError(last.status, last.detail, param=None, code="backend_rejected_request")
-        detail = "; ".join(str(f) for f in backend_failures)
-        status = 504 if all(f.kind == "timeout" for f in backend_failures) else 502
-        return ApiError(
-            status, f"every candidate backend failed: {detail}", type="api_error", code="backends_unavailable"
-        )
+    routing = RequestRouting(routers, backends, metrics, batchers, route_one, route_timeout)
 
     class BackendHooks(Hooks):
         """Metrics and logs per attempt; the escalation itself is the dispatch core's."""
@@ -401,11 +266,11 @@ def create_app(
         decision, routing_s, cost_fn, key = None, None, None, None
         streaming = bool(body.get("stream"))
         if requested in routers:
-            decision, routing_s = await decide(requested, body["messages"])
+            decision, routing_s = await routing.decide(requested, body["messages"])
             key = session_key(request, body)
             policy = sessions[requested]
             if key is not None and policy.policy != "per_call":
-                tokens = await context_tokens(routers[requested], body["messages"])
+                tokens = await routing.context_tokens(routers[requested], body["messages"])
                 decision = policy.apply(key, decision, context_tokens=tokens)
             pool = getattr(routers[requested], "pool", None)
             cost_fn = pool_cost_fn(pool) if pool is not None else None
@@ -441,7 +306,7 @@ def create_app(
             reply = await run_async(call, invoke, hooks)
         except BackendFailure as exc:
             errors = call.errors if any(e is exc for e in call.errors) else [*call.errors, exc]
-            raise failed(requested, errors) from None
+            raise every_backend_failed(requested, errors, metrics) from None
         served = call.served
         assert served is not None  # run_async returns only once a backend has served the call
         name = served.model
@@ -449,58 +314,24 @@ def create_app(
         if decision is not None and key is not None and shadow is None:
             sessions[requested].served(key, name)
         tried = [a.model for a in call.attempts]
-        headers = _decision_headers(requested if decision else None, decision, name, tried, routing_s)
-        headers.update(_session_headers(decision, call))
+        headers = decision_headers(requested if decision else None, decision, name, tried, routing_s)
+        headers.update(session_headers(decision, call))
         if call.query_id is not None:
             headers["x-router-query-id"] = call.query_id
         after = None
         if decision is not None and (decision_log is not None or call.sample_alternative is not None):
-            after = BackgroundTask(_after, call, body, requested)
+            after = BackgroundTask(follow_up, call, body, backends, decision_log, routers[requested])
         if streaming:
             first, rest, close = reply.value
             return StreamingResponse(
-                _relay(first, rest, close, name), media_type="text/event-stream", headers=headers, background=after
+                relay(first, rest, close, name, metrics),
+                media_type="text/event-stream",
+                headers=headers,
+                background=after,
             )
         data = reply.value
         data["model"] = name
         data["router"] = {"requested": requested, **call.record()}
         return JSONResponse(data, headers=headers, background=after)
-
-    async def _after(call: RoutedCall, body: dict, requested: str) -> None:
-        """After the response: ask the sampled alternative (shadow mode) and write the decision log."""
-        alternative = call.sample_alternative
-        if alternative is not None:
-            try:
-                data = await backends.complete(alternative, {**body, "stream": False})
-                usage = data.get("usage") or {}
-                message = (data.get("choices") or [{}])[0].get("message") or {}
-                call.alternative_reply = Reply(
-                    data,
-                    text=str(message.get("content") or ""),
-                    prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                    completion_tokens=int(usage.get("completion_tokens") or 0),
-                )
-            except Exception as exc:  # noqa: BLE001 - a label we could not collect is logged, never raised
-                call.alternative_failed(exc)
-        if decision_log is not None:
-            await asyncio.to_thread(call.log_to, decision_log, body["messages"], routers[requested])
-
-    async def _relay(first, rest, close, name: str):
-        try:
-            if first is not None:
-                first["model"] = name
-                yield _sse(first)
-            async for chunk in rest:
-                chunk["model"] = name
-                yield _sse(chunk)
-        except Exception as exc:  # noqa: BLE001 (headers are sent: report in-band, as OpenAI does)
-            logger.warning("stream from %s broke: %s", name, exc)
-            metrics.backend_errors.inc(name, "stream_broken")
-            yield _sse(
-                ApiError(502, f"{name}: the stream broke; the server log has the cause", type="api_error").body()
-            )
-        finally:
-            await close()
-        yield b"data: [DONE]\n\n"
 
     return app
