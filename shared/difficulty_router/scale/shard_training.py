@@ -17,23 +17,24 @@ The result is a :class:`DifficultyRouter` with the ``activation`` family, saved 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from difficulty_router.core.metrics import apgr_cpt
 from difficulty_router.core.pool import ModelPool
 from difficulty_router.data.queries import conversation_text
 from difficulty_router.extraction.extractor import ActivationExtractor, Extraction
 from difficulty_router.extraction.feature_cache import FeatureCache
+from difficulty_router.learning.logistic import _auroc, _logit, _sigmoid, platt_scaling
 from difficulty_router.learning.novelty import NoveltyScore
-from difficulty_router.learning.policies import Policy, dominated, fit_margin, pick_operating_point, sweep
-from difficulty_router.learning.probes import SuccessProbe, _auroc, _logit, _platt, _sigmoid
+from difficulty_router.learning.policies import Policy, dominated
+from difficulty_router.learning.probe_arrays import calibrated_probe_arrays
+from difficulty_router.learning.probes import SuccessProbe
 from difficulty_router.routing.router import DifficultyRouter, realised_costs
 from difficulty_router.scale.shards import FeatureShards
+from difficulty_router.training.operating_point import default_operating_point
 
 logger = logging.getLogger(__name__)
 
@@ -267,18 +268,12 @@ def _train_streamed(
         coef[j], intercept[j] = clf.coef_[0], clf.intercept_[0]
         chosen_C[j], auroc[j] = best, aucs[best]
         s = logits[(j, best)][held_idx]
-        platt[j] = _platt(s, y) if np.ptp((y >= 0.5).astype(int)) else (0.0, _logit(y.mean()))
+        platt[j] = platt_scaling(s, y)  # a held-out share has no folds: one row of each class is enough
         held_proba[:, j] = _sigmoid(platt[j, 0] * s + platt[j, 1])
     probe = SuccessProbe.from_arrays(
-        {
-            "success.standardizer.mean": mean,
-            "success.standardizer.scale": scale,
-            "success.coef": coef,
-            "success.intercept": intercept,
-            "success.platt": platt,
-            "success.C": chosen_C,
-            "success.cv_auroc": auroc,
-        }
+        calibrated_probe_arrays(
+            "success", mean=mean, scale=scale, coef=coef, intercept=intercept, platt=platt, C=chosen_C, cv_auroc=auroc
+        )
     )
     probe.names_ = list(pool.names)
 
@@ -300,36 +295,10 @@ def _train_streamed(
         dropped=dropped,
         novelty=NoveltyScore(seed=seed).fit(sample),
     )
-    eligible = router.eligibility(len(held_idx), None)
-    held_scores, held_costs, held_realised = scores[held_idx], costs[held_idx], realised[held_idx]
-    margin, margin_table = fit_margin(held_proba, held_scores, held_costs, capability, eligible)
-    comparison: dict[str, dict] = {}
-    for kind in ("utility", "threshold"):
-        points = sweep(
-            Policy(kind, margin=margin if kind == "utility" else 0.0),
-            held_proba,
-            held_costs,
-            capability,
-            held_scores,
-            held_realised,
-            eligible,
-        )
-        try:
-            point = pick_operating_point(
-                points, Policy(kind).parameter, target_accuracy=float(capability.max()) - max_drop
-            )
-        except ValueError:
-            point = max(points, key=lambda p: (p["accuracy"], -p["cost"]))
-        comparison[kind] = {"point": point}
-    if m == 2:
-        weak, strong = np.argsort(capability)
-        with contextlib.suppress(ValueError):  # the strong model no better on the held-out rows: no APGR
-            comparison["utility"].update(
-                apgr_cpt(
-                    held_proba[:, strong] - held_proba[:, weak], held_scores[:, weak], held_scores[:, strong], seed
-                )
-            )
-    router.policy = Policy.from_point(policy, comparison[policy]["point"])
+    point = default_operating_point(
+        router, held_proba, scores[held_idx], costs[held_idx], realised[held_idx], max_accuracy_drop=max_drop, seed=seed
+    )
+    router.policy = point.policy
     router.info = {
         "training": {
             **outcomes.summary(),
@@ -349,10 +318,8 @@ def _train_streamed(
         "families": [],
         "cv_auroc": {name: float(a) for name, a in zip(pool.names, auroc, strict=True)},
         "regularisation_C": {name: float(c) for name, c in zip(pool.names, chosen_C, strict=True)},
-        "out_of_fold_policies": comparison,
+        **point.info(),
         "dropped_models": dropped,
-        "utility_margin": {"margin": margin, "candidates": margin_table},
-        "default_operating_point": {"max_accuracy_drop": max_drop, **comparison[policy]["point"]},
         "held_out_summary": held_out.summary(),
         "seed": seed,
     }

@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from difficulty_router.core.metrics import apgr_cpt
 from difficulty_router.core.pool import ModelPool
 from difficulty_router.data.outcomes import Outcomes
 from difficulty_router.data.queries import conversation_text
@@ -17,16 +16,10 @@ from difficulty_router.extraction.extractor import ActivationExtractor, normalis
 from difficulty_router.extraction.numerics import dtype_name
 from difficulty_router.learning.families import FAMILIES, fit_families
 from difficulty_router.learning.novelty import NoveltyScore
-from difficulty_router.learning.policies import (
-    Policy,
-    complementary,
-    dominated,
-    fit_margin,
-    pick_operating_point,
-    sweep,
-)
+from difficulty_router.learning.policies import Policy, complementary, dominated
 from difficulty_router.learning.probes import DifficultyProbe, _auroc, bootstrap_mean_auroc, readout_oof
 from difficulty_router.routing.router import DifficultyRouter, realised_costs
+from difficulty_router.training.operating_point import default_operating_point
 
 logger = logging.getLogger(__name__)
 
@@ -258,35 +251,10 @@ def train_router(
         novelty=NoveltyScore(seed=seed).fit(extraction.features),
     )
     # Default operating point and a policy comparison, on out-of-fold probabilities: rows the probes did not fit.
-    oof = fit.oof[family]
-    eligible = router.eligibility(len(outcomes), None)
-    margin, margin_table = fit_margin(oof, outcomes.scores, costs, capability, eligible)
-    comparison = {}
-    for kind in ("utility", "threshold"):
-        points = sweep(
-            Policy(kind, margin=margin if kind == "utility" else 0.0),
-            oof,
-            costs,
-            capability,
-            outcomes.scores,
-            realised,
-            eligible,
-        )
-        target = float(capability.max()) - max_accuracy_drop
-        try:
-            point = pick_operating_point(points, Policy(kind).parameter, target_accuracy=target)
-        except ValueError:
-            point = max(points, key=lambda p: (p["accuracy"], -p["cost"]))
-        comparison[kind] = {"point": point}
-    if len(pool) == 2:
-        weak, strong = np.argsort(capability)
-        comparison["utility"].update(
-            apgr_cpt(oof[:, strong] - oof[:, weak], outcomes.scores[:, weak], outcomes.scores[:, strong], seed)
-        )
-        comparison["threshold"].update(
-            apgr_cpt(1 - oof[:, weak], outcomes.scores[:, weak], outcomes.scores[:, strong], seed)
-        )
-    router.policy = Policy.from_point(policy, comparison[policy]["point"])
+    point = default_operating_point(
+        router, fit.oof[family], outcomes.scores, costs, realised, max_accuracy_drop=max_accuracy_drop, seed=seed
+    )
+    router.policy = point.policy
     router.info = {
         "training": outcomes.summary(),
         "readout_sweep": sweep_table,
@@ -297,11 +265,9 @@ def train_router(
         "lexical_candidates": fit.lexical.candidate_scores_ if fit.lexical is not None else [],
         "cv_auroc": {m: float(a) for m, a in zip(pool.names, probe.cv_auroc_, strict=False)},
         "regularisation_C": {m: float(c) for m, c in zip(pool.names, probe.C_, strict=False)},
-        "out_of_fold_policies": comparison,
+        **point.info(),
         "dropped_models": dropped,
         "complementary_models": readmitted,
-        "utility_margin": {"margin": margin, "candidates": margin_table},
-        "default_operating_point": {"max_accuracy_drop": max_accuracy_drop, **comparison[policy]["point"]},
         "truncated_prompts": int(extraction.truncated.sum()),
         "seed": seed,
     }
