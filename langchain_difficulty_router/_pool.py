@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from langchain_core.language_models import BaseChatModel
@@ -17,6 +18,14 @@ def can_call_tools(model: Any) -> bool:
             return False
         return (getattr(model, "profile", None) or {}).get("tool_calling", True) is not False
     return callable(getattr(model, "bind_tools", None))
+
+
+def tool_capability(models: Mapping[str, Any], overrides: Mapping[str, bool]) -> dict[str, bool]:
+    """Whether each pool model can call tools: the ``tool_calling=`` override, else :func:`can_call_tools`."""
+    unknown = sorted(set(overrides) - set(models))
+    if unknown:
+        raise ValueError(f"tool_calling= names {unknown}, which are not in the router's pool {list(models)}")
+    return {name: overrides.get(name, can_call_tools(model)) for name, model in models.items()}
 
 
 def pool_config(config: Any) -> RunnableConfig:

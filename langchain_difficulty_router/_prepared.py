@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -67,6 +68,16 @@ def prepare(owner: Any, decision: Any, config: RunnableConfig | None) -> tuple[P
     return Prepared(owner, decision, config, handle), {**config, "run_id": run_id}
 
 
+@contextmanager
+def handed_over(prepared: Prepared) -> Iterator[None]:
+    """``prepared`` is the call the chat-model run started inside this block takes."""
+    token = PREPARED.set(prepared)
+    try:
+        yield
+    finally:
+        PREPARED.reset(token)
+
+
 def take(owner: Any) -> Prepared | None:
     """The call ``owner`` prepared, read once (at the start of its ``_generate``/``_stream``)."""
     prepared = PREPARED.get()
@@ -116,11 +127,8 @@ class RoutesBeforeRun(BaseChatModel):
         **kwargs: Any,
     ) -> AIMessage:
         prepared, config = self._prepare(input, config, kwargs, decision)
-        token = PREPARED.set(prepared)
-        try:
+        with handed_over(prepared):
             return super().invoke(input, config, stop=stop, **kwargs)
-        finally:
-            PREPARED.reset(token)
 
     async def ainvoke(
         self,
@@ -132,11 +140,8 @@ class RoutesBeforeRun(BaseChatModel):
         **kwargs: Any,
     ) -> AIMessage:
         prepared, config = await asyncio.to_thread(self._prepare, input, config, kwargs, decision)
-        token = PREPARED.set(prepared)
-        try:
+        with handed_over(prepared):
             return await super().ainvoke(input, config, stop=stop, **kwargs)
-        finally:
-            PREPARED.reset(token)
 
     def stream(
         self,

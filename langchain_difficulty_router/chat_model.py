@@ -29,7 +29,7 @@ from difficulty_router.calling.dispatch import RECORD_KEY, Binding, Reply, Retry
 from difficulty_router.routing.session_keys import as_sessions
 
 from ._convert import to_router_query
-from ._pool import can_call_tools, merged_profile, pool_config
+from ._pool import merged_profile, pool_config, tool_capability
 from ._prepared import PREPARED, Prepared, RoutesBeforeRun
 from ._structured import routed_structured_output
 from ._tracing import AttemptRuns, join_chunks, message_reply, release, with_record
@@ -103,9 +103,7 @@ class ChatDifficultyRouter(RoutesBeforeRun):
             shadow_sample=self.shadow_sample,
             decision_log=self.decision_log,
         )
-        unknown = sorted(set(self.tool_calling) - set(self.models))
-        if unknown:
-            raise ValueError(f"tool_calling= names {unknown}, which are not in the router's pool {list(self.models)}")
+        tool_capability(self.models, self.tool_calling)  # checks the overrides name pool models
         if self.profile is None:
             self.profile = merged_profile([getattr(m, "profile", None) for m in self.models.values()])
         return self
@@ -174,9 +172,7 @@ class ChatDifficultyRouter(RoutesBeforeRun):
     def _exclusions(self, kwargs: dict) -> dict[str, str]:
         if not kwargs.get("tools"):
             return {}
-        return self._binding.tool_exclusions(
-            {n: self.tool_calling.get(n, can_call_tools(m)) for n, m in self.models.items()}
-        )
+        return self._binding.tool_exclusions(tool_capability(self.models, self.tool_calling))
 
     def _pool_model(self, name: str, kwargs: dict) -> tuple[Runnable, dict]:
         """The pool model with the call's tools re-bound on it, and the kwargs it gets."""

@@ -29,7 +29,7 @@ from difficulty_router.calling.dispatch import Binding, Reply, Retry
 from difficulty_router.routing.session_keys import as_sessions, config_session_key, decide_in_session
 
 from ._convert import to_router_query
-from ._pool import can_call_tools
+from ._pool import tool_capability
 from ._tracing import message_reply, with_record
 
 
@@ -85,9 +85,7 @@ class DifficultyRouterMiddleware(AgentMiddleware):
             decision_log=decision_log,
         )
         self.tool_calling = dict(tool_calling or {})
-        unknown = sorted(set(self.tool_calling) - set(self.models))
-        if unknown:
-            raise ValueError(f"tool_calling= names {unknown}, which are not in the router's pool {list(self.models)}")
+        tool_capability(self.models, self.tool_calling)  # checks the overrides name pool models
 
     # -- the decision for one model call ------------------------------------------------------
     def _start(self, request: ModelRequest) -> dispatch.RoutedCall:
@@ -95,9 +93,7 @@ class DifficultyRouterMiddleware(AgentMiddleware):
         query = to_router_query(messages)
         exclude = None
         if request.tools:
-            exclude = self.binding.tool_exclusions(
-                {n: self.tool_calling.get(n, can_call_tools(m)) for n, m in self.models.items()}
-            )
+            exclude = self.binding.tool_exclusions(tool_capability(self.models, self.tool_calling))
         key = self.session_id or config_session_key(ensure_config())
         decision = decide_in_session(self.binding, query, exclude, key)
         return self.binding.start(decision, query=query, cascade=False)
