@@ -157,6 +157,17 @@ def _llama_servers_stay_alive():
         pytest.fail("a llama.cpp backend died during this test:\n" + "\n\n".join(dead), pytrace=False)
 
 
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A real local Ray cluster for the module: 2 CPUs on loopback, no dashboard, no usage stats."""
+    import ray  # the dev install includes the ray extra: a missing ray is an import error, not a skip
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    yield ray
+    ray.shutdown()
+
+
 @pytest.fixture
 def recorder():
     """LlamaIndex's root dispatcher events during one test (tests/llamaindex_events.py)."""

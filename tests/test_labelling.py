@@ -18,6 +18,7 @@ import json
 import numpy as np
 import openai
 import pytest
+from helpers import PROMPTS, write_label_pool, write_prompts
 
 from difficulty_router import DifficultyRouter, load_outcomes
 from difficulty_router.cli.main import main
@@ -45,47 +46,10 @@ from difficulty_router.data.labelling import (
 )
 from difficulty_router.data.queries import conversation_text
 
-PROMPTS = [
-    ("What is 2 + 2? Reply with the number only.", "4"),
-    ("What is 3 + 5? Reply with the number only.", "8"),
-    ("What is 10 - 7? Reply with the number only.", "3"),
-    ("How many legs does a cat have? Reply with the number only.", "4"),
-    ("What is 6 times 2? Reply with the number only.", "12"),
-]
 
-
-def write_prompts(path, n, reference=True):
-    with open(path, "w") as fh:
-        for i, (prompt, answer) in enumerate(PROMPTS[:n]):
-            row = {"id": f"q{i}", "prompt": prompt}
-            if reference:
-                row["reference"] = answer
-            fh.write(json.dumps(row) + "\n")
-    return path
-
-
-def write_pool(path, backends, *, judge=False, cost_per_query=0.001):
-    pool = {
-        "models": [
-            {"name": "terse", "base_url": backends["small"], "model": "small", "cost_per_query": cost_per_query},
-            {"name": "chatty", "base_url": backends["large"], "model": "large", "cost_per_query": 2 * cost_per_query},
-        ],
-        "label": {
-            "generation": {
-                "terse": {"system": "Answer in one word.", "temperature": 0.0, "max_tokens": 8},
-                "chatty": {"temperature": 0.7, "max_tokens": 16},
-            },
-        },
-    }
-    if judge:
-        pool["label"]["judge"] = {
-            "name": "judge",
-            "base_url": backends["large"],
-            "model": "large",
-            "cost_per_query": 0.0,
-        }
-    path.write_text(json.dumps(pool))
-    return path
+def write_pool(path, backends, **options):
+    """"terse" and "chatty" (sampling at temperature 0.7, 16 tokens); ``judge=True`` adds the judge."""
+    return write_label_pool(path, backends, "chatty", {"temperature": 0.7, "max_tokens": 16}, **options)
 
 
 def labeller(pool_file, **overrides):

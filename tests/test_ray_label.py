@@ -16,8 +16,7 @@ import os
 from collections import Counter
 
 import pytest
-import ray  # the dev install includes the ray extra: a missing ray is an import error, not a skip
-from test_labelling import write_prompts
+from helpers import write_label_pool, write_prompts
 
 from difficulty_router.cli.main import main
 from difficulty_router.data.labelling import (
@@ -65,29 +64,10 @@ def test_serve_on_ray_names_every_refused_option(tmp_path, capsys):
 
 
 # -- label --engine ray ------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ray_cluster():
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    yield ray
-    ray.shutdown()
-
-
+# ray_cluster: the module-scoped local cluster in conftest.py
 def write_greedy_pool(path, backends, cost_per_query=0.001):
-    pool = {
-        "models": [
-            {"name": "terse", "base_url": backends["small"], "model": "small", "cost_per_query": cost_per_query},
-            {"name": "wordy", "base_url": backends["large"], "model": "large", "cost_per_query": 2 * cost_per_query},
-        ],
-        "label": {
-            "generation": {
-                "terse": {"system": "Answer in one word.", "temperature": 0.0, "max_tokens": 8},
-                "wordy": {"temperature": 0.0, "max_tokens": 8},
-            },
-        },
-    }
-    path.write_text(json.dumps(pool))
-    return path
+    """"terse" and "wordy", both greedy with 8 tokens, so both engines get the same answers."""
+    return write_label_pool(path, backends, "wordy", {"temperature": 0.0, "max_tokens": 8}, cost_per_query=cost_per_query)
 
 
 def make(pool_file, engine="local", **overrides):

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa  # the dev install includes the ray extra (ray, pyarrow): a missing one is an error, not a skip
 import pyarrow.parquet as pq
 import pytest
-import ray
+from helpers import backend_specs, openai_client
 
 from difficulty_router import ActivationExtractor
 from difficulty_router.extraction.extractor import relative_block_error
@@ -27,12 +27,7 @@ N_PROMPTS = 200
 READOUT = {"layers": 0.3, "max_tokens": 64, "dtype": "float32"}
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    yield ray
-    ray.shutdown()
+# ray_cluster: the module-scoped local cluster in conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -275,17 +270,6 @@ MESSAGES = [
 API_KEY = "serve-test-key"
 
 
-def _specs(llama_backends, weak_url=None):
-    from conftest import STRONG, WEAK
-
-    from difficulty_router.server import BackendSpec
-
-    return [
-        BackendSpec(WEAK, weak_url or llama_backends["small"], "small", timeout=60),
-        BackendSpec(STRONG, llama_backends["large"], "large", timeout=60),
-    ]
-
-
 @pytest.fixture(scope="module")
 def serve_pair(ray_cluster, trained_router, llama_backends, tmp_path_factory):
     """The same routers behind Ray Serve (2 replicas, @serve.batch) and behind the plain server: a live pool,
@@ -302,13 +286,13 @@ def serve_pair(ray_cluster, trained_router, llama_backends, tmp_path_factory):
     trained_router.save(live_dir)
     cheapest = with_policy(trained_router, "threshold", 0.0)
     cheapest.save(cheap_dir)
-    down = _specs(llama_backends, weak_url=dead_url())
-    live = build_app({"router": live_dir}, _specs(llama_backends), replicas=2, cpus_per_replica=0.5, max_batch=4)
+    down = backend_specs(llama_backends, weak_url=dead_url())
+    live = build_app({"router": live_dir}, backend_specs(llama_backends), replicas=2, cpus_per_replica=0.5, max_batch=4)
     failing = build_app({"router": cheap_dir}, down, cpus_per_replica=0.5, app_options={"api_key": API_KEY})
     serve_url = run_serve(live, port=free_port())
     serve.run(failing, name="failing", route_prefix="/failing")
     with (
-        running(create_app(trained_router, _specs(llama_backends))) as plain_url,
+        running(create_app(trained_router, backend_specs(llama_backends))) as plain_url,
         running(create_app(cheapest, down, api_key=API_KEY)) as plain_failing_url,
     ):
         yield {
@@ -320,14 +304,8 @@ def serve_pair(ray_cluster, trained_router, llama_backends, tmp_path_factory):
     serve.shutdown()
 
 
-def _client(url, api_key="unused"):
-    import openai
-
-    return openai.OpenAI(base_url=url + "/v1", api_key=api_key, max_retries=0)
-
-
 def _ask(url, **kwargs):
-    raw = _client(url, kwargs.pop("api_key", "unused")).chat.completions.with_raw_response.create(
+    raw = openai_client(url, kwargs.pop("api_key", "unused")).chat.completions.with_raw_response.create(
         model="router", messages=MESSAGES, max_tokens=8, temperature=0, **kwargs
     )
     return raw.headers, raw.parse()
@@ -341,14 +319,14 @@ def test_serve_answers_like_the_plain_server(serve_pair):
     got, expected = json.loads(headers["x-router-probabilities"]), json.loads(plain_headers["x-router-probabilities"])
     assert got == pytest.approx(expected, abs=2e-4)
     assert completion.model_extra["router"]["requested"] == plain.model_extra["router"]["requested"] == "router"
-    models = [m.id for m in _client(serve_pair["serve"]).models.list().data]
-    assert models == [m.id for m in _client(serve_pair["plain"]).models.list().data]
+    models = [m.id for m in openai_client(serve_pair["serve"]).models.list().data]
+    assert models == [m.id for m in openai_client(serve_pair["plain"]).models.list().data]
 
 
 def test_serve_streams_like_the_plain_server(serve_pair):
     def stream(url):
         chunks = list(
-            _client(url).chat.completions.create(
+            openai_client(url).chat.completions.create(
                 model="router", messages=MESSAGES, max_tokens=6, temperature=0, stream=True
             )
         )
@@ -380,7 +358,7 @@ def test_serve_batches_concurrent_reads_and_exposes_metrics(serve_pair):
     questions = [f"What is {i} plus {i}?" for i in range(8)]
 
     def decide(url, question):
-        raw = _client(url).chat.completions.with_raw_response.create(
+        raw = openai_client(url).chat.completions.with_raw_response.create(
             model="router", messages=[{"role": "user", "content": question}], max_tokens=1, temperature=0
         )
         return raw.headers["x-router-decision"]
