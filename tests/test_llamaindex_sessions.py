@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from conftest import STRONG, WEAK
+from helpers import router_with_policy
 from llama_index.core.agent.workflow import FunctionAgent
 from llama_index.core.memory import Memory
 from llama_index.core.tools import FunctionTool
@@ -25,11 +27,9 @@ from llama_index.llms.openai_like import OpenAILike
 from llamaindex_events import Recorder
 from test_langchain_router import LoopbackServer
 
-from difficulty_router import DifficultyRouter, Policy, Sessions
+from difficulty_router import Policy, Sessions
 from llamaindex_difficulty_router import DifficultyRouterLLM
 
-WEAK = "mistralai/Mixtral-8x7B-Instruct-v0.1"
-STRONG = "gpt-4-1106-preview"
 ALIAS = {WEAK: "small", STRONG: "large"}
 HARD = ("Compute the fundamental group of the complement of a trefoil knot in S^3 and show that it is not "
         "abelian. Also, what is the weather in Paris?")
@@ -45,11 +45,6 @@ def tiers(llama_tool_backends):
                                 is_function_calling_model=True, max_tokens=16, temperature=0, max_retries=0,
                                 timeout=60, context_window=2048)
                for name, alias in ALIAS.items()}
-
-
-def with_policy(router: DifficultyRouter, policy: Policy) -> DifficultyRouter:
-    return DifficultyRouter(router.extractor, router.pool, router.probe, layers=router.layers, pooling=router.pooling,
-                            capability=router.capability, policy=policy, difficulty_probe=router.difficulty_probe)
 
 
 def get_weather(city: str) -> str:
@@ -86,7 +81,7 @@ def test_function_agent_keeps_one_model_per_session_under_sticky(trained_router,
     probe = two_turns(DifficultyRouterLLM(router=trained_router, llms=tiers), recorder)
     first, second = (d["probabilities"][WEAK] for d in probe)
     assert first < second, f"the test needs the first turn to look harder: P(weak) {first:.3f} vs {second:.3f}"
-    router = with_policy(trained_router, Policy("threshold", (first + second) / 2))
+    router = router_with_policy(trained_router, Policy("threshold", (first + second) / 2))
 
     recorder.events.clear()
     per_call = two_turns(DifficultyRouterLLM(router=router, llms=tiers, sessions="per_call"), recorder)
@@ -109,7 +104,7 @@ def test_a_named_session_spans_separate_conversations(trained_router, tiers, rec
     hard = trained_router.route([{"role": "user", "content": HARD}]).probabilities[WEAK]
     easy = trained_router.route([{"role": "user", "content": EASY}]).probabilities[WEAK]
     assert hard < easy
-    router = with_policy(trained_router, Policy("threshold", (hard + easy) / 2))
+    router = router_with_policy(trained_router, Policy("threshold", (hard + easy) / 2))
     llm = DifficultyRouterLLM(router=router, llms=tiers, sessions=Sessions("sticky"))
     with llm.session("user-1"):
         decisions = two_turns(llm, recorder, same_history=False)
