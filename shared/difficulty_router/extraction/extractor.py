@@ -249,6 +249,9 @@ class ActivationExtractor:
                     for i in batch:
                         cache.store(self._cache_key, layer_idx, pools, ids[i], features[i], self.hidden_size)
                 bar.update(len(batch))
+        if n > 1:  # a batch's read-outs serve no one routed call: keep none (its buckets may run one by one)
+            with self._forward_lock:
+                self._kept = None
         if truncated.any():
             logger.info(
                 "%d of %d prompts were longer than %d tokens and kept their last tokens",
