@@ -17,7 +17,7 @@ rung's answer does not depend on whether it is later accepted.
   model's accuracy") and reported on the other half.
 
 Usage: ``python benchmarks/fetch_models.py qwen2.5-coder-0.5b qwen2.5-coder-1.5b`` then
-``python benchmarks/cascade_ladder.py --n 200 --max-chars 800 --options 4`` (the README's run). Answers are cached per model under
+``python benchmarks/cascade_ladder.py --n 200 --max-chars 800 --options 4`` (the run on docs/results/cascade-ladder.md). Answers are cached per model under
 ``~/.cache/difficulty-router/cascade`` so the analysis can be rerun without regenerating.
 """
 

@@ -25,7 +25,7 @@ shared by all arms of that seed. Arms, each evaluated at every count in ``--labe
   parameters, so even 50 labels set how far to trust the prior and how far the read-out. Random + prior
   uses the random arm's rows and probe; active + prior selects with its own stacked probabilities.
   (Tried first: the difficulty appended to the read-out as 100 identical columns, i.e. a 100x weaker L2
-  penalty on it; close to stacking with random labels, but it hurt active selection -- the README gives
+  penalty on it; close to stacking with random labels, but it hurt active selection -- docs/results/zero-label.md gives
   the numbers.)
 
 The learner is the router's activation probe (``difficulty_router.learning.probes.SuccessProbe``: standardise,

@@ -47,7 +47,7 @@ PUBLISHED = [  # RouteLLM paper, Table 2 (MMLU, GPT-4 vs Mixtral); trained on Ar
 ]
 PREDICTORS = ("router", "activation probe only", "tfidf (tuned)", "knn (tuned)", "length", "random", "oracle")
 BASELINE_NAMES = ("tfidf (tuned)", "knn (tuned)", "length")
-#: the setting of the published table (README, RouteLLM MMLU); its results carry no suffix
+#: the setting of the published table (docs/results/routellm.md); its results carry no suffix
 PUBLISHED_SETTING = {"limit": 6000, "splits": 5, "labels": [50, 150, 300, 600, 1500, 3000],
                      "layers": [0.3, 0.4, 0.5, 0.6], "max_tokens": 512, "seed": 0}
 

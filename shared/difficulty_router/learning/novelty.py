@@ -109,7 +109,7 @@ class OODPolicy:
     """What to do with novel queries: above ``percentile`` of the training scores, send the query to
     ``model`` (None: the most capable eligible model). Off by default (it changes what existing routers
     choose, and on our measured category shift it bought accuracy at several times the cost, see the
-    README); when off, decisions still report the score."""
+    pools results page, docs/results/pools.md); when off, decisions still report the score."""
 
     enabled: bool = False
     percentile: float = 99.0
