@@ -81,7 +81,7 @@ def test_update_rows_label_a_subset_of_the_pool(tmp_path):
 @pytest.mark.parametrize(
     ("row", "message"),
     [
-        ({"prompt": "a", "correct": {"z": True}}, r"line 1: 'correct' names \['z'\], which are not in the pool"),
+        ({"prompt": "a", "correct": {"z": True}}, r"line 1: 'correct' names \['z'\], which are not in the router's pool"),
         ({"prompt": "a", "correct": {}}, "line 1: 'correct' must be a non-empty object"),
         ({"prompt": "a", "correct": {"x": 1}, "cost": {"x": -1}}, r"line 1: cost\['x'\] must be a finite non-negative"),
         ({"prompt": "a", "correct": {"x": 1}, "cost": {"q": 1}}, r"line 1: 'cost' names unknown models \['q'\]"),
@@ -91,3 +91,10 @@ def test_update_rows_label_a_subset_of_the_pool(tmp_path):
 def test_update_rows_are_checked_like_outcomes(tmp_path, row, message):
     with pytest.raises(ValueError, match=message):
         read_label_rows(write_rows(tmp_path / "new.jsonl", [row]), ["x", "y"])
+
+
+def test_an_empty_update_file_is_named_not_a_shape_error(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n")
+    with pytest.raises(ValueError, match=r"empty\.jsonl holds no rows"):
+        read_label_rows(path, ["x", "y"])

@@ -432,5 +432,5 @@ def test_decision_log_appends_whole_lines_from_threads_and_rotates(tmp_path):
     with pytest.raises(ValueError, match="unknown keys"):
         log.append({"chosen": WEAK, "prompt": "secret"})
     (tmp_path / "bad.jsonl").write_text('{"chosen": "a"}\nnot json\n')
-    with pytest.raises(ValueError, match=r"bad\.jsonl, line 2: not valid JSON"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2"):
         list(read_log(tmp_path / "bad.jsonl"))

@@ -3,7 +3,8 @@
 Outcomes files, prompt files, grades, labelling journals and decision logs are all JSON Lines: one
 JSON value a line, blank lines ignored, optionally gzip-compressed (a name ending in ``.gz``). Every
 reader goes through :func:`read_jsonl`, so a malformed line is reported the same way everywhere, as
-``FILE, line N: ...``: in a 10,000-line file the line number is what makes the error usable. Writers
+``FILE, line N: ...`` (the decision log as ``FILE:N: ...``, the form its readers have always matched):
+in a 10,000-line file the line number is what makes the error usable. Writers
 go through :func:`write_jsonl`, which replaces the file only once every row is written, so a crash
 never leaves a half-written training file behind.
 """
@@ -36,7 +37,11 @@ def parse_json_line(line: str, where: str) -> Any:
 
 
 def read_jsonl(
-    path: str | os.PathLike, *, objects_only: bool = True, skip_malformed: bool = False
+    path: str | os.PathLike,
+    *,
+    objects_only: bool = True,
+    skip_malformed: bool = False,
+    line_name: str = "{path}, line {number}",
 ) -> Iterator[tuple[int, Any]]:
     """``(line number, value)`` for every non-blank line of ``path`` (1-based, as an editor counts).
 
@@ -44,13 +49,15 @@ def read_jsonl(
     also take bare strings, such as prompt files, pass False and check the value themselves).
     ``skip_malformed``: pass over lines that are not valid JSON (or not objects) instead of raising: for
     append-only journals, whose last line a crash may have cut mid-write.
+    ``line_name``: how errors name a line (``{path}`` and ``{number}``); the decision log keeps the
+    ``FILE:N`` form its readers have always matched.
     """
     path = Path(path)
     with open_text(path) as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
-            where = f"{path}, line {number}"
+            where = line_name.format(path=path, number=number)
             try:
                 value = parse_json_line(line, where)
                 if objects_only and not isinstance(value, dict):

@@ -108,7 +108,7 @@ def parse_outcome_rows(
     """Validate already-decoded ``(line number, row)`` pairs; ``source`` names them in errors.
 
     ``models`` None: the first row's models are the outcomes' models and every row must label each of
-    them. ``models`` given (a router's pool, for ``train --update``): a row may label any non-empty subset
+    them. ``models`` given (the router's pool, for ``train --update``): a row may label any non-empty subset
     of them, the labels it leaves out are NaN, and a model outside them is an error naming the line.
     """
     queries, ids, table, difficulty = [], [], [], []
@@ -138,7 +138,7 @@ def parse_outcome_rows(
         elif partial:
             unknown = sorted(set(outcome) - set(models))
             if unknown:
-                raise ValueError(f"{where}: '{key}' names {unknown}, which are not in the pool {models}")
+                raise ValueError(f"{where}: '{key}' names {unknown}, which are not in the router's pool {models}")
         elif set(outcome) != set(models):
             extra, missing = sorted(set(outcome) - set(models)), sorted(set(models) - set(outcome))
             raise ValueError(
@@ -165,7 +165,7 @@ def parse_outcome_rows(
             costs.append([float(cost.get(m, math.nan)) for m in models])
         else:
             costs.append(None)
-    if models is None:
+    if models is None or not queries:
         raise ValueError(f"{source} holds no rows")
     any_cost = any(c is not None for c in costs)
     cost_matrix = (

@@ -163,9 +163,9 @@ def read_log(path: str | os.PathLike) -> Iterator[dict]:
     if not files:
         raise FileNotFoundError(f"decision log not found: {path}")
     for file in files:
-        for number, record in read_jsonl(file, objects_only=False):
+        for number, record in read_jsonl(file, objects_only=False, line_name="{path}:{number}"):
             if not isinstance(record, dict) or "chosen" not in record:
-                raise ValueError(f"{file}, line {number}: not a decision record (no 'chosen')")
+                raise ValueError(f"{file}:{number}: not a decision record (no 'chosen')")
             yield record
 
 
