@@ -82,23 +82,18 @@ class PIKProbe:
         """``pik.json`` (read-out, model hash, and the sha256 of the arrays) and ``pik.safetensors``."""
         import json
 
-        from safetensors.numpy import save_file
-
-        from difficulty_router.learning.bundle import sha256_file
+        from difficulty_router.learning.bundle import write_arrays
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file(
-            {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in self.probe.arrays("pik").items()},
-            str(directory / "pik.safetensors"),
-        )
+        arrays_sha256 = write_arrays(directory / "pik.safetensors", self.probe.arrays("pik"))
         (directory / "pik.json").write_text(
             json.dumps(
                 {
                     "layers": list(self.layers),
                     "pooling": list(self.pooling),
                     "model_hash": self.model_hash,
-                    "arrays_sha256": sha256_file(directory / "pik.safetensors"),
+                    "arrays_sha256": arrays_sha256,
                 },
                 indent=2,
             )

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from difficulty_router.learning.bundle import field, load_arrays, read_manifest, sha256_file
+from difficulty_router.learning.bundle import field, load_arrays, read_manifest, write_arrays
 
 FORMAT = "difficulty-router/irt-head/1"
 #: where the shipped head lives inside the package
@@ -89,19 +89,17 @@ class DifficultyHead:
 
     # -- persistence -----------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:
-        from safetensors.numpy import save_file
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         arrays = {"mean": self.mean, "scale": self.scale, "weight": self.weight, "quantiles": self.quantiles}
-        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(directory / HEAD_ARRAYS))
+        arrays_sha256 = write_arrays(directory / HEAD_ARRAYS, arrays)
         manifest = {
             "format": FORMAT,
             "extractor": self.extractor,
             "readout": {"layers": self.layers, "pooling": self.pooling},
             "bias": self.bias,
             "discrimination": self.discrimination,
-            "arrays_sha256": sha256_file(directory / HEAD_ARRAYS),
+            "arrays_sha256": arrays_sha256,
             "info": self.info,
         }
         (directory / HEAD_MANIFEST).write_text(json.dumps(manifest, indent=1))
