@@ -47,7 +47,7 @@ from difficulty_router.core.metrics import pool_summary
 from difficulty_router.data.queries import conversation_text
 from difficulty_router.evaluation.baselines import baseline_proba
 from difficulty_router.learning.policies import Policy, fit_margin, sweep
-from difficulty_router.routing.router import realised_costs
+from difficulty_router.routing.calibration import realised_costs
 
 MMLU_PRO_LADDER = {  # name in MMLU-Pro's eval_results: (input, output) USD per 1M tokens
     "Mistral-7B-Instruct-v0.2": (0.20, 0.20),

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from difficulty_router import ActivationExtractor, FeatureCache
-from difficulty_router.extraction.extractor import FEATURE_RTOL, normalise_layers, relative_block_error
+from difficulty_router.extraction.numerics import FEATURE_RTOL
+from difficulty_router.extraction.readout import normalise_layers, relative_block_error
 
 QUERIES = [
     "What is 2+2?",
@@ -243,12 +244,12 @@ def test_concurrent_extractions_do_not_mix(any_dtype_extractor):
 
 
 def test_dtype_env_variable_sets_auto(monkeypatch):
-    from difficulty_router.extraction.extractor import DTYPE_ENV, _pick_dtype
+    from difficulty_router.extraction.numerics import DTYPE_ENV, pick_dtype
 
     cpu = torch.device("cpu")
     monkeypatch.setenv(DTYPE_ENV, "bfloat16")
-    assert _pick_dtype("auto", cpu) == torch.bfloat16
-    assert _pick_dtype("float32", cpu) == torch.float32  # an explicit dtype wins
+    assert pick_dtype("auto", cpu) == torch.bfloat16
+    assert pick_dtype("float32", cpu) == torch.float32  # an explicit dtype wins
     monkeypatch.setenv(DTYPE_ENV, "fp8")
     with pytest.raises(ValueError, match="DIFFICULTY_ROUTER_DTYPE='fp8' is not a dtype"):
-        _pick_dtype("auto", cpu)
+        pick_dtype("auto", cpu)

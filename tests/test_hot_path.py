@@ -14,8 +14,8 @@ import torch
 
 from difficulty_router import ActivationExtractor, Extraction
 from difficulty_router.extraction import numerics
-from difficulty_router.extraction.extractor import FEATURE_RTOL, relative_block_error
-from difficulty_router.extraction.numerics import PREFILL_REUSE_ATOL
+from difficulty_router.extraction.numerics import FEATURE_RTOL, PREFILL_REUSE_ATOL
+from difficulty_router.extraction.readout import relative_block_error
 from difficulty_router.training.train import select_readout
 
 QUERIES = [

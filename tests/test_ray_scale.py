@@ -16,9 +16,9 @@ import pytest
 from helpers import backend_specs, openai_client
 
 from difficulty_router import ActivationExtractor
-from difficulty_router.extraction.extractor import relative_block_error
 from difficulty_router.extraction.feature_cache import FeatureCache
 from difficulty_router.extraction.numerics import FEATURE_RTOL
+from difficulty_router.extraction.readout import relative_block_error
 from difficulty_router.scale.ray_extract import extract_distributed
 from difficulty_router.scale.shards import FeatureShards
 

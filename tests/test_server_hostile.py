@@ -124,7 +124,7 @@ def test_a_long_prompt_is_clipped_before_routing(trained_router):
     """Within the character limit but far beyond what the extractor reads: routing tokenises only the
     tail the extractor would keep anyway, so a 1 MB prompt costs about what a prompt of that tail does.
     (The extractor here keeps 256 tokens, so the forward pass is short and the tokenising shows.)"""
-    from difficulty_router.server.app import ROUTE_CHARS_PER_TOKEN
+    from difficulty_router.server.deciding import ROUTE_CHARS_PER_TOKEN
 
     router = copy.copy(trained_router)
     router.extractor = copy.copy(trained_router.extractor)

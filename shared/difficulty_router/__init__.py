@@ -7,9 +7,10 @@ from difficulty_router.calling.generation import Generation, LocalGenerator, Ope
 from difficulty_router.core.pool import ModelPool, PoolModel
 from difficulty_router.core.version import __version__
 from difficulty_router.data.outcomes import Outcomes, load_llmrouter, load_mmlu_pro, load_outcomes, save_outcomes
-from difficulty_router.extraction.extractor import ActivationExtractor, Extraction
+from difficulty_router.extraction.extractor import ActivationExtractor
 from difficulty_router.extraction.feature_cache import FeatureCache
 from difficulty_router.extraction.model_store import DEFAULT_MODEL, KNOWN_MODELS, cache_root
+from difficulty_router.extraction.readout import Extraction
 from difficulty_router.learning.policies import Policy
 from difficulty_router.learning.probes import DifficultyProbe, SuccessProbe
 from difficulty_router.routing.decision import RouteDecision

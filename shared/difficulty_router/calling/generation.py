@@ -19,8 +19,9 @@ import torch
 
 from difficulty_router.calling.confidence import MissingLogprobsError, openai_token_logprobs
 from difficulty_router.data.queries import to_conversations
-from difficulty_router.extraction.extractor import ActivationExtractor, normalise_layers, normalise_pooling
+from difficulty_router.extraction.extractor import ActivationExtractor
 from difficulty_router.extraction.prefix_kv import PrefixState
+from difficulty_router.extraction.readout import normalise_layers, normalise_pooling
 from difficulty_router.learning.probes import SuccessProbe
 
 

@@ -42,11 +42,9 @@ from difficulty_router.extraction.model_store import (
     load_model_and_tokenizer,
     resolve,
 )
-from difficulty_router.extraction.numerics import (  # noqa: F401
-    DTYPE_ENV,
+from difficulty_router.extraction.numerics import (
     FEATURE_RTOL,
     INT8_SCHEME,
-    cpu_has_bf16,
     dtype_name,
     match_threads,
     pick_dtype,
@@ -55,19 +53,13 @@ from difficulty_router.extraction.numerics import (  # noqa: F401
 )
 from difficulty_router.extraction.prefix_kv import PrefixState, compute_prefix
 from difficulty_router.extraction.prompting import PromptTokenizer
-from difficulty_router.extraction.readout import (  # noqa: F401 (importable from here, as before)
-    POOLINGS,
+from difficulty_router.extraction.readout import (
     Extraction,
     normalise_layers,
     normalise_pooling,
-    relative_block_error,
 )
 
 logger = logging.getLogger(__name__)
-
-# Kept under their old names: callers and tests import them from here.
-_cpu_has_bf16 = cpu_has_bf16
-_pick_dtype = pick_dtype
 
 
 @dataclass

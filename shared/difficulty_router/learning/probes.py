@@ -24,18 +24,15 @@ from difficulty_router.learning.logistic import (
     _check_xy,
     _fit_logistic,
     _logit,
-    _platt,  # noqa: F401 (importable from here, as before)
     _sigmoid,
     apply_platt,
     is_lopsided,
     platt_scaling,
 )
-from difficulty_router.learning.probe_arrays import (  # noqa: F401 (importable from here, as before)
+from difficulty_router.learning.probe_arrays import (
     CALIBRATED_FIELDS,
     LINEAR_FIELDS,
-    calibrated_arrays,
     part_arrays,
-    set_calibrated_arrays,
     set_part_arrays,
 )
 from difficulty_router.learning.readout_scores import (  # noqa: F401 (importable from here, as before)

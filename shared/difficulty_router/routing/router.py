@@ -19,7 +19,8 @@ import numpy as np
 from difficulty_router.core.pool import ModelPool
 from difficulty_router.data.outcomes import Outcomes
 from difficulty_router.data.queries import conversation_text, to_conversations
-from difficulty_router.extraction.extractor import ActivationExtractor, normalise_pooling
+from difficulty_router.extraction.extractor import ActivationExtractor
+from difficulty_router.extraction.readout import normalise_pooling
 from difficulty_router.learning.families import FAMILIES, StackedProbe, stack_inputs
 from difficulty_router.learning.length_head import OutputLengthHead
 from difficulty_router.learning.lexical import LexicalProbe
@@ -33,10 +34,7 @@ from difficulty_router.routing.calibration import (  # noqa: F401 (realised_cost
     realised_costs,
 )
 from difficulty_router.routing.decision import RouteDecision
-from difficulty_router.routing.persistence import (  # noqa: F401 (the format's names, importable from here)
-    ARRAYS,
-    FORMAT,
-    MANIFEST,
+from difficulty_router.routing.persistence import (
     load_router,
     save_router,
 )

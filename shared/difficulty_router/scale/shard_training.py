@@ -25,14 +25,16 @@ from tqdm.auto import tqdm
 
 from difficulty_router.core.pool import ModelPool
 from difficulty_router.data.queries import conversation_text
-from difficulty_router.extraction.extractor import ActivationExtractor, Extraction
+from difficulty_router.extraction.extractor import ActivationExtractor
 from difficulty_router.extraction.feature_cache import FeatureCache
+from difficulty_router.extraction.readout import Extraction
 from difficulty_router.learning.logistic import _auroc, _logit, _sigmoid, platt_scaling
 from difficulty_router.learning.novelty import NoveltyScore
 from difficulty_router.learning.policies import Policy, dominated
 from difficulty_router.learning.probe_arrays import calibrated_probe_arrays
 from difficulty_router.learning.probes import SuccessProbe
-from difficulty_router.routing.router import DifficultyRouter, realised_costs
+from difficulty_router.routing.calibration import realised_costs
+from difficulty_router.routing.router import DifficultyRouter
 from difficulty_router.scale.shards import FeatureShards
 from difficulty_router.training.operating_point import default_operating_point
 

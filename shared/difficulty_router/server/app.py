@@ -47,8 +47,7 @@ from difficulty_router.routing.router import DifficultyRouter
 from difficulty_router.routing.sessions import SESSION_POLICIES, Sessions, SessionStore
 from difficulty_router.server.backends import BackendFailure, Backends, BackendSpec
 from difficulty_router.server.batching import MicroBatcher
-from difficulty_router.server.deciding import (  # noqa: F401 (ROUTE_CHARS_PER_TOKEN is importable from here)
-    ROUTE_CHARS_PER_TOKEN,
+from difficulty_router.server.deciding import (
     RequestRouting,
     every_backend_failed,
     session_key,
