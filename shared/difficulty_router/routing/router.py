@@ -308,11 +308,25 @@ class DifficultyRouter:
 
     @classmethod
     def load(
-        cls, directory: str | os.PathLike, extractor: ActivationExtractor | None = None, **options: Any
+        cls,
+        directory: str | os.PathLike,
+        extractor: ActivationExtractor | None = None,
+        *,
+        model: str | None = None,
+        allow_other_extractor: bool = False,
+        **extractor_kwargs: Any,
     ) -> DifficultyRouter:
-        """Load a saved router, refusing altered bundles and other extractors; ``options`` are ``model``,
-        ``allow_other_extractor`` and the extractor's keyword arguments (:func:`.persistence.load_router`)."""
-        return load_router(cls, directory, extractor, **options)
+        """Load a saved router; refuses bundles that were altered or that belong to another extractor.
+
+        The extractor comes from ``extractor``, else ``model``, else the manifest. A manifest may
+        name only an embedded model (``smollm2-135m``, ...) on its own authority: a hub id or a
+        path must also be passed as ``model`` (the manifest is just a file someone sent), and a
+        ``model`` other than the manifest's needs ``allow_other_extractor``. Whatever loads, its
+        weights hash must equal the one recorded at save time (:func:`.persistence.load_router`).
+        """
+        return load_router(
+            cls, directory, extractor, model=model, allow_other_extractor=allow_other_extractor, **extractor_kwargs
+        )
 
     def __repr__(self) -> str:
         return (

@@ -30,9 +30,7 @@ def as_sessions(value: Any) -> Sessions | None:
         if value not in SESSION_POLICIES:
             raise ValueError(f"unknown session policy {value!r}; expected one of {SESSION_POLICIES} or a Sessions")
         return Sessions(value)
-    raise TypeError(
-        f"sessions must be a difficulty_router.routing.sessions.Sessions or a policy name, got {type(value).__name__}"
-    )
+    raise TypeError(f"sessions must be a difficulty_router.Sessions or a policy name, got {type(value).__name__}")
 
 
 def config_session_key(config: Mapping[str, Any] | None) -> str | None:

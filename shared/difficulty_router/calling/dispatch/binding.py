@@ -132,9 +132,7 @@ class Binding:
         from difficulty_router.routing.sessions import Sessions
 
         if not isinstance(sessions, Sessions):
-            raise TypeError(
-                f"sessions must be a difficulty_router.routing.sessions.Sessions, got {type(sessions).__name__}"
-            )
+            raise TypeError(f"sessions must be a difficulty_router.Sessions, got {type(sessions).__name__}")
         if self.router is None:
             raise ValueError("sessions= needs a router: a session policy works on routing decisions")
         sessions.bind(self.router)
