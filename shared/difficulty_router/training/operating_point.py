@@ -7,6 +7,11 @@ held-out share of the rows. The utility policy's margin is fitted first
 swept and its point is the cheapest one within ``max_accuracy_drop`` of the best single model (the most
 accurate point when none reaches it). With two models each kind's APGR and CPT are recorded too. The
 chosen kind's point becomes the router's policy; :meth:`OperatingPoint.info` is what the manifest keeps.
+
+Next to it, the risk-controlled point of the router's kind (:mod:`~difficulty_router.learning.risk_control`):
+the cheapest setting whose expected drop on unseen queries is at most ``max_accuracy_drop`` with probability
+``1 - delta``, with its upper bound and realised drop. It is always recorded (``max_accuracy_drop`` in (0, 1));
+with ``guarantee=True`` it is the policy.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import numpy as np
 
 from difficulty_router.core.metrics import apgr_cpt
 from difficulty_router.learning.policies import Policy, fit_margin, pick_operating_point, sweep
+from difficulty_router.learning.risk_control import DEFAULT_DELTA, RiskControlledPoint, risk_controlled_point
 from difficulty_router.routing.router import DifficultyRouter
 
 POLICY_KINDS = ("utility", "threshold")
@@ -32,16 +38,24 @@ class OperatingPoint:
     margin: float
     margin_table: list[dict]
     max_accuracy_drop: float
+    risk_controlled: RiskControlledPoint | None = None
+    risk_control_skipped: str | None = None  # why no risk-controlled point was computed
+    guarantee: bool = False
 
     def info(self) -> dict:
-        """The ``router.info`` entries: the policy comparison, the margin fit and the default point."""
+        """The ``router.info`` entries: the policy comparison, the margin fit, the default and guaranteed points."""
+        risk = (
+            self.risk_controlled.info() if self.risk_controlled is not None else {"skipped": self.risk_control_skipped}
+        )
+        if self.guarantee:  # the risk-controlled point is the policy
+            default = {"max_accuracy_drop": self.max_accuracy_drop, **risk, "rule": f"risk-controlled: {risk['rule']}"}
+        else:
+            default = {"max_accuracy_drop": self.max_accuracy_drop, **self.comparison[self.policy.kind]["point"]}
         return {
             "out_of_fold_policies": self.comparison,
             "utility_margin": {"margin": self.margin, "candidates": self.margin_table},
-            "default_operating_point": {
-                "max_accuracy_drop": self.max_accuracy_drop,
-                **self.comparison[self.policy.kind]["point"],
-            },
+            "default_operating_point": default,
+            "risk_controlled_operating_point": risk,
         }
 
 
@@ -54,13 +68,16 @@ def default_operating_point(
     *,
     max_accuracy_drop: float,
     seed: int = 0,
+    guarantee: bool = False,
+    delta: float = DEFAULT_DELTA,
 ) -> OperatingPoint:
     """The operating point of ``router``'s policy kind from its predictions ``proba`` (n, m) on labelled rows.
 
     ``scores``: the rows' labels (n, m); ``costs``: the prices the policy sees; ``realised``: what the rows
     actually cost. The router gives each model's training accuracy (``capability``) and which models may
     serve (dominated ones are dropped); it is not changed: the caller sets ``router.policy = point.policy``.
-    See the module docstring for the rule.
+    See the module docstring for the rule. ``guarantee``: the policy is the risk-controlled point
+    (``epsilon = max_accuracy_drop``, ``delta``) instead of the point estimate.
     """
     kind, capability = router.policy.kind, router.capability
     if kind not in POLICY_KINDS:
@@ -83,6 +100,22 @@ def default_operating_point(
         for candidate, score in routing_scores.items():
             with contextlib.suppress(ValueError):  # the strong model no better on these rows: no APGR
                 comparison[candidate].update(apgr_cpt(score, scores[:, weak], scores[:, strong], seed))
-    return OperatingPoint(
-        Policy.from_point(kind, comparison[kind]["point"]), comparison, margin, margin_table, max_accuracy_drop
-    )
+    risk, skipped = None, None
+    if guarantee or 0 < max_accuracy_drop < 1:
+        setting = Policy(kind, margin=margin if kind == "utility" else 0.0)
+        risk = risk_controlled_point(
+            setting,
+            proba,
+            scores,
+            costs,
+            capability,
+            realised,
+            eligible,
+            epsilon=max_accuracy_drop,
+            delta=delta,
+            seed=seed,
+        )
+    else:
+        skipped = f"max_accuracy_drop {max_accuracy_drop} is not in (0, 1)"
+    policy = risk.policy if guarantee and risk is not None else Policy.from_point(kind, comparison[kind]["point"])
+    return OperatingPoint(policy, comparison, margin, margin_table, max_accuracy_drop, risk, skipped, guarantee)

@@ -18,6 +18,7 @@ from difficulty_router.learning.families import FAMILIES, fit_families
 from difficulty_router.learning.novelty import NoveltyScore
 from difficulty_router.learning.policies import Policy, complementary, dominated
 from difficulty_router.learning.probes import DifficultyProbe, _auroc, bootstrap_mean_auroc, readout_oof
+from difficulty_router.learning.risk_control import DEFAULT_DELTA, check_levels
 from difficulty_router.routing.router import DifficultyRouter, realised_costs
 from difficulty_router.training.operating_point import default_operating_point
 
@@ -125,6 +126,8 @@ def train_router(
     cv: int = 5,
     n_components: int | None = None,
     max_accuracy_drop: float = 0.01,
+    guarantee: bool = False,
+    delta: float = DEFAULT_DELTA,
     seed: int = 0,
     progress: bool = True,
     families: Sequence[str] = FAMILIES,
@@ -138,6 +141,10 @@ def train_router(
     With ``layers``/``pooling`` left as None the read-out is chosen by cross-validated AUROC
     over middle layers and the three poolings. The default operating point is the cheapest
     setting, on out-of-fold predictions, within ``max_accuracy_drop`` of the best single model.
+    ``router.info["risk_controlled_operating_point"]`` records the guaranteed version
+    (:mod:`~difficulty_router.learning.risk_control`): the cheapest setting whose expected drop on unseen
+    queries is at most ``max_accuracy_drop`` with probability ``1 - delta``, with its upper bound and
+    realised drop; ``guarantee=True`` makes it the router's policy.
 
     ``families`` are the predictors of success compared by cross-validated routing quality
     on the same folds (APGR for two models, frontier AUC otherwise): ``activation`` (the
@@ -159,6 +166,8 @@ def train_router(
     ``extraction``: features already extracted for ``outcomes.queries`` (e.g. read from Parquet shards by
     :func:`difficulty_router.scale.shard_training.train_from_shards`) at the fixed ``layers``/``pooling``.
     """
+    if guarantee or 0 < max_accuracy_drop < 1:
+        check_levels(max_accuracy_drop, delta)  # before any extraction
     families = tuple(families)
     unknown = [f for f in families if f not in FAMILIES]
     if not families or unknown:
@@ -252,7 +261,15 @@ def train_router(
     )
     # Default operating point and a policy comparison, on out-of-fold probabilities: rows the probes did not fit.
     point = default_operating_point(
-        router, fit.oof[family], outcomes.scores, costs, realised, max_accuracy_drop=max_accuracy_drop, seed=seed
+        router,
+        fit.oof[family],
+        outcomes.scores,
+        costs,
+        realised,
+        max_accuracy_drop=max_accuracy_drop,
+        seed=seed,
+        guarantee=guarantee,
+        delta=delta,
     )
     router.policy = point.policy
     router.info = {
