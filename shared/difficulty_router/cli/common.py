@@ -140,6 +140,22 @@ def print_training(router) -> None:
         f"default operating point ({router.policy.kind} {router.policy.parameter}={router.policy.value:.4g}): "
         f"out-of-fold accuracy {point['accuracy']:.3f} at mean cost {point['cost']:.4g}"
     )
+    risk = info.get("risk_controlled_operating_point")
+    if risk and "upper_bound" in risk:
+        setting = risk["policy"]
+        which = (
+            "always the most capable model, nothing cheaper certified"
+            if risk["fallback"]
+            else f"{setting['kind']} {'tau' if setting['kind'] == 'threshold' else 'lambda'}={setting['value']:.4g}"
+        )
+        share = "" if risk["cost_share_of_best"] is None else f", {100 * risk['cost_share_of_best']:.0f}% of its cost"
+        print(
+            f"risk-controlled point ({which}): drop from the best model <= {risk['epsilon']:g} with probability "
+            f">= {1 - risk['delta']:g}; upper bound {risk['upper_bound']:+.4f}, realised drop "
+            f"{risk['realised_drop']:+.4f} on {risk['n']} out-of-fold rows{share}"
+        )
+    elif risk:
+        print(f"risk-controlled point: not computed ({risk['skipped']})")
 
 
 def progress_arg(p: argparse.ArgumentParser) -> None:

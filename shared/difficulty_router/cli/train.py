@@ -20,6 +20,7 @@ from difficulty_router.cli.common import (
 )
 from difficulty_router.extraction.model_store import DEFAULT_MODEL
 from difficulty_router.learning.families import FAMILIES
+from difficulty_router.learning.risk_control import DEFAULT_DELTA, DEFAULT_EPSILON
 
 
 def cmd_train(args) -> int:
@@ -45,15 +46,19 @@ def cmd_train(args) -> int:
         "progress": args.progress is not False,
         "families": args.families,
         "keep_models": args.keep_models or (),
+        "max_accuracy_drop": args.max_accuracy_drop,
     }
+    risk = {"guarantee": args.guarantee, "delta": args.delta}
     where = ""
     if args.features:  # read-outs from Parquet shards (extract --engine ray) instead of the extractor
         from difficulty_router.scale.commands import train_from_shard_args
 
-        router, where = train_from_shard_args(args, outcomes, pool, extractor, common)
+        # the streamed fit records the risk-controlled point at the default delta; it takes no options for it
+        given = args.guarantee or args.delta != DEFAULT_DELTA
+        router, where = train_from_shard_args(args, outcomes, pool, extractor, {**common, **risk} if given else common)
     else:
         router = train_router(
-            outcomes, pool, extractor, layers=parse_layers(args.layers), pooling=args.pooling, **common
+            outcomes, pool, extractor, layers=parse_layers(args.layers), pooling=args.pooling, **common, **risk
         )
     router.info["training"]["data"] = str(args.data)
     record_training_source(router, args.data, args.limit, args.seed)  # what train --update reads back
@@ -139,6 +144,25 @@ def register(sub) -> None:
         nargs="+",
         metavar="MODEL",
         help="route to these models even if training finds them dominated on accuracy and cost",
+    )
+    p.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=DEFAULT_EPSILON,
+        help="accuracy points the default operating point may give up against the best single model "
+        "(default 0.01 = 1 point)",
+    )
+    p.add_argument(
+        "--delta",
+        type=float,
+        default=DEFAULT_DELTA,
+        help="the risk-controlled point keeps the expected drop within --max-accuracy-drop with probability "
+        "1 - delta on unseen queries (default 0.1)",
+    )
+    p.add_argument(
+        "--guarantee",
+        action="store_true",
+        help="make the risk-controlled point the router's policy instead of the out-of-fold point estimate",
     )
     p.add_argument("--cv", type=int, default=5)
     p.add_argument("--limit", type=int, help="train on a seeded random subset of this many rows")
