@@ -38,7 +38,7 @@ from sklearn.model_selection import KFold
 
 from difficulty_router.data.queries import conversation_text
 from difficulty_router.learning.policies import Policy, complementary, dominated
-from difficulty_router.routing.router import realised_costs
+from difficulty_router.routing.calibration import realised_costs
 from difficulty_router.training.operating_point import default_operating_point
 
 POOLS = {"mmlu-pro": 3000, "mmlu-pro-5": 3000, "llmrouter": 2000}

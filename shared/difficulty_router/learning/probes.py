@@ -8,7 +8,7 @@ plain safetensors + JSON and loading it executes nothing.
 
 The pieces live beside it: the logistic fits and the Platt step in :mod:`.logistic`, the folds in
 :mod:`.folds`, the input transform in :mod:`.standardizer`, the array layout in :mod:`.probe_arrays`,
-the quick read-out scores in :mod:`.readout_scores`. Their names stay importable from here.
+the quick read-out scores in :mod:`.readout_scores`.
 """
 
 from __future__ import annotations
@@ -34,11 +34,6 @@ from difficulty_router.learning.probe_arrays import (
     LINEAR_FIELDS,
     part_arrays,
     set_part_arrays,
-)
-from difficulty_router.learning.readout_scores import (  # noqa: F401 (importable from here, as before)
-    bootstrap_mean_auroc,
-    readout_oof,
-    readout_score,
 )
 from difficulty_router.learning.standardizer import Standardizer
 

@@ -28,10 +28,9 @@ from difficulty_router.learning.novelty import NoveltyScore, OODPolicy
 from difficulty_router.learning.policies import Policy
 from difficulty_router.learning.probes import DifficultyProbe, SuccessProbe, derived_difficulty
 from difficulty_router.learning.shared_success import SharedSuccessModel
-from difficulty_router.routing.calibration import (  # noqa: F401 (realised_costs is importable from here)
+from difficulty_router.routing.calibration import (
     calibrate_router,
     operating_curve,
-    realised_costs,
 )
 from difficulty_router.routing.decision import RouteDecision
 from difficulty_router.routing.persistence import (

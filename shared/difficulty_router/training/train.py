@@ -12,14 +12,18 @@ from tqdm.auto import tqdm
 from difficulty_router.core.pool import ModelPool
 from difficulty_router.data.outcomes import Outcomes
 from difficulty_router.data.queries import conversation_text
-from difficulty_router.extraction.extractor import ActivationExtractor, normalise_layers, normalise_pooling
+from difficulty_router.extraction.extractor import ActivationExtractor
 from difficulty_router.extraction.numerics import dtype_name
+from difficulty_router.extraction.readout import normalise_layers, normalise_pooling
 from difficulty_router.learning.families import FAMILIES, fit_families
+from difficulty_router.learning.logistic import _auroc
 from difficulty_router.learning.novelty import NoveltyScore
 from difficulty_router.learning.policies import Policy, complementary, dominated
-from difficulty_router.learning.probes import DifficultyProbe, _auroc, bootstrap_mean_auroc, readout_oof
+from difficulty_router.learning.probes import DifficultyProbe
+from difficulty_router.learning.readout_scores import bootstrap_mean_auroc, readout_oof
 from difficulty_router.learning.risk_control import DEFAULT_DELTA, check_levels
-from difficulty_router.routing.router import DifficultyRouter, realised_costs
+from difficulty_router.routing.calibration import realised_costs
+from difficulty_router.routing.router import DifficultyRouter
 from difficulty_router.training.operating_point import default_operating_point
 
 logger = logging.getLogger(__name__)
