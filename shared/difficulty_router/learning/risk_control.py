@@ -62,6 +62,12 @@ def check_levels(epsilon: float, delta: float) -> None:
             raise ValueError(f"{name} ({meaning}) must be a number in (0, 1), got {value!r}")
 
 
+def computes_point(max_accuracy_drop: float, guarantee: bool) -> bool:
+    """Whether training computes a risk-controlled point: always when it is to be the policy (a bad level
+    is then an error), else only where ``max_accuracy_drop`` is a usable ``epsilon`` in (0, 1)."""
+    return guarantee or 0 < max_accuracy_drop < 1
+
+
 def _bets(losses: np.ndarray, delta: float) -> np.ndarray:
     """The predictable plug-in bets: each from the rows before it only (prior mean 0, prior variance 1/4)."""
     n = len(losses)

@@ -23,7 +23,12 @@ import numpy as np
 
 from difficulty_router.core.metrics import apgr_cpt
 from difficulty_router.learning.policies import Policy, fit_margin, pick_operating_point, sweep
-from difficulty_router.learning.risk_control import DEFAULT_DELTA, RiskControlledPoint, risk_controlled_point
+from difficulty_router.learning.risk_control import (
+    DEFAULT_DELTA,
+    RiskControlledPoint,
+    computes_point,
+    risk_controlled_point,
+)
 from difficulty_router.routing.router import DifficultyRouter
 
 POLICY_KINDS = ("utility", "threshold")
@@ -101,7 +106,7 @@ def default_operating_point(
             with contextlib.suppress(ValueError):  # the strong model no better on these rows: no APGR
                 comparison[candidate].update(apgr_cpt(score, scores[:, weak], scores[:, strong], seed))
     risk, skipped = None, None
-    if guarantee or 0 < max_accuracy_drop < 1:
+    if computes_point(max_accuracy_drop, guarantee):
         setting = Policy(kind, margin=margin if kind == "utility" else 0.0)
         risk = risk_controlled_point(
             setting,

@@ -21,7 +21,7 @@ from difficulty_router.learning.novelty import NoveltyScore
 from difficulty_router.learning.policies import Policy, complementary, dominated
 from difficulty_router.learning.probes import DifficultyProbe
 from difficulty_router.learning.readout_scores import bootstrap_mean_auroc, readout_oof
-from difficulty_router.learning.risk_control import DEFAULT_DELTA, check_levels
+from difficulty_router.learning.risk_control import DEFAULT_DELTA, check_levels, computes_point
 from difficulty_router.routing.calibration import realised_costs
 from difficulty_router.routing.router import DifficultyRouter
 from difficulty_router.training.operating_point import default_operating_point
@@ -170,7 +170,7 @@ def train_router(
     ``extraction``: features already extracted for ``outcomes.queries`` (e.g. read from Parquet shards by
     :func:`difficulty_router.scale.shard_training.train_from_shards`) at the fixed ``layers``/``pooling``.
     """
-    if guarantee or 0 < max_accuracy_drop < 1:
+    if computes_point(max_accuracy_drop, guarantee):
         check_levels(max_accuracy_drop, delta)  # before any extraction
     families = tuple(families)
     unknown = [f for f in families if f not in FAMILIES]
