@@ -17,6 +17,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from difficulty_router.extraction.weight_files import write_dtype_copy
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -196,7 +200,8 @@ def _dequantised_dir(source: ModelSource, sha: str) -> Path:
 
 
 def load_model_and_tokenizer(source: ModelSource, dtype, device):
-    """Load a causal LM and its tokenizer; a GGUF is dequantised once and cached as safetensors."""
+    """Load a causal LM and its tokenizer; a GGUF is dequantised once and cached as safetensors (float32,
+    plus a copy in bfloat16 or float16 the first time that path is asked for)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if source.gguf_file:
@@ -227,6 +232,13 @@ def load_model_and_tokenizer(source: ModelSource, dtype, device):
             else:
                 tmp.rename(cached)
             del model
+        if dtype in (torch.bfloat16, torch.float16):
+            # Converting at load holds the float32 and the half-precision weights at once; a copy in the
+            # path's dtype, written once, is mapped directly (see weight_files).
+            converted = cached.with_name(f"{cached.name}-{str(dtype).removeprefix('torch.')}")
+            if not (converted / "config.json").is_file():
+                write_dtype_copy(cached, converted, dtype)
+            cached = converted
         path = str(cached)
     else:
         path = source.path
