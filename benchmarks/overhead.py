@@ -13,6 +13,8 @@ bf16 only with AVX512-BF16/AMX, or on request with --emulated-bf16), it reports:
   the same tokens, and the ratio to the floor (the cached template prefix can take a short prompt
   below 1.0: the floor counts every token, the extractor does not recompute the prefix);
 - batch-32 throughput (prompts/s and the share of the matmul rate it reaches);
+- the path ``dtype="auto"`` chooses on this machine, measured afresh, with each path's timing and read-out
+  error (``extraction.path_choice``);
 - peak RSS of a fresh process that loads the extractor and extracts 64 prompts in batches of 32;
 - where the time of a 100-token query goes (torch profiler: matmuls, attention, the rest);
 - on the first path only, route + time to first token of a query routed to the extractor's own
@@ -29,11 +31,14 @@ shared one are noisy (p99 especially).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,6 +46,8 @@ from _common import machine, md_table, write_results
 
 from difficulty_router import ActivationExtractor, load_outcomes
 from difficulty_router.datasets import ROUTELLM_MMLU_SAMPLE
+from difficulty_router.extraction import path_choice
+from difficulty_router.extraction.model_store import fingerprint, resolve
 from difficulty_router.extraction.numerics import (
     cpu_flags,
     cpu_has_bf16,
@@ -49,6 +56,7 @@ from difficulty_router.extraction.numerics import (
     match_threads,
     quantise_int8,
 )
+from difficulty_router.extraction.path_choice import choose_path
 
 TARGET_TOKENS = (10, 100, 1000)
 TTFT_PROMPTS, TTFT_REPEATS = 4, 2  # the time-to-first-token sample per length (6 x 3 before a5de709)
@@ -233,6 +241,21 @@ def interleaved_ab(model: str, layer: int, threads: int | None, prompts: list[st
     return md, out
 
 
+def auto_choice(model: str, layer: int, threads: int | None) -> tuple[str, dict]:
+    """What ``dtype="auto"`` chooses here, measured afresh (a temporary choice cache), as markdown and data."""
+    build = functools.partial(ActivationExtractor, model, layers=layer, pooling="last", threads=threads)
+    with tempfile.TemporaryDirectory() as directory:
+        choice = choose_path(build, fingerprint(resolve(model)), layer, "last", 2048, Path(directory))
+    rows = [[t.path, f"{t.ms_per_100_tokens:.1f}", f"{100 * t.readout_error:.1f}%",
+             "kept" if t.accepted else f"refused: {t.reason}"] for t in choice.trials]
+    md = (f"What `dtype=\"auto\"` chose on this machine, measured afresh by `extraction.path_choice` "
+          f"({path_choice.PROBE_PROMPTS} MMLU prompts, single queries, median of {path_choice.REPEATS} "
+          f"interleaved passes; read-out error = worst relative L2 distance to float32's read-out, kept within "
+          f"{100 * path_choice.READOUT_RTOL:.0f}%): **{choice.path}**.\n\n"
+          + md_table(["path", "ms per 100 tokens", "read-out error", "verdict"], rows))
+    return md, choice.describe()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -270,6 +293,8 @@ def main() -> None:
     payload: dict = {"machine": cpu, "flags": flags, "model": args.model, "layer": args.layer, "paths": []}
     rate_rows, rows, profile_rows, ttft, floors = [], [], [], [], []
     rates: dict[str, dict[int, float]] = {}
+    auto_md, payload["auto_choice"] = auto_choice(args.model, args.layer, args.threads)
+    print(auto_md, flush=True)
     for dtype, fast in paths:
         label = dtype if fast else f"{dtype}, before (no prefix cache, unbounded padding)"
         kwargs = {} if fast else {"prefix_cache": False, "lean_prefill": False, "max_padding": 0.99,
@@ -333,6 +358,7 @@ def main() -> None:
     payload["matmul_gflops"] = {d: {str(m): r / 1e9 for m, r in v.items()} for d, v in rates.items()}
     md = (f"Routing overhead vs the hardware floor on **{cpu}** (flags: {', '.join(flags) or 'none'}); "
           f"{args.model}, read-out layer {args.layer} (blocks above it never run).\n\n"
+          + auto_md + "\n\n"
           "Matmul rate (GFLOP/s) of one block's linear layers at the given rows (best of a measurement before "
           "and one after each length's latencies):\n\n"
           + md_table(["path", *(f"{m} rows" for m in (*TARGET_TOKENS, 4096))], rate_rows)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from difficulty_router.cli.common import (
@@ -25,6 +26,10 @@ def cmd_route(args) -> int:
     if args.messages:
         query = json.loads(args.query)
     decision = router.route(query)
+    if args.verbose:
+        path = router.extractor.numeric_path
+        summary = path.choice.summary() if path.choice is not None else f"numeric path {path.name} ({path.how})"
+        print(summary, file=sys.stderr)
     print(json.dumps(decision.to_dict(), indent=1) if args.json else str(decision))
     return 0
 

@@ -12,11 +12,13 @@ path in :mod:`.lean_prefill`.
 Why this module is long: what stays here (a little over 400 lines) is the state one extractor owns
 and must keep consistent under its forward lock: the model, the cached prefix, the feature cache,
 the checked lean path and the kept prefill. Split further, each piece would reach into the others'
-state across a module boundary, and the lock's reasoning would be spread over files.
+state across a module boundary, and the lock's reasoning would be spread over files. (The numeric
+path is chosen in :mod:`.path_choice`.)
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -47,10 +49,10 @@ from difficulty_router.extraction.numerics import (
     INT8_SCHEME,
     dtype_name,
     match_threads,
-    pick_dtype,
     quantise_int8,
     weights_dtype,
 )
+from difficulty_router.extraction.path_choice import NumericPath, resolve_numeric_path
 from difficulty_router.extraction.prefix_kv import PrefixState, compute_prefix
 from difficulty_router.extraction.prompting import PromptTokenizer
 from difficulty_router.extraction.readout import (
@@ -58,6 +60,7 @@ from difficulty_router.extraction.readout import (
     normalise_layers,
     normalise_pooling,
 )
+from difficulty_router.extraction.weight_files import block_weights_from_file
 
 logger = logging.getLogger(__name__)
 
@@ -85,11 +88,13 @@ class ActivationExtractor:
         pooling: ``"last"`` (end-of-prompt token), ``"mean"`` (masked mean) or ``"both"``.
         device: ``"auto"`` picks cuda, then mps, then cpu.
         dtype: ``"float32"``, ``"bfloat16"``, ``"float16"``, ``"int8"`` (CPU dynamic quantisation of the
-            decoder blocks' linear layers) or ``"auto"``: $DIFFICULTY_ROUTER_DTYPE when set, else bf16 on
-            GPUs and on CPUs with native bf16 (AVX512-BF16 or AMX), int8 on other CPUs with int8 dot
-            products for models whose int8 routing quality was checked (``numerics.INT8_ACCEPTED``),
-            float32 otherwise. Features agree across dtypes and batch compositions only to the dtype's
-            precision: see ``FEATURE_RTOL``.
+            decoder blocks' linear layers) or ``"auto"``: $DIFFICULTY_ROUTER_DTYPE when set; else, on a
+            CPU, the fastest path whose read-out stays within 5% of float32's, measured once per machine
+            and read-out and cached (:mod:`.path_choice`; the choice and its timings are in
+            ``numeric_path``, and logged);
+            with ``$DIFFICULTY_ROUTER_AUTO=capability``, or on a GPU, by capability: bf16 on GPUs and on
+            CPUs with native bf16 (AVX512-BF16 or AMX), float32 otherwise. Features agree across dtypes
+            and batch compositions only to the dtype's precision: see ``FEATURE_RTOL``.
         max_tokens: longer prompts keep their last ``max_tokens`` tokens (the question sits at the end).
         batch_size, max_batch_tokens: bounds of one forward pass (queries, and padded tokens: this bounds
             the activations' memory).
@@ -129,8 +134,15 @@ class ActivationExtractor:
             raise ValueError(f"max_padding must lie in [0, 1), got {max_padding!r}")
         self.source: ModelSource = resolve(model, gguf_file)
         self.device = pick_device(device)
-        self.dtype = pick_dtype(dtype, self.device, self.source.model_id)
         self.threads = match_threads(threads) if self.device.type == "cpu" else None
+
+        # one numeric path's extractor, for "auto" to time: the same model and read-out, no feature cache
+        build = functools.partial(ActivationExtractor, model, gguf_file=gguf_file, layers=layers, pooling=pooling)
+        build = functools.partial(build, device=device, max_tokens=max_tokens, threads=threads)
+        self.numeric_path: NumericPath = resolve_numeric_path(
+            dtype, self.device, self.source, build, (layers, pooling, max_tokens)
+        )
+        self.dtype = self.numeric_path.dtype
         self.batch_size = batch_size
         self.max_batch_tokens = max_batch_tokens
         self.max_padding = max_padding
@@ -140,7 +152,7 @@ class ActivationExtractor:
         self.hidden_size = int(self.model.config.hidden_size)
         self._blocks = decoder_layers(self.model)
         if self.dtype == torch.qint8:
-            quantise_int8(self._blocks)
+            quantise_int8(self._blocks, float_weights=block_weights_from_file(self.model, self._blocks))
         self._base = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
         self.prompts = PromptTokenizer(tokenizer, max_tokens)
         self.layers = normalise_layers(layers, self.n_layers)

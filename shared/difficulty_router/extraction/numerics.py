@@ -1,10 +1,11 @@
 """Which numeric path an extractor runs (float32, bfloat16, float16 or int8), chosen by what the hardware does fast.
 
-A router's overhead is bounded below by the matmul rate of the path it runs, so ``dtype="auto"``
-picks by detected capability rather than by habit: bf16 where the CPU has native bf16 (AVX512-BF16
-or AMX) or on a GPU, dynamic int8 on CPUs without native bf16 when that path was measured to keep
-routing quality (``INT8_ACCEPTED``), float32 otherwise. The choice is a pure function of the CPU's
-flags and the model, so two processes on one machine kind always pick the same path.
+A router's overhead is bounded below by the matmul rate of the path it runs. On a CPU, ``dtype="auto"``
+measures the paths the CPU offers once per machine and read-out (:mod:`.path_choice`). ``pick_dtype``
+here is the capability rule used on GPUs, with ``$DIFFICULTY_ROUTER_AUTO=capability``, and for
+explicit or pinned paths: bf16 where the CPU has native bf16 (AVX512-BF16 or AMX) or on a GPU,
+dynamic int8 on CPUs without native bf16 for models listed in ``INT8_ACCEPTED``, float32 otherwise;
+a pure function of the CPU's flags and the model.
 
 int8 is named by ``torch.qint8``: the weights of every decoder block's linear layers are quantised
 per output channel and activations are quantised per call (``torch.ao`` dynamic quantisation, on
@@ -16,6 +17,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -143,6 +145,13 @@ def pick_dtype(dtype: Any, device: torch.device, model_id: str = "") -> torch.dt
     return _checked(_DTYPES[dtype], device)
 
 
+def auto_unpinned(dtype: Any) -> bool:
+    """Whether ``dtype`` leaves the path to the library: "auto" (or None) with $DIFFICULTY_ROUTER_DTYPE unset."""
+    if dtype not in (None, "auto"):
+        return False
+    return os.environ.get(DTYPE_ENV, "").strip().lower() in ("", "auto")
+
+
 def _checked(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     if dtype == torch.qint8 and device.type != "cpu":
         raise ValueError(f"the int8 path is CPU-only (dynamic quantisation); this extractor runs on {device}")
@@ -154,23 +163,35 @@ def weights_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.qint8 else dtype
 
 
-def quantise_int8(blocks: torch.nn.ModuleList, keep_float: tuple[str, ...] = INT8_KEEP_FLOAT) -> None:
+def quantise_int8(
+    blocks: torch.nn.ModuleList,
+    keep_float: tuple[str, ...] = INT8_KEEP_FLOAT,
+    float_weights: Callable[[str], dict[str, torch.Tensor] | None] | None = None,
+) -> None:
     """Dynamic int8 (per output channel) on the nn.Linear layers of the decoder blocks, in place, except
-    those named in ``keep_float``."""
+    those named in ``keep_float``.
+
+    ``float_weights(name)``, given a linear's dotted name within ``blocks`` (``"0.self_attn.q_proj"``),
+    may return its ``weight`` (and ``bias``) read afresh from the weights file: quantising from those
+    leaves the module's memory-mapped float32 weights untouched, so they never become resident.
+    """
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     engines = torch.backends.quantized.supported_engines
     torch.backends.quantized.engine = "x86" if "x86" in engines else "qnnpack"
     with warnings.catch_warnings():  # torch.ao's eager quantisation is deprecated in favour of torchao
         warnings.simplefilter("ignore")
-        for block in blocks:
-            for parent in list(block.modules()):
-                for name, child in list(parent.named_children()):
-                    if isinstance(child, torch.nn.Linear) and name not in keep_float:
-                        wrapped = quantize_dynamic(
-                            torch.nn.Sequential(child), {torch.nn.Linear: per_channel_dynamic_qconfig}
-                        )
-                        setattr(parent, name, wrapped[0])
+        for parent_name, parent in list(blocks.named_modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, torch.nn.Linear) and name not in keep_float:
+                    fresh = float_weights(f"{parent_name}.{name}".lstrip(".")) if float_weights else None
+                    if fresh is not None:
+                        shape = (child.in_features, child.out_features)
+                        child = torch.nn.Linear(*shape, bias=child.bias is not None, device="meta")
+                        child.load_state_dict(fresh, assign=True)
+                    qconfig = {torch.nn.Linear: per_channel_dynamic_qconfig}
+                    wrapped = quantize_dynamic(torch.nn.Sequential(child), qconfig)
+                    setattr(parent, name, wrapped[0])
 
 
 def usable_cores() -> int:

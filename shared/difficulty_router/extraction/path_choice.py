@@ -1,0 +1,239 @@
+"""``dtype="auto"`` on a CPU: the fastest numeric path whose read-out keeps its quality, by measurement.
+
+Which path is fastest is a property of the machine and the model, not of a flag list: on an Intel
+Xeon with AMX a 100-token read-out of SmolLM2-135M took 60 ms in float32, 45 ms in int8 and 33 ms in
+bf16 (benchmarks/overhead.py); on an Ice Lake Xeon (no bf16) int8 took 0.76x float32's time on a
+loaded machine, a margin the machine's load can swallow. So the first extractor
+built on "auto" on a machine times each path the CPU offers on a few real prompts at its read-out
+layers (a few seconds, once), keeps only paths whose read-out stays within ``READOUT_RTOL`` of
+float32's on the same prompts, picks the fastest, and writes the choice to the cache directory keyed
+by the CPU, torch, the weights and the read-out. Every later extractor with the same key reads it.
+
+The quality check is on the read-out, not on a router's decisions: an extractor is built before the
+probes that will read it. A read-out within 5% (relative L2) of float32's moves a linear probe's
+logit ``w . x`` by at most ``0.05 |w| |x|``. int8 (dynamic, per channel) moved SmolLM2-135M's
+layer-15 read-out by 11-13% (``numerics.INT8_KEEP_FLOAT``), so it is measured and refused there; a
+model whose int8 read-out stays closer gets int8 on the machines where it is faster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from difficulty_router.extraction.model_store import cache_root, fingerprint
+from difficulty_router.extraction.numerics import (
+    DTYPE_ENV,
+    auto_unpinned,
+    cpu_flags,
+    cpu_has_bf16,
+    cpu_has_int8_dot,
+    dtype_name,
+    int8_supported,
+    pick_dtype,
+)
+
+logger = logging.getLogger(__name__)
+
+#: ``$DIFFICULTY_ROUTER_AUTO=capability`` makes "auto" pick by the CPU's flags alone, without timing anything.
+AUTO_ENV = "DIFFICULTY_ROUTER_AUTO"
+#: A path is kept only if every probe prompt's read-out is within this relative L2 error of float32's.
+READOUT_RTOL = 0.05
+#: Bump when the measurement changes, so choices made by an older procedure are not reused.
+PROCEDURE = 1
+PROBE_PROMPTS = 6
+REPEATS = 5
+
+
+@dataclass(frozen=True)
+class PathTrial:
+    """One path's measurement: median milliseconds per 100 prompt tokens and its read-out error."""
+
+    path: str
+    ms_per_100_tokens: float
+    readout_error: float
+    accepted: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class NumericPath:
+    """The path an extractor runs and how it was chosen; ``choice`` holds the measurement when "auto" measured."""
+
+    dtype: torch.dtype
+    how: str
+    choice: PathChoice | None = None
+
+    @property
+    def name(self) -> str:
+        return dtype_name(self.dtype)
+
+    def describe(self) -> dict[str, Any]:
+        return self.choice.describe() if self.choice is not None else {"path": self.name, "how": self.how}
+
+
+@dataclass(frozen=True)
+class PathChoice:
+    """The path "auto" chose on this machine and why; ``from_cache`` when an earlier process measured it."""
+
+    path: str
+    trials: tuple[PathTrial, ...]
+    cpu: str
+    from_cache: bool = False
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.qint8 if self.path == "int8" else getattr(torch, self.path)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "how": "measured on this machine" + (" (cached)" if self.from_cache else ""),
+            "cpu": self.cpu,
+            "trials": [asdict(trial) for trial in self.trials],
+        }
+
+    def summary(self) -> str:
+        parts = [
+            f"{t.path} {t.ms_per_100_tokens:.1f} ms/100 tokens" + ("" if t.accepted else f" (refused: {t.reason})")
+            for t in self.trials
+        ]
+        return f"numeric path {self.path}, the fastest that kept its read-out on {self.cpu}: " + "; ".join(parts)
+
+
+def measuring_enabled(device: torch.device) -> bool:
+    """Whether "auto" measures here: on a CPU, unless ``$DIFFICULTY_ROUTER_AUTO=capability``."""
+    mode = os.environ.get(AUTO_ENV, "measure").strip().lower() or "measure"
+    if mode not in ("measure", "capability"):
+        raise ValueError(f"${AUTO_ENV}={mode!r} is not a mode; expected 'measure' or 'capability'")
+    return mode == "measure" and device.type == "cpu"
+
+
+def candidate_paths() -> list[str]:
+    """float32 always (the reference), bf16 where the CPU has it natively, int8 where it has int8 dot products."""
+    paths = ["float32"]
+    if cpu_has_bf16():
+        paths.append("bfloat16")
+    if cpu_has_int8_dot() and int8_supported():
+        paths.append("int8")
+    return paths
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _key(model_hash: str, layers: Any, pooling: Any, max_tokens: int) -> str:
+    flags = sorted(cpu_flags() & {"avx512_bf16", "amx_bf16", "amx_tile", "avx512f", "avx512_vnni", "avx_vnni"})
+    text = json.dumps(
+        [PROCEDURE, cpu_name(), flags, torch.__version__, model_hash, repr(layers), repr(pooling), max_tokens]
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _load(path: Path) -> PathChoice | None:
+    try:
+        raw = json.loads(path.read_text())
+        trials = tuple(PathTrial(**trial) for trial in raw["trials"])
+        choice = PathChoice(path=raw["path"], trials=trials, cpu=raw["cpu"], from_cache=True)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # absent, or written by something else: measure again
+    return choice if choice.path in candidate_paths() else None
+
+
+def probe_prompts() -> list[str]:
+    """Real questions from the shipped RouteLLM MMLU sample (about 60-200 tokens with the template)."""
+    from difficulty_router.data.outcomes import load_outcomes
+    from difficulty_router.datasets import ROUTELLM_MMLU_SAMPLE
+
+    queries = load_outcomes(ROUTELLM_MMLU_SAMPLE).queries
+    return [str(q) for q in queries[:PROBE_PROMPTS]]
+
+
+def _one_pass(extractor, prompts: Sequence[str]) -> tuple[float, np.ndarray]:
+    """Milliseconds per 100 tokens of single-query read-outs of ``prompts``, and the read-outs."""
+    tokens, seconds, outputs = 0, 0.0, []
+    for prompt in prompts:
+        start = time.perf_counter()
+        rows = extractor.extract([prompt], progress=False)
+        seconds += time.perf_counter() - start
+        tokens += int(rows.n_tokens[0])
+        outputs.append(rows.features[0])
+    return 100_000 * seconds / max(tokens, 1), np.stack(outputs)
+
+
+def _relative_error(rows: np.ndarray, reference: np.ndarray) -> float:
+    diff = np.linalg.norm(rows - reference, axis=1)
+    return float((diff / np.maximum(np.linalg.norm(reference, axis=1), 1e-12)).max())
+
+
+def choose_path(build, model_hash: str, layers: Any, pooling: Any, max_tokens: int, cache_dir: Path) -> PathChoice:
+    """The measured path for this machine and read-out, from ``cache_dir`` when measured before.
+
+    ``build(dtype=name)`` makes an extractor on one path (same model, layers, pooling, no feature cache).
+    """
+    file = cache_dir / f"{_key(model_hash, layers, pooling, max_tokens)}.json"
+    cached = _load(file)
+    if cached is not None:
+        logger.info("%s", cached.summary())
+        return cached
+    paths = candidate_paths()
+    logger.info("choosing the numeric path once for this machine: timing %s", ", ".join(paths))
+    prompts = probe_prompts()
+    # All paths are loaded together and timed in turns, so a change in the machine's load during the
+    # measurement falls on every path alike instead of on whichever ran then.
+    extractors = {path: build(dtype=path) for path in paths}
+    timings: dict[str, list[float]] = {path: [] for path in paths}
+    rows: dict[str, np.ndarray] = {}
+    for extractor in extractors.values():
+        extractor.extract(prompts[:1], progress=False)  # warm-up: kernels, allocator, template prefix
+    for _ in range(REPEATS):
+        for path, extractor in extractors.items():
+            ms, rows[path] = _one_pass(extractor, prompts)
+            timings[path].append(ms)
+    del extractors
+    trials = []
+    for path in paths:
+        error = _relative_error(rows[path], rows["float32"])
+        accepted = error <= READOUT_RTOL
+        reason = "" if accepted else f"read-out {100 * error:.1f}% from float32's, over {100 * READOUT_RTOL:.0f}%"
+        trials.append(PathTrial(path, float(np.median(timings[path])), error, accepted, reason))
+    best = min((t for t in trials if t.accepted), key=lambda t: t.ms_per_100_tokens)
+    choice = PathChoice(path=best.path, trials=tuple(trials), cpu=cpu_name())
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(file.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({k: v for k, v in choice.describe().items() if k != "how"} | {"path": best.path}))
+    tmp.replace(file)
+    logger.info("%s", choice.summary())
+    return choice
+
+
+def resolve_numeric_path(dtype: Any, device: torch.device, source, build, readout: tuple[Any, Any, int]) -> NumericPath:
+    """What an extractor of ``source`` runs: ``dtype`` as asked, else $DIFFICULTY_ROUTER_DTYPE, else measured
+    (on a CPU; ``build(dtype=path)`` makes the extractors to time, ``readout`` is (layers, pooling, max_tokens)),
+    else by the device's capability."""
+    if not auto_unpinned(dtype):
+        how = f"pinned by ${DTYPE_ENV}" if dtype in (None, "auto") else "asked for"
+        return NumericPath(pick_dtype(dtype, device, source.model_id), how)
+    if not measuring_enabled(device):
+        return NumericPath(pick_dtype(dtype, device, source.model_id), "by the device's capability")
+    choice = choose_path(build, fingerprint(source), *readout, cache_root() / "path_choice")
+    return NumericPath(choice.dtype, choice.describe()["how"], choice)
