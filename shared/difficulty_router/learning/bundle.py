@@ -120,6 +120,7 @@ def check_router_manifest(manifest: dict, where: str, fmt: str) -> None:
         raise ValueError(f"{where}: the field 'dropped' must map model names to reasons (strings)")
     field(manifest, "info", "dict", where, optional=True)
     field(manifest, "novelty", "dict|None", where, optional=True)
+    field(manifest, "transfer_guard", "dict", where, optional=True)
 
 
 def load_arrays(path: Path, expected_sha256: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:

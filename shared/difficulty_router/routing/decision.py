@@ -16,7 +16,9 @@ class RouteDecision:
     None for routers saved without a novelty score); ``ood`` is True when that was above the
     router's threshold and the query went to the most capable model for it. ``session`` is set
     when a :class:`~difficulty_router.routing.sessions.Sessions` policy decided this turn (it may have
-    kept the session's model rather than the per-call choice).
+    kept the session's model rather than the per-call choice). ``transfer`` is the transfer guard's
+    verdict when the router has one (:mod:`difficulty_router.learning.transfer_guard`); when its
+    ``fallback`` is True the query went to the most capable model and ``reason`` says why.
     """
 
     model: str
@@ -37,6 +39,7 @@ class RouteDecision:
     capability_order: tuple[str, ...] = ()  # the pool from least to most capable (session policies rank by it)
     output_tokens: dict[str, float] | None = None  # predicted output tokens per model, when the router has a head
     session: dict | None = None  # what a session policy did to this turn (sessions.Sessions.apply), else None
+    transfer: dict | None = None  # the transfer guard's verdict (state, fallback, reason, window statistics), else None
 
     @property
     def probability(self) -> float:
@@ -51,6 +54,8 @@ class RouteDecision:
     def __str__(self) -> str:
         probs = ", ".join(f"{m}={p:.2f}" for m, p in self.probabilities.items())
         ood = f"; out of distribution, novelty percentile {self.novelty:.1f}" if self.ood else ""
+        if self.transfer is not None and self.transfer.get("fallback"):
+            ood += "; transfer guard fallback"
         return (
             f"-> {self.model} (difficulty {self.difficulty:.1f}/5, P(success): {probs}; "
             f"{self.policy} {self.parameter}={self.parameter_value:g}, expected cost {self.expected_cost:.6g}{ood})"

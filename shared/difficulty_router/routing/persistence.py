@@ -27,6 +27,7 @@ from difficulty_router.learning.novelty import NoveltyScore, OODPolicy
 from difficulty_router.learning.policies import Policy
 from difficulty_router.learning.probes import DifficultyProbe, SuccessProbe
 from difficulty_router.learning.shared_success import SharedSuccessModel
+from difficulty_router.learning.transfer_guard import TransferGuard
 
 FORMAT = "difficulty-router/1"
 MANIFEST = "manifest.json"
@@ -48,6 +49,9 @@ def router_arrays(router: Any) -> dict[str, np.ndarray]:
         if part is not None:
             arrays.update(part.arrays(prefix))
     arrays["capability"] = router.capability
+    guard = getattr(router, "transfer_guard", None)
+    if guard is not None:  # after the rest, so routers without a guard write the same file as before
+        arrays.update(guard.arrays("transfer"))
     return arrays
 
 
@@ -75,6 +79,9 @@ def save_router(router: Any, directory: str | os.PathLike) -> Path:
         "versions": _versions(),
         "info": router.info,
     }
+    guard = getattr(router, "transfer_guard", None)
+    if guard is not None:  # only when present, so routers without a guard write the same manifest as before
+        manifest["transfer_guard"] = guard.policy.to_dict()
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default))
     return directory
 
@@ -152,6 +159,10 @@ def load_router(
         shared = SharedSuccessModel.from_arrays(arrays, "shared") if family == "shared" else None
         novelty = NoveltyScore.from_arrays(arrays, "novelty") if "novelty.mean" in arrays else None
         length_head = OutputLengthHead.from_arrays(arrays, "length") if "length.coef" in arrays else None
+        has_guard = "transfer.difficulty_quantiles" in arrays
+        if has_guard != ("transfer_guard" in manifest):
+            raise ValueError(f"{where} and {ARRAYS} disagree on whether the router has a transfer guard")
+        guard = TransferGuard.from_arrays(arrays, manifest["transfer_guard"], "transfer") if has_guard else None
         return cls(
             extractor,
             ModelPool.from_dict(manifest["pool"], source=where),
@@ -170,6 +181,7 @@ def load_router(
             ood=OODPolicy.from_dict(manifest.get("novelty")),
             length_head=length_head,
             shared=shared,
+            transfer_guard=guard,
         )
     except KeyError as exc:
         raise ValueError(f"{directory / ARRAYS} lacks the array {exc.args[0]!r}; the bundle is incomplete") from None

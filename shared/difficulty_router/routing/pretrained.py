@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from difficulty_router.learning.bundle import field, load_arrays, read_manifest, write_arrays
+from difficulty_router.learning.transfer_guard import GUARD_MANIFEST, GuardPolicy, TransferGuard
 
 FORMAT = "difficulty-router/irt-head/1"
 #: where the shipped head lives inside the package
@@ -271,12 +272,42 @@ def is_ladder(router) -> bool:
     return INFO_KEY in router.info
 
 
+def ladder_guard(
+    head: DifficultyHead, directory: Path | None, transfer_guard: bool | GuardPolicy | None, low: float, step: float
+) -> TransferGuard | None:
+    """The transfer guard of a zero-label ladder (:mod:`difficulty_router.learning.transfer_guard`), or None.
+
+    ``transfer_guard``: None/False, none; True, the guard saved next to the head with its saved policy; a
+    :class:`GuardPolicy`, that guard with this policy. The saved reference holds difficulties on the head's
+    scale; the router reports the 1-5 scale (``1 + (difficulty - low) * step``, clipped), so they are mapped.
+    """
+    if transfer_guard is None or transfer_guard is False:
+        return None
+    if transfer_guard is not True and not isinstance(transfer_guard, GuardPolicy):
+        raise TypeError(f"transfer_guard must be True, False, None or a GuardPolicy, got {transfer_guard!r}")
+    if directory is None:
+        raise ValueError(
+            "a transfer guard needs the head's directory (its reference is saved there), not a head object"
+        )
+    if not (directory / GUARD_MANIFEST).is_file():
+        raise FileNotFoundError(
+            f"{directory} holds no transfer guard reference for this head ({GUARD_MANIFEST}); "
+            "benchmarks/zero_label_guard.py --write-reference writes it"
+        )
+    saved = TransferGuard.load(directory)
+    if saved.width != len(head.weight):
+        raise ValueError(f"the saved transfer guard reads {saved.width} features, the head {len(head.weight)}")
+    policy = transfer_guard if isinstance(transfer_guard, GuardPolicy) else saved.policy
+    return TransferGuard(saved.novelty, np.clip(1.0 + (saved.difficulty_quantiles - low) * step, 1.0, 5.0), policy)
+
+
 def ladder_parts(
     pool: Any,
     *,
     shares: Sequence[float] | None = None,
     extractor=None,
     head: DifficultyHead | str | os.PathLike | None = None,
+    transfer_guard: bool | GuardPolicy | None = None,
     **extractor_kwargs,
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """What :meth:`DifficultyRouter.pretrained` builds a zero-label router from: the router's constructor
@@ -290,6 +321,8 @@ def ladder_parts(
     from difficulty_router.learning.probe_arrays import calibrated_probe_arrays
     from difficulty_router.learning.probes import DifficultyProbe, SuccessProbe
 
+    # the guard's reference is saved next to its head: known for the shipped head and for a head's directory
+    head_dir = PRETRAINED_DIR if head is None else None if isinstance(head, DifficultyHead) else Path(head)
     head = head if isinstance(head, DifficultyHead) else DifficultyHead.load(head)
     model_pool, costing = _ladder_pool(pool)
     k = len(model_pool)
@@ -351,5 +384,6 @@ def ladder_parts(
         "policy": Policy("threshold", 0.5),
         "difficulty_probe": difficulty_probe,
         "info": info,
+        "transfer_guard": ladder_guard(head, head_dir, transfer_guard, float(low), step),
     }
     return parts, share_values, ladder_boundaries(head, share_values)

@@ -28,6 +28,7 @@ from difficulty_router.learning.novelty import NoveltyScore, OODPolicy
 from difficulty_router.learning.policies import Policy
 from difficulty_router.learning.probes import DifficultyProbe, SuccessProbe, derived_difficulty
 from difficulty_router.learning.shared_success import SharedSuccessModel
+from difficulty_router.learning.transfer_guard import TransferGuard
 from difficulty_router.routing.calibration import (
     calibrate_router,
     operating_curve,
@@ -71,6 +72,7 @@ class DifficultyRouter:
         ood: OODPolicy | None = None,
         length_head: OutputLengthHead | None = None,
         shared: SharedSuccessModel | None = None,
+        transfer_guard: TransferGuard | None = None,
     ) -> None:
         if family not in FAMILIES:
             raise ValueError(f"unknown feature family {family!r}; expected one of {FAMILIES}")
@@ -128,6 +130,10 @@ class DifficultyRouter:
             raise ValueError(
                 f"the novelty score reads {novelty.parts_['mean'].shape[0]} features, the read-out has {width}"
             )
+        # watches unlabelled traffic for signs that the router does not transfer (:mod:`.transfer_guard`)
+        if transfer_guard is not None and transfer_guard.width != width:
+            raise ValueError(f"the transfer guard reads {transfer_guard.width} features, the read-out has {width}")
+        self.transfer_guard = transfer_guard
 
     # -- introspection -------------------------------------------------------------
     @property
@@ -217,6 +223,12 @@ class DifficultyRouter:
             ood = novelty > self.ood.percentile
             for row in np.flatnonzero(ood):
                 chosen[row] = self._ood_target(eligible[row], order)
+        transfer = None
+        if self.transfer_guard is not None:
+            transfer = self.transfer_guard.observe(extraction.features, difficulty)
+            for i, verdict in enumerate(transfer):
+                if verdict["fallback"]:  # the safe choice: the most capable eligible model
+                    chosen[i] = next(self.models.index(m) for m in reversed(order) if eligible[i, self.models.index(m)])
         elapsed = (time.perf_counter() - start) * 1000 / len(conversations)
         skipped = dict(exclude or {})
         skipped.update(
@@ -252,6 +264,7 @@ class DifficultyRouter:
                     output_tokens=None
                     if output_tokens is None
                     else {m: float(t) for m, t in zip(self.models, output_tokens[i], strict=True)},
+                    transfer=None if transfer is None else dict(transfer[i]),
                 )
             )
         return decisions
@@ -286,16 +299,19 @@ class DifficultyRouter:
         shares: Sequence[float] | None = None,
         extractor: ActivationExtractor | None = None,
         head: Any = None,
+        transfer_guard: Any = None,
         **extractor_kwargs: Any,
     ) -> DifficultyRouter:
         """A zero-label router from the difficulty head shipped with the package (see :mod:`.pretrained`).
 
         ``pool``: model names from cheapest to most capable, or a :class:`ModelPool` listed that
         way with prices; ``shares`` of traffic per model default to even; ``head``: another saved
-        difficulty head (directory or :class:`~.pretrained.DifficultyHead`).
+        difficulty head (directory or :class:`~.pretrained.DifficultyHead`); ``transfer_guard``: True
+        (or a :class:`~difficulty_router.learning.transfer_guard.GuardPolicy`) to fall back to the most
+        capable model when the traffic looks unlike the head's training queries (off by default).
         """
         parts, share_values, boundaries = ladder_parts(
-            pool, shares=shares, extractor=extractor, head=head, **extractor_kwargs
+            pool, shares=shares, extractor=extractor, head=head, transfer_guard=transfer_guard, **extractor_kwargs
         )
         router = cls(**parts)
         set_ladder(router, boundaries, share_values, "pretraining queries")
