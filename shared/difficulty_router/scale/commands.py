@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from difficulty_router.scale import DEFAULT_WORKER_START_TIMEOUT_S
+
 
 def add_engine_args(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument(
@@ -19,12 +21,27 @@ def add_engine_args(p: argparse.ArgumentParser, what: str) -> None:
     )
 
 
+def add_worker_args(p: argparse.ArgumentParser, cpus_type: type) -> None:
+    p.add_argument(
+        "--cpus-per-worker", type=cpus_type, default=1, help="with --engine ray: CPUs each worker holds (default 1)"
+    )
+    p.add_argument(
+        "--worker-start-timeout",
+        type=float,
+        default=DEFAULT_WORKER_START_TIMEOUT_S,
+        metavar="SECONDS",
+        help="with --engine ray: fail with a message naming what was asked and what the cluster has when the workers "
+        "cannot all be placed within this time, e.g. when no CPUs are free (default %(default)g)",
+    )
+
+
 def add_extract_args(p: argparse.ArgumentParser) -> None:
     add_engine_args(p, "read with Ray Data, extract with a pool of actors, write Parquet shards to --output")
     p.add_argument("--workers", type=int, help="extractor actors (default: one per CPU, or per GPU when there are)")
     p.add_argument("--rows-per-shard", type=int, default=256, help="prompts per batch and Parquet shard")
     p.add_argument("--feature-cache", help="feature cache directory the workers read and write (default: the user's)")
     p.add_argument("--no-feature-cache", action="store_true", help="workers neither read nor write cached features")
+    add_worker_args(p, int)
 
 
 def run_extract(args, layers) -> int:
@@ -44,6 +61,8 @@ def run_extract(args, layers) -> int:
         device=args.device,
         dtype=args.dtype,
         workers=args.workers,
+        cpus_per_worker=args.cpus_per_worker,
+        worker_start_timeout_s=args.worker_start_timeout,
         rows_per_shard=args.rows_per_shard,
         feature_cache=cache,
         address=args.ray_address,
@@ -123,13 +142,21 @@ def run_serve(args, specs, router_dirs, api_key, limits, max_batch) -> int:
 def add_label_args(p: argparse.ArgumentParser) -> None:
     add_engine_args(p, "spread the pool calls over Ray workers (same journal and output; resumable by either engine)")
     p.add_argument("--workers", type=int, help="with --engine ray: worker actors (default: one per cluster CPU)")
+    add_worker_args(p, float)
 
 
 def ray_labeller(args, backends, config):
     """``label --engine ray``: the labeller whose calls run on Ray workers (its ``run`` is the plain one's)."""
     from difficulty_router.scale.ray_label import RayLabeller
 
-    return RayLabeller(backends, config, workers=args.workers, address=args.ray_address)
+    return RayLabeller(
+        backends,
+        config,
+        workers=args.workers,
+        cpus_per_worker=args.cpus_per_worker,
+        address=args.ray_address,
+        worker_start_timeout_s=args.worker_start_timeout,
+    )
 
 
 def refuse_unsupported_serve_options(args) -> None:

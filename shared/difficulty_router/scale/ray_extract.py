@@ -5,6 +5,14 @@ Exactly once, without coordination: Ray Data restarts a dead actor and retries i
 for actor pools), a retried batch rewrites the shard of the same name, and the driver's manifest lists
 only the shards returned by batches that finished. The workers read and write the same
 :class:`FeatureCache` as single-process extraction, so rows either one extracted before are not run again.
+
+No free CPUs: before reading anything the driver checks that the cluster can reserve ``workers`` workers'
+CPUs (a placement group, released at once: the read tasks need CPUs too), and once the input is read it
+reserves them again and starts the actor pool inside that group, with Ray Data's ``wait_for_min_actors_s``
+as a backstop. Each wait lasts at most ``worker_start_timeout_s``, after which the job fails with
+:class:`~difficulty_router.scale.WorkersNotPlacedError`; removing the group at the end stops the pool's
+actors however the job ended. The extractor loads on a worker's first batch, not in its constructor, so the
+pool's wait measures placement, not how long a model takes to load.
 """
 
 from __future__ import annotations
@@ -21,7 +29,13 @@ import numpy as np
 from difficulty_router.data.queries import QUERY_FIELDS, query_from_json_line
 from difficulty_router.extraction.feature_cache import FeatureCache
 from difficulty_router.extraction.model_store import DEFAULT_MODEL
-from difficulty_router.scale import ensure_ray
+from difficulty_router.scale import (
+    DEFAULT_WORKER_START_TIMEOUT_S,
+    WorkersNotPlacedError,
+    check_timeout,
+    ensure_ray,
+    reserve_workers,
+)
 from difficulty_router.scale.shards import MANIFEST, FeatureShards, write_manifest, write_shard
 
 TEXT_SUFFIXES = (".jsonl", ".json", ".txt")
@@ -48,13 +62,25 @@ def _query(value: Any, kind: str) -> Any:
 
 
 class ExtractorWorker:
-    """One extractor model per actor; ``__call__`` turns a batch of prompts into one shard and reports it."""
+    """One extractor model per actor; ``__call__`` turns a batch of prompts into one shard and reports it. The
+    model loads on the first batch: the constructor returns at once, so the pool's start-up wait
+    (``wait_for_min_actors_s``) measures whether the actor could be placed, not the model's load time."""
 
     def __init__(self, config: dict) -> None:
+        self.config = config
+        self._extractor: Any = None
+
+    @property
+    def extractor(self):
+        if self._extractor is None:
+            self._extractor = self._load(self.config)
+        return self._extractor
+
+    @staticmethod
+    def _load(config: dict):
         from difficulty_router.extraction.extractor import ActivationExtractor
 
-        self.config = config
-        self.extractor = ActivationExtractor(
+        return ActivationExtractor(
             config["model"],
             gguf_file=config["gguf_file"],
             layers=config["layers"],
@@ -103,6 +129,32 @@ class ExtractorWorker:
         }
 
 
+def _run_pool(ray, ds, config: dict, rows_per_shard: int, workers: int, cpus: int, gpus: int, timeout_s: float, group):
+    """The actor pool over ``ds``, its actors in the placement group ``group``: its results, or None when its
+    actors were not all running after ``timeout_s``. Ray Data's own bound on the pool's start (by default
+    none: the pool waits for its actors for ever) is set on this dataset's context only, so other datasets of
+    the process keep theirs."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    mapped = ds.map_batches(
+        ExtractorWorker,
+        fn_constructor_kwargs={"config": config},
+        batch_size=rows_per_shard,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=workers),
+        num_cpus=cpus,
+        num_gpus=gpus,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(group),
+    )
+    mapped.context.wait_for_min_actors_s = timeout_s
+    try:
+        return mapped.take_all()
+    except ray.exceptions.GetTimeoutError as exc:  # raised by the pool's start when the wait runs out
+        if "starting actors" not in str(exc):
+            raise
+        return None
+
+
 def _read_dataset(ray, paths: list[Path], kind: str):
     if kind == "parquet":
         ds = ray.data.read_parquet([str(p) for p in paths])
@@ -132,6 +184,7 @@ def extract_distributed(
     feature_cache: str | os.PathLike | None = None,
     address: str | None = None,
     progress: bool = False,
+    worker_start_timeout_s: float = DEFAULT_WORKER_START_TIMEOUT_S,
 ) -> FeatureShards:
     """Extract features for every prompt in ``inputs`` (JSON Lines, .txt or Parquet with a
     ``prompt``/``messages``/``query`` column) on a Ray cluster into shards under ``output``.
@@ -140,6 +193,9 @@ def extract_distributed(
     one extractor; on a cluster with GPUs each takes one GPU. ``address`` is an existing cluster's address
     (``"auto"`` for one started with ``ray start``); without it a local cluster is started. Returns the
     committed :class:`FeatureShards`; ``features.json`` records the read-out, the row count and the timing.
+
+    ``worker_start_timeout_s``: how long to wait for the cluster to place the workers, once before reading
+    (placeholders) and once for the pool; :class:`~difficulty_router.scale.WorkersNotPlacedError` after that.
     """
     paths = [Path(inputs)] if isinstance(inputs, (str, os.PathLike)) else [Path(p) for p in inputs]
     if not paths:
@@ -150,9 +206,12 @@ def extract_distributed(
     kind = _input_kind(paths)
     if rows_per_shard < 1 or cpus_per_worker < 1:
         raise ValueError("rows_per_shard and cpus_per_worker must be positive")
+    timeout_s = check_timeout(worker_start_timeout_s)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     ray = ensure_ray(address)
+    from ray.util.placement_group import remove_placement_group
+
     ray.data.DataContext.get_current().enable_progress_bars = progress
     resources = ray.cluster_resources()
     gpus = 1 if device in ("auto", "cuda") and resources.get("GPU", 0) >= 1 else 0
@@ -175,6 +234,10 @@ def extract_distributed(
         "output": str(out.resolve()),
         "kind": kind,
     }
+    # the read tasks below need CPUs too: with none free they would stall before the pool's own wait began
+    remove_placement_group(
+        reserve_workers(ray, workers, "extraction", cpus_per_worker, timeout_s, gpus_per_worker=gpus)
+    )
     start = time.perf_counter()
     ds, column = _read_dataset(ray, paths, kind)
     config["column"] = column
@@ -184,15 +247,18 @@ def extract_distributed(
     # exactly ``rows_per_shard`` rows, so every batch (and shard) does too; best-effort bundling leaves one short
     # block per read block, and 10 rows at 5 a shard came out as 3 shards on a CI machine.
     ds = ds.repartition(target_num_rows_per_block=rows_per_shard, strict=True).materialize()
-    results = ds.map_batches(
-        ExtractorWorker,
-        fn_constructor_kwargs={"config": config},
-        batch_size=rows_per_shard,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=workers),
-        num_cpus=cpus_per_worker,
-        num_gpus=gpus,
-    ).take_all()
+    # reserved again now that the input is read: the CPUs may have gone to other jobs meanwhile
+    group = reserve_workers(ray, workers, "extraction", cpus_per_worker, timeout_s, gpus_per_worker=gpus)
+    try:
+        results = _run_pool(ray, ds, config, rows_per_shard, workers, cpus_per_worker, gpus, timeout_s, group)
+    finally:
+        remove_placement_group(group)  # stops the pool's actors, also those of a pool whose start failed
+    if results is None:  # reserved, yet not running in time: the worker processes are slow to start
+        raise WorkersNotPlacedError(
+            f"extraction reserved {workers} workers' CPUs, but its actor pool was not running after {timeout_s:g} s "
+            "(the worker processes did not start in that time; see Ray's logs under /tmp/ray/session_latest/logs): "
+            "wait longer (--worker-start-timeout) or try again when the machine is less busy"
+        )
     elapsed = time.perf_counter() - start
     if not results:
         raise ValueError(f"{paths[0]} holds no prompts")
@@ -223,4 +289,4 @@ def extract_distributed(
     return FeatureShards(out)
 
 
-__all__ = ["MANIFEST", "ExtractorWorker", "extract_distributed"]
+__all__ = ["MANIFEST", "ExtractorWorker", "WorkersNotPlacedError", "extract_distributed"]

@@ -14,6 +14,11 @@ the other's); only :meth:`Labeller.label_pair` (the call, its retries and the gr
 - **Budget.** Before each call starts the driver compares the journal's spend with ``max_usd`` and stops
   starting new ones once it is reached. Calls already in flight finish and are kept, so the spend can pass
   the budget by at most ``concurrency`` x models calls (each with its judge call), as with one process.
+- **No free CPUs.** The driver waits at most ``worker_start_timeout_s`` for the workers to be placed and
+  started before it sends them anything; when the cluster cannot place them all in that time it kills them
+  and raises :class:`~difficulty_router.scale.WorkersNotPlacedError` (what was asked, what the cluster has,
+  what to do) instead of waiting for CPUs that may never come free. Nothing is journalled, so a later run
+  starts the same calls.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from difficulty_router.data.labelling import Backend, LabelConfig, Labeller, LabelReport
-from difficulty_router.scale import ensure_ray
+from difficulty_router.scale import DEFAULT_WORKER_START_TIMEOUT_S, check_timeout, ensure_ray, start_workers
 
 
 class LabelWorker:
@@ -46,7 +51,9 @@ class RayLabeller:
     ``cpus_per_worker``). ``address``: an existing cluster (``"auto"`` for one started with ``ray start``);
     without it a local one is started. Backends travel to the workers by pickling: those of
     :func:`~difficulty_router.data.labelling.openai_backend` do (a worker reads an API key from its own environment;
-    the driver's values of the pool's ``api_key_env`` variables are passed to the workers it starts)."""
+    the driver's values of the pool's ``api_key_env`` variables are passed to the workers it starts).
+    ``worker_start_timeout_s``: how long to wait for every worker to be placed and started before the calls
+    begin (:class:`~difficulty_router.scale.WorkersNotPlacedError` after that)."""
 
     def __init__(
         self,
@@ -57,6 +64,7 @@ class RayLabeller:
         cpus_per_worker: float = 1.0,
         address: str | None = None,
         worker_restarts: int = 3,
+        worker_start_timeout_s: float = DEFAULT_WORKER_START_TIMEOUT_S,
     ) -> None:
         self.driver = Labeller(backends, config)  # validates backends and config before any cluster starts
         if workers is not None and workers < 1:
@@ -66,6 +74,7 @@ class RayLabeller:
         self.backends, self.config = list(backends), config
         self.workers, self.cpus_per_worker, self.address = workers, cpus_per_worker, address
         self.worker_restarts = worker_restarts
+        self.worker_start_timeout_s = check_timeout(worker_start_timeout_s)
 
     @property
     def stopped(self) -> str | None:
@@ -119,7 +128,15 @@ class RayLabeller:
             max_task_retries=self.worker_restarts,
             **({"runtime_env": {"env_vars": env}} if env else {}),
         )
-        return [actor_class.remote(self.backends, self.config) for _ in range(n)]
+        # placed and running, or killed with an error that says why: never a wait on CPUs that are not there
+        return start_workers(
+            ray,
+            lambda: actor_class.remote(self.backends, self.config),
+            n,
+            "labelling",
+            self.cpus_per_worker,
+            self.worker_start_timeout_s,
+        )
 
     def _dispatch(self, ray, actors: list, todo: list[tuple[dict, Backend]], sink, bar) -> None:
         """Keep up to ``concurrency`` calls per model in flight on the least busy workers; journal each result
@@ -178,10 +195,18 @@ def label_distributed(
     cpus_per_worker: float = 1.0,
     address: str | None = None,
     progress: bool = True,
+    worker_start_timeout_s: float = DEFAULT_WORKER_START_TIMEOUT_S,
 ) -> LabelReport:
     """Label ``rows`` (from :func:`~difficulty_router.data.labelling.read_prompt_rows`) with every backend on a Ray
     cluster into ``output`` and its journal: the single-process ``Labeller.run`` result, resumable by either."""
-    labeller = RayLabeller(backends, config, workers=workers, cpus_per_worker=cpus_per_worker, address=address)
+    labeller = RayLabeller(
+        backends,
+        config,
+        workers=workers,
+        cpus_per_worker=cpus_per_worker,
+        address=address,
+        worker_start_timeout_s=worker_start_timeout_s,
+    )
     return labeller.run(rows, output, progress=progress)
 
 
