@@ -253,3 +253,10 @@ def test_pretrained_ladder_takes_the_guard_saved_next_to_its_head(extractor, tmp
         DifficultyRouter.pretrained(LADDER, extractor=extractor, head=head, transfer_guard=True)
     with pytest.raises(TypeError, match="transfer_guard must be True, False, None or a GuardPolicy"):
         DifficultyRouter.pretrained(LADDER, extractor=extractor, head=head_dir, transfer_guard="yes")
+
+
+def test_the_shipped_head_ships_its_guard_reference(extractor):
+    router = DifficultyRouter.pretrained(LADDER, extractor=extractor, transfer_guard=True)
+    guard = router.transfer_guard
+    assert guard is not None and guard.policy == GuardPolicy() and guard.width == 2304
+    assert 1.0 <= guard.difficulty_quantiles[0] <= guard.difficulty_quantiles[-1] <= 5.0
