@@ -51,16 +51,19 @@ def _has(module: torch.nn.Module, dotted: str) -> bool:
 
 
 def _rms_norm(x: torch.Tensor, norm: Any) -> torch.Tensor:
-    """Llama's RMSNorm: statistics in float32, weight applied in the activations' dtype."""
-    dtype = x.dtype
-    x32 = x.to(torch.float32)
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return norm.weight * x32.to(dtype)
+    """Llama's RMSNorm: statistics in float32, weight applied in the activations' dtype. Bit for bit the
+    framework's arithmetic; the float32 copy is scaled in place (one activation-sized buffer fewer). It must be
+    a copy: on the float32 path ``to`` would return ``x`` itself, the residual stream."""
+    x32 = x.to(torch.float32, copy=True)
+    scale = torch.rsqrt(x32.square().mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * x32.mul_(scale).to(x.dtype)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding; ``signed_sin`` is sin with its first half negated, which is ``rotate_half``'s
+    minus sign moved onto the table (negation is exact, so the result is the framework's)."""
     half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+    return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * signed_sin
 
 
 class LeanPrefill:
@@ -79,7 +82,9 @@ class LeanPrefill:
             positions = torch.arange(max_positions, device=device)[None]
             probe = base.embed_tokens.weight[:1]
             cos, sin = base.rotary_emb(probe, positions)  # rope scaling variants included
-        self.cos, self.sin = cos[0], sin[0]  # [positions, head_dim], in the activations' dtype
+        self.cos = cos[0]  # [positions, head_dim], in the activations' dtype
+        half = sin.shape[-1] // 2
+        self.signed_sin = torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)
 
     @classmethod
     def build(cls, base, blocks: Any, config, max_positions: int, device) -> LeanPrefill | None:
@@ -144,7 +149,7 @@ class LeanPrefill:
         """The block loop: ``hidden`` is hidden_states[start]; returns hidden_states[stop]."""
         batch, n = hidden.shape[:2]
         cos = self.cos[position_ids].unsqueeze(1)
-        sin = self.sin[position_ids].unsqueeze(1)
+        sin = self.signed_sin[position_ids].unsqueeze(1)
         for index in range(start, stop):
             block = self.blocks[index]
             attn, mlp = block.self_attn, block.mlp
@@ -178,7 +183,8 @@ class LeanPrefill:
                 context = context[:, :, skip:]
             hidden = hidden + attn.o_proj(context.transpose(1, 2).reshape(batch, n, -1))
             normed = _rms_norm(hidden, block.post_attention_layernorm)
-            hidden = hidden + mlp.down_proj(F.silu(mlp.gate_proj(normed)) * mlp.up_proj(normed))
+            gated = F.silu(mlp.gate_proj(normed), inplace=True).mul_(mlp.up_proj(normed))  # no extra buffers
+            hidden = hidden + mlp.down_proj(gated)
             if index + 1 in wanted:
                 out[index + 1] = hidden
         return hidden
