@@ -187,16 +187,20 @@ def ttft_rows(extractor, queries, repeats: int, count: int = 6) -> tuple[list[li
 
 
 def peak_rss_mb(model: str, dtype: str, layer: int, fast: bool, threads: int | None) -> float:
-    """Peak RSS of a fresh process that loads the extractor and extracts 64 prompts, batch 32."""
+    """Peak RSS of a fresh process that loads the extractor and extracts 64 prompts, batch 32.
+
+    Read from the child's VmHWM (its own address space's high-water mark), not ``ru_maxrss``: Linux carries
+    the maximum RSS across exec, so a child of this (large) benchmark process would report the parent's peak.
+    """
     code = (
-        "import resource\n"
         "from difficulty_router import ActivationExtractor, load_outcomes\n"
         "from difficulty_router.datasets import ROUTELLM_MMLU_SAMPLE\n"
         f"e = ActivationExtractor({model!r}, dtype={dtype!r}, layers={layer}, batch_size=32, max_tokens=512, "
         f"threads={threads!r}"
         + ("" if fast else ", prefix_cache=False, lean_prefill=False, max_padding=0.99, max_batch_tokens=16384") + ")\n"
         "e.extract(load_outcomes(ROUTELLM_MMLU_SAMPLE).queries[:64], progress=False)\n"
-        "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+        "import re\n"
+        "print('RSS', int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) / 1024)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(re.search(r"RSS ([0-9.]+)", out.stdout).group(1))
