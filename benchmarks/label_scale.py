@@ -91,7 +91,7 @@ def worker_start(ray, pool_file: Path, workers: int) -> float:
 def measure(args) -> dict:
     from llama_servers import llama_server, smollm2_gguf
 
-    from difficulty_router.scale import ensure_ray
+    from difficulty_router.scale.cluster import ensure_ray
 
     results: dict = {"machine": machine(), "args": vars(args), "load_before": load_average(), "runs": []}
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:

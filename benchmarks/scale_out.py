@@ -189,7 +189,7 @@ def serve_vs_plain(args, queries) -> list[dict]:
 
 
 def measure(args) -> dict:
-    from difficulty_router.scale import ensure_ray
+    from difficulty_router.scale.cluster import ensure_ray
 
     outcomes = prompts(args.rows)
     queries = outcomes.queries

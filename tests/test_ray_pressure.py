@@ -18,7 +18,7 @@ import pytest
 from helpers import write_prompts
 
 from difficulty_router.data.labelling import Backend, LabelConfig, Reply, journal_path, read_prompt_rows
-from difficulty_router.scale import RayStartError, WorkersNotPlacedError, ensure_ray
+from difficulty_router.scale.cluster import RayStartError, WorkersNotPlacedError, ensure_ray
 from difficulty_router.scale.ray_extract import extract_distributed
 from difficulty_router.scale.ray_label import RayLabeller
 
@@ -52,7 +52,7 @@ def fake_ray(monkeypatch):
     shutdown here would stop nothing, or another module's cluster)."""
     import ray
 
-    from difficulty_router import scale
+    from difficulty_router.scale import cluster as scale
 
     record = {"shutdowns": 0, "sleeps": []}
     monkeypatch.setattr(ray, "is_initialized", lambda: False)

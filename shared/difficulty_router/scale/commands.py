@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from difficulty_router.scale import DEFAULT_WORKER_START_TIMEOUT_S
+from difficulty_router.scale.cluster import DEFAULT_WORKER_START_TIMEOUT_S
 
 
 def add_engine_args(p: argparse.ArgumentParser, what: str) -> None:
@@ -132,7 +132,7 @@ def run_serve(args, specs, router_dirs, api_key, limits, max_batch) -> int:
         f"(auth {'on' if api_key else 'off'})",
         flush=True,
     )
-    from difficulty_router.scale import ensure_ray
+    from difficulty_router.scale.cluster import ensure_ray
 
     ensure_ray(args.ray_address)
     run(app, args.host, args.port, blocking=True)

@@ -29,7 +29,7 @@ import numpy as np
 from difficulty_router.data.queries import QUERY_FIELDS, query_from_json_line
 from difficulty_router.extraction.feature_cache import FeatureCache
 from difficulty_router.extraction.model_store import DEFAULT_MODEL
-from difficulty_router.scale import (
+from difficulty_router.scale.cluster import (
     DEFAULT_WORKER_START_TIMEOUT_S,
     WorkersNotPlacedError,
     check_timeout,

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from difficulty_router.data.labelling import Backend, LabelConfig, Labeller, LabelReport
-from difficulty_router.scale import DEFAULT_WORKER_START_TIMEOUT_S, check_timeout, ensure_ray, start_workers
+from difficulty_router.scale.cluster import DEFAULT_WORKER_START_TIMEOUT_S, check_timeout, ensure_ray, start_workers
 
 
 class LabelWorker:

@@ -13,7 +13,7 @@ import asyncio
 import os
 from typing import Any
 
-from difficulty_router.scale import ensure_ray, require_ray
+from difficulty_router.scale.cluster import ensure_ray, require_ray
 
 APP_NAME = "difficulty-router"
 
