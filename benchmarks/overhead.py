@@ -250,7 +250,7 @@ def auto_choice(model: str, layer: int, threads: int | None) -> tuple[str, dict]
     build = functools.partial(ActivationExtractor, model, layers=layer, pooling="last", threads=threads)
     with tempfile.TemporaryDirectory() as directory:
         choice = choose_path(build, fingerprint(resolve(model)), layer, "last", 2048, Path(directory))
-    rows = [[t.path, f"{t.ms_per_100_tokens:.1f}", f"{100 * t.readout_error:.1f}%",
+    rows = [[t.path, f"{t.ms_per_100_tokens:.1f}", f"{100 * t.error:.1f}%",
              "kept" if t.accepted else f"refused: {t.reason}"] for t in choice.trials]
     md = (f"What `dtype=\"auto\"` chose on this machine, measured afresh by `extraction.path_choice` "
           f"({path_choice.PROBE_PROMPTS} MMLU prompts, single queries, median of {path_choice.REPEATS} "

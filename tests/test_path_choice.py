@@ -46,8 +46,8 @@ def test_auto_measures_once_and_picks_the_fastest_path_that_keeps_the_readout(qu
     choice = first.numeric_path.choice
     assert choice is not None and not choice.from_cache
     trials = {trial.path: trial for trial in choice.trials}
-    assert set(trials) == {"float32", "bfloat16"} and trials["float32"].readout_error == 0.0
-    assert 0 < trials["bfloat16"].readout_error <= path_choice.READOUT_RTOL  # really bf16, close to float32
+    assert set(trials) == {"float32", "bfloat16"} and trials["float32"].error == 0.0
+    assert 0 < trials["bfloat16"].error <= path_choice.READOUT_RTOL  # really bf16, close to float32
     fastest = min(trials.values(), key=lambda t: t.ms_per_100_tokens)
     assert choice.path == fastest.path and first.dtype == choice.dtype
     assert first.numeric_path.describe()["trials"][0]["path"] == "float32"
@@ -67,6 +67,31 @@ def test_a_path_whose_readout_moves_too_far_is_refused_however_fast(quick_measur
     refused = {trial.path: trial for trial in choice.trials if not trial.accepted}
     assert choice.path == "float32" and set(refused) == {"bfloat16"}
     assert "from float32's" in refused["bfloat16"].reason and "refused" in choice.summary()
+
+
+def test_a_saved_router_judges_the_paths_by_its_own_probabilities(quick_measurement, trained_router, tmp_path):
+    from difficulty_router import DifficultyRouter
+
+    trained_router.save(tmp_path / "router")
+    loaded = DifficultyRouter.load(tmp_path / "router")
+    choice = loaded.extractor.numeric_path.choice
+    assert choice is not None and not choice.from_cache
+    for trial in choice.trials:
+        assert trial.criterion == "router P(success), absolute"
+        assert trial.accepted == (trial.error <= 0.05)
+    bf16 = next(t for t in choice.trials if t.path == "bfloat16")
+    assert 0 < bf16.error < 0.5  # probabilities, really moved by bf16's rounding
+    assert choice.path == min((t for t in choice.trials if t.accepted), key=lambda t: t.ms_per_100_tokens).path
+    bare = ActivationExtractor("smollm2-135m", layers=loaded.layers, pooling=loaded.pooling)
+    assert bare.numeric_path.choice.trials[1].criterion == "read-out relative L2"
+    assert len(list(quick_measurement.glob("*.json"))) == 2  # the router's choice is its own, cached apart
+
+
+def test_a_router_quality_bound_of_zero_keeps_only_float32(quick_measurement, trained_router, extractor):
+    quality = path_choice.ReadoutQuality(name="strict", score=trained_router.probe.predict_proba, tolerance=0.0)
+    choice = choose_path(_build(), extractor.model_hash, 15, "last", 2048, quick_measurement, quality)
+    assert choice.path == "float32"
+    assert "router P(success)" in next(t for t in choice.trials if t.path == "bfloat16").reason
 
 
 def test_an_unreadable_cached_choice_is_measured_again(quick_measurement, extractor):

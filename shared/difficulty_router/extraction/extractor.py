@@ -52,7 +52,7 @@ from difficulty_router.extraction.numerics import (
     quantise_int8,
     weights_dtype,
 )
-from difficulty_router.extraction.path_choice import NumericPath, resolve_numeric_path
+from difficulty_router.extraction.path_choice import NumericPath, ReadoutQuality, resolve_numeric_path
 from difficulty_router.extraction.prefix_kv import PrefixState, compute_prefix
 from difficulty_router.extraction.prompting import PromptTokenizer
 from difficulty_router.extraction.readout import (
@@ -89,9 +89,9 @@ class ActivationExtractor:
         device: ``"auto"`` picks cuda, then mps, then cpu.
         dtype: ``"float32"``, ``"bfloat16"``, ``"float16"``, ``"int8"`` (CPU dynamic quantisation of the
             decoder blocks' linear layers) or ``"auto"``: $DIFFICULTY_ROUTER_DTYPE when set; else, on a
-            CPU, the fastest path whose read-out stays within 5% of float32's, measured once per machine
-            and read-out and cached (:mod:`.path_choice`; the choice and its timings are in
-            ``numeric_path``, and logged);
+            CPU, the fastest path whose read-out stays within 5% of float32's (or, with ``quality``, whose
+            consumer's output does), measured once per machine and read-out and cached
+            (:mod:`.path_choice`; the choice and its timings are in ``numeric_path``, and logged);
             with ``$DIFFICULTY_ROUTER_AUTO=capability``, or on a GPU, by capability: bf16 on GPUs and on
             CPUs with native bf16 (AVX512-BF16 or AMX), float32 otherwise. Features agree across dtypes
             and batch compositions only to the dtype's precision: see ``FEATURE_RTOL``.
@@ -106,6 +106,8 @@ class ActivationExtractor:
             read-out at start-up, so False is for measuring the difference.
         threads: torch's compute threads; by default no more than the cores this process may use.
         feature_cache: a directory or FeatureCache that memoises rows across runs.
+        quality: how "auto" judges a path for a known consumer of the read-out (a router's probe; see
+            :class:`.path_choice.ReadoutQuality`); by default the read-out's distance to float32's.
     """
 
     def __init__(
@@ -125,6 +127,7 @@ class ActivationExtractor:
         lean_prefill: bool = True,
         threads: int | None = None,
         feature_cache: FeatureCache | str | None = None,
+        quality: ReadoutQuality | None = None,
     ) -> None:
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
@@ -140,7 +143,7 @@ class ActivationExtractor:
         build = functools.partial(ActivationExtractor, model, gguf_file=gguf_file, layers=layers, pooling=pooling)
         build = functools.partial(build, device=device, max_tokens=max_tokens, threads=threads)
         self.numeric_path: NumericPath = resolve_numeric_path(
-            dtype, self.device, self.source, build, (layers, pooling, max_tokens)
+            dtype, self.device, self.source, build, (layers, pooling, max_tokens), quality
         )
         self.dtype = self.numeric_path.dtype
         self.batch_size = batch_size

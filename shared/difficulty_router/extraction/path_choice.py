@@ -9,11 +9,13 @@ layers (a few seconds, once), keeps only paths whose read-out stays within ``REA
 float32's on the same prompts, picks the fastest, and writes the choice to the cache directory keyed
 by the CPU, torch, the weights and the read-out. Every later extractor with the same key reads it.
 
-The quality check is on the read-out, not on a router's decisions: an extractor is built before the
-probes that will read it. A read-out within 5% (relative L2) of float32's moves a linear probe's
-logit ``w . x`` by at most ``0.05 |w| |x|``. int8 (dynamic, per channel) moved SmolLM2-135M's
-layer-15 read-out by 11-13% (``numerics.INT8_KEEP_FLOAT``), so it is measured and refused there; a
-model whose int8 read-out stays closer gets int8 on the machines where it is faster.
+What "keeps its quality" means depends on who reads the read-out. A saved router loaded on "auto"
+(``DifficultyRouter.load``) passes its success probe (:class:`ReadoutQuality`): a path is kept when
+no probe prompt's P(success) moves more than 0.05 (absolute) from float32's, and the choice is cached
+per router. A bare extractor has no consumer yet, so its read-out must stay within 5% (relative L2)
+of float32's, which bounds a linear probe's logit change by ``0.05 |w| |x|``. int8 (dynamic, per
+channel) moved SmolLM2-135M's layer-15 read-out by 11-14%, so a bare extractor refuses it there; a
+router whose probabilities int8 leaves in place gets it on the machines where it is faster.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -51,18 +53,36 @@ AUTO_ENV = "DIFFICULTY_ROUTER_AUTO"
 #: A path is kept only if every probe prompt's read-out is within this relative L2 error of float32's.
 READOUT_RTOL = 0.05
 #: Bump when the measurement changes, so choices made by an older procedure are not reused.
-PROCEDURE = 1
+PROCEDURE = 2
 PROBE_PROMPTS = 6
 REPEATS = 5
 
 
 @dataclass(frozen=True)
+class ReadoutQuality:
+    """How a known consumer of the read-out judges a path, instead of the read-out's own distance.
+
+    A saved router passes its success probe: ``score`` maps read-out rows to P(success) per model,
+    and a path is kept when no probe prompt's probability moves more than ``tolerance`` (absolute)
+    from float32's. ``name`` (the router's arrays hash) keys the cached choice, so another router
+    on the same extractor is judged again.
+    """
+
+    name: str
+    score: Callable[[np.ndarray], np.ndarray]
+    tolerance: float = 0.05
+    what: str = "P(success)"
+
+
+@dataclass(frozen=True)
 class PathTrial:
-    """One path's measurement: median milliseconds per 100 prompt tokens and its read-out error."""
+    """One path's measurement: median milliseconds per 100 prompt tokens, and how far it is from float32
+    by ``criterion`` (the read-out's relative L2 distance, or a router's P(success) moved)."""
 
     path: str
     ms_per_100_tokens: float
-    readout_error: float
+    error: float
+    criterion: str
     accepted: bool
     reason: str
 
@@ -141,10 +161,11 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _key(model_hash: str, layers: Any, pooling: Any, max_tokens: int) -> str:
+def _key(model_hash: str, layers: Any, pooling: Any, max_tokens: int, quality: ReadoutQuality | None = None) -> str:
     flags = sorted(cpu_flags() & {"avx512_bf16", "amx_bf16", "amx_tile", "avx512f", "avx512_vnni", "avx_vnni"})
+    judged = None if quality is None else [quality.name, quality.tolerance]
     text = json.dumps(
-        [PROCEDURE, cpu_name(), flags, torch.__version__, model_hash, repr(layers), repr(pooling), max_tokens]
+        [PROCEDURE, cpu_name(), flags, torch.__version__, model_hash, repr(layers), repr(pooling), max_tokens, judged]
     )
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
@@ -185,12 +206,29 @@ def _relative_error(rows: np.ndarray, reference: np.ndarray) -> float:
     return float((diff / np.maximum(np.linalg.norm(reference, axis=1), 1e-12)).max())
 
 
-def choose_path(build, model_hash: str, layers: Any, pooling: Any, max_tokens: int, cache_dir: Path) -> PathChoice:
+def _judge(rows: np.ndarray, reference: np.ndarray, quality: ReadoutQuality | None) -> tuple[float, str, float]:
+    """(error, criterion, tolerance) of one path's read-outs against float32's."""
+    if quality is None:
+        return _relative_error(rows, reference), "read-out relative L2", READOUT_RTOL
+    moved = np.abs(np.asarray(quality.score(rows), float) - np.asarray(quality.score(reference), float))
+    return float(moved.max()), f"router {quality.what}, absolute", quality.tolerance
+
+
+def choose_path(
+    build,
+    model_hash: str,
+    layers: Any,
+    pooling: Any,
+    max_tokens: int,
+    cache_dir: Path,
+    quality: ReadoutQuality | None = None,
+) -> PathChoice:
     """The measured path for this machine and read-out, from ``cache_dir`` when measured before.
 
-    ``build(dtype=name)`` makes an extractor on one path (same model, layers, pooling, no feature cache).
+    ``build(dtype=name)`` makes an extractor on one path (same model, layers, pooling, no feature cache);
+    ``quality``, when given, judges the paths by what its consumer (a router's probe) makes of the read-out.
     """
-    file = cache_dir / f"{_key(model_hash, layers, pooling, max_tokens)}.json"
+    file = cache_dir / f"{_key(model_hash, layers, pooling, max_tokens, quality)}.json"
     cached = _load(file)
     if cached is not None:
         logger.info("%s", cached.summary())
@@ -212,10 +250,10 @@ def choose_path(build, model_hash: str, layers: Any, pooling: Any, max_tokens: i
     del extractors
     trials = []
     for path in paths:
-        error = _relative_error(rows[path], rows["float32"])
-        accepted = error <= READOUT_RTOL
-        reason = "" if accepted else f"read-out {100 * error:.1f}% from float32's, over {100 * READOUT_RTOL:.0f}%"
-        trials.append(PathTrial(path, float(np.median(timings[path])), error, accepted, reason))
+        error, criterion, tolerance = _judge(rows[path], rows["float32"], quality)
+        accepted = error <= tolerance
+        reason = "" if accepted else f"{criterion} {error:.3g} from float32's, over {tolerance:g}"
+        trials.append(PathTrial(path, float(np.median(timings[path])), error, criterion, accepted, reason))
     best = min((t for t in trials if t.accepted), key=lambda t: t.ms_per_100_tokens)
     choice = PathChoice(path=best.path, trials=tuple(trials), cpu=cpu_name())
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -226,14 +264,21 @@ def choose_path(build, model_hash: str, layers: Any, pooling: Any, max_tokens: i
     return choice
 
 
-def resolve_numeric_path(dtype: Any, device: torch.device, source, build, readout: tuple[Any, Any, int]) -> NumericPath:
+def resolve_numeric_path(
+    dtype: Any,
+    device: torch.device,
+    source,
+    build,
+    readout: tuple[Any, Any, int],
+    quality: ReadoutQuality | None = None,
+) -> NumericPath:
     """What an extractor of ``source`` runs: ``dtype`` as asked, else $DIFFICULTY_ROUTER_DTYPE, else measured
-    (on a CPU; ``build(dtype=path)`` makes the extractors to time, ``readout`` is (layers, pooling, max_tokens)),
-    else by the device's capability."""
+    (on a CPU; ``build(dtype=path)`` makes the extractors to time, ``readout`` is (layers, pooling, max_tokens),
+    ``quality`` judges them for a known consumer), else by the device's capability."""
     if not auto_unpinned(dtype):
         how = f"pinned by ${DTYPE_ENV}" if dtype in (None, "auto") else "asked for"
         return NumericPath(pick_dtype(dtype, device, source.model_id), how)
     if not measuring_enabled(device):
         return NumericPath(pick_dtype(dtype, device, source.model_id), "by the device's capability")
-    choice = choose_path(build, fingerprint(source), *readout, cache_root() / "path_choice")
+    choice = choose_path(build, fingerprint(source), *readout, cache_root() / "path_choice", quality)
     return NumericPath(choice.dtype, choice.describe()["how"], choice)

@@ -19,6 +19,7 @@ import numpy as np
 
 from difficulty_router.core.pool import ModelPool
 from difficulty_router.extraction.extractor import ActivationExtractor
+from difficulty_router.extraction.path_choice import ReadoutQuality
 from difficulty_router.learning.bundle import write_arrays
 from difficulty_router.learning.families import StackedProbe
 from difficulty_router.learning.length_head import OutputLengthHead
@@ -139,7 +140,7 @@ def load_router(
             layers=readout["layers"],
             pooling=readout["pooling"],
             max_tokens=described.get("max_tokens", 2048),
-            **extractor_kwargs,
+            **({"quality": _probe_quality(arrays, manifest)} | extractor_kwargs),
         )
     if extractor.model_hash != described["model_hash"]:
         raise ValueError(
@@ -210,3 +211,14 @@ def _versions() -> dict:
         "transformers": transformers.__version__,
         "scikit-learn": sklearn.__version__,
     }
+
+
+def _probe_quality(arrays: dict, manifest: dict) -> ReadoutQuality | None:
+    """How "auto" judges numeric paths for this router: by what its success probe makes of the read-out
+    (:class:`~difficulty_router.extraction.path_choice.ReadoutQuality`). None where the probe does not load;
+    the loader then reports that itself."""
+    try:
+        probe = SuccessProbe.from_arrays(arrays, "success")
+    except (KeyError, ValueError, TypeError):
+        return None
+    return ReadoutQuality(name=str(manifest["arrays_sha256"]), score=probe.predict_proba)
