@@ -180,3 +180,16 @@ def test_int8_quantised_from_the_file_equals_int8_quantised_from_the_loaded_weig
     monkeypatch.setattr(extractor_module, "block_weights_from_file", lambda model, blocks: None)
     from_module = ActivationExtractor("smollm2-135m", layers=15, dtype="int8").extract(queries).features
     np.testing.assert_array_equal(from_file, from_module)
+
+
+def test_processes_of_one_job_resolve_auto_by_capability_without_timing(monkeypatch):
+    """Ray workers and Serve replicas: each timing the paths would let them choose differently."""
+    cpu = torch.device("cpu")
+    monkeypatch.delenv(numerics.DTYPE_ENV, raising=False)
+    monkeypatch.setattr(numerics, "cpu_flags", lambda: frozenset({"avx512f", "amx_bf16"}))
+    assert numerics.one_path_for_many_processes("auto", cpu) == "bfloat16"
+    monkeypatch.setattr(numerics, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert numerics.one_path_for_many_processes("auto", cpu) == "float32"
+    assert numerics.one_path_for_many_processes("int8", cpu) == "int8"  # an explicit path is kept
+    monkeypatch.setenv(numerics.DTYPE_ENV, "bfloat16")
+    assert numerics.one_path_for_many_processes("auto", cpu) == "auto"  # the pin applies in every process

@@ -152,6 +152,13 @@ def auto_unpinned(dtype: Any) -> bool:
     return os.environ.get(DTYPE_ENV, "").strip().lower() in ("", "auto")
 
 
+def one_path_for_many_processes(dtype: Any, device: torch.device) -> Any:
+    """``dtype`` for an extractor in one of many processes of one job (Ray workers, Serve replicas): "auto"
+    becomes the capability rule's path, so the processes run one numeric path (timing the paths in each
+    would let them choose differently, and they would race one another while timing)."""
+    return dtype_name(pick_dtype(dtype, device)) if auto_unpinned(dtype) else dtype
+
+
 def _checked(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     if dtype == torch.qint8 and device.type != "cpu":
         raise ValueError(f"the int8 path is CPU-only (dynamic quantisation); this extractor runs on {device}")

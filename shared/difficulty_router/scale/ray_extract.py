@@ -79,6 +79,8 @@ class ExtractorWorker:
     @staticmethod
     def _load(config: dict):
         from difficulty_router.extraction.extractor import ActivationExtractor
+        from difficulty_router.extraction.framework_forward import pick_device
+        from difficulty_router.extraction.numerics import one_path_for_many_processes
 
         return ActivationExtractor(
             config["model"],
@@ -86,7 +88,7 @@ class ExtractorWorker:
             layers=config["layers"],
             pooling=config["pooling"],
             device=config["device"],
-            dtype=config["dtype"],
+            dtype=one_path_for_many_processes(config["dtype"], pick_device(config["device"])),
             max_tokens=config["max_tokens"],
             batch_size=config["batch_size"],
             threads=config["threads"],

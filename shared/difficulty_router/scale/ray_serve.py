@@ -42,16 +42,20 @@ def build_app(
         raise ValueError("max_batch must be positive and max_wait_s non-negative")
     routers = {name: os.fspath(os.path.abspath(d)) for name, d in routers.items()}
     options = dict(app_options or {})
+    allow_other = allow_other_extractor
 
     @serve.deployment(num_replicas=replicas, ray_actor_options={"num_cpus": cpus_per_replica})
     @serve.ingress()
     class RoutingServer:
         def __init__(self) -> None:
+            from difficulty_router.extraction.framework_forward import pick_device
+            from difficulty_router.extraction.numerics import one_path_for_many_processes
             from difficulty_router.routing.router import DifficultyRouter
             from difficulty_router.server import create_app
 
+            dtype = one_path_for_many_processes("auto", pick_device("auto"))  # every replica on one numeric path
             self.routers = {
-                name: DifficultyRouter.load(d, model=extractor, allow_other_extractor=allow_other_extractor)
+                name: DifficultyRouter.load(d, model=extractor, allow_other_extractor=allow_other, dtype=dtype)
                 for name, d in routers.items()
             }
             self._routing_app = create_app(self.routers, specs, route_one=self.route_one, **options)
