@@ -20,6 +20,8 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from difficulty_router.server.run import uvicorn_config
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -50,12 +52,17 @@ class StubBackend:
                 return JSONResponse({"error": {"message": "stub failure", "type": "server_error"}}, status_code=500)
             created = int(time.time())
             if body.get("stream"):
-                return StreamingResponse(self._stream(text, created, cut=self.mode == "cut"),
-                                         media_type="text/event-stream")
-            return {"id": "stub", "object": "chat.completion", "created": created, "model": self.name,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                 "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+                return StreamingResponse(
+                    self._stream(text, created, cut=self.mode == "cut"), media_type="text/event-stream"
+                )
+            return {
+                "id": "stub",
+                "object": "chat.completion",
+                "created": created,
+                "model": self.name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            }
 
         return app
 
@@ -64,11 +71,21 @@ class StubBackend:
         for i, word in enumerate(words):
             if cut and i == 2:
                 raise RuntimeError("stub closes the stream mid-way")  # uvicorn drops the connection
-            chunk = {"id": "stub", "object": "chat.completion.chunk", "created": created, "model": self.name,
-                     "choices": [{"index": 0, "delta": {"content": word + " "}, "finish_reason": None}]}
+            chunk = {
+                "id": "stub",
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": self.name,
+                "choices": [{"index": 0, "delta": {"content": word + " "}, "finish_reason": None}],
+            }
             yield f"data: {json.dumps(chunk)}\n\n"
-        end = {"id": "stub", "object": "chat.completion.chunk", "created": created, "model": self.name,
-               "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+        end = {
+            "id": "stub",
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": self.name,
+            "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+        }
         yield f"data: {json.dumps(end)}\n\ndata: [DONE]\n\n"
 
     def start(self) -> StubBackend:
@@ -93,8 +110,7 @@ class StubBackend:
 def serving(app, port: int | None = None):
     """Run an ASGI app on loopback in a thread; yields its base URL."""
     port = port or free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical", access_log=False,
-                            lifespan="on")
+    config = uvicorn_config(app, "127.0.0.1", port, log_level="critical", lifespan="on")  # as `serve` runs it
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True, name="router-server")
     thread.start()

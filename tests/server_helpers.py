@@ -18,8 +18,9 @@ def running(app, *, timeout: float = 30.0) -> Iterator[str]:
     """Serve ``app`` on 127.0.0.1 for the block; yields ``http://127.0.0.1:PORT``."""
     import uvicorn
 
-    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning", access_log=False,
-                            lifespan="on")
+    from difficulty_router.server.run import uvicorn_config
+
+    config = uvicorn_config(app, "127.0.0.1", free_port(), log_level="warning", lifespan="on")  # as `serve` runs it
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
     thread.start()

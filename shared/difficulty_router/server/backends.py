@@ -25,6 +25,11 @@ if TYPE_CHECKING:
 
 DEFAULT_TIMEOUT = 60.0
 CLIENT_ERRORS = frozenset({400, 413, 422})
+#: Seconds the pool keeps an idle backend connection. Shorter than the keep-alive of the servers backends
+#: run on (uvicorn, hence vLLM and llama-cpp-python's server, and llama.cpp's own: 5 s): the side that sends
+#: must give up on an idle connection first, or a request sent as the backend closes it is lost (a reset
+#: connection, which would also mark a healthy backend down). httpx's default (5 s) equals theirs.
+BACKEND_KEEPALIVE_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -125,7 +130,11 @@ class Backends:
         from openai import AsyncOpenAI
 
         keys = {name: self._api_key(spec) for name, spec in self.specs.items()}  # fail before opening anything
-        limits = httpx.Limits(max_connections=self.max_connections, max_keepalive_connections=self.max_connections)
+        limits = httpx.Limits(
+            max_connections=self.max_connections,
+            max_keepalive_connections=self.max_connections,
+            keepalive_expiry=BACKEND_KEEPALIVE_S,
+        )
         self._http = httpx.AsyncClient(limits=limits, timeout=DEFAULT_TIMEOUT)
         for name, spec in self.specs.items():
             self._clients[name] = AsyncOpenAI(
