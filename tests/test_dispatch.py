@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 
 import pytest
 
@@ -355,3 +356,153 @@ def test_a_committed_streams_attempt_ends_when_the_stream_does():
     with pytest.raises(ConnectionError):
         list(opened.tail)
     assert spy.events == [("start", WEAK), ("error", WEAK, False, None)]
+
+
+# -- stream hold-back: a break before commit escalates unseen -----------------------------------
+
+
+def opener(streams, mode, opened_log=None):
+    """``open_stream`` over scripted chunk lists (an exception instance is raised where it stands)."""
+
+    def open_stream(model):
+        if opened_log is not None:
+            opened_log.append(model)
+        return chunks(*streams[model])
+
+    async def aopen(model):
+        if opened_log is not None:
+            opened_log.append(model)
+
+        async def gen():
+            for c in chunks(*streams[model]):
+                await asyncio.sleep(0)
+                yield c
+
+        return gen()
+
+    return open_stream if mode == "sync" else aopen
+
+
+def open_and_read(call, streams, mode, hooks=None):
+    """(head, tail as a list or the exception it raised) of a routed stream."""
+    if mode == "sync":
+        opened = dispatch.stream_sync(call, opener(streams, mode), lambda c: Reply(c), hooks)
+        try:
+            return opened.head, list(opened.tail)
+        except ConnectionError as exc:
+            return opened.head, exc
+
+    async def consume():
+        opened = await dispatch.stream_async(call, opener(streams, mode), lambda c: Reply(c), hooks)
+        try:
+            return opened.head, [c async for c in opened.tail]
+        except ConnectionError as exc:
+            return opened.head, exc
+
+    return asyncio.run(consume())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_stream_that_breaks_while_held_back_escalates_and_its_chunks_never_show(mode):
+    streams = {
+        WEAK: ["w1", "w2", ConnectionError("cut after two chunks")],
+        MID: ["m1", "m2", "m3", "m4"],
+        STRONG: ["s"],
+    }
+    call = RoutedCall(decision=decision(), holdback=dispatch.StreamHoldback(chunks=3))
+    head, tail = open_and_read(call, streams, mode)
+    assert (head, tail) == (["m1", "m2", "m3"], ["m4"])  # MID's whole stream, nothing of WEAK's
+    assert [(a.model, a.accepted) for a in call.attempts] == [(WEAK, False), (MID, True)]
+    record = call.record()
+    assert record["escalated"] and record["served_by"] == MID
+    assert record["attempts"][0]["error"] == "ConnectionError: cut after two chunks"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_break_after_commit_is_the_callers_and_off_commits_at_the_first_chunk(mode):
+    streams = {WEAK: ["w1", "w2", ConnectionError("cut")], MID: ["m1"], STRONG: ["s"]}
+    at_boundary = RoutedCall(decision=decision(), holdback=dispatch.StreamHoldback(chunks=2))
+    head, tail = open_and_read(at_boundary, streams, mode)
+    assert head == ["w1", "w2"] and isinstance(tail, ConnectionError)  # committed at chunk 2, broke after
+    assert [a.model for a in at_boundary.attempts] == [WEAK]
+    off = RoutedCall(decision=decision())
+    head, tail = open_and_read(off, streams, mode)
+    assert head == ["w1"] and isinstance(tail, ConnectionError)  # unchanged: commit at the first chunk
+    short = RoutedCall(decision=decision(), holdback=dispatch.StreamHoldback(chunks=10))
+    head, tail = open_and_read(short, {**streams, WEAK: ["w1", "w2"]}, mode)
+    assert (head, tail) == (["w1", "w2"], [])  # a stream that ends while held back is committed whole
+    assert short.served.model == WEAK
+
+
+def test_the_time_bound_commits_at_the_first_chunk_that_arrives_after_it():
+    def slow(*items, gap):
+        for i, item in enumerate(items):
+            if i:
+                time.sleep(gap)
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    streams = {
+        WEAK: lambda: slow("w1", "w2", ConnectionError("cut"), gap=0.05),
+        MID: lambda: iter(["m1", "m2"]),
+        STRONG: lambda: iter(["s"]),
+    }
+    long = RoutedCall(decision=decision(), holdback=dispatch.StreamHoldback(ms=1000))
+    opened = dispatch.stream_sync(long, lambda m: streams[m](), lambda c: Reply(c))
+    assert opened.head == ["m1", "m2"] and long.served.model == MID  # broke 0.1 s in: still held, escalated
+    short = RoutedCall(decision=decision(), holdback=dispatch.StreamHoldback(ms=20))
+    opened = dispatch.stream_sync(short, lambda m: streams[m](), lambda c: Reply(c))
+    assert opened.head == ["w1", "w2"] and short.served.model == WEAK  # chunk 2 came 50 ms in: committed
+    with pytest.raises(ConnectionError):
+        list(opened.tail)
+
+
+def test_an_abandoned_stream_is_closed():
+    closed = []
+
+    def stream(model):
+        try:
+            yield f"{model}-1"
+            raise ConnectionError("cut")
+        finally:
+            closed.append(model)
+
+    call = RoutedCall(decision=decision(), holdback=dispatch.StreamHoldback(chunks=2))
+    with pytest.raises(ConnectionError):
+        dispatch.stream_sync(call, stream, lambda c: Reply(c))
+    assert closed == [WEAK, MID, STRONG] and call.exhausted
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"chunks": -1}, "stream hold-back chunks must be an integer >= 0, got -1"),
+        ({"chunks": 2.5}, "stream hold-back chunks must be an integer >= 0, got 2.5"),
+        ({"chunks": True}, "stream hold-back chunks must be an integer >= 0, got True"),
+        ({"ms": -5}, "stream hold-back ms must be a finite number of milliseconds >= 0, got -5"),
+        ({"ms": float("nan")}, "stream hold-back ms must be a finite number of milliseconds >= 0, got nan"),
+    ],
+)
+def test_a_bad_holdback_is_refused_naming_the_problem(kwargs, message):
+    with pytest.raises(ValueError) as info:
+        dispatch.StreamHoldback(**kwargs)
+    assert str(info.value) == message
+    with pytest.raises(TypeError, match=r"stream_holdback must be a difficulty_router\.StreamHoldback, got int"):
+        Binding([WEAK, MID, STRONG], cascade=cascade_policy(), stream_holdback=3)
+
+
+def test_the_binding_gives_every_call_its_holdback():
+    holdback = dispatch.StreamHoldback(chunks=4)
+    binding = Binding([WEAK, MID, STRONG], cascade=cascade_policy(), stream_holdback=holdback)
+    assert binding.start(cascade=False, decision=decision()).holdback is holdback
+    assert Binding([WEAK, MID, STRONG], cascade=cascade_policy()).start().holdback == dispatch.StreamHoldback()
+
+
+def test_a_dropped_connection_mid_response_escalates_by_default():
+    import http.client
+
+    import httpx
+
+    assert is_transient_error(httpx.RemoteProtocolError("peer closed connection without sending complete message"))
+    assert is_transient_error(http.client.IncompleteRead(b"partial"))

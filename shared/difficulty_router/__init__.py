@@ -3,6 +3,7 @@
 from difficulty_router.calling.cascade import Cascade, CascadeResult, CascadeRun
 from difficulty_router.calling.cascade_policy import CascadePolicy
 from difficulty_router.calling.confidence import MissingLogprobsError, answer_confidence, openai_token_logprobs
+from difficulty_router.calling.dispatch.holdback import StreamHoldback
 from difficulty_router.calling.generation import Generation, LocalGenerator, OpenAIGenerator, PIKProbe
 from difficulty_router.core.pool import ModelPool, PoolModel
 from difficulty_router.core.version import __version__
@@ -46,6 +47,7 @@ __all__ = [
     "SessionState",
     "SessionStore",
     "Sessions",
+    "StreamHoldback",
     "SuccessProbe",
     "__version__",
     "answer_confidence",

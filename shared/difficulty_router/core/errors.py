@@ -22,6 +22,10 @@ TRANSIENT_NAMES = (
     "InternalServerError",
     "ResourceExhausted",
     "TooManyRequests",
+    # a connection dropped mid-response (a stream cut by a dying backend or a proxy): httpx, http.client, requests
+    "RemoteProtocol",
+    "IncompleteRead",
+    "ChunkedEncoding",
 )
 
 

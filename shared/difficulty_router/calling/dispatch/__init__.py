@@ -15,7 +15,8 @@ That walk lives here once, in four parts:
 - :mod:`.drivers`: :func:`run_sync` / :func:`run_async` drive it, calling the model it names
   and the front end's tracing :class:`Hooks`;
 - :mod:`.streams`: :func:`stream_sync` / :func:`stream_async` open streams in its two modes
-  (commit on the first chunk, or buffer until accepted).
+  (commit on the first chunk, or after the call's :class:`StreamHoldback` (:mod:`.holdback`);
+  or buffer until accepted).
 
 This package's namespace is what front ends use; they keep only framework conversion, calling
 a model, and their hooks.
@@ -30,6 +31,7 @@ from difficulty_router.calling.dispatch.binding import (
     new_query_id,
 )
 from difficulty_router.calling.dispatch.drivers import Hooks, run_async, run_sync
+from difficulty_router.calling.dispatch.holdback import StreamHoldback
 from difficulty_router.calling.dispatch.routed_call import RECORD_KEY, Retry, RoutedCall, shadow_plan
 from difficulty_router.calling.dispatch.streams import OpenedStream, stream_async, stream_sync
 
@@ -43,6 +45,7 @@ __all__ = [
     "Reply",
     "Retry",
     "RoutedCall",
+    "StreamHoldback",
     "attempt_record",
     "check_pool",
     "escalation_rule",

@@ -15,6 +15,7 @@ from typing import Any
 
 from difficulty_router.calling.attempt import pool_cost_fn
 from difficulty_router.calling.cascade_policy import CascadePolicy
+from difficulty_router.calling.dispatch.holdback import StreamHoldback
 from difficulty_router.calling.dispatch.routed_call import Retry, RoutedCall, shadow_plan
 from difficulty_router.core.errors import is_transient_error
 
@@ -63,6 +64,9 @@ class Binding:
     still decides, the record (and ``decision_log``, a :class:`~difficulty_router.DecisionLog`)
     keeps its would-be choice; a ``shadow_sample`` share of calls is also sent to the would-be
     model (sync/async calls, not streams), its answer recorded as a label.
+
+    ``stream_holdback``: a :class:`~.holdback.StreamHoldback` for every routed stream (a stream that
+    breaks while held back escalates unseen); default off, streams commit at their first chunk.
     """
 
     def __init__(
@@ -82,7 +86,13 @@ class Binding:
         shadow_sample: float = 0.0,
         decision_log: Any = None,
         rng: Any = None,
+        stream_holdback: StreamHoldback | None = None,
     ) -> None:
+        if stream_holdback is not None and not isinstance(stream_holdback, StreamHoldback):
+            raise TypeError(
+                f"stream_holdback must be a difficulty_router.StreamHoldback, got {type(stream_holdback).__name__}"
+            )
+        self.stream_holdback = stream_holdback
         self.models = list(models)
         self.what = what
         if router is None and cascade is None:
@@ -245,6 +255,7 @@ class Binding:
             shadow=shadow,
             on_done=on_done,
             query_id=query_id,
+            holdback=self.stream_holdback,
         )
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from difficulty_router.calling.attempt import Attempt, CostFn, Reply, attempt_record
 from difficulty_router.calling.cascade_policy import CascadePolicy, hybrid_start
 from difficulty_router.calling.confidence import MissingLogprobsError
+from difficulty_router.calling.dispatch.holdback import NO_HOLDBACK, StreamHoldback
 from difficulty_router.calling.verdict import AcceptAnswer, CascadeVerdict, Verdict
 from difficulty_router.core.errors import is_transient_error
 
@@ -65,7 +66,8 @@ class RoutedCall:
     An exception moves the call on only if ``rule`` says so (and never a
     :class:`MissingLogprobsError`, which is a configuration problem); it first retries the same
     model per ``retry``. When no model is left (or ``fallbacks=False``: only the first model may
-    answer) the last exception propagates, with a note listing every attempt.
+    answer) the last exception propagates, with a note listing every attempt. ``holdback``: when a
+    routed stream commits to its model (:class:`~.holdback.StreamHoldback`; default: its first chunk).
     """
 
     def __init__(
@@ -85,7 +87,11 @@ class RoutedCall:
         shadow: dict[str, Any] | None = None,
         on_done: Callable[[RoutedCall], None] | None = None,
         query_id: str | None = None,
+        holdback: StreamHoldback | None = None,
     ) -> None:
+        if holdback is not None and not isinstance(holdback, StreamHoldback):
+            raise TypeError(f"holdback must be a difficulty_router.StreamHoldback, got {type(holdback).__name__}")
+        self.holdback = holdback or NO_HOLDBACK
         self.decision = decision
         self.query_id = query_id  # names this call in the decision log, so a later grade can be joined to it
         self.on_served = on_served  # told the model that answered (a session sticks to it)
