@@ -63,6 +63,9 @@ class ChatDifficultyRouter(RoutesBeforeRun):
             ``shadow`` while the router still decides; the record's ``shadow`` part (and the
             ``difficulty_router.DecisionLog``, when given) keeps its would-be choice. A ``shadow_sample``
             share of calls is also sent to the would-be model (not streams), its answer recorded as a label.
+        stream_holdback: a ``difficulty_router.StreamHoldback``: hold each routed stream's first chunks
+            (or milliseconds) back, so a pool model whose stream breaks meanwhile escalates unseen.
+            Default: commit at the first chunk.
     """
 
     router: Any = Field(default=None, exclude=True)
@@ -80,6 +83,7 @@ class ChatDifficultyRouter(RoutesBeforeRun):
     shadow: str | None = None
     shadow_sample: float = 0.0
     decision_log: Any = Field(default=None, exclude=True)
+    stream_holdback: Any = Field(default=None, exclude=True)
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
@@ -102,6 +106,7 @@ class ChatDifficultyRouter(RoutesBeforeRun):
             shadow=self.shadow,
             shadow_sample=self.shadow_sample,
             decision_log=self.decision_log,
+            stream_holdback=self.stream_holdback,
         )
         tool_capability(self.models, self.tool_calling)  # checks the overrides name pool models
         if self.profile is None:

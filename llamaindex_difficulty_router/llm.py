@@ -67,6 +67,9 @@ class DifficultyRouterLLM(RoutedCalls):
             ``shadow`` while the router still decides; the record's ``shadow`` part (and the
             ``difficulty_router.DecisionLog``, when given) keeps its would-be choice. A ``shadow_sample``
             share of calls is also sent to the would-be candidate (not streams), its answer recorded as a label.
+        stream_holdback: a ``difficulty_router.StreamHoldback``: hold each routed stream's first chunks
+            (or milliseconds) back, so a candidate whose stream breaks meanwhile escalates unseen.
+            Default: commit at the first chunk.
 
     Each response carries :meth:`RoutedCall.record` in ``additional_kwargs["difficulty_router"]``
     (not on the message, which goes back into chat histories). A ``callback_manager`` set here
@@ -89,6 +92,7 @@ class DifficultyRouterLLM(RoutedCalls):
         shadow: str | None = None,
         shadow_sample: float = 0.0,
         decision_log: Any = None,
+        stream_holdback: Any = None,
         **kwargs: Any,
     ) -> None:
         if not isinstance(llms, Mapping) or not llms:
@@ -110,6 +114,7 @@ class DifficultyRouterLLM(RoutedCalls):
             shadow=shadow,
             shadow_sample=shadow_sample,
             decision_log=decision_log,
+            stream_holdback=stream_holdback,
         )
         super().__init__(escalate=escalate, **kwargs)
         self._binding = binding

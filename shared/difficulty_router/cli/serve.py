@@ -75,6 +75,7 @@ def cmd_serve(args) -> int:
         if not api_key:
             raise ValueError(f"--api-key-env {args.api_key_env}: that environment variable is not set or empty")
     check_exposure(args.host, api_key, args.allow_unauthenticated)
+    holdback = stream_holdback(args)  # refuses a negative hold-back before loading anything
     specs = specs_from_pool(ModelPool.load(args.pool))  # refuses a pool without base_urls before loading anything
     routers = {
         name: DifficultyRouter.load(d, **extractor_choice(args)) for name, d in _router_dirs(args.router or []).items()
@@ -108,7 +109,7 @@ def cmd_serve(args) -> int:
     if args.engine == "ray":  # the routers above were loaded once here to check them before the replicas start
         from difficulty_router.scale.commands import run_serve
 
-        return run_serve(args, specs, _router_dirs(args.router), api_key, limits, max_batch)
+        return run_serve(args, specs, _router_dirs(args.router), api_key, limits, max_batch, holdback)
     app = create_app(
         routers,
         specs,
@@ -119,6 +120,7 @@ def cmd_serve(args) -> int:
         max_queue=args.max_queue,
         route_timeout=args.route_timeout,
         limits=limits,
+        stream_holdback=holdback,
         **session_kwargs(args),
     )
     for name, router in routers.items():
@@ -135,6 +137,7 @@ def cmd_serve(args) -> int:
         f"limits: body {limits.max_body_bytes} bytes, {limits.max_messages} messages, {limits.max_chars} characters, "
         f"n <= {limits.max_n}, max_tokens <= {limits.max_tokens}"
     )
+    print(f"streams: {holdback.describe()}")
     print(f"serving http://{args.host}:{args.port}/v1 (auth {'on' if api_key else 'off'})", flush=True)
     serve(app, args.host, args.port, log_level="info" if args.verbose else "warning")
     return 0
@@ -178,6 +181,33 @@ def add_session_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--decision-log", metavar="PATH", help="append each routed request's decision here (JSON Lines)")
     p.add_argument("--decision-log-max-bytes", type=int, help="rotate the decision log at this size (default: never)")
+
+
+def add_stream_arguments(p: argparse.ArgumentParser) -> None:
+    """``serve`` options for when a stream commits to its backend (off by default: at the first chunk)."""
+    p.add_argument(
+        "--stream-holdback-chunks",
+        type=int,
+        default=0,
+        metavar="K",
+        help="hold a stream's first K chunks back from the client, so a backend that breaks before then "
+        "escalates unseen to the next model (default 0: commit at the first chunk)",
+    )
+    p.add_argument(
+        "--stream-holdback-ms",
+        type=float,
+        default=0.0,
+        metavar="T",
+        help="hold a stream back for its first T milliseconds (with --stream-holdback-chunks: whichever "
+        "comes first; default 0: off)",
+    )
+
+
+def stream_holdback(args: argparse.Namespace) -> Any:
+    """The :class:`~difficulty_router.StreamHoldback` the stream options give (refuses negative values)."""
+    from difficulty_router.calling.dispatch import StreamHoldback
+
+    return StreamHoldback(chunks=args.stream_holdback_chunks, ms=args.stream_holdback_ms)
 
 
 def session_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -259,6 +289,7 @@ def register(sub) -> None:
         "to the most capable model (default: off; the decision reports the percentile either way)",
     )
     add_session_arguments(p)
+    add_stream_arguments(p)
     extractor_args(p)
     from difficulty_router.scale.commands import add_serve_args
 

@@ -107,7 +107,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus-per-replica", type=float, default=1.0, help="with --engine ray: CPUs each replica holds")
 
 
-def run_serve(args, specs, router_dirs, api_key, limits, max_batch) -> int:
+def run_serve(args, specs, router_dirs, api_key, limits, max_batch, stream_holdback=None) -> int:
     from difficulty_router.scale.ray_serve import build_app, run
 
     app = build_app(
@@ -124,6 +124,7 @@ def run_serve(args, specs, router_dirs, api_key, limits, max_batch) -> int:
             "allow_unauthenticated": args.allow_unauthenticated,
             "route_timeout": args.route_timeout,
             "limits": limits,
+            "stream_holdback": stream_holdback,
         },
     )
     print(

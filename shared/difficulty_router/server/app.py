@@ -41,7 +41,16 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 from difficulty_router.calling.attempt import pool_cost_fn
-from difficulty_router.calling.dispatch import Hooks, Reply, RoutedCall, new_query_id, run_async, shadow_plan
+from difficulty_router.calling.dispatch import (
+    Hooks,
+    Reply,
+    RoutedCall,
+    StreamHoldback,
+    new_query_id,
+    run_async,
+    shadow_plan,
+    stream_async,
+)
 from difficulty_router.routing.decision_log import DecisionLog
 from difficulty_router.routing.router import DifficultyRouter
 from difficulty_router.routing.sessions import SESSION_POLICIES, Sessions, SessionStore
@@ -84,6 +93,7 @@ def create_app(
     decision_log: DecisionLog | None = None,
     rng: Any = None,
     route_one: Callable[[str, list, frozenset], Awaitable[Any]] | None = None,
+    stream_holdback: StreamHoldback | None = None,
 ):
     """Build the ASGI app.
 
@@ -103,6 +113,9 @@ def create_app(
     ``route_one(router_name, conversation, exclude_key)``: an async function that decides one request in
     place of the in-process micro-batcher (Ray Serve's ``@serve.batch``, see ``scale.ray_serve``); the
     batching, queue bound and metrics of batches are then its own, ``route_timeout`` still applies.
+    ``stream_holdback``: hold each stream back this long before the client sees it, so a backend that
+    breaks meanwhile escalates unseen (:class:`~difficulty_router.StreamHoldback`; default: commit at
+    the first chunk).
     """
     limits = limits or Limits()
     if isinstance(routers, DifficultyRouter):
@@ -137,6 +150,8 @@ def create_app(
         raise ValueError(f"shadow={shadow!r} is not a backend (backends: {backends.names})")
     if isinstance(shadow_sample, bool) or not 0 <= shadow_sample <= 1 or (shadow_sample and shadow is None):
         raise ValueError(f"shadow_sample must be a share in [0, 1], and needs shadow=; got {shadow_sample!r}")
+    if stream_holdback is not None and not isinstance(stream_holdback, StreamHoldback):
+        raise TypeError(f"stream_holdback must be a StreamHoldback, got {type(stream_holdback).__name__}")
     if decision_log is not None and not isinstance(decision_log, DecisionLog):
         raise TypeError(f"decision_log must be a DecisionLog, got {type(decision_log).__name__}")
     import random
@@ -278,10 +293,12 @@ def create_app(
                 sampled = not streaming and decision.model != shadow and rng.random() < shadow_sample
                 shadow_info = shadow_plan(shadow, decision, sampled)
             query_id = new_query_id() if decision_log is not None else None  # the key a later grade is joined on
-            call = RoutedCall(decision=decision, cost_fn=cost_fn, shadow=shadow_info, query_id=query_id)
+            call = RoutedCall(
+                decision=decision, cost_fn=cost_fn, shadow=shadow_info, query_id=query_id, holdback=stream_holdback
+            )
             call.sample_inline = False  # the server asks the alternative after responding (a background task)
         elif requested in backends:
-            call = RoutedCall(ladder=[requested])
+            call = RoutedCall(ladder=[requested], holdback=stream_holdback)
         else:
             raise ApiError(
                 404,
@@ -291,8 +308,6 @@ def create_app(
             )
 
         async def invoke(name: str) -> Reply:
-            if streaming:
-                return Reply(await backends.stream(name, body))
             data = await backends.complete(name, body)
             usage = data.get("usage") or {}
             return Reply(
@@ -302,7 +317,10 @@ def create_app(
             )
 
         try:
-            reply = await run_async(call, invoke, hooks)
+            if streaming:  # the dispatch core reads up to the commit point: a failure before it escalates
+                opened = await stream_async(call, lambda name: backends.stream(name, body), Reply, hooks)
+            else:
+                reply = await run_async(call, invoke, hooks)
         except BackendFailure as exc:
             errors = call.errors if any(e is exc for e in call.errors) else [*call.errors, exc]
             raise every_backend_failed(requested, errors, metrics) from None
@@ -321,9 +339,8 @@ def create_app(
         if decision is not None and (decision_log is not None or call.sample_alternative is not None):
             after = BackgroundTask(follow_up, call, body, backends, decision_log, routers[requested])
         if streaming:
-            first, rest, close = reply.value
             return StreamingResponse(
-                relay(first, rest, close, name, metrics),
+                relay(opened.head, opened.tail, name),
                 media_type="text/event-stream",
                 headers=headers,
                 background=after,

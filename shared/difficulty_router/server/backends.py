@@ -179,32 +179,24 @@ class Backends:
         self._record(name, None)
         return response.model_dump(mode="json", exclude_unset=True)
 
-    async def stream(self, name: str, body: dict) -> tuple[dict | None, AsyncIterator[dict], Any]:
-        """Open a stream and read its first chunk, so failures surface before anything reaches the client.
-
-        Returns (first chunk or None for an empty stream, iterator over the rest, closer).
-        """
+    async def stream(self, name: str, body: dict) -> AsyncIterator[dict]:
+        """A backend's stream, each chunk as its JSON; every failure (opening it, or a break mid-way:
+        kind ``stream_broken``) is a :class:`BackendFailure`, so the dispatch core decides in one
+        place whether it escalates. Closing the iterator closes the backend's response."""
         stream = None
         try:
-            stream = await self._clients[name].chat.completions.create(stream=True, **self._request(name, body))
-            iterator = stream.__aiter__()
             try:
-                first = await iterator.__anext__()
-            except StopAsyncIteration:
-                first = None
-        except Exception as exc:
+                stream = await self._clients[name].chat.completions.create(stream=True, **self._request(name, body))
+            except Exception as exc:
+                failure = classify(name, exc)
+                self._record(name, failure)
+                raise failure from exc
+            self._record(name, None)
+            try:
+                async for chunk in stream:
+                    yield chunk.model_dump(mode="json", exclude_unset=True)
+            except Exception as exc:
+                raise BackendFailure(name, "stream_broken", f"the stream broke ({type(exc).__name__})") from exc
+        finally:
             if stream is not None:
                 await stream.close()
-            failure = classify(name, exc)
-            self._record(name, failure)
-            raise failure from exc
-        self._record(name, None)
-
-        async def rest() -> AsyncIterator[dict]:
-            if first is None:
-                return
-            async for chunk in iterator:
-                yield chunk.model_dump(mode="json", exclude_unset=True)
-
-        dumped = first.model_dump(mode="json", exclude_unset=True) if first is not None else None
-        return dumped, rest(), stream.close

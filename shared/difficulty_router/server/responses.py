@@ -74,19 +74,21 @@ def session_headers(decision, call: RoutedCall) -> dict:
     return headers
 
 
-async def relay(first, rest, close, name: str, metrics: ServerMetrics):
-    """A backend's stream as server-sent events, each chunk naming the backend that served it."""
+async def relay(head: list[dict], tail, name: str):
+    """A routed stream as server-sent events, each chunk naming the backend that served it: the chunks
+    held back until the stream committed, then the rest. A break after commit (already counted by the
+    dispatch hooks) ends the stream with an in-band error event and ``[DONE]``, as OpenAI does: the
+    headers are sent, and text already shown cannot be taken back."""
     try:
-        if first is not None:
-            first["model"] = name
-            yield sse(first)
-        async for chunk in rest:
+        for chunk in head:
             chunk["model"] = name
             yield sse(chunk)
-    except Exception as exc:  # noqa: BLE001 (headers are sent: report in-band, as OpenAI does)
-        logger.warning("stream from %s broke: %s", name, exc)
-        metrics.backend_errors.inc(name, "stream_broken")
+        async for chunk in tail:
+            chunk["model"] = name
+            yield sse(chunk)
+    except Exception as exc:  # noqa: BLE001 (headers are sent: report in-band)
+        logger.warning("stream from %s broke after it was committed: %s", name, exc)
         yield sse(ApiError(502, f"{name}: the stream broke; the server log has the cause", type="api_error").body())
     finally:
-        await close()
+        await tail.aclose()
     yield b"data: [DONE]\n\n"
