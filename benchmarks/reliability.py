@@ -13,7 +13,10 @@ Everything runs on loopback and stops by itself (each phase has a fixed budget):
   this measures the server, not a model); sent / answered / failed, latency p50 / p99, and whether
   every answer echoes its own request's nonce (cross-talk).
 - faults: the cheap backend (every request is routed to it first) is killed mid-run, hangs, returns
-  500s, or cuts its stream mid-way; answered / sent and the time requests take to route around.
+  500s, or cuts its stream mid-way; answered / sent and the time requests take to route around. The cut
+  stream (two chunks, then the connection drops) runs three times: stream hold-back off (as before), on
+  with the cut before commit (``StreamHoldback(chunks=4)``: it should escalate unseen, target 100%
+  answered), and on with the cut right after commit (``chunks=2``: a well-formed error event, never a hang).
   These figures depend on the server's escalation loop, which is measured through the public HTTP
   behaviour only, so the benchmark keeps working when that loop is rewritten.
 - memory: the process's RSS before and after the load run (server, router and clients share the
@@ -21,6 +24,7 @@ Everything runs on loopback and stops by itself (each phase has a fixed budget):
 
     python benchmarks/reliability.py            # about 25 minutes on 2 busy cores (fuzzing alone took 1,174 s)
     python benchmarks/reliability.py --quick    # a smoke run
+    python benchmarks/reliability.py --faults-only   # only the faults section (about 3 minutes): reliability_faults.md
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ from difficulty_router import (
     ModelPool,
     PIKProbe,
     Policy,
+    StreamHoldback,
     load_outcomes,
     train_router,
 )
@@ -463,8 +468,25 @@ def run_load(router, seconds: float, clients: int) -> tuple[dict, dict]:
     return results, {"before_mb": before, "after_mb": after, "growth_mb": after - before, "requests": sent}
 
 
-def run_fault(router, fault: str, seconds: float, clients: int) -> dict:
-    """Every request is routed to the cheap backend first (threshold 0); it plays ``fault``."""
+#: the cut-stream runs: the stub sends two chunks, then drops the connection
+CUT_STREAM_RUNS = {
+    "cut stream, hold-back off": None,
+    "cut stream before commit (hold-back 4 chunks)": StreamHoldback(chunks=4),
+    "cut stream after commit (hold-back 2 chunks)": StreamHoldback(chunks=2),
+}
+
+
+def run_faults(router, seconds: float, clients: int) -> dict:
+    """Every fault, the cut stream under each hold-back of :data:`CUT_STREAM_RUNS`."""
+    faults = {f: run_fault(router, f, seconds, clients) for f in ("killed", "hang", "500")}
+    for name, holdback in CUT_STREAM_RUNS.items():
+        faults[name] = run_fault(router, "cut stream", seconds, clients, holdback)
+    return faults
+
+
+def run_fault(router, fault: str, seconds: float, clients: int, holdback: StreamHoldback | None = None) -> dict:
+    """Every request is routed to the cheap backend first (threshold 0); it plays ``fault``; the server
+    holds streams back per ``holdback`` (None: commit at the first chunk)."""
     order = router.capability_order()
     cheap, strong = order[0], order[-1]
     cheapest_first = copy.copy(router)
@@ -476,7 +498,7 @@ def run_fault(router, fault: str, seconds: float, clients: int) -> dict:
         s.start()
     specs = [BackendSpec(m, s.url, m, timeout=2.0) for m, s in stubs.items()]
     app = create_app(cheapest_first, Backends(specs, cooldown=5.0), limits=LIMITS, max_batch=1,
-                     route_timeout=ROUTE_TIMEOUT)
+                     route_timeout=ROUTE_TIMEOUT, stream_holdback=holdback)
     with serving(app) as url:
         if fault == "killed":
             async def killed():
@@ -493,6 +515,7 @@ def run_fault(router, fault: str, seconds: float, clients: int) -> dict:
     for s in stubs.values():
         s.stop()
     timeline = result.pop("timeline")
+    result["hold_back"] = holdback.describe() if holdback is not None else "off"
     if fault == "killed":  # how long after the kill until requests succeed again
         after = [(t, ok) for t, ok in timeline if t >= result["kill_at_s"]]
         failed_after = [t for t, ok in after if not ok]
@@ -501,6 +524,32 @@ def run_fault(router, fault: str, seconds: float, clients: int) -> dict:
 
 
 # -- report ---------------------------------------------------------------------------------
+
+def fault_section(faults: dict, args) -> str:
+    """The faults table and what each row means, in markdown."""
+    fault_rows = []
+    for name, r in faults.items():
+        around = f"{r['route_around_s']:.2f} s after the kill" if "route_around_s" in r else \
+            f"p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms per answered request"
+        fault_rows.append([name, r["sent"], r["answered"], f"{100 * r['answered'] / max(r['sent'], 1):.1f}%",
+                           r["lost"], r["crosstalk"], json.dumps(r["failures"]) if r["failures"] else "-", around])
+    fault_table = md_table(["cheap backend", "sent", "answered", "answered/sent", "lost", "cross-talk",
+                            "failures", "time to route around"], fault_rows)
+    return (
+        f"## Faults ({args.fault_clients} clients, {args.fault_seconds:g} s each; the cheap backend gets every request "
+        f"first, the strong one is healthy; backend timeout 2 s, cooldown 5 s)\n\n{fault_table}\n\n"
+        "Killed: the cheap backend stops listening a third of the way in (connections refused from then on). "
+        "Hang: it accepts and never answers. 500: it answers every call with HTTP 500. Cut stream: streamed "
+        "requests; it sends two chunks and drops the connection. The server's stream hold-back "
+        "(`serve --stream-holdback-chunks K`) decides what the client sees: off, the stream commits at its first "
+        "chunk and the break reaches the client as an in-band error event (InBandError: a well-formed "
+        "`data: {\"error\": ...}` event, then `data: [DONE]`); held back 4 chunks, the cut comes before commit and "
+        "the request escalates unseen to the strong backend; held back 2 chunks, the stream commits at the second "
+        "chunk and the cut right after it is an in-band error again (continuing a partial answer on the next "
+        "model is not built: the stub, like the llama.cpp servers, has no assistant-prefix continuation). "
+        "These depend on the server's escalation loop.\n\n"
+    )
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -514,6 +563,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--fault-clients", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--faults-only", action="store_true",
+                        help="run only the faults section; writes results/reliability_faults.md")
     args = parser.parse_args()
     if args.quick:
         args.server_examples, args.api_examples, args.loader_examples, args.cli_examples = 200, 50, 50, 10
@@ -522,6 +573,16 @@ def main() -> None:
     random.seed(0)
     started = time.monotonic()
     router = build_router(args.max_tokens)
+    if args.faults_only:
+        faults = run_faults(router, args.fault_seconds, args.fault_clients)
+        markdown = ("# Reliability: faults only\n\n"
+                    f"Machine: {machine()}. Router: SmolLM2-135M read-out trained on the shipped RouteLLM sample; "
+                    "backends are fast stubs on loopback.\n\n" + fault_section(faults, args)
+                    + "Command: `python benchmarks/reliability.py --faults-only"
+                    + (" --quick`" if args.quick else "`") + f" ({time.monotonic() - started:.0f} s)\n")
+        write_results("reliability_faults" if not args.quick else "reliability_faults_quick", markdown,
+                      {"machine": machine(), "faults": faults, "args": vars(args)})
+        return
     rng = np.random.default_rng(0)
     X = rng.normal(size=(40, router.extractor.hidden_size))
     pik = PIKProbe(SuccessProbe(cv=2).fit(X, (X[:, 0] > 0).astype(float), names=["self"]), layers=[15],
@@ -542,8 +603,7 @@ def main() -> None:
     fuzz_s = time.monotonic() - started
 
     load, memory = run_load(router, args.load_seconds, args.clients)
-    faults = {f: run_fault(router, f, args.fault_seconds, args.fault_clients)
-              for f in ("killed", "hang", "500", "cut stream")}
+    faults = run_faults(router, args.fault_seconds, args.fault_clients)
 
     total = sum(t.n for t in tallies)
     fuzz_table = md_table(["target", "inputs", "5xx", "crashes", "hangs", "leaked traces", "outcomes"],
@@ -555,14 +615,6 @@ def main() -> None:
                           [[name, args.clients, f"{r['seconds']:.0f}", r["sent"], r["answered"], r["shed"], r["lost"],
                             r["crosstalk"], f"{r['answered'] / r['seconds']:.1f}", f"{r['p50_ms']:.0f}",
                             f"{r['p99_ms']:.0f}"] for name, r in load.items()])
-    fault_rows = []
-    for name, r in faults.items():
-        around = f"{r['route_around_s']:.2f} s after the kill" if "route_around_s" in r else \
-            f"p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms per answered request"
-        fault_rows.append([name, r["sent"], r["answered"], f"{100 * r['answered'] / max(r['sent'], 1):.1f}%",
-                           r["lost"], r["crosstalk"], json.dumps(r["failures"]) if r["failures"] else "-", around])
-    fault_table = md_table(["cheap backend", "sent", "answered", "answered/sent", "lost", "cross-talk",
-                            "failures", "time to route around"], fault_rows)
     examples = [f"- {t.name}: {e}" for t in tallies for e in t.examples]
     markdown = (
         "# Reliability: hostile input, load, faults, memory\n\n"
@@ -583,12 +635,8 @@ def main() -> None:
         "Cross-talk: answers that did not echo their own request's nonce (target 0). Routed requests each cost "
         "one SmolLM2 forward pass on the CPU (`--max-batch 1`), which bounds their rate; direct requests measure "
         "the server's own path.\n\n"
-        f"## Faults ({args.fault_clients} clients, {args.fault_seconds:g} s each; the cheap backend gets every request "
-        f"first, the strong one is healthy; backend timeout 2 s, cooldown 5 s)\n\n{fault_table}\n\n"
-        "Killed: the cheap backend stops listening a third of the way in (connections refused from then on). "
-        "Hang: it accepts and never answers. 500: it answers every call with HTTP 500. Cut stream: streamed "
-        "requests; it sends two chunks and drops the connection. These depend on the server's escalation loop.\n\n"
-        f"## Memory\n\nRSS of the whole process (server, router, clients) {memory['before_mb']:.0f} MB before and "
+        + fault_section(faults, args)
+        + f"## Memory\n\nRSS of the whole process (server, router, clients) {memory['before_mb']:.0f} MB before and "
         f"{memory['after_mb']:.0f} MB after the load run: {memory['growth_mb']:+.0f} MB "
         f"({memory['requests']} requests; bound: 50 MB).\n\n"
         "Command: `python benchmarks/reliability.py`\n")
