@@ -374,7 +374,11 @@ def fuzz_cli(router: DifficultyRouter, n: int, work: Path) -> Tally:
 # -- load and faults ------------------------------------------------------------------------
 
 class InBandError(Exception):
-    """The server reported an error inside a stream it had started (after the backend broke)."""
+    """The server reported an error inside a stream it had started (after the backend broke), then ``[DONE]``."""
+
+
+class UnendedInBandError(Exception):
+    """An in-band error event that no ``data: [DONE]`` followed: not a well-formed end of the stream."""
 
 
 async def drive(url: str, clients: int, seconds: float, stream: bool = False, timeout: float = 90.0,
@@ -401,7 +405,7 @@ async def drive(url: str, clients: int, seconds: float, stream: bool = False, ti
             ok = False
             try:
                 if stream:
-                    text, done = "", False
+                    text, done, errored = "", False, False
                     async with http.stream("POST", url + "/v1/chat/completions", json=body) as response:
                         if response.status_code == 200:
                             async for line in response.aiter_lines():
@@ -410,9 +414,12 @@ async def drive(url: str, clients: int, seconds: float, stream: bool = False, ti
                                 elif line.startswith("data: "):
                                     chunk = json.loads(line[6:])
                                     if "error" in chunk:
-                                        raise InBandError()
+                                        errored = True  # read on: the stream must still end with [DONE]
+                                        continue
                                     text += chunk["choices"][0]["delta"].get("content") or "" if chunk.get("choices") else ""
                         status = response.status_code
+                    if errored:
+                        raise InBandError() if done else UnendedInBandError()
                     ok = status == 200 and done and nonce in text
                     if status == 200 and done and nonce not in text:
                         crosstalk += 1
@@ -543,7 +550,8 @@ def fault_section(faults: dict, args) -> str:
         "requests; it sends two chunks and drops the connection. The server's stream hold-back "
         "(`serve --stream-holdback-chunks K`) decides what the client sees: off, the stream commits at its first "
         "chunk and the break reaches the client as an in-band error event (InBandError: a well-formed "
-        "`data: {\"error\": ...}` event, then `data: [DONE]`); held back 4 chunks, the cut comes before commit and "
+        "`data: {\"error\": ...}` event, then `data: [DONE]`; one without `[DONE]` would count as "
+        "UnendedInBandError and as lost); held back 4 chunks, the cut comes before commit and "
         "the request escalates unseen to the strong backend; held back 2 chunks, the stream commits at the second "
         "chunk and the cut right after it is an in-band error again (continuing a partial answer on the next "
         "model is not built: the stub, like the llama.cpp servers, has no assistant-prefix continuation). "
