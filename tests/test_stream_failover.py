@@ -158,6 +158,46 @@ def test_the_langchain_adapter_fails_over_with_the_same_option(trained_router, l
     assert record["attempts"][0]["outcome"] == "failed" and "RemoteProtocolError" in record["attempts"][0]["error"]
 
 
+def test_the_llamaindex_adapter_fails_over_with_the_same_option_async(trained_router, llama_backends):
+    import asyncio
+
+    from llama_index.core.base.llms.types import ChatMessage
+    from llama_index.llms.openai_like import OpenAILike
+
+    from llamaindex_difficulty_router import DifficultyRouterLLM
+
+    def llm(url, alias):
+        return OpenAILike(
+            api_base=url,
+            model=alias,
+            api_key="none",
+            is_chat_model=True,
+            max_tokens=6,
+            temperature=0,
+            max_retries=0,
+            timeout=60,
+            context_window=2048,
+        )
+
+    direct = direct_answers(llama_backends, messages=MESSAGES, max_tokens=6)
+    question = [ChatMessage(role=m["role"], content=m["content"]) for m in MESSAGES]
+    with cutting_backend(cut_after=2) as cut:
+        routed = DifficultyRouterLLM(
+            router=with_policy(trained_router, "threshold", 0.0),
+            llms={WEAK: llm(cut.url, "small"), STRONG: llm(llama_backends["large"], "large")},
+            stream_holdback=StreamHoldback(chunks=3),
+        )
+
+        async def stream():
+            return [c async for c in await routed.astream_chat(question)]
+
+        chunks = asyncio.run(stream())
+    assert len(cut.requests) == 1
+    assert chunks[-1].message.content == direct["large"] and "word0" not in chunks[-1].message.content
+    record = chunks[-1].additional_kwargs["difficulty_router"]
+    assert [(a["model"], a["outcome"]) for a in record["attempts"]] == [(WEAK, "failed"), (STRONG, "accepted")]
+
+
 def test_a_negative_holdback_is_refused_by_serve_before_anything_loads(capsys, tmp_path):
     from difficulty_router.cli.main import main
 
