@@ -65,6 +65,7 @@ def fit_low_rank_logistic(
     alpha: float,
     *,
     trunk: np.ndarray | None = None,
+    anchor: np.ndarray | None = None,
     seed: int = 0,
     max_iter: int = 300,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -73,6 +74,9 @@ def fit_low_rank_logistic(
     Soft labels count y times as a success and 1 - y times as a failure. The penalty on the two
     factors is the nuclear norm of W A^T at the optimum, so ``alpha`` shrinks the rank smoothly.
     With ``trunk`` (d, k) given, W is that trunk, held fixed: only the heads A, b are fitted.
+    With ``anchor`` (d, k) given instead, W starts at the anchor and is fine-tuned, the penalty pulling it
+    back towards the anchor (alpha/2 |W - anchor|^2) rather than towards 0: a pretrained trunk the
+    new pool's labels may bend where they disagree with it.
     Starts from the leading singular vectors of Z^T (Y - mean), which is deterministic.
     """
     n, d = Z.shape
@@ -80,7 +84,9 @@ def fit_low_rank_logistic(
     weight = observed / max(observed.sum(), 1)
     mean = (Y * observed).sum(axis=0) / np.maximum(observed.sum(axis=0), 1)
     b0 = np.log(np.clip(mean, 1e-3, 1 - 1e-3) / np.clip(1 - mean, 1e-3, 1))
-    if trunk is None:
+    if trunk is not None and anchor is not None:
+        raise ValueError("give a trunk to hold fixed or an anchor to fine-tune from, not both")
+    if trunk is None and anchor is None:
         u, s, vt = np.linalg.svd(Z.T @ ((Y - mean) * observed) / n, full_matrices=False)
         k = min(rank, len(s))
         scale = np.sqrt(s[:k] + 1e-8)
@@ -90,8 +96,8 @@ def fit_low_rank_logistic(
             W0 = np.hstack([W0, 1e-3 * rng.standard_normal((d, rank - k))])
             A0 = np.hstack([A0, 1e-3 * rng.standard_normal((m, rank - k))])
     else:
-        W0 = trunk
-        theta = Z @ trunk
+        W0 = np.asarray(trunk if trunk is not None else anchor)
+        theta = Z @ W0
         A0 = np.linalg.lstsq(theta, (Y - mean) * observed, rcond=None)[0].T * 0.1
     k = W0.shape[1]
 
@@ -112,8 +118,9 @@ def fit_low_rank_logistic(
         penalty = 0.5 * alpha * (A * A).sum()
         if trunk is not None:
             return loss + penalty, np.concatenate([gA.ravel(), gb])
-        gW = Z.T @ (G @ A) + alpha * W
-        penalty += 0.5 * alpha * (W * W).sum()
+        pull = W if anchor is None else W - anchor
+        gW = Z.T @ (G @ A) + alpha * pull
+        penalty += 0.5 * alpha * (pull * pull).sum()
         return loss + penalty, np.concatenate([gW.ravel(), gA.ravel(), gb])
 
     start = np.concatenate(([] if trunk is not None else [W0.ravel()]) + [A0.ravel(), b0])
@@ -132,8 +139,12 @@ class SharedSuccessModel:
     chosen without the predicted fold (:func:`~difficulty_router.learning.probes.nested_choice`), which is what
     family selection compares; ``arrays``/``from_arrays`` save it as named float arrays.
 
-    ``trunk``: a pretrained (standardiser, W) pair (see :meth:`trunk`); the representation is then
-    held fixed and only the per-model heads are fitted, which needs far fewer labels.
+    ``trunk``: a pretrained (standardiser, W) pair (see :meth:`trunk`, :func:`~.pretraining.pretrain_trunk`);
+    the representation is then held fixed and only the per-model heads are fitted, which needs far fewer
+    labels where the trunk fits the new pool. With ``fine_tune=True`` cross-validation may also choose to
+    fine-tune W from the trunk (penalised towards it, :func:`fit_low_rank_logistic`'s ``anchor``): the
+    way out where the pretraining corpora miss what separates the new pool's models. ``mode_`` records
+    which ("scratch", "frozen" or "fine-tuned").
     """
 
     def __init__(
@@ -144,6 +155,7 @@ class SharedSuccessModel:
         n_components: int | None = None,
         seed: int = 0,
         trunk: tuple[Standardizer, np.ndarray] | None = None,
+        fine_tune: bool = False,
     ) -> None:
         if cv < 2:
             raise ValueError(f"cv must be at least 2, got {cv}")
@@ -152,7 +164,10 @@ class SharedSuccessModel:
         if not alphas or any(a <= 0 for a in alphas):
             raise ValueError(f"alphas must be positive, got {list(alphas)}")
         self.ranks, self.alphas = tuple(int(r) for r in ranks), tuple(float(a) for a in alphas)
+        if fine_tune and trunk is None:
+            raise ValueError("fine_tune=True needs a pretrained trunk to start from")
         self.cv, self.n_components, self.seed, self.trunk_in = cv, n_components, seed, trunk
+        self.fine_tune = fine_tune
 
     def fit(self, X, Y, folds=None, names: list[str] | None = None) -> SharedSuccessModel:
         X = _check_xy(X)
@@ -165,36 +180,46 @@ class SharedSuccessModel:
                 raise ValueError(
                     f"features have {X.shape[1]} columns; the trunk reads {self.standardizer_.mean_.shape[0]}"
                 )
-            ranks = (fixed.shape[1],)
+            modes = [("frozen", fixed.shape[1])] + ([("fine-tuned", fixed.shape[1])] if self.fine_tune else [])
         else:
             self.standardizer_, fixed = Standardizer(self.n_components).fit(X), None
-            ranks = tuple(sorted({min(r, Y.shape[1]) for r in self.ranks}))  # rank m already lets each model be free
+            # rank m already lets each model be free
+            modes = [("scratch", r) for r in sorted({min(r, Y.shape[1]) for r in self.ranks})]
         Z = self.standardizer_.transform(X)
         if folds is None:
             folds = shared_folds(np.where(observed, Y, 0.0), self.cv, self.seed)
         m = Y.shape[1]
         self.candidates_: list[dict] = []
-        best: tuple[float, int, float, np.ndarray] | None = None
+        best: tuple[float, str, int, float, np.ndarray] | None = None
         candidate_logits: list[np.ndarray] = []
-        for rank in ranks:
+
+        def fit_rows(rows, mode: str, rank: int, alpha: float):
+            return fit_low_rank_logistic(
+                Z[rows],
+                Y[rows],
+                observed[rows],
+                rank,
+                alpha,
+                seed=self.seed,
+                trunk=fixed if mode == "frozen" else None,
+                anchor=fixed if mode == "fine-tuned" else None,
+            )
+
+        for mode, rank in modes:
             for alpha in self.alphas:
                 oof = np.zeros(Y.shape)
                 for train, test in folds:
-                    W, A, b = fit_low_rank_logistic(
-                        Z[train], Y[train], observed[train], rank, alpha, trunk=fixed, seed=self.seed
-                    )
+                    W, A, b = fit_rows(train, mode, rank, alpha)
                     oof[test] = Z[test] @ W @ A.T + b
                 candidate_logits.append(oof)
                 aucs = [_auroc(Y[observed[:, j], j], oof[observed[:, j], j]) for j in range(m)]
                 score = float(np.nanmean(aucs)) if np.isfinite(aucs).any() else float("nan")
-                self.candidates_.append({"rank": rank, "alpha": alpha, "cv_auroc": score})
+                self.candidates_.append({"mode": mode, "rank": rank, "alpha": alpha, "cv_auroc": score})
                 if best is None or score > best[0] + 1e-4:
-                    best = (score, rank, alpha, oof)
+                    best = (score, mode, rank, alpha, oof)
         assert best is not None
-        _, self.rank_, self.alpha_, oof = best
-        self.W_, self.coef_heads_, self.intercept_ = fit_low_rank_logistic(
-            Z, Y, observed, self.rank_, self.alpha_, trunk=fixed, seed=self.seed
-        )
+        _, self.mode_, self.rank_, self.alpha_, oof = best
+        self.W_, self.coef_heads_, self.intercept_ = fit_rows(np.arange(len(Z)), self.mode_, self.rank_, self.alpha_)
         self.platt_ = np.zeros((m, 2))
         self.cv_auroc_ = np.full(m, np.nan)
         self.oof_logit_ = oof
