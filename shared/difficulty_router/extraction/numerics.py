@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -86,16 +87,27 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+def _cpuinfo_field(*names: str) -> str | None:
+    """The first /proc/cpuinfo line starting with one of ``names``, after its colon (None where there is
+    no such file or line, e.g. macOS)."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
-                if line.startswith(("flags", "Features")):
-                    return frozenset(line.split(":", 1)[1].split())
+                if line.startswith(names):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return frozenset()
+    return None
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+    return frozenset((_cpuinfo_field("flags", "Features") or "").split())
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name, as ``lscpu`` shows it where /proc/cpuinfo has one."""
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def cpu_has_bf16() -> bool:

@@ -25,7 +25,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -42,6 +41,7 @@ from difficulty_router.extraction.numerics import (
     cpu_flags,
     cpu_has_bf16,
     cpu_has_int8_dot,
+    cpu_model_name,
     dtype_name,
     int8_supported,
     pick_dtype,
@@ -133,7 +133,10 @@ class PathChoice:
             f"{t.path} {t.ms_per_100_tokens:.1f} ms/100 tokens" + ("" if t.accepted else f" (refused: {t.reason})")
             for t in self.trials
         ]
-        return f"numeric path {self.path}, the fastest that kept its read-out on {self.cpu}: " + "; ".join(parts)
+        return (
+            f"numeric path {self.path} on {self.cpu} (the fastest kept path, unless the usual one is within 10%): "
+            + "; ".join(parts)
+        )
 
 
 def measuring_enabled(device: torch.device) -> bool:
@@ -154,22 +157,21 @@ def candidate_paths() -> list[str]:
     return paths
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _key(model_hash: str, layers: Any, pooling: Any, max_tokens: int, quality: ReadoutQuality | None = None) -> str:
     flags = sorted(cpu_flags() & {"avx512_bf16", "amx_bf16", "amx_tile", "avx512f", "avx512_vnni", "avx_vnni"})
     judged = None if quality is None else [quality.name, quality.tolerance]
     text = json.dumps(
-        [PROCEDURE, cpu_name(), flags, torch.__version__, model_hash, repr(layers), repr(pooling), max_tokens, judged]
+        [
+            PROCEDURE,
+            cpu_model_name(),
+            flags,
+            torch.__version__,
+            model_hash,
+            repr(layers),
+            repr(pooling),
+            max_tokens,
+            judged,
+        ]
     )
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
@@ -275,7 +277,7 @@ def choose_path(
         reason = "" if accepted else f"{criterion} {error:.3g} from float32's, over {tolerance:g}"
         trials.append(PathTrial(path, float(np.median(timings[path])), error, criterion, accepted, reason))
     best = _winner(trials, dtype_name(pick_dtype("auto", torch.device("cpu"))))
-    choice = PathChoice(path=best.path, trials=tuple(trials), cpu=cpu_name())
+    choice = PathChoice(path=best.path, trials=tuple(trials), cpu=cpu_model_name())
     if machine_busy():
         # Timings taken while other work held the cores say little about this machine: use the choice
         # for this process only, and measure again next time.
@@ -283,7 +285,7 @@ def choose_path(
         return choice
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = file.with_name(file.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({k: v for k, v in choice.describe().items() if k != "how"} | {"path": best.path}))
+    tmp.write_text(json.dumps({k: v for k, v in choice.describe().items() if k != "how"}))
     tmp.replace(file)
     logger.info("%s", choice.summary())
     return choice
