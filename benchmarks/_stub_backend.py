@@ -3,14 +3,19 @@
 Stub, not a model, on purpose: the reliability benchmark measures what the *server* does
 under load and faults (queueing, shedding, escalation, cross-talk), and a real model's
 seconds per answer would hide that. The reply echoes the last user message, so a client can
-check that the answer it got belongs to its own request. ``mode`` switches the fault it plays:
-``ok``, ``hang`` (never answers), ``error`` (HTTP 500), ``cut`` (a stream closed mid-way).
+check that the answer it got belongs to its own request (the echo stops after ``ECHO_CHARS``, so a huge
+prompt does not become a stream of thousands of chunks). A non-streamed answer also carries
+``stub_seen.messages_sha256``, the digest of the messages the stub received (:func:`messages_digest`):
+a client compares it with its own to know the server forwarded the conversation untouched. ``mode``
+switches the fault it plays: ``ok``, ``hang`` (never answers), ``error`` (HTTP 500), ``cut`` (a stream
+closed mid-way).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import socket
 import threading
@@ -21,6 +26,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from difficulty_router.server.run import uvicorn_config
+
+ECHO_CHARS = 4000
+
+
+def messages_digest(messages) -> str:
+    """A digest of a conversation that does not depend on key order or on how the JSON was escaped."""
+    text = json.dumps(messages, sort_keys=True, ensure_ascii=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def free_port() -> int:
@@ -45,7 +58,7 @@ class StubBackend:
         async def complete(request: Request):
             self.calls += 1
             body = await request.json()
-            text = f"{self.name} echo: {body['messages'][-1].get('content')}"
+            text = f"{self.name} echo: {body['messages'][-1].get('content')}"[:ECHO_CHARS]
             if self.mode == "hang":
                 await asyncio.sleep(3600)
             if self.mode == "error":
@@ -62,6 +75,7 @@ class StubBackend:
                 "model": self.name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                "stub_seen": {"messages_sha256": messages_digest(body["messages"])},
             }
 
         return app

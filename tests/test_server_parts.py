@@ -84,18 +84,22 @@ async def test_the_event_loop_keeps_running_during_a_batch():
 
 
 @pytest.mark.asyncio
-async def test_a_failing_batch_fails_its_callers_and_the_batcher_goes_on():
+async def test_a_failing_batch_fails_only_the_query_that_broke_it_and_the_batcher_goes_on():
+    """A failed batch is decided again item by item: only the caller whose query breaks ``fn`` gets the error
+    (issue 31: a conversation the router refused failed every request batched with it with a 500)."""
     calls = []
 
     def fn(values, key):
-        calls.append(values)
-        if len(calls) == 1:
+        calls.append(list(values))
+        if "bad" in values:
             raise RuntimeError("extractor exploded")
         return values
 
     batcher = MicroBatcher(fn, max_batch=8, max_wait=0.05)
-    outcomes = await asyncio.gather(batcher.submit(1), batcher.submit(2), return_exceptions=True)
-    assert all(isinstance(o, RuntimeError) and "exploded" in str(o) for o in outcomes)
+    outcomes = await asyncio.gather(batcher.submit(1), batcher.submit("bad"), batcher.submit(2), return_exceptions=True)
+    assert outcomes[0] == 1 and outcomes[2] == 2
+    assert isinstance(outcomes[1], RuntimeError) and "exploded" in str(outcomes[1])
+    assert calls == [[1, "bad", 2], [1], ["bad"], [2]]
     assert await batcher.submit(3) == 3
     await batcher.aclose()
 

@@ -134,7 +134,9 @@ class MicroBatcher:
                 await self._decide(key, [i for i in items if not i.future.done()])
 
     async def _decide(self, key: Hashable, items: list[_Item]) -> None:
-        """One call of ``fn``; whatever goes wrong fails these items' futures and nothing else."""
+        """One call of ``fn``; whatever goes wrong fails these items' futures and nothing else. A batch that
+        fails is decided again one item at a time, so one query ``fn`` cannot read costs only its own
+        caller an answer, not every request that happened to share its batch."""
         if not items:
             return
         start = time.perf_counter()
@@ -145,6 +147,11 @@ class MicroBatcher:
             if len(results) != len(items):
                 raise RuntimeError(f"batch function returned {len(results)} results for {len(items)} items")
         except Exception as exc:  # noqa: BLE001 (every caller of the batch sees the failure)
+            if len(items) > 1:
+                for item in items:
+                    if not item.future.done():
+                        await self._decide(key, [item])
+                return
             for item in items:
                 if not item.future.done():
                     item.future.set_exception(exc)

@@ -33,6 +33,22 @@ from difficulty_router.server.schema import ApiError
 ROUTE_CHARS_PER_TOKEN = 8
 
 
+def clip_for_routing(conversation: list, max_chars: int) -> tuple[list, bool]:
+    """The conversation's last ``max_chars`` characters (:func:`clip_conversation`), never a blank tail.
+
+    Text followed by a long run of whitespace (a blank tool output, a padded paste) clips to whitespace
+    alone, which the router refuses as an empty conversation: a valid request then failed with a 500, and
+    so did every request batched with it (found by the valid-body fuzz, issue 31). Such a tail is read
+    without its trailing whitespace and blank messages instead; no information is lost, since whitespace
+    carries none, and nothing longer than ``max_chars`` is ever tokenised.
+    """
+    clipped, cut = clip_conversation(conversation, max_chars)
+    if cut and not any(m["content"].strip() for m in clipped):
+        trimmed = [{**m, "content": m["content"].rstrip()} for m in conversation if m["content"].strip()]
+        clipped, _ = clip_conversation(trimmed, max_chars)
+    return clipped, cut
+
+
 class RequestRouting:
     """Decisions for the app's requests, through the micro-batchers or an outside ``route_one``."""
 
@@ -59,7 +75,7 @@ class RequestRouting:
         except ValueError as exc:
             raise ApiError(400, str(exc).replace("query: ", "", 1), param="messages") from None
         # the extractor reads the last max_tokens tokens: a longer tail is tokenised for nothing
-        conversation, clipped = clip_conversation(conversation, ROUTE_CHARS_PER_TOKEN * router.extractor.max_tokens)
+        conversation, clipped = clip_for_routing(conversation, ROUTE_CHARS_PER_TOKEN * router.extractor.max_tokens)
         down = {m: why for m, why in self.backends.down().items() if m in router.models}
         if len(down) == len(router.models):
             down = {}  # everything is down: try them anyway rather than refuse outright
