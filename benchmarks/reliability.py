@@ -9,6 +9,12 @@ Everything runs on loopback and stops by itself (each phase has a fixed budget):
   manifests) and the CLI (``route`` on tampered bundles and junk ``--messages``). Counted: 5xx
   answers, crashes (an exception other than the documented ValueError/FileNotFoundError, or a CLI
   exit other than 0/2), hangs (no answer within 20 s) and leaked stack traces or exception names.
+- valid fuzz: hypothesis-generated *valid* but hostile chat bodies through the real server (every Unicode
+  category, zero-width and right-to-left text, huge and deeply nested tool outputs, long conversations, mixed
+  content parts, tool calls; ``tests/hostile_bodies.py``), so they reach the router and a backend: counted are
+  the bodies routed and answered (the response's ``x-router-*`` headers, checked against the backends' call
+  counts and the server's decision count), refused cleanly (4xx, OpenAI-shaped), 5xx, hangs, dropped
+  connections, leaked traces and answers whose backend did not see the messages sent.
 - load: 64 concurrent clients for a fixed time against two fast stub backends (stubs on purpose:
   this measures the server, not a model); sent / answered / failed, latency p50 / p99, and whether
   every answer echoes its own request's nonce (cross-talk).
@@ -24,6 +30,8 @@ Everything runs on loopback and stops by itself (each phase has a fixed budget):
 
     python benchmarks/reliability.py            # about 25 minutes on 2 busy cores (fuzzing alone took 1,174 s)
     python benchmarks/reliability.py --quick    # a smoke run
+    python benchmarks/reliability.py --valid-fuzz-only   # 10,000 valid hostile bodies: reliability_valid_fuzz.md
+    python benchmarks/reliability.py --load-only         # 64 clients, routed then direct: reliability_load.md
     python benchmarks/reliability.py --faults-only   # only the faults section (about 3 minutes): reliability_faults.md
 """
 
@@ -52,8 +60,10 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the valid-body generator lives with its test
 from _common import machine, md_table, write_results
 from _stub_backend import StubBackend, serving
+from hostile_bodies import hostile_body, send_all
 
 from difficulty_router import (
     ActivationExtractor,
@@ -270,7 +280,7 @@ def tamper(directory: Path, data, arrays: str, manifest: str, marker: Path) -> N
         raw = path.read_bytes()
         path.write_bytes(raw[: data.draw(st.integers(0, len(raw) - 1))])
     else:
-        with open(path, "rb") as fh:  # metadata travels with the arrays
+        with open(path, "rb"):  # metadata travels with the arrays
             from safetensors import safe_open
 
             with safe_open(str(path), framework="numpy") as handle:
@@ -416,7 +426,8 @@ async def drive(url: str, clients: int, seconds: float, stream: bool = False, ti
                                     if "error" in chunk:
                                         errored = True  # read on: the stream must still end with [DONE]
                                         continue
-                                    text += chunk["choices"][0]["delta"].get("content") or "" if chunk.get("choices") else ""
+                                    delta = chunk["choices"][0]["delta"] if chunk.get("choices") else {}
+                                    text += delta.get("content") or ""
                         status = response.status_code
                     if errored:
                         raise InBandError() if done else UnendedInBandError()
@@ -452,6 +463,83 @@ async def drive(url: str, clients: int, seconds: float, stream: bool = False, ti
             "crosstalk": crosstalk, "p50_ms": float(np.percentile(lat, 50) * 1000),
             "p99_ms": float(np.percentile(lat, 99) * 1000), "max_ms": float(lat.max() * 1000),
             "seconds": time.monotonic() - start, "timeline": timeline}
+
+
+def fuzz_valid(router, n: int, workers: int, max_tokens: int, progress: bool) -> dict:
+    """``n`` valid hostile bodies through the real server in front of two echo stubs, ``workers`` at a time.
+
+    The router reads the last ``max_tokens`` tokens (a copy of ``router``): the server is under test here, and
+    a shorter read lets 10,000 bodies through in minutes on 2 cores; clipping to what routing reads is
+    exercised all the more. Reaching routing is counted three ways: the answers' ``x-router-*`` headers
+    (the client's view), the backends' calls, and the server's own count of decisions."""
+    fast = copy.copy(router)
+    fast.extractor = copy.copy(router.extractor)
+    fast.extractor.max_tokens = max_tokens
+    order = router.capability_order()
+    stubs = {m: StubBackend(m).start() for m in order}
+    app = create_app(fast, [BackendSpec(m, s.url, m, timeout=10) for m, s in stubs.items()], limits=LIMITS,
+                     route_timeout=ROUTE_TIMEOUT)
+    with serving(app) as url:
+        tally = send_all(url, hostile_body(LIMITS, "router", tuple(order)), n, workers=workers, timeout=HANG_S,
+                         progress=progress)
+    for s in stubs.values():
+        s.stop()
+    return {"sent": tally.sent, "outcomes": tally.outcomes, "statuses": tally.statuses, "hangs": tally.hangs,
+            "dropped": tally.dropped, "leaks": tally.leaks, "server_errors": tally.server_errors,
+            "failed": tally.failed, "reached_routing": tally.reached_routing, "failures": tally.failures,
+            "backend_calls": sum(s.calls for s in stubs.values()),
+            "server_decisions": app.state.metrics.routing_latency.count, "seconds": tally.seconds,
+            "workers": workers, "max_tokens": max_tokens}
+
+
+def valid_fuzz_section(r: dict) -> str:
+    o = r["outcomes"]
+    table = md_table(
+        ["bodies", "reached routing (routed, answered)", "backend named (answered)", "refused cleanly (4xx)", "5xx",
+         "hangs", "dropped connections", "leaked traces", "mangled / unclean / unexpected", "backend calls",
+         "server decisions", "seconds"],
+        [[r["sent"], r["reached_routing"], o.get("direct", 0), o.get("refused", 0), r["server_errors"], r["hangs"],
+          r["dropped"], r["leaks"], sum(o.get(k, 0) for k in ("mangled", "unclean", "unexpected")),
+          r["backend_calls"], r["server_decisions"], f"{r['seconds']:.0f}"]])
+    failures = "".join(f"- {f}\n" for f in r["failures"])
+    return (
+        f"## Valid but hostile bodies ({r['sent']} through the HTTP server, {r['workers']} at a time)\n\n{table}\n\n"
+        "Bodies from `tests/hostile_bodies.py` (hypothesis, derandomized): every Unicode general category but lone "
+        "surrogates, zero-width and bidi controls, noncharacters, combining-mark pile-ups, huge tool outputs and "
+        "pasted documents (up to 80% of the character and byte limits), nested JSON text in tool outputs and tool "
+        "arguments, nested values up to the depth limit (and one level past it), long conversations, mixed content "
+        "parts (text, image_url, input_audio, file, refusal, unknown types), tool calls and tool/function messages, "
+        "system/developer roles, empty-ish strings, odd but legal sampling fields and session ids; 2 in 10 name a "
+        "backend instead of the router. Reached routing: a 200 whose `x-router-name` and `x-router-decision` say the "
+        "router decided it, answered by a stub that returned the digest of exactly the messages sent (else it "
+        "counts as mangled); backend calls and the server's decision count (its routing-latency histogram) are "
+        "the cross-checks (decisions can exceed routed answers only by routed requests a backend then failed). "
+        "Refused cleanly: a 4xx in OpenAI's error shape with a message and an `x-request-id`. Hang: no answer "
+        f"within {HANG_S:g} s. Leaked trace: a traceback, source path or Python exception name anywhere the client "
+        f"sees it but the echoed text. The router reads the last {r['max_tokens']} tokens in this section.\n\n"
+        + ("First failures:\n" + failures + "\n" if failures else "")
+    )
+
+
+def load_section(load: dict, args) -> str:
+    load_table = md_table(["requests", "clients", "seconds", "sent", "answered", "shed (429/503)", "lost",
+                           "cross-talk", "failures", "answered/s", "p50 ms", "p99 ms"],
+                          [[name, args.clients, f"{r['seconds']:.0f}", r["sent"], r["answered"], r["shed"], r["lost"],
+                            r["crosstalk"], json.dumps(r["failures"]) if r["failures"] else "-",
+                            f"{r['answered'] / r['seconds']:.1f}", f"{r['p50_ms']:.0f}", f"{r['p99_ms']:.0f}"]
+                           for name, r in load.items()])
+    return (
+        f"## Load ({args.clients} concurrent clients, {args.load_seconds:g} s each, non-streamed)\n\n{load_table}\n\n"
+        f"Shed: explicit 429 (queue full) or 503 (not routed within {ROUTE_TIMEOUT:g} s) answers. Lost: no answer "
+        "(transport error or a 90 s client timeout), another status, or another request's answer (target 0); an "
+        "error event inside a started stream (InBandError) is an answer, not a loss. "
+        "Cross-talk: answers that did not echo their own request's nonce (target 0). Routed requests each cost "
+        "one SmolLM2 forward pass on the CPU (`--max-batch 1`), which bounds their rate; direct requests measure "
+        "the server's own path. The server runs as `serve` runs it (`server.run.uvicorn_config`: keep-alive "
+        "75 s, longer than the clients' 5 s idle expiry; an equal 5 s on both sides used to lose requests to "
+        "`ReadError`, see `tests/test_server_keepalive.py`); the backends are uvicorn stubs with its default 5 s "
+        "keep-alive, which the server's backend pool (2 s idle expiry) outlasts.\n\n"
+    )
 
 
 def run_load(router, seconds: float, clients: int) -> tuple[dict, dict]:
@@ -573,10 +661,19 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--faults-only", action="store_true",
                         help="run only the faults section; writes results/reliability_faults.md")
+    parser.add_argument("--valid-examples", type=int, default=10_000, help="valid hostile bodies to send")
+    parser.add_argument("--valid-workers", type=int, default=8, help="valid hostile bodies in flight at once")
+    parser.add_argument("--valid-max-tokens", type=int, default=64,
+                        help="tokens the router reads in the valid fuzz (the server is under test there)")
+    parser.add_argument("--valid-fuzz-only", action="store_true",
+                        help="run only the valid-body fuzz; writes results/reliability_valid_fuzz.md")
+    parser.add_argument("--load-only", action="store_true",
+                        help="run only the load section; writes results/reliability_load.md")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args()
     if args.quick:
         args.server_examples, args.api_examples, args.loader_examples, args.cli_examples = 200, 50, 50, 10
-        args.load_seconds, args.fault_seconds = 5.0, 5.0
+        args.load_seconds, args.fault_seconds, args.valid_examples = 5.0, 5.0, 200
     logging.basicConfig(level=logging.CRITICAL)  # the server logs every refused request and fault; counted here
     random.seed(0)
     started = time.monotonic()
@@ -590,6 +687,28 @@ def main() -> None:
                     + (" --quick`" if args.quick else "`") + f" ({time.monotonic() - started:.0f} s)\n")
         write_results("reliability_faults" if not args.quick else "reliability_faults_quick", markdown,
                       {"machine": machine(), "faults": faults, "args": vars(args)})
+        return
+    suffix = "_quick" if args.quick else ""
+    command = "`python benchmarks/reliability.py " + " ".join(sys.argv[1:]) + "`"
+    header = (f"Machine: {machine()}. Router: SmolLM2-135M read-out (layer 15, last token, max {args.max_tokens} "
+              f"tokens) trained on 240 rows of the shipped RouteLLM sample; server limits {LIMITS}. Backends are fast "
+              "**stubs** (`benchmarks/_stub_backend.py`) on purpose: this measures the routing server, not a model. "
+              "Everything on loopback.\n\n")
+    if args.valid_fuzz_only:
+        valid = fuzz_valid(router, args.valid_examples, args.valid_workers, args.valid_max_tokens,
+                           not args.no_progress)
+        markdown = ("# Reliability: valid but hostile bodies through the server\n\n" + header
+                    + valid_fuzz_section(valid)
+                    + f"Command: {command} ({time.monotonic() - started:.0f} s)\n")
+        write_results("reliability_valid_fuzz" + suffix, markdown, {"machine": machine(), "valid_fuzz": valid,
+                                                                     "args": vars(args)})
+        return
+    if args.load_only:
+        load, memory = run_load(router, args.load_seconds, args.clients)
+        markdown = ("# Reliability: load\n\n" + header + load_section(load, args)
+                    + f"Command: {command} ({time.monotonic() - started:.0f} s)\n")
+        write_results("reliability_load" + suffix, markdown, {"machine": machine(), "load": load, "memory": memory,
+                                                               "args": vars(args)})
         return
     rng = np.random.default_rng(0)
     X = rng.normal(size=(40, router.extractor.hidden_size))
@@ -609,6 +728,7 @@ def main() -> None:
         tallies.append(fuzz_loaders(router, pik, args.loader_examples, Path(tmp)))
         tallies.append(fuzz_cli(router, args.cli_examples, Path(tmp)))
     fuzz_s = time.monotonic() - started
+    valid = fuzz_valid(router, args.valid_examples, args.valid_workers, args.valid_max_tokens, not args.no_progress)
 
     load, memory = run_load(router, args.load_seconds, args.clients)
     faults = run_faults(router, args.fault_seconds, args.fault_clients)
@@ -616,13 +736,9 @@ def main() -> None:
     total = sum(t.n for t in tallies)
     fuzz_table = md_table(["target", "inputs", "5xx", "crashes", "hangs", "leaked traces", "outcomes"],
                           [t.row() for t in tallies] + [["**all**", total, sum(t.server_errors for t in tallies),
-                                                          sum(t.crashes for t in tallies), sum(t.hangs for t in tallies),
+                                                          sum(t.crashes for t in tallies),
+                                                          sum(t.hangs for t in tallies),
                                                           sum(t.leaks for t in tallies), ""]])
-    load_table = md_table(["requests", "clients", "seconds", "sent", "answered", "shed (429/503)", "lost",
-                           "cross-talk", "answered/s", "p50 ms", "p99 ms"],
-                          [[name, args.clients, f"{r['seconds']:.0f}", r["sent"], r["answered"], r["shed"], r["lost"],
-                            r["crosstalk"], f"{r['answered'] / r['seconds']:.1f}", f"{r['p50_ms']:.0f}",
-                            f"{r['p99_ms']:.0f}"] for name, r in load.items()])
     examples = [f"- {t.name}: {e}" for t in tallies for e in t.examples]
     markdown = (
         "# Reliability: hostile input, load, faults, memory\n\n"
@@ -636,19 +752,15 @@ def main() -> None:
         f"hangs: no answer within {HANG_S:g} s; leaked traces: a traceback, a source path or a Python exception "
         "name in what the client sees.\n\n"
         + ("First failures:\n" + "\n".join(examples) + "\n\n" if examples else "")
-        + f"## Load ({args.clients} concurrent clients, {args.load_seconds:g} s each, non-streamed)\n\n{load_table}\n\n"
-        f"Shed: explicit 429 (queue full) or 503 (not routed within {ROUTE_TIMEOUT:g} s) answers. Lost: no answer "
-        "(transport error or a 90 s client timeout), another status, or another request's answer (target 0); an "
-        "error event inside a started stream (InBandError) is an answer, not a loss. "
-        "Cross-talk: answers that did not echo their own request's nonce (target 0). Routed requests each cost "
-        "one SmolLM2 forward pass on the CPU (`--max-batch 1`), which bounds their rate; direct requests measure "
-        "the server's own path.\n\n"
+        + valid_fuzz_section(valid)
+        + load_section(load, args)
         + fault_section(faults, args)
         + f"## Memory\n\nRSS of the whole process (server, router, clients) {memory['before_mb']:.0f} MB before and "
         f"{memory['after_mb']:.0f} MB after the load run: {memory['growth_mb']:+.0f} MB "
         f"({memory['requests']} requests; bound: 50 MB).\n\n"
         "Command: `python benchmarks/reliability.py`\n")
-    payload = {"machine": machine(), "fuzz": [{**vars(t)} for t in tallies], "load": load, "faults": faults,
+    payload = {"machine": machine(), "fuzz": [{**vars(t)} for t in tallies], "valid_fuzz": valid, "load": load,
+               "faults": faults,
                "memory": memory, "args": vars(args)}
     write_results("reliability" if not args.quick else "reliability_quick", markdown, payload)
 
