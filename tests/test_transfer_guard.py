@@ -260,3 +260,39 @@ def test_the_shipped_head_ships_its_guard_reference(extractor):
     guard = router.transfer_guard
     assert guard is not None and guard.policy == GuardPolicy() and guard.width == 2304
     assert 1.0 <= guard.difficulty_quantiles[0] <= guard.difficulty_quantiles[-1] <= 5.0
+
+
+def test_decision_log_records_the_guards_verdict(guarded, sample_outcomes, tmp_path):
+    """Each logged call carries the verdict its decision had, so a report can tell fallback calls apart; a
+    router without a guard logs None."""
+    from difficulty_router.routing.decision_log import DecisionLog, read_log
+
+    guarded.transfer_guard.reset()
+    log = DecisionLog(tmp_path / "decisions.jsonl")
+    queries = sample_outcomes.queries[160:163] + CODE[:1]
+    decisions = guarded.route_batch(queries, progress=False)
+    for query, decision in zip(queries, decisions, strict=True):
+        log.log_call(query, decision, served_by=decision.model, router=guarded)
+    unguarded = DifficultyRouter(**_parts(guarded))
+    log.log_call(queries[0], unguarded.route(queries[0]), router=unguarded)
+    records = list(read_log(tmp_path / "decisions.jsonl"))
+    assert [r["transfer"] for r in records[:4]] == [json.loads(json.dumps(d.transfer)) for d in decisions]
+    assert all(r["transfer"]["state"] for r in records[:4]) and records[4]["transfer"] is None
+    guarded.transfer_guard.reset()
+
+
+def test_cli_transfer_guard_flag(tmp_path, capsys):
+    """``--transfer-guard`` gives the zero-label router the shipped guard (its verdict is in the decision);
+    without it there is none; with a saved router it is refused by name, before anything loads."""
+    from difficulty_router.cli.main import main
+
+    assert main(["route", "--pretrained", "weak,strong", "--transfer-guard", "--json", "What is 2+2?"]) == 0
+    with_guard = json.loads(capsys.readouterr().out)
+    assert with_guard["transfer"]["state"] == "warming_up" and with_guard["transfer"]["fallback"] is False
+    assert main(["route", "--pretrained", "weak,strong", "--json", "What is 2+2?"]) == 0
+    assert json.loads(capsys.readouterr().out)["transfer"] is None
+    assert main(["route", "--router", str(tmp_path / "absent"), "--transfer-guard", "What is 2+2?"]) == 2
+    assert "--transfer-guard goes with --pretrained" in capsys.readouterr().err
+    assert main(["pretrained", "--pool", "weak,strong", "--out", str(tmp_path / "zl"), "--transfer-guard"]) == 0
+    saved = DifficultyRouter.load(tmp_path / "zl")
+    assert saved.transfer_guard is not None

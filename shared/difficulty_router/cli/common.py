@@ -95,7 +95,11 @@ def load_router_or_pretrained(args, directory: str | None):
     if (spec is None) == (directory is None):
         raise ValueError("give --router DIR or --pretrained POOL (a pool file or cheap,...,strong model names)")
     if spec is not None:
-        return DifficultyRouter.pretrained(pool_from_spec(spec))
+        return DifficultyRouter.pretrained(pool_from_spec(spec), transfer_guard=transfer_guard_choice(args))
+    if getattr(args, "transfer_guard", False):
+        raise ValueError(
+            "--transfer-guard goes with --pretrained; a saved router carries the guard it was saved with (if any)"
+        )
     assert directory is not None  # one of the two, checked above
     return DifficultyRouter.load(directory, **extractor_choice(args))
 
@@ -197,3 +201,21 @@ def pretrained_arg(p: argparse.ArgumentParser, *, flag_only: bool) -> None:
         )
     else:
         p.add_argument("--pretrained", metavar="POOL", help="zero-label router: a pool file or cheap,...,strong names")
+    transfer_guard_arg(p)
+
+
+def transfer_guard_arg(p: argparse.ArgumentParser) -> None:
+    """``--transfer-guard``: the zero-label router watches unlabelled traffic and falls back to the most capable
+    model when the head looks not to transfer (:mod:`difficulty_router.learning.transfer_guard`). Off by default:
+    measured leave-one-domain-out it caught none of the domains where the head fails (docs/zero-label.md)."""
+    p.add_argument(
+        "--transfer-guard",
+        action="store_true",
+        help="with --pretrained: fall back to the most capable model when traffic looks unlike the head's "
+        "training queries (off by default; see docs/zero-label.md for what it does and does not catch)",
+    )
+
+
+def transfer_guard_choice(args) -> bool | None:
+    """What ``DifficultyRouter.pretrained(transfer_guard=...)`` gets from ``--transfer-guard``."""
+    return True if getattr(args, "transfer_guard", False) else None

@@ -16,6 +16,7 @@ from difficulty_router.cli.common import (
     load_router_or_pretrained,
     pool_from_spec,
     pretrained_arg,
+    transfer_guard_choice,
 )
 from difficulty_router.routing.sessions import SESSION_POLICIES
 
@@ -152,7 +153,10 @@ def with_pretrained_router(args, routers: dict) -> dict:
         raise ValueError(
             f"--pretrained is served as {DEFAULT_ROUTER_NAME!r}; give the other router as --router NAME=DIR"
         )
-    return {**routers, DEFAULT_ROUTER_NAME: DifficultyRouter.pretrained(pool_from_spec(args.pretrained or args.pool))}
+    router = DifficultyRouter.pretrained(
+        pool_from_spec(args.pretrained or args.pool), transfer_guard=transfer_guard_choice(args)
+    )
+    return {**routers, DEFAULT_ROUTER_NAME: router}
 
 
 def add_session_arguments(p: argparse.ArgumentParser) -> None:

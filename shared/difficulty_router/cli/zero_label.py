@@ -9,7 +9,15 @@ import argparse
 import json
 from pathlib import Path
 
-from difficulty_router.cli.common import extractor_args, extractor_choice, pool_from_spec, progress_arg, read_queries
+from difficulty_router.cli.common import (
+    extractor_args,
+    extractor_choice,
+    pool_from_spec,
+    progress_arg,
+    read_queries,
+    transfer_guard_arg,
+    transfer_guard_choice,
+)
 
 
 def cmd_pretrained(args) -> int:
@@ -17,7 +25,9 @@ def cmd_pretrained(args) -> int:
 
     if not args.unlabelled and (args.strong_share is not None or args.max_cost_per_1k is not None):
         raise ValueError("--strong-share and --max-cost-per-1k need --unlabelled prompts; without them give --shares")
-    router = DifficultyRouter.pretrained(pool_from_spec(args.pool), shares=args.shares)
+    router = DifficultyRouter.pretrained(
+        pool_from_spec(args.pool), shares=args.shares, transfer_guard=transfer_guard_choice(args)
+    )
     if args.unlabelled:
         _calibrate(router, args)
     router.save(args.out)
@@ -75,6 +85,7 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="directory to save the router")
     p.add_argument("--unlabelled", help="JSON Lines of your prompts: set the shares on them instead of on pretraining")
     _target_args(p, with_shares=True)
+    transfer_guard_arg(p)
     progress_arg(p)
     p.set_defaults(func=cmd_pretrained)
 

@@ -42,6 +42,7 @@ FIELDS = (
     "features_key",
     "session",
     "shadow",
+    "transfer",
 )
 
 
@@ -141,6 +142,8 @@ class DecisionLog:
                 "features_key": features_key(router, query),
                 "session": getattr(decision, "session", None),
                 "shadow": dict(shadow) if shadow is not None else None,
+                # the transfer guard's verdict (zero-label routers built with one), else None
+                "transfer": getattr(decision, "transfer", None),
             }
         )
 
