@@ -37,12 +37,12 @@ SAME = ("status", "answer", "score", "usd", "prompt_tokens", "completion_tokens"
 
 
 # -- serve --engine ray: refused options (no router is loaded and no cluster starts: the guard comes first) --
+# (--session-policy is served: tests/test_ray_scale.py shares sessions between replicas)
 @pytest.mark.parametrize(
     ("flag", "argv"),
     [
         ("--pretrained", ["--pretrained"]),
         ("--ood-percentile", ["--ood-percentile", "99"]),
-        ("--session-policy", ["--session-policy", "sticky"]),
         ("--shadow", ["--shadow", "cheap"]),
         ("--decision-log", ["--decision-log", "decisions.jsonl"]),
     ],

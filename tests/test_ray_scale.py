@@ -369,3 +369,114 @@ def test_serve_batches_concurrent_reads_and_exposes_metrics(serve_pair):
     metrics = httpx.get(serve_pair["serve"] + "/metrics").text
     assert "difficulty_router_routing_decisions_total" in metrics
     assert httpx.get(serve_pair["serve"] + "/health").json()["status"] == "ok"
+
+
+# -- sessions shared by the replicas (one named Ray actor holds the states) ------------------------------
+
+
+def _state(model: str):
+    from difficulty_router.routing.sessions import SessionState
+
+    return SessionState(model=model, turns=1, context_tokens=0, switches=0, last_seen=0.0)
+
+
+def test_the_shared_session_store_keeps_its_bound_ttl_and_key_checks(ray_cluster):
+    """Two clients of one store actor (as two replicas hold) see one set of sessions; the in-process
+    store's LRU bound, TTL and key checks hold across them; bad settings and keys are refused by name."""
+    import time
+
+    from difficulty_router.scale.ray_sessions import RaySessionStore, drop_session_store, start_session_store
+
+    name = "sessions/test/bounds"
+    store = start_session_store(name, max_sessions=2, ttl_s=2.0)
+    try:
+        other = RaySessionStore(name)
+        assert (other.max_sessions, other.ttl_s) == (2, 2.0)
+        store.put("a", _state("weak"))
+        store.put("b", _state("strong"))
+        assert other.get("a").model == "weak"  # written by one client, read by the other; "a" is now the latest
+        other.put("c", _state("weak"))  # a third session: the least recently used ("b") goes
+        assert "b" not in store and len(store) == 2 and store.counts()["evicted"] == 1
+        assert other.delete("c") and not other.delete("c") and len(store) == 1
+        time.sleep(2.2)  # longer than the TTL since "a" was last used
+        assert store.get("a") is None and len(other) == 0 and store.counts()["expired"] == 1
+        for bad, error in (("", ValueError), ("x" * 513, ValueError), (7, TypeError)):
+            with pytest.raises(error, match="session key"):
+                other.get(bad)
+        with pytest.raises(TypeError, match="state must be a SessionState"):
+            store.put("a", {"model": "weak"})
+        with pytest.raises(ValueError, match=r"already runs with \{'max_sessions': 2"):
+            start_session_store(name, max_sessions=3, ttl_s=2.0)
+        with pytest.raises(ValueError, match="max_sessions must be an integer >= 1"):
+            start_session_store("sessions/test/bad", max_sessions=0)
+        with pytest.raises(ValueError, match="no session store actor named 'sessions/test/none'"):
+            RaySessionStore("sessions/test/none")
+    finally:
+        assert drop_session_store(name)
+    assert not drop_session_store(name)
+
+
+def test_serve_on_ray_accepts_a_session_policy():
+    from difficulty_router.cli.main import build_parser
+    from difficulty_router.scale.commands import refuse_unsupported_serve_options
+
+    args = build_parser().parse_args(["serve", "--engine", "ray", "--pool", "p.yaml", "--session-policy", "sticky"])
+    refuse_unsupported_serve_options(args)  # no error: the replicas share one session store
+
+
+@pytest.fixture(scope="module")
+def sessions_url(serve_pair, trained_router, llama_backends, tmp_path_factory):
+    """A third application on the running Serve: 2 replicas of the live router under the sticky session
+    policy, its sessions in one store actor."""
+    from ray import serve
+
+    from difficulty_router.scale.ray_serve import build_app
+    from difficulty_router.scale.ray_sessions import drop_session_store, session_store_name
+
+    directory = tmp_path_factory.mktemp("router-sessions")
+    trained_router.save(directory)
+    options = {"session_policy": "sticky", "session_ttl": 600.0, "max_sessions": 100}
+    app = build_app(
+        {"router": directory},
+        backend_specs(llama_backends),
+        replicas=2,
+        cpus_per_replica=0.25,  # the module's 2 CPUs: 1.5 held by serve_pair's replicas
+        app_options=options,
+        app_name="sessions",
+    )
+    serve.run(app, name="sessions", route_prefix="/sessions")
+    yield serve_pair["serve"] + "/sessions"
+    serve.delete("sessions")
+    drop_session_store(session_store_name("sessions", "router"))
+
+
+def test_a_session_keeps_its_model_across_replicas(sessions_url, trained_router, sample_outcomes):
+    """Turn 1 asks a question the router sends to the strong model, later turns questions it sends to the
+    weak one: sticky keeps the strong model, on whichever replica takes the turn. With a store per replica
+    the first turn a second replica takes would be its 'first' and go to the weak model."""
+    from conftest import STRONG, WEAK
+
+    from difficulty_router.scale.ray_sessions import RaySessionStore, session_store_name
+
+    queries = sample_outcomes.queries[240:300]  # rows the router was not trained on
+    picks = [d.model for d in trained_router.route_batch(queries, progress=False)]
+    hard, easy = queries[picks.index(STRONG)], queries[picks.index(WEAK)]
+    client = openai_client(sessions_url)
+    replicas, turn = set(), 0
+    while turn < 16 and (len(replicas) < 2 or turn < 4):
+        turn += 1
+        raw = client.chat.completions.with_raw_response.create(
+            model="router",
+            messages=hard if turn == 1 else easy,
+            max_tokens=1,
+            temperature=0,
+            extra_headers={"X-Session-Id": "conversation-1"},
+        )
+        headers = raw.headers
+        replicas.add(headers["x-router-replica"])
+        assert headers["x-router-decision"] == headers["x-router-model"] == STRONG, f"turn {turn}"
+        assert headers["x-router-session-turn"] == str(turn)
+        assert headers["x-router-session-action"] == ("first" if turn == 1 else "kept")
+    assert len(replicas) == 2, f"every turn went to one replica ({replicas}); the sharing was not exercised"
+    store = RaySessionStore(session_store_name("sessions", "router"))
+    assert store.get("conversation-1").model == STRONG and store.counts()["sessions"] == 1

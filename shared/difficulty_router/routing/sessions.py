@@ -15,7 +15,8 @@ per-call decision into the decision to serve for one turn of a session, under a 
   of the whole transcript at the new model's full input price (needs token prices in the pool).
 
 Session state lives in a bounded, thread-safe :class:`SessionStore` (LRU with a TTL) that the
-adapters and the server share through the core.
+adapters and the server share through the core, or in any store with its methods
+(:class:`SessionStates`): Ray Serve's replicas share one held by a Ray actor (``scale.ray_sessions``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -60,6 +61,28 @@ def check_key(key: Any) -> str:
     return key
 
 
+@runtime_checkable
+class SessionStates(Protocol):
+    """What :class:`Sessions` needs of a store: :class:`SessionStore` in this process, or a store that
+    processes share (``scale.ray_sessions.RaySessionStore``, one Ray actor behind every Serve replica), so
+    the policy lives here once whichever holds the states. ``blocking``: its calls wait on another process,
+    so an async caller (the server) calls it off its event loop."""
+
+    max_sessions: int
+    ttl_s: float
+    blocking: bool
+
+    def get(self, key: str) -> SessionState | None: ...
+
+    def put(self, key: str, state: SessionState) -> None: ...
+
+    def delete(self, key: str) -> bool: ...
+
+    def __len__(self) -> int: ...
+
+    def __contains__(self, key: object) -> bool: ...
+
+
 class SessionStore:
     """Bounded LRU with TTL, thread-safe (a lock). Shared by adapters and the server.
 
@@ -67,6 +90,8 @@ class SessionStore:
     ``max_sessions`` are held, the least recently used goes. ``get`` counts as use. States are
     copied in and out, so a caller's object never changes under another thread.
     """
+
+    blocking = False  # in-process: a call never waits on another process
 
     def __init__(self, max_sessions: int = 10_000, ttl_s: float = 3600.0, clock: Callable[[], float] = time.monotonic):
         if isinstance(max_sessions, bool) or not isinstance(max_sessions, int) or max_sessions < 1:
@@ -141,7 +166,7 @@ class Sessions:
         self,
         policy: str = "sticky",
         *,
-        store: SessionStore | None = None,
+        store: SessionStates | None = None,
         margin: float = 0.05,
         allow_deescalation: bool = False,
         pool: ModelPool | None = None,
@@ -153,12 +178,12 @@ class Sessions:
             raise ValueError(f"margin must be a number in [0, 1] (a difference of P(success)), got {margin!r}")
         if not isinstance(allow_deescalation, bool):
             raise TypeError(f"allow_deescalation must be True or False, got {allow_deescalation!r}")
-        if store is not None and not isinstance(store, SessionStore):
-            raise TypeError(f"store must be a SessionStore, got {type(store).__name__}")
+        if store is not None and not isinstance(store, SessionStates):
+            raise TypeError(f"store must be a SessionStore (or another SessionStates), got {type(store).__name__}")
         if pool is not None and not isinstance(pool, ModelPool):
             raise TypeError(f"pool must be a ModelPool, got {type(pool).__name__}")
         self.policy = policy
-        self.store = store if store is not None else SessionStore()
+        self.store: SessionStates = store if store is not None else SessionStore()
         self.margin = float(margin)
         self.allow_deescalation = allow_deescalation
         self.pool = pool

@@ -108,8 +108,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_serve(args, specs, router_dirs, api_key, limits, max_batch, stream_holdback=None) -> int:
+    from difficulty_router.scale.cluster import ensure_ray
     from difficulty_router.scale.ray_serve import build_app, run
 
+    ensure_ray(args.ray_address)  # before build_app, which starts the session stores on this cluster
     app = build_app(
         router_dirs,
         specs,
@@ -125,17 +127,20 @@ def run_serve(args, specs, router_dirs, api_key, limits, max_batch, stream_holdb
             "route_timeout": args.route_timeout,
             "limits": limits,
             "stream_holdback": stream_holdback,
+            "session_policy": args.session_policy,
+            "session_ttl": args.session_ttl,
+            "max_sessions": args.max_sessions,
+            "session_margin": args.session_margin,
+            "allow_deescalation": args.allow_deescalation,
         },
     )
     print(
         f"Ray Serve: {args.replicas} replicas of routers {sorted(router_dirs)}, @serve.batch up to {max_batch} "
         f"requests or {args.max_wait_ms:g} ms; serving http://{args.host}:{args.port}/v1 "
-        f"(auth {'on' if api_key else 'off'})",
+        f"(auth {'on' if api_key else 'off'}; sessions {args.session_policy}"
+        f"{', shared by the replicas through one Ray actor' if args.session_policy != 'per_call' else ''})",
         flush=True,
     )
-    from difficulty_router.scale.cluster import ensure_ray
-
-    ensure_ray(args.ray_address)
     run(app, args.host, args.port, blocking=True)
     return 0
 
@@ -162,14 +167,14 @@ def ray_labeller(args, backends, config):
 
 def refuse_unsupported_serve_options(args) -> None:
     """``serve --engine ray`` refuses, before loading anything or starting Ray, the options its replicas cannot
-    honour: replicas load saved router directories and keep their own state, so a session store per replica
-    would let one conversation hop between models, and a decision log cannot be shared across processes."""
+    honour yet: replicas load saved router directories (no zero-label router, no OOD setting), and shadow
+    decisions and the decision log would go to one file per process. Sessions are served: their states live
+    in one Ray actor that every replica shares (``ray_sessions``)."""
     unsupported = [
         flag
         for flag, given in (
             ("--pretrained", args.pretrained is not None),
             ("--ood-percentile", args.ood_percentile is not None),
-            ("--session-policy", args.session_policy != "per_call"),
             ("--shadow", args.shadow is not None),
             ("--decision-log", bool(args.decision_log)),
         )

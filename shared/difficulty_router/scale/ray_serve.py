@@ -4,7 +4,11 @@ replicas, and routing reads are batched by ``@serve.batch`` instead of the in-pr
 Each replica loads the routers from their saved directories (bundles, not pickled objects) and builds the
 same app, so endpoints, auth, limits, escalation and errors are the plain server's. Replicas are separate
 processes: ``/metrics`` answers for the replica that took the request (scrape Ray's own metrics, or each
-replica, for totals); ``/health`` likewise.
+replica, for totals); ``/health`` likewise. Each response names its replica in ``x-router-replica``.
+
+Sessions (a ``session_policy`` other than ``per_call``) are shared by every replica: the driver starts one
+named Ray actor per router that holds the states (:mod:`.ray_sessions`), and each replica's sessions read
+and write it, so a conversation keeps its model whichever replica takes a turn.
 """
 
 from __future__ import annotations
@@ -29,10 +33,13 @@ def build_app(
     extractor: str | None = None,
     allow_other_extractor: bool = False,
     app_options: dict[str, Any] | None = None,
+    app_name: str = APP_NAME,
 ):
     """A bound Serve application: ``replicas`` copies of the routing server over ``routers`` (name ->
     saved router directory) and backends ``specs``; ``app_options`` go to :func:`create_app` (api_key,
-    limits, route_timeout, ...). Run it with :func:`run`."""
+    limits, route_timeout, session_policy, session_ttl, max_sessions, ...). Run it with :func:`run`, or deploy
+    it under ``app_name``, which also names its session stores (one actor per router, started here when
+    ``session_policy`` is not ``per_call``; Ray must be up)."""
     require_ray()
     from ray import serve
 
@@ -42,6 +49,7 @@ def build_app(
         raise ValueError("max_batch must be positive and max_wait_s non-negative")
     routers = {name: os.fspath(os.path.abspath(d)) for name, d in routers.items()}
     options = dict(app_options or {})
+    store_names = _start_session_stores(app_name, routers, options)
     allow_other = allow_other_extractor
 
     @serve.deployment(num_replicas=replicas, ray_actor_options={"num_cpus": cpus_per_replica})
@@ -51,6 +59,7 @@ def build_app(
             from difficulty_router.extraction.framework_forward import pick_device
             from difficulty_router.extraction.numerics import one_path_for_many_processes
             from difficulty_router.routing.router import DifficultyRouter
+            from difficulty_router.scale.ray_sessions import RaySessionStore
             from difficulty_router.server import create_app
 
             dtype = one_path_for_many_processes("auto", pick_device("auto"))  # every replica on one numeric path
@@ -58,7 +67,13 @@ def build_app(
                 name: DifficultyRouter.load(d, model=extractor, allow_other_extractor=allow_other, dtype=dtype)
                 for name, d in routers.items()
             }
-            self._routing_app = create_app(self.routers, specs, route_one=self.route_one, **options)
+            stores = {name: RaySessionStore(store) for name, store in store_names.items()}
+            shared = stores.__getitem__ if stores else None  # None: per_call, no store is read
+            self._routing_app = create_app(
+                self.routers, specs, route_one=self.route_one, session_store=shared, **options
+            )
+            replica = serve.get_replica_context().replica_id.unique_id
+            self._routing_app.add_middleware(ReplicaHeader, replica=replica)
 
         @serve.batch(max_batch_size=max_batch, batch_wait_timeout_s=max_wait_s)
         async def _route(self, items: list[tuple[str, list, frozenset]]) -> list:
@@ -85,6 +100,40 @@ def build_app(
             return self._routing_app
 
     return RoutingServer.bind()  # type: ignore[attr-defined]  # serve.deployment made it a Deployment
+
+
+def _start_session_stores(app_name: str, routers: dict[str, str], options: dict[str, Any]) -> dict[str, str]:
+    """Router name -> the name of its session store actor, started now; none under ``per_call``. The store's
+    bounds leave ``options``: the actor holds them."""
+    if options.get("session_policy", "per_call") == "per_call":
+        return {}
+    from difficulty_router.scale.ray_sessions import session_store_name, start_session_store
+
+    ensure_ray()
+    bounds = {"max_sessions": options.pop("max_sessions", 10_000), "ttl_s": options.pop("session_ttl", 3600.0)}
+    names = {router: session_store_name(app_name, router) for router in routers}
+    for name in names.values():
+        start_session_store(name, **bounds)
+    return names
+
+
+class ReplicaHeader:
+    """ASGI middleware: every HTTP response names the replica that served it (``x-router-replica``), so a
+    client or a test can see which replica took each turn."""
+
+    def __init__(self, app, replica: str) -> None:
+        self.app, self.header = app, (b"x-router-replica", replica.encode())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_named(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        return await self.app(scope, receive, send_named)
 
 
 def run(app, host: str = "127.0.0.1", port: int = 8000, *, blocking: bool = False, address: str | None = None):

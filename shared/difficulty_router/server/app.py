@@ -15,7 +15,8 @@ tokens anyway), and every error is OpenAI-shaped with an ``x-request-id`` (see :
 
 Sessions: a request's ``X-Session-Id`` header, else its ``user`` field, names its session; under
 ``session_policy`` ``sticky`` or ``cache_aware`` its turns are decided by
-:class:`~difficulty_router.routing.sessions.Sessions` (one bounded store per router). Shadow mode
+:class:`~difficulty_router.routing.sessions.Sessions` (one bounded store per router, in this process unless
+``session_store`` gives a shared one). Shadow mode
 (``shadow=`` a backend) routes every request but serves it with that backend; the would-be choice
 goes to the record, the ``x-router-shadow-*`` headers and the ``decision_log``, and a
 ``shadow_sample`` share of non-streaming requests is also sent to the would-be model after the
@@ -29,6 +30,7 @@ ties one request together. The pieces it ties live beside it: one request's rout
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -53,7 +55,7 @@ from difficulty_router.calling.dispatch import (
 )
 from difficulty_router.routing.decision_log import DecisionLog
 from difficulty_router.routing.router import DifficultyRouter
-from difficulty_router.routing.sessions import SESSION_POLICIES, Sessions, SessionStore
+from difficulty_router.routing.sessions import SESSION_POLICIES, Sessions, SessionStates, SessionStore
 from difficulty_router.server.backends import BackendFailure, Backends, BackendSpec
 from difficulty_router.server.batching import MicroBatcher
 from difficulty_router.server.deciding import (
@@ -88,6 +90,7 @@ def create_app(
     max_sessions: int = 10_000,
     session_margin: float = 0.05,
     allow_deescalation: bool = False,
+    session_store: Callable[[str], SessionStates] | None = None,
     shadow: str | None = None,
     shadow_sample: float = 0.0,
     decision_log: DecisionLog | None = None,
@@ -107,6 +110,9 @@ def create_app(
     seconds (then 503). ``limits``: what one request may hold (default :class:`Limits`).
     ``session_policy`` (one of ``per_call``, ``sticky``, ``cache_aware``), ``session_ttl``,
     ``max_sessions``, ``session_margin``, ``allow_deescalation``: session routing (module docstring).
+    ``session_store(router_name)``: the store of that router's sessions when processes share them (Ray
+    Serve's replicas: ``scale.ray_sessions``); its own TTL and bound then hold, and ``session_ttl`` /
+    ``max_sessions`` are not used. Default: a :class:`SessionStore` in this process.
     ``shadow``: serve every routed request with this backend and only log the router's choice;
     ``shadow_sample``: the share also sent to the would-be model; ``decision_log``: where each
     routed request's decision goes (a :class:`~difficulty_router.DecisionLog`).
@@ -138,7 +144,7 @@ def create_app(
     sessions = {
         name: Sessions(
             session_policy,
-            store=SessionStore(max_sessions=max_sessions, ttl_s=session_ttl),
+            store=session_store(name) if session_store else SessionStore(max_sessions=max_sessions, ttl_s=session_ttl),
             margin=session_margin,
             allow_deescalation=allow_deescalation,
         )
@@ -285,7 +291,7 @@ def create_app(
             policy = sessions[requested]
             if key is not None and policy.policy != "per_call":
                 tokens = await routing.context_tokens(routers[requested], body["messages"])
-                decision = policy.apply(key, decision, context_tokens=tokens)
+                decision = await off_loop_if_blocking(policy, policy.apply, key, decision, context_tokens=tokens)
             pool = getattr(routers[requested], "pool", None)
             cost_fn = pool_cost_fn(pool) if pool is not None else None
             shadow_info = None
@@ -329,7 +335,8 @@ def create_app(
         name = served.model
         metrics.requests.inc(requested, name)
         if decision is not None and key is not None and shadow is None:
-            sessions[requested].served(key, name)
+            policy = sessions[requested]
+            await off_loop_if_blocking(policy, policy.served, key, name)
         tried = [a.model for a in call.attempts]
         headers = decision_headers(requested if decision else None, decision, name, tried, routing_s)
         headers.update(session_headers(decision, call))
@@ -351,3 +358,11 @@ def create_app(
         return JSONResponse(data, headers=headers, background=after)
 
     return app
+
+
+async def off_loop_if_blocking(sessions: Sessions, method: Callable[..., Any], *args, **kwargs) -> Any:
+    """Call a method of ``sessions``; off the event loop when its store waits on another process (a shared
+    store's round trip would otherwise stall every request of this process)."""
+    if sessions.store.blocking:
+        return await asyncio.to_thread(method, *args, **kwargs)
+    return method(*args, **kwargs)
