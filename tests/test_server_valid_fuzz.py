@@ -8,7 +8,7 @@ calls). The server is the real app under uvicorn on loopback with the session's 
 are the benchmarks' echo stubs (real HTTP servers on loopback), which report a digest of the messages they
 received, so a routed answer proves the backend saw the conversation untouched. A dead backend, as in
 ``test_server_hostile.py``, would turn every routed body into a 502 and hide a server error among them.
-The full-size run (10,000 bodies) is ``python benchmarks/reliability.py --only valid-fuzz``.
+The full-size run (10,000 bodies) is ``python benchmarks/reliability.py --valid-fuzz-only``.
 """
 
 from __future__ import annotations
