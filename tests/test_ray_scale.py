@@ -416,25 +416,53 @@ def test_the_shared_session_store_keeps_its_bound_ttl_and_key_checks(ray_cluster
     assert not drop_session_store(name)
 
 
-def test_serve_on_ray_accepts_a_session_policy():
-    from difficulty_router.cli.main import build_parser
-    from difficulty_router.scale.commands import refuse_unsupported_serve_options
+def test_one_writer_actor_keeps_a_shared_decision_log_whole(ray_cluster, tmp_path):
+    """Two clients of one writer actor (as two replicas hold), appending from 8 threads: every record lands
+    exactly once, whole, and the log rotates at its bound; bad entries, paths and settings are refused."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    args = build_parser().parse_args(["serve", "--engine", "ray", "--pool", "p.yaml", "--session-policy", "sticky"])
-    refuse_unsupported_serve_options(args)  # no error: the replicas share one session store
+    from difficulty_router.routing.decision_log import read_log
+    from difficulty_router.scale.ray_decision_log import RayDecisionLog, drop_decision_log, start_decision_log
+
+    name, path = "decisions/test", tmp_path / "decisions.jsonl"
+    first = start_decision_log(name, path, max_bytes=4000)
+    try:
+        second = RayDecisionLog(name)
+        assert second.path == path and second.max_bytes == 4000
+
+        def write(i):
+            (first if i % 2 else second).append({"query_id": f"q{i}", "chosen": "weak"})
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(write, range(60)))
+        assert sorted(r["query_id"] for r in read_log(path)) == sorted(f"q{i}" for i in range(60))
+        files = sorted(tmp_path.glob("decisions.jsonl*"))
+        assert len(files) >= 3 and all(f.stat().st_size <= 4000 for f in files), files  # rotated, none past the bound
+        with pytest.raises(ValueError, match="decision log entries take only"):
+            second.append({"bogus": 1})
+        with pytest.raises(ValueError, match="already runs with"):
+            start_decision_log(name, tmp_path / "other.jsonl")
+        with pytest.raises(ValueError, match="is a directory"):
+            start_decision_log("decisions/test-dir", tmp_path)
+        with pytest.raises(ValueError, match="no decision log writer named 'decisions/none'"):
+            RayDecisionLog("decisions/none")
+    finally:
+        assert drop_decision_log(name)
 
 
 @pytest.fixture(scope="module")
-def sessions_url(serve_pair, trained_router, llama_backends, tmp_path_factory):
+def sessions_app(serve_pair, trained_router, llama_backends, tmp_path_factory):
     """A third application on the running Serve: 2 replicas of the live router under the sticky session
-    policy, its sessions in one store actor."""
+    policy, its sessions in one store actor, its decisions in one log written by one actor."""
     from ray import serve
 
+    from difficulty_router.scale.ray_decision_log import decision_log_name, drop_decision_log
     from difficulty_router.scale.ray_serve import build_app
     from difficulty_router.scale.ray_sessions import drop_session_store, session_store_name
 
     directory = tmp_path_factory.mktemp("router-sessions")
     trained_router.save(directory)
+    log = tmp_path_factory.mktemp("decision-log") / "decisions.jsonl"
     options = {"session_policy": "sticky", "session_ttl": 600.0, "max_sessions": 100}
     app = build_app(
         {"router": directory},
@@ -443,26 +471,32 @@ def sessions_url(serve_pair, trained_router, llama_backends, tmp_path_factory):
         cpus_per_replica=0.25,  # the module's 2 CPUs: 1.5 held by serve_pair's replicas
         app_options=options,
         app_name="sessions",
+        decision_log=log,
     )
     serve.run(app, name="sessions", route_prefix="/sessions")
-    yield serve_pair["serve"] + "/sessions"
+    yield {"url": serve_pair["serve"] + "/sessions", "log": log}
     serve.delete("sessions")
     drop_session_store(session_store_name("sessions", "router"))
+    drop_decision_log(decision_log_name("sessions"))
 
 
-def test_a_session_keeps_its_model_across_replicas(sessions_url, trained_router, sample_outcomes):
+def test_a_session_keeps_its_model_across_replicas(sessions_app, trained_router, sample_outcomes):
     """Turn 1 asks a question the router sends to the strong model, later turns questions it sends to the
     weak one: sticky keeps the strong model, on whichever replica takes the turn. With a store per replica
-    the first turn a second replica takes would be its 'first' and go to the weak model."""
+    the first turn a second replica takes would be its 'first' and go to the weak model. Both replicas'
+    decisions land in the one decision log, once each."""
+    import time
+
     from conftest import STRONG, WEAK
 
+    from difficulty_router.routing.decision_log import read_log
     from difficulty_router.scale.ray_sessions import RaySessionStore, session_store_name
 
     queries = sample_outcomes.queries[240:300]  # rows the router was not trained on
     picks = [d.model for d in trained_router.route_batch(queries, progress=False)]
     hard, easy = queries[picks.index(STRONG)], queries[picks.index(WEAK)]
-    client = openai_client(sessions_url)
-    replicas, turn = set(), 0
+    client = openai_client(sessions_app["url"])
+    replicas, turn, query_ids = set(), 0, []
     while turn < 16 and (len(replicas) < 2 or turn < 4):
         turn += 1
         raw = client.chat.completions.with_raw_response.create(
@@ -474,9 +508,66 @@ def test_a_session_keeps_its_model_across_replicas(sessions_url, trained_router,
         )
         headers = raw.headers
         replicas.add(headers["x-router-replica"])
+        query_ids.append(headers["x-router-query-id"])
         assert headers["x-router-decision"] == headers["x-router-model"] == STRONG, f"turn {turn}"
         assert headers["x-router-session-turn"] == str(turn)
         assert headers["x-router-session-action"] == ("first" if turn == 1 else "kept")
     assert len(replicas) == 2, f"every turn went to one replica ({replicas}); the sharing was not exercised"
     store = RaySessionStore(session_store_name("sessions", "router"))
     assert store.get("conversation-1").model == STRONG and store.counts()["sessions"] == 1
+    deadline = time.monotonic() + 20  # each replica appends after its response (a background task)
+    while time.monotonic() < deadline:
+        records = list(read_log(sessions_app["log"])) if sessions_app["log"].exists() else []
+        if len(records) >= len(query_ids):
+            break
+        time.sleep(0.2)
+    assert sorted(r["query_id"] for r in records) == sorted(query_ids)
+    assert [r["session"]["turn"] for r in sorted(records, key=lambda r: r["session"]["turn"])] == list(
+        range(1, turn + 1)
+    )
+    assert {r["chosen"] for r in records} == {r["served_by"] for r in records} == {STRONG}
+
+
+def test_every_replica_applies_ood_and_shadow(serve_pair, trained_router, llama_backends, sample_outcomes, tmp_path):
+    """ood_percentile and shadow mode reach each replica: with the bar at the 1st percentile of the training
+    read-outs, a query the plain deployment sends to the weak model would go to the strong one as novel, and
+    in shadow mode the weak backend serves it while the headers name the strong as the would-be choice, on
+    both replicas."""
+    from conftest import STRONG, WEAK
+    from ray import serve
+
+    from difficulty_router.scale.ray_serve import build_app
+
+    assert trained_router.novelty is not None
+    queries = sample_outcomes.queries[240:300]
+    picks = [d.model for d in trained_router.route_batch(queries, progress=False)]
+    easy = queries[picks.index(WEAK)]
+    trained_router.save(tmp_path / "router")
+    app = build_app(
+        {"router": tmp_path / "router"},
+        backend_specs(llama_backends),
+        replicas=2,
+        cpus_per_replica=0,  # the module's CPUs are all held; a replica waits on no CPU to route
+        ood_percentile=1.0,
+        app_options={"shadow": WEAK},
+    )
+    serve.run(app, name="ood", route_prefix="/ood")
+    try:
+
+        def ask(url):
+            raw = openai_client(url).chat.completions.with_raw_response.create(
+                model="router", messages=easy, max_tokens=1, temperature=0
+            )
+            return raw.headers
+
+        assert (ask(serve_pair["serve"])["x-router-decision"], ask(serve_pair["serve"])["x-router-ood"]) == (WEAK, "0")
+        replicas, asked = set(), 0
+        while asked < 16 and len(replicas) < 2:
+            asked += 1
+            headers = ask(serve_pair["serve"] + "/ood")
+            replicas.add(headers["x-router-replica"])
+            assert (headers["x-router-ood"], headers["x-router-shadow-would-be"]) == ("1", STRONG)
+            assert headers["x-router-model"] == WEAK
+        assert len(replicas) == 2, replicas
+    finally:
+        serve.delete("ood")

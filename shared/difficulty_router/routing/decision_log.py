@@ -105,7 +105,13 @@ class DecisionLog:
         if record["ts"] is None:
             record["ts"] = float(self.clock())
         line = json.dumps(record, allow_nan=False, separators=(",", ":"), default=_plain) + "\n"
-        data = line.encode("utf-8")
+        self.write_line(line.encode("utf-8"))
+        return record
+
+    def write_line(self, data: bytes) -> None:
+        """Append one whole encoded line, rotating first when it would pass ``max_bytes``. Apart from
+        :meth:`append` so that a log shared by processes (``scale.ray_decision_log``) builds each line where
+        the decision was made and only this step runs in the one writer."""
         with self._lock:
             if (
                 self.max_bytes is not None
@@ -116,7 +122,6 @@ class DecisionLog:
             with open(self.path, "ab") as handle:
                 handle.write(data)
                 handle.flush()
-        return record
 
     def log_call(
         self,

@@ -121,6 +121,9 @@ def run_serve(args, specs, router_dirs, api_key, limits, max_batch, stream_holdb
         max_wait_s=args.max_wait_ms / 1000,
         extractor=args.extractor,
         allow_other_extractor=args.allow_other_extractor,
+        decision_log=args.decision_log,
+        decision_log_max_bytes=args.decision_log_max_bytes,
+        ood_percentile=args.ood_percentile,
         app_options={
             "api_key": api_key,
             "allow_unauthenticated": args.allow_unauthenticated,
@@ -132,6 +135,8 @@ def run_serve(args, specs, router_dirs, api_key, limits, max_batch, stream_holdb
             "max_sessions": args.max_sessions,
             "session_margin": args.session_margin,
             "allow_deescalation": args.allow_deescalation,
+            "shadow": args.shadow,
+            "shadow_sample": args.shadow_sample,
         },
     )
     print(
@@ -166,19 +171,13 @@ def ray_labeller(args, backends, config):
 
 
 def refuse_unsupported_serve_options(args) -> None:
-    """``serve --engine ray`` refuses, before loading anything or starting Ray, the options its replicas cannot
-    honour yet: replicas load saved router directories (no zero-label router, no OOD setting), and shadow
-    decisions and the decision log would go to one file per process. Sessions are served: their states live
-    in one Ray actor that every replica shares (``ray_sessions``)."""
-    unsupported = [
-        flag
-        for flag, given in (
-            ("--pretrained", args.pretrained is not None),
-            ("--ood-percentile", args.ood_percentile is not None),
-            ("--shadow", args.shadow is not None),
-            ("--decision-log", bool(args.decision_log)),
+    """``serve --engine ray`` refuses, before loading anything or starting Ray, what its replicas cannot honour
+    yet: ``--pretrained`` (the replicas load saved router directories, and the zero-label router is built in
+    the driver; save it with ``difficulty-router pretrained`` and serve that directory). Sessions and the
+    decision log are shared by the replicas through Ray actors (``ray_sessions``, ``ray_decision_log``);
+    shadow mode and ``--ood-percentile`` are per-request settings every replica applies."""
+    if args.pretrained is not None:
+        raise ValueError(
+            "serve --engine ray does not support --pretrained yet; save the zero-label router with "
+            "`difficulty-router pretrained` and serve its directory with --router"
         )
-        if given
-    ]
-    if unsupported:
-        raise ValueError(f"serve --engine ray does not support {', '.join(unsupported)} yet; serve without it")

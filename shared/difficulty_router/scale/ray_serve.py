@@ -8,7 +8,8 @@ replica, for totals); ``/health`` likewise. Each response names its replica in `
 
 Sessions (a ``session_policy`` other than ``per_call``) are shared by every replica: the driver starts one
 named Ray actor per router that holds the states (:mod:`.ray_sessions`), and each replica's sessions read
-and write it, so a conversation keeps its model whichever replica takes a turn.
+and write it, so a conversation keeps its model whichever replica takes a turn. A ``decision_log`` likewise
+has one writer actor that every replica's records go to (:mod:`.ray_decision_log`).
 """
 
 from __future__ import annotations
@@ -34,12 +35,18 @@ def build_app(
     allow_other_extractor: bool = False,
     app_options: dict[str, Any] | None = None,
     app_name: str = APP_NAME,
+    decision_log: str | os.PathLike | None = None,
+    decision_log_max_bytes: int | None = None,
+    ood_percentile: float | None = None,
 ):
     """A bound Serve application: ``replicas`` copies of the routing server over ``routers`` (name ->
     saved router directory) and backends ``specs``; ``app_options`` go to :func:`create_app` (api_key,
     limits, route_timeout, session_policy, session_ttl, max_sessions, ...). Run it with :func:`run`, or deploy
     it under ``app_name``, which also names its session stores (one actor per router, started here when
-    ``session_policy`` is not ``per_call``; Ray must be up)."""
+    ``session_policy`` is not ``per_call``; Ray must be up). ``decision_log``: the file every replica's
+    decisions go to, through one writer actor started here on this node (rotated at ``decision_log_max_bytes``).
+    ``ood_percentile``: each replica's routers send queries more novel than this percentile to the most
+    capable model (``OODPolicy``), as ``serve --ood-percentile`` does."""
     require_ray()
     from ray import serve
 
@@ -50,6 +57,13 @@ def build_app(
     routers = {name: os.fspath(os.path.abspath(d)) for name, d in routers.items()}
     options = dict(app_options or {})
     store_names = _start_session_stores(app_name, routers, options)
+    log_name = None
+    if decision_log is not None:
+        from difficulty_router.scale.ray_decision_log import decision_log_name, start_decision_log
+
+        ensure_ray()
+        log_name = decision_log_name(app_name)
+        start_decision_log(log_name, decision_log, max_bytes=decision_log_max_bytes)
     allow_other = allow_other_extractor
 
     @serve.deployment(num_replicas=replicas, ray_actor_options={"num_cpus": cpus_per_replica})
@@ -58,7 +72,9 @@ def build_app(
         def __init__(self) -> None:
             from difficulty_router.extraction.framework_forward import pick_device
             from difficulty_router.extraction.numerics import one_path_for_many_processes
+            from difficulty_router.learning.novelty import OODPolicy
             from difficulty_router.routing.router import DifficultyRouter
+            from difficulty_router.scale.ray_decision_log import RayDecisionLog
             from difficulty_router.scale.ray_sessions import RaySessionStore
             from difficulty_router.server import create_app
 
@@ -67,10 +83,16 @@ def build_app(
                 name: DifficultyRouter.load(d, model=extractor, allow_other_extractor=allow_other, dtype=dtype)
                 for name, d in routers.items()
             }
+            for name, router in self.routers.items():
+                if ood_percentile is not None:
+                    if router.novelty is None:
+                        raise ValueError(f"ood_percentile: router {name!r} was saved without a novelty score")
+                    router.ood = OODPolicy(enabled=True, percentile=ood_percentile)
+            log = RayDecisionLog(log_name) if log_name is not None else None
             stores = {name: RaySessionStore(store) for name, store in store_names.items()}
             shared = stores.__getitem__ if stores else None  # None: per_call, no store is read
             self._routing_app = create_app(
-                self.routers, specs, route_one=self.route_one, session_store=shared, **options
+                self.routers, specs, route_one=self.route_one, session_store=shared, decision_log=log, **options
             )
             replica = serve.get_replica_context().replica_id.unique_id
             self._routing_app.add_middleware(ReplicaHeader, replica=replica)

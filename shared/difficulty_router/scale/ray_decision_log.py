@@ -1,0 +1,101 @@
+"""One decision log for every Ray Serve replica: a named Ray actor is its only writer.
+
+Replicas are separate processes (and may be on other machines), so each appending to the file itself
+would interleave or rotate under one another. Here each replica builds its records as the in-process
+:class:`~difficulty_router.routing.decision_log.DecisionLog` does (prompt hash, read-out key, timestamp
+where the decision was made) and hands the encoded line to one actor, placed on the driver's machine so
+the file lands where ``--decision-log`` names it; the actor appends and rotates with that same class, one
+line at a time, so the log stays append-only JSON Lines that ``report`` and ``feedback`` read.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from difficulty_router.routing.decision_log import DecisionLog
+from difficulty_router.scale.cluster import require_ray
+from difficulty_router.scale.ray_sessions import CALL_TIMEOUT_S, NAMESPACE
+
+
+class DecisionLogActor:
+    """The Ray actor: the only writer of one :class:`DecisionLog` file (a sync actor: one line at a time)."""
+
+    def __init__(self, path: str, max_bytes: int | None) -> None:
+        self.log = DecisionLog(path, max_bytes=max_bytes)
+
+    def settings(self) -> dict[str, Any]:
+        return {"path": os.fspath(self.log.path), "max_bytes": self.log.max_bytes, "backups": self.log.backups}
+
+    def write_line(self, data: bytes) -> None:
+        self.log.write_line(data)
+
+
+def decision_log_name(app_name: str) -> str:
+    return f"decisions/{app_name}"
+
+
+def start_decision_log(name: str, path: str | os.PathLike, *, max_bytes: int | None = None) -> RayDecisionLog:
+    """Start the writer actor ``name`` on this (the driver's) node for ``path`` (or find the running one)
+    and return a client. The path and bound are checked here first by :class:`DecisionLog` itself; a
+    writer left by an earlier deployment for another file or bound is refused, naming both."""
+    ray = require_ray()
+    path = os.path.abspath(path)
+    DecisionLog(path, max_bytes=max_bytes)  # its own checks and messages (a directory, a bad bound)
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    actor_class = ray.remote(num_cpus=0, max_restarts=-1)(DecisionLogActor)
+    actor = actor_class.options(
+        name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, scheduling_strategy=here
+    ).remote(path, max_bytes)
+    running = ray.get(actor.settings.remote(), timeout=60)
+    wanted = {"path": path, "max_bytes": max_bytes, "backups": running.get("backups")}
+    if running != wanted:
+        raise ValueError(
+            f"the decision log writer {name!r} already runs with {running}, not {wanted}: end it with "
+            f"difficulty_router.scale.ray_decision_log.drop_decision_log({name!r}) or serve with its settings"
+        )
+    return RayDecisionLog(name)
+
+
+def drop_decision_log(name: str) -> bool:
+    """End the writer actor ``name`` (the file stays); True when one was running."""
+    ray = require_ray()
+    try:
+        actor = ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:
+        return False
+    ray.kill(actor, no_restart=True)
+    return True
+
+
+class RayDecisionLog(DecisionLog):
+    """A :class:`DecisionLog` whose lines are written by the actor ``name``: records are built here (its
+    ``append`` and ``log_call``), and each whole line crosses to the one writer."""
+
+    def __init__(self, name: str, timeout_s: float = CALL_TIMEOUT_S) -> None:  # no file is opened here
+        ray = require_ray()
+        try:
+            self._actor = ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            raise ValueError(
+                f"no decision log writer named {name!r} in namespace {NAMESPACE!r}: start it with start_decision_log"
+            ) from None
+        self.name, self.timeout_s, self._ray = name, float(timeout_s), ray
+        settings = ray.get(self._actor.settings.remote(), timeout=self.timeout_s)
+        self.path, self.max_bytes, self.backups = Path(settings["path"]), settings["max_bytes"], settings["backups"]
+        self.clock = time.time  # the record's time is the replica's, when the decision was made
+
+    def write_line(self, data: bytes) -> None:
+        try:
+            self._ray.get(self._actor.write_line.remote(data), timeout=self.timeout_s)
+        except self._ray.exceptions.GetTimeoutError:
+            raise TimeoutError(
+                f"the decision log writer {self.name!r} did not answer within {self.timeout_s:g} s"
+            ) from None
+
+    def __reduce__(self):
+        return (RayDecisionLog, (self.name, self.timeout_s))
