@@ -36,31 +36,20 @@ PAIRS = 10  # 5 prompts x 2 models
 SAME = ("status", "answer", "score", "usd", "prompt_tokens", "completion_tokens")
 
 
-# -- serve --engine ray: refused options (no router is loaded and no cluster starts: the guard comes first) --
-def test_serve_on_ray_refuses_pretrained_before_loading_anything(tmp_path, capsys):
-    missing_router = tmp_path / "no-router-here"  # were the guard after loading, this would be the error
-    code = main(["serve", "--engine", "ray", "--pool", str(ROUTELLM_MMLU_POOL), "--router", str(missing_router),
-                 "--pretrained"])
-    assert code == 2
-    err = capsys.readouterr().err
-    assert "serve --engine ray does not support --pretrained yet" in err and "difficulty-router pretrained" in err
-    assert "no-router-here" not in err
+# -- serve --engine ray: the zero-label router of --pretrained reaches the replicas as a saved bundle -----
+def test_the_pretrained_router_is_saved_for_the_replicas(extractor):
+    import numpy as np
 
+    from difficulty_router import DifficultyRouter, ModelPool
+    from difficulty_router.scale.commands import save_for_replicas
 
-@pytest.mark.parametrize(
-    "argv",
-    [
-        ["--session-policy", "sticky"],  # one session store actor (tests/test_ray_scale.py)
-        ["--decision-log", "decisions.jsonl", "--shadow", "cheap"],  # one writer actor (tests/test_ray_scale.py)
-        ["--ood-percentile", "99"],  # set on each replica's routers
-    ],
-)
-def test_serve_on_ray_accepts_what_its_replicas_share(argv):
-    from difficulty_router.cli.main import build_parser
-    from difficulty_router.scale.commands import refuse_unsupported_serve_options
-
-    args = build_parser().parse_args(["serve", "--engine", "ray", "--pool", "p.yaml", *argv])
-    refuse_unsupported_serve_options(args)  # no error
+    router = DifficultyRouter.pretrained(ModelPool.load(ROUTELLM_MMLU_POOL), extractor=extractor)
+    dirs = save_for_replicas({"router": router})
+    loaded = DifficultyRouter.load(dirs["router"], extractor)
+    queries = ["What is 2 + 2?", "Prove that there are infinitely many primes."]
+    models = [d.model for d in router.route_batch(queries, progress=False)]
+    assert [d.model for d in loaded.route_batch(queries, progress=False)] == models
+    np.testing.assert_allclose(loaded.predict_proba(queries), router.predict_proba(queries), atol=1e-6)
 
 
 # -- label --engine ray ------------------------------------------------------------------------------------

@@ -66,10 +66,6 @@ def cmd_serve(args) -> int:
             f"the server needs its extra ({exc.name} is missing): pip install 'difficulty-router[server]'"
         ) from None
 
-    if args.engine == "ray":
-        from difficulty_router.scale.commands import refuse_unsupported_serve_options
-
-        refuse_unsupported_serve_options(args)
     api_key = None
     if args.api_key_env:
         api_key = os.environ.get(args.api_key_env)
@@ -109,8 +105,11 @@ def cmd_serve(args) -> int:
     limits = Limits(**{k: v for k, v in given.items() if v is not None})
     if args.engine == "ray":  # the routers above were loaded once here to check them before the replicas start
         from difficulty_router.scale.commands import run_serve
+        from difficulty_router.server.app import DEFAULT_ROUTER_NAME
 
-        return run_serve(args, specs, _router_dirs(args.router), api_key, limits, max_batch, holdback)
+        unsaved = {DEFAULT_ROUTER_NAME: routers[DEFAULT_ROUTER_NAME]} if args.pretrained is not None else {}
+        dirs = _router_dirs(args.router or [])
+        return run_serve(args, specs, dirs, api_key, limits, max_batch, holdback, unsaved_routers=unsaved)
     app = create_app(
         routers,
         specs,

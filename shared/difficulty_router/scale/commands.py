@@ -107,10 +107,15 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus-per-replica", type=float, default=1.0, help="with --engine ray: CPUs each replica holds")
 
 
-def run_serve(args, specs, router_dirs, api_key, limits, max_batch, stream_holdback=None) -> int:
+def run_serve(args, specs, router_dirs, api_key, limits, max_batch, stream_holdback=None, unsaved_routers=None) -> int:
+    """``serve --engine ray``. ``unsaved_routers`` (name -> router; the zero-label router of ``--pretrained``,
+    built in the driver) are saved to a temporary directory first, as replicas load routers from directories:
+    on a cluster of several machines, save it with ``difficulty-router pretrained`` to storage every machine
+    reads and serve that directory instead."""
     from difficulty_router.scale.cluster import ensure_ray
     from difficulty_router.scale.ray_serve import build_app, run
 
+    router_dirs = {**router_dirs, **save_for_replicas(unsaved_routers or {})}
     ensure_ray(args.ray_address)  # before build_app, which starts the session stores on this cluster
     app = build_app(
         router_dirs,
@@ -170,14 +175,13 @@ def ray_labeller(args, backends, config):
     )
 
 
-def refuse_unsupported_serve_options(args) -> None:
-    """``serve --engine ray`` refuses, before loading anything or starting Ray, what its replicas cannot honour
-    yet: ``--pretrained`` (the replicas load saved router directories, and the zero-label router is built in
-    the driver; save it with ``difficulty-router pretrained`` and serve that directory). Sessions and the
-    decision log are shared by the replicas through Ray actors (``ray_sessions``, ``ray_decision_log``);
-    shadow mode and ``--ood-percentile`` are per-request settings every replica applies."""
-    if args.pretrained is not None:
-        raise ValueError(
-            "serve --engine ray does not support --pretrained yet; save the zero-label router with "
-            "`difficulty-router pretrained` and serve its directory with --router"
-        )
+def save_for_replicas(routers: dict[str, Any]) -> dict[str, str]:
+    """Name -> a fresh temporary directory holding that router's bundle, for replicas to load (kept after the
+    command: a replica Ray restarts loads it again)."""
+    import tempfile
+
+    out = {}
+    for name, router in routers.items():
+        out[name] = tempfile.mkdtemp(prefix=f"difficulty-router-{name}-")
+        router.save(out[name])
+    return out
