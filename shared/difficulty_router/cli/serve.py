@@ -109,7 +109,17 @@ def cmd_serve(args) -> int:
 
         unsaved = {DEFAULT_ROUTER_NAME: routers[DEFAULT_ROUTER_NAME]} if args.pretrained is not None else {}
         dirs = _router_dirs(args.router or [])
-        return run_serve(args, specs, dirs, api_key, limits, max_batch, holdback, unsaved_routers=unsaved)
+        return run_serve(
+            args,
+            specs,
+            dirs,
+            api_key,
+            limits,
+            max_batch,
+            holdback,
+            unsaved_routers=unsaved,
+            sessions=session_options(args),
+        )
     app = create_app(
         routers,
         specs,
@@ -213,13 +223,9 @@ def stream_holdback(args: argparse.Namespace) -> Any:
     return StreamHoldback(chunks=args.stream_holdback_chunks, ms=args.stream_holdback_ms)
 
 
-def session_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """``create_app`` keyword arguments from the parsed session, shadow and decision-log options."""
-    from difficulty_router.routing.decision_log import DecisionLog
-
-    log = None
-    if args.decision_log:
-        log = DecisionLog(args.decision_log, max_bytes=args.decision_log_max_bytes)
+def session_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``create_app`` keyword arguments from the parsed session and shadow options: the same for one server and
+    for every Ray Serve replica (the decision log is opened by whichever runs, :func:`session_kwargs`)."""
     return {
         "session_policy": args.session_policy,
         "session_ttl": args.session_ttl,
@@ -228,8 +234,17 @@ def session_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "allow_deescalation": args.allow_deescalation,
         "shadow": args.shadow,
         "shadow_sample": args.shadow_sample,
-        "decision_log": log,
     }
+
+
+def session_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``create_app`` keyword arguments from the parsed session, shadow and decision-log options."""
+    from difficulty_router.routing.decision_log import DecisionLog
+
+    log = None
+    if args.decision_log:
+        log = DecisionLog(args.decision_log, max_bytes=args.decision_log_max_bytes)
+    return {**session_options(args), "decision_log": log}
 
 
 def register(sub) -> None:

@@ -107,11 +107,14 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus-per-replica", type=float, default=1.0, help="with --engine ray: CPUs each replica holds")
 
 
-def run_serve(args, specs, router_dirs, api_key, limits, max_batch, stream_holdback=None, unsaved_routers=None) -> int:
+def run_serve(
+    args, specs, router_dirs, api_key, limits, max_batch, stream_holdback=None, unsaved_routers=None, sessions=None
+) -> int:
     """``serve --engine ray``. ``unsaved_routers`` (name -> router; the zero-label router of ``--pretrained``,
     built in the driver) are saved to a temporary directory first, as replicas load routers from directories:
     on a cluster of several machines, save it with ``difficulty-router pretrained`` to storage every machine
-    reads and serve that directory instead."""
+    reads and serve that directory instead. ``sessions``: the session and shadow options every replica's app
+    takes (the CLI's ``session_options``)."""
     from difficulty_router.scale.cluster import ensure_ray
     from difficulty_router.scale.ray_serve import build_app, run
 
@@ -135,13 +138,7 @@ def run_serve(args, specs, router_dirs, api_key, limits, max_batch, stream_holdb
             "route_timeout": args.route_timeout,
             "limits": limits,
             "stream_holdback": stream_holdback,
-            "session_policy": args.session_policy,
-            "session_ttl": args.session_ttl,
-            "max_sessions": args.max_sessions,
-            "session_margin": args.session_margin,
-            "allow_deescalation": args.allow_deescalation,
-            "shadow": args.shadow,
-            "shadow_sample": args.shadow_sample,
+            **(sessions or {}),
         },
     )
     print(

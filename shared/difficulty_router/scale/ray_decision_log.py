@@ -17,7 +17,8 @@ from typing import Any
 
 from difficulty_router.routing.decision_log import DecisionLog
 from difficulty_router.scale.cluster import require_ray
-from difficulty_router.scale.ray_sessions import CALL_TIMEOUT_S, NAMESPACE
+from difficulty_router.scale.named_actors import NAMESPACE, drop_named_actor, start_named_actor
+from difficulty_router.scale.ray_sessions import CALL_TIMEOUT_S
 
 
 class DecisionLogActor:
@@ -43,33 +44,25 @@ def start_decision_log(name: str, path: str | os.PathLike, *, max_bytes: int | N
     writer left by an earlier deployment for another file or bound is refused, naming both."""
     ray = require_ray()
     path = os.path.abspath(path)
-    DecisionLog(path, max_bytes=max_bytes)  # its own checks and messages (a directory, a bad bound)
+    local = DecisionLog(path, max_bytes=max_bytes)  # its own checks and messages (a directory, a bad bound)
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    actor_class = ray.remote(num_cpus=0, max_restarts=-1)(DecisionLogActor)
-    actor = actor_class.options(
-        name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, scheduling_strategy=here
-    ).remote(path, max_bytes)
-    running = ray.get(actor.settings.remote(), timeout=60)
-    wanted = {"path": path, "max_bytes": max_bytes, "backups": running.get("backups")}
-    if running != wanted:
-        raise ValueError(
-            f"the decision log writer {name!r} already runs with {running}, not {wanted}: end it with "
-            f"difficulty_router.scale.ray_decision_log.drop_decision_log({name!r}) or serve with its settings"
-        )
+    start_named_actor(
+        DecisionLogActor,
+        name,
+        (path, max_bytes),
+        {"path": path, "max_bytes": max_bytes, "backups": local.backups},
+        what="decision log writer",
+        drop_hint=f"difficulty_router.scale.ray_decision_log.drop_decision_log({name!r}) or serve with its settings",
+        scheduling_strategy=here,
+    )
     return RayDecisionLog(name)
 
 
 def drop_decision_log(name: str) -> bool:
     """End the writer actor ``name`` (the file stays); True when one was running."""
-    ray = require_ray()
-    try:
-        actor = ray.get_actor(name, namespace=NAMESPACE)
-    except ValueError:
-        return False
-    ray.kill(actor, no_restart=True)
-    return True
+    return drop_named_actor(name)
 
 
 class RayDecisionLog(DecisionLog):

@@ -20,9 +20,8 @@ from typing import Any
 
 from difficulty_router.routing.sessions import SessionState, SessionStore, check_key
 from difficulty_router.scale.cluster import require_ray
+from difficulty_router.scale.named_actors import NAMESPACE, drop_named_actor, start_named_actor
 
-#: the Ray namespace the store actors are named in (so any driver or replica of the cluster finds them)
-NAMESPACE = "difficulty-router"
 #: how long a replica waits for the store actor before the request fails with a message naming it
 CALL_TIMEOUT_S = 10.0
 
@@ -64,32 +63,22 @@ def start_session_store(name: str, *, max_sessions: int = 10_000, ttl_s: float =
     The settings are checked here, in the driver, before any replica starts: a bad value is refused by
     ``SessionStore`` itself, and an actor left running by an earlier deployment with other settings is
     refused with its settings named (its sessions would otherwise follow the old TTL and bound)."""
-    ray = require_ray()
     SessionStore(max_sessions=max_sessions, ttl_s=ttl_s)  # the store's own checks, with its messages
-    actor_class = ray.remote(num_cpus=0, max_restarts=-1)(SessionStoreActor)  # no CPU: a lookup table
-    actor = actor_class.options(name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True).remote(
-        max_sessions, ttl_s
+    start_named_actor(
+        SessionStoreActor,
+        name,
+        (max_sessions, ttl_s),
+        {"max_sessions": max_sessions, "ttl_s": float(ttl_s)},
+        what="session store",
+        drop_hint=f"difficulty_router.scale.ray_sessions.drop_session_store({name!r}) (its sessions go) or serve "
+        "with its settings",
     )
-    running = ray.get(actor.settings.remote(), timeout=60)
-    wanted = {"max_sessions": max_sessions, "ttl_s": float(ttl_s)}
-    if running != wanted:
-        raise ValueError(
-            f"the session store {name!r} already runs with {running}, not {wanted}: end it with "
-            f"difficulty_router.scale.ray_sessions.drop_session_store({name!r}) (its sessions go) or serve "
-            "with its settings"
-        )
     return RaySessionStore(name)
 
 
 def drop_session_store(name: str) -> bool:
     """End the store actor ``name`` and forget its sessions; True when one was running."""
-    ray = require_ray()
-    try:
-        actor = ray.get_actor(name, namespace=NAMESPACE)
-    except ValueError:
-        return False
-    ray.kill(actor, no_restart=True)
-    return True
+    return drop_named_actor(name)
 
 
 class RaySessionStore:
