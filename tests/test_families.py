@@ -192,6 +192,59 @@ def test_the_shared_family_ranks_best_where_one_ability_drives_a_many_model_pool
     assert fit_families(features, texts, scores, costs, capability).family != "shared"
 
 
+def test_the_shared_family_starts_from_a_pretrained_trunk():
+    """A trunk pretrained on other models' labels (disjoint rows) starts the shared family: with 80 labelled
+    rows its out-of-fold AUROC beats the shared family fitted from scratch on the same rows. A trunk of
+    another read-out width, or one given while the shared family is left out, is refused by name."""
+    from test_shared_success import synthetic_pool
+
+    from difficulty_router.learning.pretraining import pretrain_trunk
+
+    features, scores, _ = synthetic_pool(2080, m=12, seed=3)
+    pretrained = pretrain_trunk([(features[:2000], scores[:2000, :8])], n_components=None)
+    rows, new = slice(2000, None), slice(8, None)
+    texts = [" ".join(np.random.default_rng(i).choice(WORDS, 12)) for i in range(80)]
+    costs = np.tile(np.geomspace(1, 30, 4), (80, 1))
+    args = (features[rows], texts, scores[rows, new], costs, scores[rows, new].mean(axis=0))
+    started = fit_families(*args, families=("activation", "shared"), trunk=pretrained)
+    scratch = fit_families(*args, families=("activation", "shared"))
+    auroc = {name: {r["family"]: r["cv_auroc"] for r in fit.table} for name, fit in (("started", started),
+                                                                                      ("scratch", scratch))}
+    assert started.shared.mode_ in ("frozen", "fine-tuned") and scratch.shared.mode_ == "scratch"
+    assert auroc["started"]["shared"] > auroc["scratch"]["shared"] + 0.03, auroc
+    with pytest.raises(ValueError, match="trunk reads 60 read-out columns but the router's read-out has 59"):
+        fit_families(features[rows, :59], *args[1:], trunk=pretrained)
+    with pytest.raises(ValueError, match="for the shared family, which families="):
+        fit_families(*args, families=("activation",), trunk=pretrained)
+    with pytest.raises(ValueError, match="trunk must be a fitted SharedSuccessModel"):
+        fit_families(*args, trunk="pretrained")
+
+
+def test_train_router_starts_the_shared_family_from_a_trunk(extractor, sample_outcomes, sample_pool, tmp_path):
+    """train_router(trunk=...) on a real read-out: the shared family starts from a trunk pretrained on other
+    rows (info says how), the router saves and loads to the same decisions, and a trunk of another read-out
+    width is refused by name."""
+    from difficulty_router.learning.pretraining import pretrain_trunk
+
+    cached = copy.copy(extractor)
+    cached.feature_cache = FeatureCache(tmp_path / "features")
+    other, train = sample_outcomes.subset(range(200, 500)), sample_outcomes.subset(range(200))
+    other_x = cached.extract(other.queries, layers=[15], pooling="last", progress=False).features
+    pretrained = pretrain_trunk([(other_x, other.scores)], ranks=(2,), alphas=(0.1,), n_components=16)
+    router = train_router(train, sample_pool, cached, layers=[15], pooling="last", cv=3, progress=False,
+                          families=("shared",), trunk=pretrained)
+    assert router.family == "shared" and router.info["shared_start"]["mode"] in ("frozen", "fine-tuned")
+    if router.info["shared_start"]["mode"] == "frozen":  # heads only: the trunk is the router's W
+        np.testing.assert_array_equal(router.shared.W_, pretrained.W_)
+    router.extractor = extractor
+    again = DifficultyRouter.load(router.save(tmp_path / "r"))
+    assert [d.model for d in again.route_batch(QUERIES, progress=False)] == [
+        d.model for d in router.route_batch(QUERIES, progress=False)]
+    with pytest.raises(ValueError, match="trunk reads 576 read-out columns but the router's read-out has 1152"):
+        train_router(train, sample_pool, cached, layers=[12, 15], pooling="last", cv=3, progress=False,
+                     families=("shared",), trunk=pretrained)
+
+
 def test_lexical_features_match_scikit_learn_tfidf():
     """The hashed read-out is tf-idf as scikit-learn computes it (sublinear tf, smooth idf, l2)."""
     from sklearn.feature_extraction.text import TfidfVectorizer

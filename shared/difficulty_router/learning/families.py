@@ -172,13 +172,20 @@ def fit_families(
     seed: int = 0,
     progress: bool = False,
     names: Sequence[str] | None = None,
+    trunk: Any = None,
 ) -> FamilyFit:
     """Fit each family on the same folds and keep the one with the best out-of-fold routing quality.
 
     The activation probe is always fitted (the stack and the difficulty read-out use it).
-    A tie within 1e-4 goes to the family listed first in ``families``.
+    A tie within 1e-4 goes to the family listed first in ``families``. ``trunk``: a pretrained shared
+    representation (a fitted :class:`SharedSuccessModel` or its ``trunk()`` pair, e.g. from
+    :func:`~difficulty_router.learning.pretraining.pretrain_trunk`) for the shared family to start from,
+    held fixed or fine-tuned as cross-validation prefers; it must read the same read-out as ``features``.
     """
     scores = np.asarray(scores, dtype=np.float64)
+    if trunk is not None and "shared" not in families:
+        raise ValueError(f"a pretrained trunk is for the shared family, which families={list(families)} leaves out")
+    start = _checked_trunk(trunk, np.asarray(features).shape[1])  # before any fitting
     folds = shared_folds(scores, cv, seed)
     probe = SuccessProbe(cv=cv, n_components=n_components, seed=seed).fit(
         features, scores, progress=progress, names=list(names) if names is not None else None, folds=folds
@@ -201,9 +208,9 @@ def fit_families(
         oof["stacked"] = stack.oof_proba_
     shared = None
     if "shared" in families:
-        shared = SharedSuccessModel(cv=cv, n_components=n_components, seed=seed).fit(
-            features, scores, folds=folds, names=list(names) if names is not None else None
-        )
+        shared = SharedSuccessModel(
+            cv=cv, n_components=n_components, seed=seed, trunk=start, fine_tune=start is not None
+        ).fit(features, scores, folds=folds, names=list(names) if names is not None else None)
         oof["shared"] = shared.nested_oof_proba_
     table = [
         {
@@ -221,3 +228,22 @@ def fit_families(
         if float(row["cv_routing_quality"]) > float(best["cv_routing_quality"]) + 1e-4:
             best = row
     return FamilyFit(str(best["family"]), probe, lexical, stack, oof, table, shared)
+
+
+def _checked_trunk(trunk: Any, width: int) -> Any:
+    """(standardiser, W) from a pretrained trunk given as a fitted shared model or that pair; None stays None."""
+    if trunk is None:
+        return None
+    if isinstance(trunk, SharedSuccessModel):
+        trunk = trunk.trunk()
+    try:
+        standardizer, W = trunk
+        reads = standardizer.mean_.shape[0]
+    except (TypeError, ValueError, AttributeError):
+        raise ValueError("trunk must be a fitted SharedSuccessModel or its trunk() pair (standardiser, W)") from None
+    if reads != width:
+        raise ValueError(
+            f"the pretrained trunk reads {reads} read-out columns but the router's read-out has {width}: "
+            "train with the read-out (layers, pooling) the trunk was pretrained on"
+        )
+    return standardizer, np.asarray(W, dtype=np.float64)

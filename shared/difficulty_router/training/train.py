@@ -139,6 +139,7 @@ def train_router(
     prefer_shallow: bool = True,
     max_readout_ms: float | None = None,
     extraction=None,
+    trunk=None,
 ) -> DifficultyRouter:
     """Train per-model success probes on ``outcomes`` and return a router ready to ``route``.
 
@@ -166,6 +167,12 @@ def train_router(
     show routing some queries to them gains accuracy (:func:`~difficulty_router.learning.policies.complementary`;
     ``router.info["complementary_models"]`` says why). The utility policy's
     margin is fitted on out-of-fold predictions (:func:`~difficulty_router.learning.policies.fit_margin`).
+
+    ``trunk``: a shared representation pretrained on other corpora
+    (:func:`~difficulty_router.learning.pretraining.pretrain_trunk`) for the ``shared`` family to start from
+    (heads on it, or W fine-tuned from it, as cross-validation prefers); give ``layers``/``pooling`` equal to
+    the trunk's read-out. ``router.info["shared_start"]`` says how the shared family began. Measured in
+    ``benchmarks/pretrained_trunk.py``: it helps where the pretraining corpora resemble the pool.
 
     ``extraction``: features already extracted for ``outcomes.queries`` (e.g. read from Parquet shards by
     :func:`difficulty_router.scale.shard_training.train_from_shards`) at the fixed ``layers``/``pooling``.
@@ -236,6 +243,7 @@ def train_router(
         seed=seed,
         progress=progress,
         names=pool.names,
+        trunk=trunk,
     )
     probe, family = fit.probe, fit.family
     difficulty_probe = None
@@ -289,6 +297,7 @@ def train_router(
         **point.info(),
         "dropped_models": dropped,
         "complementary_models": readmitted,
+        "shared_start": None if fit.shared is None else {"mode": fit.shared.mode_, "rank": int(fit.shared.rank_)},
         "truncated_prompts": int(extraction.truncated.sum()),
         "seed": seed,
     }
