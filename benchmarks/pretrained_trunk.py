@@ -32,20 +32,18 @@ With zero labels a pool has no heads to fit; the zero-label router is the shippe
 from __future__ import annotations
 
 import argparse
-import csv
-import gzip
 import time
 
 import numpy as np
 import torch
-from _common import RESULTS, extract_cached, machine, md_table, need_data, routellm_clean, write_results
+from _common import RESULTS, extract_cached, machine, md_table, routellm_clean, write_results
 from routing_pools import MMLU_PRO_LADDER, inversions
 from routing_pools import load as load_pool_rows
 from routing_pools import score as pool_score
 from routing_routellm import interval
 from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
-from zero_label import BLOCKS, blocks
+from zero_label import BLOCKS, blocks, mmlu_pro_all_models
 
 from difficulty_router import ModelPool
 from difficulty_router.data.queries import conversation_text
@@ -64,11 +62,7 @@ ROUTING = ("auc", "oracle_gap_closed", "cost_to_match_best", "inversions")
 def corpora(readout: list[str], extractor_id: str, max_tokens: int, progress: bool) -> dict:
     """Every corpus: features, labels (NaN = no record), model names, its pool, fixed test rows."""
     mp, mp_pool, _ = load_pool_rows("mmlu-pro", 3000, 0)
-    with gzip.open(need_data("mmlu_pro/correct.csv.gz"), "rt") as fh:
-        reader = csv.reader(fh)
-        all_models = next(reader)[1:]
-        table = {row[0]: row[1:] for row in reader}
-    mp_all = np.array([[np.nan if v == "" else float(v) for v in table[q]] for q in mp.ids])
+    mp_all, all_models = mmlu_pro_all_models(mp.ids)
     lr, lr_pool, lr_test = load_pool_rows("llmrouter", 2000, 0)
     rl, _, _ = routellm_clean(6000, 0)
     rl_pool = ModelPool.load(ROUTELLM_MMLU_POOL)

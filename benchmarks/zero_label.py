@@ -58,13 +58,18 @@ def blocks(features: np.ndarray, names: list[str], hidden: int) -> np.ndarray:
     return np.concatenate([features[:, BLOCKS[n] * hidden:(BLOCKS[n] + 1) * hidden] for n in names], axis=1)
 
 
-def training_sources(extractor_id: str, max_tokens: int, progress: bool):
-    mmlu_pro, _, _ = load_pool_rows("mmlu-pro", 3000, 0)
+def mmlu_pro_all_models(ids) -> tuple[np.ndarray, list[str]]:
+    """Every MMLU-Pro model's 0/1 outcome on the questions ``ids`` (NaN: no record), and the model names."""
     with gzip.open(need_data("mmlu_pro/correct.csv.gz"), "rt") as fh:
         reader = csv.reader(fh)
         models = next(reader)[1:]
         table = {row[0]: row[1:] for row in reader}
-    mp_y = np.array([[np.nan if v == "" else float(v) for v in table[q]] for q in mmlu_pro.ids])
+    return np.array([[np.nan if v == "" else float(v) for v in table[q]] for q in ids]), models
+
+
+def training_sources(extractor_id: str, max_tokens: int, progress: bool):
+    mmlu_pro, _, _ = load_pool_rows("mmlu-pro", 3000, 0)
+    mp_y, models = mmlu_pro_all_models(mmlu_pro.ids)
     llmrouter, _, _ = load_pool_rows("llmrouter", 2000, 0)
     extractor, mp_x, _ = extract_cached(extractor_id, max_tokens, mmlu_pro.queries, list(LAYERS), progress)
     _, lr_x, _ = extract_cached(extractor_id, max_tokens, llmrouter.queries, list(LAYERS), progress)
