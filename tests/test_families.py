@@ -238,6 +238,7 @@ def test_train_router_starts_the_shared_family_from_a_trunk(extractor, sample_ou
         np.testing.assert_array_equal(router.shared.W_, pretrained.W_)
     router.extractor = extractor
     again = DifficultyRouter.load(router.save(tmp_path / "r"))
+    assert again.shared.mode_ == router.shared.mode_  # how it began survives the round trip
     assert [d.model for d in again.route_batch(QUERIES, progress=False)] == [
         d.model for d in router.route_batch(QUERIES, progress=False)]
     with pytest.raises(ValueError, match="trunk reads 576 read-out columns but the router's read-out has 1152"):

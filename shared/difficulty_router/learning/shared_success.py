@@ -267,8 +267,12 @@ class SharedSuccessModel:
         return part_arrays(self, prefix, SHARED_FIELDS, attributes=_SHARED_ATTRIBUTES)
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str = "shared") -> SharedSuccessModel:
+    def from_arrays(
+        cls, arrays: dict[str, np.ndarray], prefix: str = "shared", mode: str | None = None
+    ) -> SharedSuccessModel:
+        """The saved model; ``mode`` (how it began, kept in the router's info, not the arrays) restores ``mode_``."""
         self = cls()
+        self.mode_ = mode
         set_part_arrays(self, arrays, prefix, SHARED_FIELDS, attributes=_SHARED_ATTRIBUTES)
         m, k = self.coef_heads_.shape
         width = self.standardizer_.transform(self.standardizer_.mean_[None]).shape[1]

@@ -157,7 +157,8 @@ def load_router(
         )
         lexical = LexicalProbe.from_arrays(lexical_config, arrays, "lexical") if lexical_config is not None else None
         stack = StackedProbe.from_arrays(arrays, "stack") if "stack.coef" in arrays else None
-        shared = SharedSuccessModel.from_arrays(arrays, "shared") if family == "shared" else None
+        started = (manifest.get("info") or {}).get("shared_start") or {}
+        shared = SharedSuccessModel.from_arrays(arrays, "shared", started.get("mode")) if family == "shared" else None
         novelty = NoveltyScore.from_arrays(arrays, "novelty") if "novelty.mean" in arrays else None
         length_head = OutputLengthHead.from_arrays(arrays, "length") if "length.coef" in arrays else None
         has_guard = "transfer.difficulty_quantiles" in arrays

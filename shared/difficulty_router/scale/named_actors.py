@@ -32,6 +32,26 @@ def start_named_actor(
         raise ValueError(f"the {what} {name!r} already runs with {running}, not {wanted}: end it with {drop_hint}")
 
 
+def find_named_actor(name: str, *, what: str, hint: str) -> Any:
+    """The running actor ``name`` (a replica opening its client); refused by name when none runs. ``what``
+    names the actor and ``hint`` says how it is started."""
+    ray = require_ray()
+    try:
+        return ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:
+        raise ValueError(f"no {what} named {name!r} in namespace {NAMESPACE!r}: {hint}") from None
+
+
+def call_named_actor(method: Any, *args: Any, name: str, what: str, timeout_s: float) -> Any:
+    """``method.remote(*args)``, waited for at most ``timeout_s``: a silent actor is a TimeoutError naming it,
+    so a replica's request fails with a message rather than waiting forever."""
+    ray = require_ray()
+    try:
+        return ray.get(method.remote(*args), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise TimeoutError(f"the {what} {name!r} did not answer within {timeout_s:g} s") from None
+
+
 def drop_named_actor(name: str) -> bool:
     """End the actor ``name``; True when one was running."""
     ray = require_ray()
@@ -43,4 +63,4 @@ def drop_named_actor(name: str) -> bool:
     return True
 
 
-__all__ = ["NAMESPACE", "drop_named_actor", "start_named_actor"]
+__all__ = ["NAMESPACE", "call_named_actor", "drop_named_actor", "find_named_actor", "start_named_actor"]

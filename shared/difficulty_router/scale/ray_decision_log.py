@@ -17,7 +17,7 @@ from typing import Any
 
 from difficulty_router.routing.decision_log import DecisionLog
 from difficulty_router.scale.cluster import require_ray
-from difficulty_router.scale.named_actors import NAMESPACE, drop_named_actor, start_named_actor
+from difficulty_router.scale.named_actors import call_named_actor, drop_named_actor, find_named_actor, start_named_actor
 from difficulty_router.scale.ray_sessions import CALL_TIMEOUT_S
 
 
@@ -70,25 +70,17 @@ class RayDecisionLog(DecisionLog):
     ``append`` and ``log_call``), and each whole line crosses to the one writer."""
 
     def __init__(self, name: str, timeout_s: float = CALL_TIMEOUT_S) -> None:  # no file is opened here
-        ray = require_ray()
-        try:
-            self._actor = ray.get_actor(name, namespace=NAMESPACE)
-        except ValueError:
-            raise ValueError(
-                f"no decision log writer named {name!r} in namespace {NAMESPACE!r}: start it with start_decision_log"
-            ) from None
-        self.name, self.timeout_s, self._ray = name, float(timeout_s), ray
-        settings = ray.get(self._actor.settings.remote(), timeout=self.timeout_s)
+        self._actor = find_named_actor(name, what="decision log writer", hint="start it with start_decision_log")
+        self.name, self.timeout_s = name, float(timeout_s)
+        settings = self._call(self._actor.settings)
         self.path, self.max_bytes, self.backups = Path(settings["path"]), settings["max_bytes"], settings["backups"]
         self.clock = time.time  # the record's time is the replica's, when the decision was made
 
+    def _call(self, method, *args):
+        return call_named_actor(method, *args, name=self.name, what="decision log writer", timeout_s=self.timeout_s)
+
     def write_line(self, data: bytes) -> None:
-        try:
-            self._ray.get(self._actor.write_line.remote(data), timeout=self.timeout_s)
-        except self._ray.exceptions.GetTimeoutError:
-            raise TimeoutError(
-                f"the decision log writer {self.name!r} did not answer within {self.timeout_s:g} s"
-            ) from None
+        self._call(self._actor.write_line, data)
 
     def __reduce__(self):
         return (RayDecisionLog, (self.name, self.timeout_s))

@@ -19,8 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from difficulty_router.routing.sessions import SessionState, SessionStore, check_key
-from difficulty_router.scale.cluster import require_ray
-from difficulty_router.scale.named_actors import NAMESPACE, drop_named_actor, start_named_actor
+from difficulty_router.scale.named_actors import call_named_actor, drop_named_actor, find_named_actor, start_named_actor
 
 #: how long a replica waits for the store actor before the request fails with a message naming it
 CALL_TIMEOUT_S = 10.0
@@ -91,25 +90,17 @@ class RaySessionStore:
     blocking = True  # each call is a round trip to the actor: the server calls it off its event loop
 
     def __init__(self, name: str, timeout_s: float = CALL_TIMEOUT_S) -> None:
-        ray = require_ray()
-        try:
-            self._actor = ray.get_actor(name, namespace=NAMESPACE)
-        except ValueError:
-            raise ValueError(
-                f"no session store actor named {name!r} in namespace {NAMESPACE!r}: start it with "
-                "start_session_store (build_app does, for session policies other than per_call)"
-            ) from None
-        self.name, self.timeout_s, self._ray = name, float(timeout_s), ray
+        self._actor = find_named_actor(
+            name,
+            what="session store actor",
+            hint="start it with start_session_store (build_app does, for session policies other than per_call)",
+        )
+        self.name, self.timeout_s = name, float(timeout_s)
         settings = self._call(self._actor.settings)
         self.max_sessions, self.ttl_s = int(settings["max_sessions"]), float(settings["ttl_s"])
 
     def _call(self, method, *args):
-        try:
-            return self._ray.get(method.remote(*args), timeout=self.timeout_s)
-        except self._ray.exceptions.GetTimeoutError:
-            raise TimeoutError(
-                f"the session store actor {self.name!r} did not answer within {self.timeout_s:g} s"
-            ) from None
+        return call_named_actor(method, *args, name=self.name, what="session store actor", timeout_s=self.timeout_s)
 
     def get(self, key: str) -> SessionState | None:
         return self._call(self._actor.get, check_key(key))

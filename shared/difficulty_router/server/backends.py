@@ -168,14 +168,18 @@ class Backends:
         extra = {k: v for k, v in body.items() if k not in ("model", "messages", "stream")}
         return {"model": spec.model, "messages": body["messages"], "extra_body": extra or None}
 
+    def _failure(self, name: str, exc: Exception) -> BackendFailure:
+        """The call to ``name`` failed: classify the error, count it against the backend, and return it to raise."""
+        failure = classify(name, exc)
+        self._record(name, failure)
+        return failure
+
     async def complete(self, name: str, body: dict) -> dict:
         """One non-streamed completion, as the backend's JSON (model field untouched)."""
         try:
             response = await self._clients[name].chat.completions.create(stream=False, **self._request(name, body))
         except Exception as exc:
-            failure = classify(name, exc)
-            self._record(name, failure)
-            raise failure from exc
+            raise self._failure(name, exc) from exc
         self._record(name, None)
         return response.model_dump(mode="json", exclude_unset=True)
 
@@ -188,9 +192,7 @@ class Backends:
             try:
                 stream = await self._clients[name].chat.completions.create(stream=True, **self._request(name, body))
             except Exception as exc:
-                failure = classify(name, exc)
-                self._record(name, failure)
-                raise failure from exc
+                raise self._failure(name, exc) from exc
             self._record(name, None)
             try:
                 async for chunk in stream:
