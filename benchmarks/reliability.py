@@ -39,8 +39,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import copy
 import io
+import itertools
 import json
 import logging
 import os
@@ -145,6 +147,11 @@ def build_router(max_tokens: int) -> DifficultyRouter:
     train = load_outcomes(ROUTELLM_MMLU_SAMPLE).subset(range(240))
     return train_router(train, ModelPool.load(ROUTELLM_MMLU_POOL), extractor, layers=[15], pooling="last", cv=3,
                         families=("activation",), progress=False)
+
+
+def read_in(router: DifficultyRouter) -> str:
+    """The numeric path of the router's forward pass (``dtype="auto"`` picks bf16 where the CPU has it)."""
+    return f"; the read-out runs in {str(router.extractor.dtype).removeprefix('torch.')}"
 
 
 def stub_pool(router: DifficultyRouter) -> tuple[list[str], DifficultyRouter]:
@@ -392,12 +399,16 @@ class UnendedInBandError(Exception):
 
 
 async def drive(url: str, clients: int, seconds: float, stream: bool = False, timeout: float = 90.0,
-                model: str = "router") -> dict:
+                model: str = "router", session: str | None = None) -> dict:
     """``clients`` loops sending requests for ``seconds``; each checks its answer echoes its own nonce.
 
     ``lost``: requests that got no answer (transport error, client timeout), an answer of another status
-    than 200/429/503, or another request's answer; 429/503 are the server's explicit shedding."""
+    than 200/429/503, or another request's answer; 429/503 are the server's explicit shedding.
+
+    ``session``: each client is one conversation (``X-Session-Id: <session>-client<k>``, its requests one after
+    another), and what each answer's headers say of it is kept (turn, model, replica) for :func:`session_tally`."""
     latencies, failures, crosstalk, sent = [], {}, 0, 0
+    seen: dict[int, list[tuple[int, str, str]]] = {k: [] for k in range(clients)}
     stop = time.monotonic() + seconds
     timeline: list[tuple[float, bool]] = []
     start = time.monotonic()
@@ -411,12 +422,14 @@ async def drive(url: str, clients: int, seconds: float, stream: bool = False, ti
             sent += 1
             body = {"model": model, "messages": [{"role": "user", "content": f"Question {nonce}: what is {k} + {i}?"}],
                     "max_tokens": 8, "stream": stream}
+            headers = {"X-Session-Id": f"{session}-client{k}"} if session else None
             t0 = time.monotonic()
             ok = False
             try:
                 if stream:
                     text, done, errored = "", False, False
-                    async with http.stream("POST", url + "/v1/chat/completions", json=body) as response:
+                    async with http.stream("POST", url + "/v1/chat/completions", json=body,
+                                           headers=headers) as response:
                         if response.status_code == 200:
                             async for line in response.aiter_lines():
                                 if line == "data: [DONE]":
@@ -437,7 +450,7 @@ async def drive(url: str, clients: int, seconds: float, stream: bool = False, ti
                     if not ok:
                         failures[f"stream {status}"] = failures.get(f"stream {status}", 0) + 1
                 else:
-                    response = await http.post(url + "/v1/chat/completions", json=body)
+                    response = await http.post(url + "/v1/chat/completions", json=body, headers=headers)
                     if response.status_code == 200:
                         reply = response.json()["choices"][0]["message"]["content"]
                         ok = nonce in reply
@@ -449,6 +462,10 @@ async def drive(url: str, clients: int, seconds: float, stream: bool = False, ti
                 failures[type(exc).__name__] = failures.get(type(exc).__name__, 0) + 1
             if ok:
                 latencies.append(time.monotonic() - t0)
+                if session:
+                    h = response.headers
+                    seen[k].append((int(h.get("x-router-session-turn", 0)), h.get("x-router-model", ""),
+                                    h.get("x-router-replica", "")))
             timeline.append((t0 - start, ok))
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
@@ -462,7 +479,24 @@ async def drive(url: str, clients: int, seconds: float, stream: bool = False, ti
             "failures": failures,
             "crosstalk": crosstalk, "p50_ms": float(np.percentile(lat, 50) * 1000),
             "p99_ms": float(np.percentile(lat, 99) * 1000), "max_ms": float(lat.max() * 1000),
-            "seconds": time.monotonic() - start, "timeline": timeline}
+            "seconds": time.monotonic() - start, "timeline": timeline,
+            **({"sessions": seen} if session else {})}
+
+
+def session_tally(seen: dict[int, list[tuple[int, str, str]]], order: list[str]) -> dict:
+    """What the answers of each conversation say about the shared session store. A store per replica would
+    restart a conversation's turn count on the replica that has not seen it (``turn resets``) and could move
+    it to a cheaper model (``de-escalations``: sticky never does without ``allow_deescalation``)."""
+    rank = {m: i for i, m in enumerate(order)}
+    resets = deescalations = both = turns = 0
+    for answers in seen.values():
+        turns += len(answers)
+        both += len({replica for _, _, replica in answers}) >= 2
+        for (turn0, model0, _), (turn1, model1, _) in itertools.pairwise(answers):
+            resets += turn1 <= turn0
+            deescalations += rank.get(model1, -1) < rank.get(model0, -1)
+    return {"sessions": len(seen), "answered_turns": turns, "sessions_on_both_replicas": both,
+            "turn_resets": resets, "deescalations": deescalations}
 
 
 def fuzz_valid(router, n: int, workers: int, max_tokens: int, progress: bool) -> dict:
@@ -542,23 +576,83 @@ def load_section(load: dict, args) -> str:
     )
 
 
-def run_load(router, seconds: float, clients: int) -> tuple[dict, dict]:
-    """Routed requests (each costs a forward pass), then requests naming a backend (the server's own path)."""
+@contextlib.contextmanager
+def plain_server(router, specs: list, holdback: StreamHoldback | None = None):
+    """The routing server in this process, as ``serve`` runs it (uvicorn), with the benchmark's limits."""
+    app = create_app(router, Backends(specs, cooldown=5.0), limits=LIMITS, max_batch=1, route_timeout=ROUTE_TIMEOUT,
+                     stream_holdback=holdback)
+    with serving(app) as url:
+        yield url
+
+
+#: the Ray Serve variant's session options: every conversation sticky, its state in the one store actor
+RAY_SESSION_OPTIONS = {"session_policy": "sticky", "session_ttl": 600.0, "max_sessions": 10_000}
+
+
+class RayServeServer:
+    """The same server on ``replicas`` Ray Serve replicas (``scale.ray_serve.build_app``, ``--max-batch 1``)
+    with sticky sessions held by the shared store actor. Each call deploys the router (saved to a directory,
+    as ``serve --engine ray`` does) over new backends, replacing the previous deployment; the proxy keeps its
+    port. Serve's proxy keeps idle connections 90 s (its default), longer than the clients' 5 s."""
+
+    def __init__(self, work: Path, replicas: int = 2, cpus_per_replica: float = 0.5) -> None:
+        from difficulty_router.scale.cluster import ensure_ray
+
+        ensure_ray()
+        self.work, self.replicas, self.cpus = work, replicas, cpus_per_replica
+        self.url: str | None = None
+        self.deployments = 0
+
+    @contextlib.contextmanager
+    def __call__(self, router, specs: list, holdback: StreamHoldback | None = None):
+        from ray import serve
+
+        from difficulty_router.scale.ray_serve import APP_NAME, build_app
+        from difficulty_router.scale.ray_serve import run as run_serve
+
+        self.deployments += 1
+        directory = router.save(self.work / f"router-{self.deployments}")
+        app = build_app({"router": directory}, specs, replicas=self.replicas, cpus_per_replica=self.cpus, max_batch=1,
+                        app_options={"limits": LIMITS, "route_timeout": ROUTE_TIMEOUT, "stream_holdback": holdback,
+                                     **RAY_SESSION_OPTIONS})
+        if self.url is None:
+            from _stub_backend import free_port
+
+            self.url = run_serve(app, port=free_port())
+        else:
+            serve.run(app, name=APP_NAME, route_prefix="/")
+        yield self.url
+
+    def close(self) -> None:
+        from ray import serve
+
+        from difficulty_router.scale.ray_serve import APP_NAME
+        from difficulty_router.scale.ray_sessions import drop_session_store, session_store_name
+
+        serve.shutdown()
+        drop_session_store(session_store_name(APP_NAME, "router"))
+
+
+def run_load(router, seconds: float, clients: int, server=plain_server, session: str | None = None
+             ) -> tuple[dict, dict]:
+    """Routed requests (each costs a forward pass), then requests naming a backend (the server's own path).
+    ``server(router, specs)``: where the routing server runs (this process, or Ray Serve replicas)."""
     order = router.capability_order()
     stubs = {m: StubBackend(m).start() for m in order}
-    app = create_app(router, [BackendSpec(m, s.url, m, timeout=10) for m, s in stubs.items()], limits=LIMITS,
-                     max_batch=1, route_timeout=ROUTE_TIMEOUT)
     results = {}
-    with serving(app) as url:
+    with server(router, [BackendSpec(m, s.url, m, timeout=10) for m, s in stubs.items()]) as url:
         asyncio.run(drive(url, 8, 5.0))  # warm up
         before = rss_mb()
-        results["routed (model: router)"] = asyncio.run(drive(url, clients, seconds))
+        results["routed (model: router)"] = asyncio.run(drive(url, clients, seconds, session=session and "routed"))
+        # a request naming a backend is not routed, so it has no session turn: sent without one
         results["direct (model: a backend)"] = asyncio.run(drive(url, clients, seconds, model=order[0]))
         after = rss_mb()
     for s in stubs.values():
         s.stop()
     for r in results.values():
         r.pop("timeline")
+        if "sessions" in r:
+            r["sessions"] = session_tally(r["sessions"], order)
     sent = sum(r["sent"] for r in results.values())
     return results, {"before_mb": before, "after_mb": after, "growth_mb": after - before, "requests": sent}
 
@@ -571,15 +665,17 @@ CUT_STREAM_RUNS = {
 }
 
 
-def run_faults(router, seconds: float, clients: int) -> dict:
+def run_faults(router, seconds: float, clients: int, server=plain_server, session: str | None = None) -> dict:
     """Every fault, the cut stream under each hold-back of :data:`CUT_STREAM_RUNS`."""
-    faults = {f: run_fault(router, f, seconds, clients) for f in ("killed", "hang", "500")}
+    faults = {f: run_fault(router, f, seconds, clients, server=server, session=session)
+              for f in ("killed", "hang", "500")}
     for name, holdback in CUT_STREAM_RUNS.items():
-        faults[name] = run_fault(router, "cut stream", seconds, clients, holdback)
+        faults[name] = run_fault(router, "cut stream", seconds, clients, holdback, server=server, session=session)
     return faults
 
 
-def run_fault(router, fault: str, seconds: float, clients: int, holdback: StreamHoldback | None = None) -> dict:
+def run_fault(router, fault: str, seconds: float, clients: int, holdback: StreamHoldback | None = None,
+              server=plain_server, session: str | None = None) -> dict:
     """Every request is routed to the cheap backend first (threshold 0); it plays ``fault``; the server
     holds streams back per ``holdback`` (None: commit at the first chunk)."""
     order = router.capability_order()
@@ -592,12 +688,11 @@ def run_fault(router, fault: str, seconds: float, clients: int, holdback: Stream
     for s in stubs.values():
         s.start()
     specs = [BackendSpec(m, s.url, m, timeout=2.0) for m, s in stubs.items()]
-    app = create_app(cheapest_first, Backends(specs, cooldown=5.0), limits=LIMITS, max_batch=1,
-                     route_timeout=ROUTE_TIMEOUT, stream_holdback=holdback)
-    with serving(app) as url:
+    label = session and f"{fault.replace(' ', '-')}-holdback{holdback.chunks if holdback else 0}"
+    with server(cheapest_first, specs, holdback) as url:
         if fault == "killed":
             async def killed():
-                task = asyncio.create_task(drive(url, clients, seconds))
+                task = asyncio.create_task(drive(url, clients, seconds, session=label))
                 await asyncio.sleep(seconds / 3)
                 kill_at = time.monotonic()
                 await asyncio.to_thread(stubs[cheap].stop)
@@ -606,10 +701,12 @@ def run_fault(router, fault: str, seconds: float, clients: int, holdback: Stream
                 return result
             result = asyncio.run(killed())
         else:
-            result = asyncio.run(drive(url, clients, seconds, stream=fault == "cut stream"))
+            result = asyncio.run(drive(url, clients, seconds, stream=fault == "cut stream", session=label))
     for s in stubs.values():
         s.stop()
     timeline = result.pop("timeline")
+    if "sessions" in result:
+        result["sessions"] = session_tally(result["sessions"], order)
     result["hold_back"] = holdback.describe() if holdback is not None else "off"
     if fault == "killed":  # how long after the kill until requests succeed again
         after = [(t, ok) for t, ok in timeline if t >= result["kill_at_s"]]
@@ -647,6 +744,23 @@ def fault_section(faults: dict, args) -> str:
     )
 
 
+def session_section(load: dict, faults: dict) -> str:
+    """The conversations' view of the shared session store, for every run that had sessions."""
+    rows = [[name, t["sessions"], t["answered_turns"], t["sessions_on_both_replicas"], t["turn_resets"],
+             t["deescalations"]]
+            for name, r in {**load, **faults}.items() if (t := r.get("sessions"))]
+    table = md_table(["run", "conversations", "answered turns", "conversations served by both replicas",
+                      "turn resets", "de-escalations"], rows)
+    return (
+        "## Sessions across replicas\n\n" + table + "\n\n"
+        "Each client is one conversation (`X-Session-Id`), its requests one after another, under the sticky "
+        "policy. Turn resets: an answer whose `x-router-session-turn` is not past the conversation's previous "
+        "answer (a store per replica restarts the count on the replica that has not seen the conversation); "
+        "de-escalations: a turn served by a less capable model than the turn before (sticky never does that). "
+        "Target 0 for both.\n\n"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smoke run: few examples, short phases")
@@ -669,6 +783,10 @@ def main() -> None:
                         help="run only the valid-body fuzz; writes results/reliability_valid_fuzz.md")
     parser.add_argument("--load-only", action="store_true",
                         help="run only the load section; writes results/reliability_load.md")
+    parser.add_argument("--ray-serve", action="store_true",
+                        help="the load and faults sections on Ray Serve replicas with sticky sessions in the shared "
+                             "store; writes results/reliability_ray_serve.md")
+    parser.add_argument("--replicas", type=int, default=2, help="Ray Serve replicas (--ray-serve)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args()
     if args.quick:
@@ -690,10 +808,10 @@ def main() -> None:
         return
     suffix = "_quick" if args.quick else ""
     command = "`python benchmarks/reliability.py " + " ".join(sys.argv[1:]) + "`"
-    header = (f"Machine: {machine()}. Router: SmolLM2-135M read-out (layer 15, last token, max {args.max_tokens} "
-              f"tokens) trained on 240 rows of the shipped RouteLLM sample; server limits {LIMITS}. Backends are fast "
-              "**stubs** (`benchmarks/_stub_backend.py`) on purpose: this measures the routing server, not a model. "
-              "Everything on loopback.\n\n")
+    header = (f"Machine: {machine()}{read_in(router)}. Router: SmolLM2-135M read-out (layer 15, last token, "
+              f"max {args.max_tokens} tokens) trained on 240 rows of the shipped RouteLLM sample; server limits "
+              f"{LIMITS}. Backends are fast **stubs** (`benchmarks/_stub_backend.py`) on purpose: this measures the "
+              "routing server, not a model. Everything on loopback.\n\n")
     if args.valid_fuzz_only:
         valid = fuzz_valid(router, args.valid_examples, args.valid_workers, args.valid_max_tokens,
                            not args.no_progress)
@@ -702,6 +820,26 @@ def main() -> None:
                     + f"Command: {command} ({time.monotonic() - started:.0f} s)\n")
         write_results("reliability_valid_fuzz" + suffix, markdown, {"machine": machine(), "valid_fuzz": valid,
                                                                      "args": vars(args)})
+        return
+    if args.ray_serve:
+        with tempfile.TemporaryDirectory() as tmp:
+            ray_server = RayServeServer(Path(tmp), replicas=args.replicas)
+            try:
+                load, _ = run_load(router, args.load_seconds, args.clients, server=ray_server, session="load")
+                faults = run_faults(router, args.fault_seconds, args.fault_clients, server=ray_server,
+                                    session="faults")
+            finally:
+                ray_server.close()
+        markdown = (f"# Reliability on Ray Serve: {args.replicas} replicas, sticky sessions shared\n\n" + header
+                    + f"The server runs as `serve --engine ray --replicas {args.replicas} --session-policy sticky` "
+                    "runs it (`scale.ray_serve.build_app`, 0.5 CPU per replica, `--max-batch 1`) behind Serve's "
+                    "HTTP proxy; each conversation's state lives in the one session store actor. Load and faults "
+                    "are the plain server's (`python benchmarks/reliability.py --load-only`, `--faults-only`), "
+                    "every request in a conversation.\n\n"
+                    + load_section(load, args) + fault_section(faults, args) + session_section(load, faults)
+                    + f"Command: {command} ({time.monotonic() - started:.0f} s)\n")
+        write_results("reliability_ray_serve" + suffix, markdown, {"machine": machine(), "load": load,
+                                                                    "faults": faults, "args": vars(args)})
         return
     if args.load_only:
         load, memory = run_load(router, args.load_seconds, args.clients)
@@ -742,7 +880,7 @@ def main() -> None:
     examples = [f"- {t.name}: {e}" for t in tallies for e in t.examples]
     markdown = (
         "# Reliability: hostile input, load, faults, memory\n\n"
-        f"Machine: {machine()} (fp32: no AMX/AVX512-BF16). Router: SmolLM2-135M read-out (layer 15, last token, "
+        f"Machine: {machine()}{read_in(router)}. Router: SmolLM2-135M read-out (layer 15, last token, "
         f"max {args.max_tokens} tokens) trained on 240 rows of the shipped RouteLLM sample; server limits "
         f"{LIMITS}. Backends are fast **stubs** (`benchmarks/_stub_backend.py`) on purpose: this measures the "
         f"routing server, not a model. Everything on loopback; fuzzing took {fuzz_s:.0f} s.\n\n"
