@@ -18,12 +18,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from difficulty_router.routing.sessions import SessionState, SessionStore, check_key
+from difficulty_router.routing.sessions import SessionState, SessionStore, SessionStoreUnavailable, check_key
 from difficulty_router.scale.cluster import require_ray
 from difficulty_router.scale.named_actors import NAMESPACE, drop_named_actor, start_named_actor
 
 #: how long a replica waits for the store actor before the request fails with a message naming it
 CALL_TIMEOUT_S = 10.0
+
+
+class StoreActorTimeout(SessionStoreUnavailable, TimeoutError):
+    """The store actor did not answer in time (the server answers the request with a 503)."""
 
 
 class SessionStoreActor:
@@ -107,7 +111,7 @@ class RaySessionStore:
         try:
             return self._ray.get(method.remote(*args), timeout=self.timeout_s)
         except self._ray.exceptions.GetTimeoutError:
-            raise TimeoutError(
+            raise StoreActorTimeout(
                 f"the session store actor {self.name!r} did not answer within {self.timeout_s:g} s"
             ) from None
 
