@@ -25,9 +25,16 @@ $(STAMP): pyproject.toml
 # that was built natively elsewhere. The same build then runs on AMD EPYC and on Intel Xeon with or without AMX.
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DGGML_CPU_ALL_VARIANTS=OFF -DGGML_BACKEND_DL=OFF -DLLAMA_CURL=OFF
 
+# The Redis session store's tests start a real redis-server (tests/test_redis_sessions.py): installed here with
+# apt-get when it is missing and we may (root, Debian/Ubuntu); otherwise the reason is printed and those tests skip.
 $(DEV_STAMP): $(STAMP)
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q --no-cache-dir 'llama-cpp-python[server]>=0.3.16'
-	$(PY) -m pip install -q -e '.[dev,ray]'
+	$(PY) -m pip install -q -e '.[dev,ray,redis]'
+	@if command -v redis-server >/dev/null 2>&1; then echo "redis-server: $$(command -v redis-server)"; \
+	elif ! command -v apt-get >/dev/null 2>&1; then echo "redis-server is missing and apt-get is not here: the Redis session store's tests will skip"; \
+	elif [ "$$(id -u)" != 0 ]; then echo "redis-server is missing and this is not root (sudo apt-get install -y redis-server): the Redis session store's tests will skip"; \
+	else (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null) \
+	  || echo "apt-get install redis-server failed: the Redis session store's tests will skip"; fi
 	touch $(DEV_STAMP)
 
 .PHONY: install demo test lint docs

@@ -528,6 +528,58 @@ def test_a_session_keeps_its_model_across_replicas(sessions_app, trained_router,
     assert {r["chosen"] for r in records} == {r["served_by"] for r in records} == {STRONG}
 
 
+def test_replicas_share_sessions_in_redis_without_an_actor(serve_pair, trained_router, llama_backends, tmp_path):
+    """With ``session_store`` naming a Redis (``serve --engine ray --session-store redis://...``), no store actor
+    starts: the stores pickle to the replicas as their URL and settings, each replica opens its own client, and
+    a session started on one replica is kept on the other (the states are in the one Redis)."""
+    import ray
+    from ray import serve
+    from test_redis_sessions import redis_server
+
+    from difficulty_router.routing.redis_sessions import RedisSessionStores
+    from difficulty_router.scale.named_actors import NAMESPACE
+    from difficulty_router.scale.ray_serve import build_app
+    from difficulty_router.scale.ray_sessions import session_store_name
+
+    directory = tmp_path / "router"
+    trained_router.save(directory)
+    with redis_server(tmp_path) as server:
+        stores = RedisSessionStores(server.url, max_sessions=50, ttl_s=600.0)
+        app = build_app(
+            {"router": directory},
+            backend_specs(llama_backends),
+            replicas=2,
+            cpus_per_replica=0,  # serve_pair and sessions_app hold the module's 2 CPUs; these replicas wait on I/O
+            app_options={"session_policy": "sticky", "session_margin": 1.0, "session_store": stores},
+            app_name="redis-sessions",
+        )
+        with pytest.raises(ValueError):  # no actor was started for this application's sessions
+            ray.get_actor(session_store_name("redis-sessions", "router"), namespace=NAMESPACE)
+        serve.run(app, name="redis-sessions", route_prefix="/redis-sessions")
+        try:
+            client = openai_client(serve_pair["serve"] + "/redis-sessions")
+            replicas, models, turn = set(), set(), 0
+            while turn < 16 and (len(replicas) < 2 or turn < 4):
+                turn += 1
+                raw = client.chat.completions.with_raw_response.create(
+                    model="router",
+                    messages=[{"role": "user", "content": f"Question {turn}: what is {turn} + {turn}?"}],
+                    max_tokens=1,
+                    temperature=0,
+                    extra_headers={"X-Session-Id": "redis-conversation"},
+                )
+                replicas.add(raw.headers["x-router-replica"])
+                models.add(raw.headers["x-router-model"])
+                assert raw.headers["x-router-session-turn"] == str(turn)
+                assert raw.headers["x-router-session-action"] == ("first" if turn == 1 else "kept")
+            assert len(replicas) == 2, f"every turn went to one replica ({replicas}); the sharing was not exercised"
+            assert len(models) == 1, f"the session moved between models: {models}"
+            state = stores("router").get("redis-conversation")
+            assert state.turns == turn and state.model in models
+        finally:
+            serve.delete("redis-sessions")
+
+
 def test_every_replica_applies_ood_and_shadow(serve_pair, trained_router, llama_backends, sample_outcomes, tmp_path):
     """ood_percentile and shadow mode reach each replica: with the bar at the 1st percentile of the training
     read-outs, a query the plain deployment sends to the weak model would go to the strong one as novel, and

@@ -72,6 +72,7 @@ def cmd_serve(args) -> int:
         if not api_key:
             raise ValueError(f"--api-key-env {args.api_key_env}: that environment variable is not set or empty")
     check_exposure(args.host, api_key, args.allow_unauthenticated)
+    stores = session_store_choice(args)  # refuses a bad --session-store, or an unreachable one, before loading
     holdback = stream_holdback(args)  # refuses a negative hold-back before loading anything
     specs = specs_from_pool(ModelPool.load(args.pool))  # refuses a pool without base_urls before loading anything
     routers = {
@@ -118,7 +119,7 @@ def cmd_serve(args) -> int:
             max_batch,
             holdback,
             unsaved_routers=unsaved,
-            sessions=session_options(args),
+            sessions={**session_options(args), "session_store": stores},
         )
     app = create_app(
         routers,
@@ -131,6 +132,7 @@ def cmd_serve(args) -> int:
         route_timeout=args.route_timeout,
         limits=limits,
         stream_holdback=holdback,
+        session_store=stores,
         **session_kwargs(args),
     )
     for name, router in routers.items():
@@ -148,6 +150,8 @@ def cmd_serve(args) -> int:
         f"n <= {limits.max_n}, max_tokens <= {limits.max_tokens}"
     )
     print(f"streams: {holdback.describe()}")
+    if stores is not None:
+        print(f"sessions: {args.session_policy}, kept in Redis at {stores.address} (shared by every server using it)")
     print(f"serving http://{args.host}:{args.port}/v1 (auth {'on' if api_key else 'off'})", flush=True)
     serve(app, args.host, args.port, log_level="info" if args.verbose else "warning")
     return 0
@@ -175,6 +179,13 @@ def add_session_arguments(p: argparse.ArgumentParser) -> None:
         choices=SESSION_POLICIES,
         default="per_call",
         help="how turns of one session (X-Session-Id header, else the 'user' field) are routed (default per_call)",
+    )
+    p.add_argument(
+        "--session-store",
+        metavar="URL",
+        help="keep sessions in the Redis at URL (redis://[:password@]host:6379/0, rediss:// for TLS, unix://path), "
+        "shared by every server and Ray Serve replica pointed at it (default: in this process; with --engine ray, "
+        "one Ray actor); --max-sessions and --session-ttl apply",
     )
     p.add_argument("--session-ttl", type=float, default=3600.0, help="seconds a quiet session is kept (default 3600)")
     p.add_argument("--max-sessions", type=int, default=10_000, help="sessions kept, least recently used dropped first")
@@ -214,6 +225,23 @@ def add_stream_arguments(p: argparse.ArgumentParser) -> None:
         help="hold a stream back for its first T milliseconds (with --stream-holdback-chunks: whichever "
         "comes first; default 0: off)",
     )
+
+
+def session_store_choice(args: argparse.Namespace) -> Any:
+    """The shared session stores ``--session-store`` names (None: the default store), checked and reached now, so
+    that a bad URL or an unreachable server is reported before any router loads or replica starts."""
+    if not getattr(args, "session_store", None):
+        return None
+    if args.session_policy == "per_call":
+        raise ValueError(
+            "--session-store: --session-policy per_call keeps no sessions; give --session-policy sticky or "
+            "cache_aware, or leave --session-store out"
+        )
+    from difficulty_router.routing.redis_sessions import RedisSessionStores
+
+    stores = RedisSessionStores(args.session_store, max_sessions=args.max_sessions, ttl_s=args.session_ttl)
+    stores.ping()
+    return stores
 
 
 def stream_holdback(args: argparse.Namespace) -> Any:

@@ -16,7 +16,8 @@ per-call decision into the decision to serve for one turn of a session, under a 
 
 Session state lives in a bounded, thread-safe :class:`SessionStore` (LRU with a TTL) that the
 adapters and the server share through the core, or in any store with its methods
-(:class:`SessionStates`): Ray Serve's replicas share one held by a Ray actor (``scale.ray_sessions``).
+(:class:`SessionStates`): Ray Serve's replicas share one held by a Ray actor (``scale.ray_sessions``), and
+servers or replicas pointed at one Redis share its sessions (``routing.redis_sessions``).
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ def check_key(key: Any) -> str:
     if not key or len(key) > MAX_KEY_CHARS:
         raise ValueError(f"a session key must have 1 to {MAX_KEY_CHARS} characters, got {len(key)}")
     return key
+
+
+class SessionStoreUnavailable(ConnectionError):
+    """A store that other processes share (Redis, the Ray store actor) could not be reached or failed. The
+    message names the store and its address (never a password); the server answers the request with a 503."""
 
 
 @runtime_checkable

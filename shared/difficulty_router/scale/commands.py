@@ -145,11 +145,22 @@ def run_serve(
         f"Ray Serve: {args.replicas} replicas of routers {sorted(router_dirs)}, @serve.batch up to {max_batch} "
         f"requests or {args.max_wait_ms:g} ms; serving http://{args.host}:{args.port}/v1 "
         f"(auth {'on' if api_key else 'off'}; sessions {args.session_policy}"
-        f"{', shared by the replicas through one Ray actor' if args.session_policy != 'per_call' else ''})",
+        f"{shared_sessions(args)})",
         flush=True,
     )
     run(app, args.host, args.port, blocking=True)
     return 0
+
+
+def shared_sessions(args) -> str:
+    """How the replicas share sessions, for the start-up line."""
+    if args.session_policy == "per_call":
+        return ""
+    if getattr(args, "session_store", None):
+        from difficulty_router.routing.redis_sessions import redacted
+
+        return f", shared by the replicas through the Redis at {redacted(args.session_store)}"
+    return ", shared by the replicas through one Ray actor"
 
 
 def add_label_args(p: argparse.ArgumentParser) -> None:

@@ -90,9 +90,14 @@ def build_app(
                     router.ood = OODPolicy(enabled=True, percentile=ood_percentile)
             log = RayDecisionLog(log_name) if log_name is not None else None
             stores = {name: RaySessionStore(store) for name, store in store_names.items()}
-            shared = stores.__getitem__ if stores else None  # None: per_call, no store is read
+            # the actors' stores; else the store options name (Redis: each replica opens its own client), or None
+            shared = stores.__getitem__ if stores else options.get("session_store")
             self._routing_app = create_app(
-                self.routers, specs, route_one=self.route_one, session_store=shared, decision_log=log, **options
+                self.routers,
+                specs,
+                route_one=self.route_one,
+                decision_log=log,
+                **{**options, "session_store": shared},
             )
             replica = serve.get_replica_context().replica_id.unique_id
             self._routing_app.add_middleware(ReplicaHeader, replica=replica)
@@ -125,9 +130,10 @@ def build_app(
 
 
 def _start_session_stores(app_name: str, routers: dict[str, str], options: dict[str, Any]) -> dict[str, str]:
-    """Router name -> the name of its session store actor, started now; none under ``per_call``. The store's
-    bounds leave ``options``: the actor holds them."""
-    if options.get("session_policy", "per_call") == "per_call":
+    """Router name -> the name of its session store actor, started now; none under ``per_call``, nor when
+    ``options`` name a ``session_store`` (Redis: ``routing.redis_sessions.RedisSessionStores``, which holds its
+    own bounds). The store's bounds leave ``options``: the actor holds them."""
+    if options.get("session_policy", "per_call") == "per_call" or options.get("session_store") is not None:
         return {}
     from difficulty_router.scale.ray_sessions import session_store_name, start_session_store
 

@@ -18,11 +18,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from difficulty_router.routing.sessions import SessionState, SessionStore, check_key
+from difficulty_router.routing.sessions import SessionState, SessionStore, SessionStoreUnavailable, check_key
 from difficulty_router.scale.named_actors import call_named_actor, drop_named_actor, find_named_actor, start_named_actor
 
 #: how long a replica waits for the store actor before the request fails with a message naming it
 CALL_TIMEOUT_S = 10.0
+
+
+class StoreActorTimeout(SessionStoreUnavailable, TimeoutError):
+    """The store actor did not answer in time (the server answers the request with a 503)."""
 
 
 class SessionStoreActor:
@@ -100,7 +104,10 @@ class RaySessionStore:
         self.max_sessions, self.ttl_s = int(settings["max_sessions"]), float(settings["ttl_s"])
 
     def _call(self, method, *args):
-        return call_named_actor(method, *args, name=self.name, what="session store actor", timeout_s=self.timeout_s)
+        try:
+            return call_named_actor(method, *args, name=self.name, what="session store actor", timeout_s=self.timeout_s)
+        except TimeoutError as exc:  # a store that cannot answer: the server answers the request with a 503
+            raise StoreActorTimeout(str(exc)) from None
 
     def get(self, key: str) -> SessionState | None:
         return self._call(self._actor.get, check_key(key))

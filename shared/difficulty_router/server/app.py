@@ -16,7 +16,8 @@ tokens anyway), and every error is OpenAI-shaped with an ``x-request-id`` (see :
 Sessions: a request's ``X-Session-Id`` header, else its ``user`` field, names its session; under
 ``session_policy`` ``sticky`` or ``cache_aware`` its turns are decided by
 :class:`~difficulty_router.routing.sessions.Sessions` (one bounded store per router, in this process unless
-``session_store`` gives a shared one). Shadow mode
+``session_store`` gives a shared one: Redis, ``routing.redis_sessions``; a store that cannot be reached
+answers the request with a 503). Shadow mode
 (``shadow=`` a backend) routes every request but serves it with that backend; the would-be choice
 goes to the record, the ``x-router-shadow-*`` headers and the ``decision_log``, and a
 ``shadow_sample`` share of non-streaming requests is also sent to the would-be model after the
@@ -55,7 +56,13 @@ from difficulty_router.calling.dispatch import (
 )
 from difficulty_router.routing.decision_log import DecisionLog
 from difficulty_router.routing.router import DifficultyRouter
-from difficulty_router.routing.sessions import SESSION_POLICIES, Sessions, SessionStates, SessionStore
+from difficulty_router.routing.sessions import (
+    SESSION_POLICIES,
+    Sessions,
+    SessionStates,
+    SessionStore,
+    SessionStoreUnavailable,
+)
 from difficulty_router.server.backends import BackendFailure, Backends, BackendSpec
 from difficulty_router.server.batching import MicroBatcher
 from difficulty_router.server.deciding import (
@@ -110,9 +117,10 @@ def create_app(
     seconds (then 503). ``limits``: what one request may hold (default :class:`Limits`).
     ``session_policy`` (one of ``per_call``, ``sticky``, ``cache_aware``), ``session_ttl``,
     ``max_sessions``, ``session_margin``, ``allow_deescalation``: session routing (module docstring).
-    ``session_store(router_name)``: the store of that router's sessions when processes share them (Ray
-    Serve's replicas: ``scale.ray_sessions``); its own TTL and bound then hold, and ``session_ttl`` /
-    ``max_sessions`` are not used. Default: a :class:`SessionStore` in this process.
+    ``session_store(router_name)``: the store of that router's sessions when processes share them (Redis:
+    ``routing.redis_sessions.RedisSessionStores``; Ray Serve's replicas by default: ``scale.ray_sessions``); its
+    own TTL and bound then hold, and ``session_ttl`` / ``max_sessions`` are not used. Default: a
+    :class:`SessionStore` in this process.
     ``shadow``: serve every routed request with this backend and only log the router's choice;
     ``shadow_sample``: the share also sent to the would-be model; ``decision_log``: where each
     routed request's decision goes (a :class:`~difficulty_router.DecisionLog`).
@@ -291,7 +299,10 @@ def create_app(
             policy = sessions[requested]
             if key is not None and policy.policy != "per_call":
                 tokens = await routing.context_tokens(routers[requested], body["messages"])
-                decision = await off_loop_if_blocking(policy, policy.apply, key, decision, context_tokens=tokens)
+                try:
+                    decision = await off_loop_if_blocking(policy, policy.apply, key, decision, context_tokens=tokens)
+                except SessionStoreUnavailable as exc:
+                    raise store_unavailable(exc, request) from None
             pool = getattr(routers[requested], "pool", None)
             cost_fn = pool_cost_fn(pool) if pool is not None else None
             shadow_info = None
@@ -336,7 +347,10 @@ def create_app(
         metrics.requests.inc(requested, name)
         if decision is not None and key is not None and shadow is None:
             policy = sessions[requested]
-            await off_loop_if_blocking(policy, policy.served, key, name)
+            try:
+                await off_loop_if_blocking(policy, policy.served, key, name)
+            except SessionStoreUnavailable as exc:  # the answer is here: serve it; the next turn may move
+                logger.warning("the session %r could not record that %s served it: %s", key, name, exc)
         tried = [a.model for a in call.attempts]
         headers = decision_headers(requested if decision else None, decision, name, tried, routing_s)
         headers.update(session_headers(decision, call))
@@ -358,6 +372,20 @@ def create_app(
         return JSONResponse(data, headers=headers, background=after)
 
     return app
+
+
+def store_unavailable(exc: SessionStoreUnavailable, request: Request) -> ApiError:
+    """The 503 a request gets when its session store failed: the cause (store, address, error) goes to the log
+    under the request id; the client learns only that the session store is unavailable."""
+    request_id = request.scope.get("state", {}).get("request_id", "?")
+    logger.warning("request %s: %s", request_id, exc)
+    return ApiError(
+        503,
+        f"the session store is unavailable; try again shortly (the server logged the cause under request id "
+        f"{request_id})",
+        type="api_error",
+        code="session_store_unavailable",
+    )
 
 
 async def off_loop_if_blocking(sessions: Sessions, method: Callable[..., Any], *args, **kwargs) -> Any:
