@@ -272,7 +272,8 @@ class SharedSuccessModel:
     ) -> SharedSuccessModel:
         """The saved model; ``mode`` (how it began, kept in the router's info, not the arrays) restores ``mode_``."""
         self = cls()
-        self.mode_ = mode
+        if mode is not None:  # a router saved before its info recorded it has none
+            self.mode_ = mode
         set_part_arrays(self, arrays, prefix, SHARED_FIELDS, attributes=_SHARED_ATTRIBUTES)
         m, k = self.coef_heads_.shape
         width = self.standardizer_.transform(self.standardizer_.mean_[None]).shape[1]
