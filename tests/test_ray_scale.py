@@ -278,7 +278,8 @@ def serve_pair(ray_cluster, trained_router, llama_backends, tmp_path_factory):
     from ray import serve
     from server_helpers import running, with_policy
 
-    from difficulty_router.scale.ray_serve import build_app
+    from difficulty_router.scale.ray_metrics import drop_metrics_board, metrics_board_name
+    from difficulty_router.scale.ray_serve import APP_NAME, build_app
     from difficulty_router.scale.ray_serve import run as run_serve
     from difficulty_router.server import create_app
 
@@ -302,6 +303,7 @@ def serve_pair(ray_cluster, trained_router, llama_backends, tmp_path_factory):
             "plain_failing": plain_failing_url,
         }
     serve.shutdown()
+    drop_metrics_board(metrics_board_name(APP_NAME))
 
 
 def _ask(url, **kwargs):
@@ -457,6 +459,7 @@ def sessions_app(serve_pair, trained_router, llama_backends, tmp_path_factory):
     from ray import serve
 
     from difficulty_router.scale.ray_decision_log import decision_log_name, drop_decision_log
+    from difficulty_router.scale.ray_metrics import drop_metrics_board, metrics_board_name
     from difficulty_router.scale.ray_serve import build_app
     from difficulty_router.scale.ray_sessions import drop_session_store, session_store_name
 
@@ -478,6 +481,7 @@ def sessions_app(serve_pair, trained_router, llama_backends, tmp_path_factory):
     serve.delete("sessions")
     drop_session_store(session_store_name("sessions", "router"))
     drop_decision_log(decision_log_name("sessions"))
+    drop_metrics_board(metrics_board_name("sessions"))
 
 
 def test_a_session_keeps_its_model_across_replicas(sessions_app, trained_router, sample_outcomes):
@@ -623,3 +627,77 @@ def test_every_replica_applies_ood_and_shadow(serve_pair, trained_router, llama_
         assert len(replicas) == 2, replicas
     finally:
         serve.delete("ood")
+
+
+# -- one /metrics over the replicas (one named metrics actor holds each replica's latest counts) ----------
+
+
+def _routed_total(text: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "difficulty_router_routing_decisions_total"
+    )
+
+
+def _gauge(text: str, name: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return next(f.samples[0].value for f in text_string_to_metric_families(text) if f.name == name)
+
+
+def test_metrics_of_both_replicas_come_out_of_one_scrape(serve_pair, trained_router, llama_backends, tmp_path):
+    """A fresh 2-replica application: requests until both replicas have served some (n in all), then every
+    scrape, whichever replica answers it, counts n routing decisions and 2 replicas reporting; a replica
+    answering for itself alone would count only its share (fewer than n), so the wait would run out. With the
+    metrics actor gone, a scrape still answers (200), with the answering replica's own counts, marked."""
+    import time
+
+    import httpx
+    from ray import serve
+
+    from difficulty_router.scale.ray_metrics import drop_metrics_board, metrics_board_name
+    from difficulty_router.scale.ray_serve import build_app
+
+    trained_router.save(tmp_path / "router")
+    app = build_app(
+        {"router": tmp_path / "router"},
+        backend_specs(llama_backends),
+        replicas=2,
+        cpus_per_replica=0,  # the module's CPUs are all held; a replica waits on no CPU to route
+        app_name="metrics",
+    )
+    serve.run(app, name="metrics", route_prefix="/totals")
+    url = serve_pair["serve"] + "/totals"
+    try:
+        served: dict[str, int] = {}
+        while sum(served.values()) < 24 and (len(served) < 2 or sum(served.values()) < 4):
+            headers, _ = _ask(url)
+            served[headers["x-router-replica"]] = served.get(headers["x-router-replica"], 0) + 1
+        assert len(served) == 2, f"every request went to one replica ({served}); the merge was not exercised"
+        n = sum(served.values())
+        answered_with_n, scrapes, deadline = set(), [], time.monotonic() + 30
+        while len(answered_with_n) < 2 and time.monotonic() < deadline:
+            response = httpx.get(url + "/metrics")
+            assert response.status_code == 200
+            replica, total = response.headers["x-router-replica"], _routed_total(response.text)
+            scrapes.append((replica, total))
+            if total == n and _gauge(response.text, "difficulty_router_replicas_reporting") == 2:
+                assert _gauge(response.text, "difficulty_router_metrics_merged") == 1
+                assert _gauge(response.text, "difficulty_router_metrics_oldest_snapshot_seconds") < 10
+                answered_with_n.add(replica)
+            time.sleep(0.1)
+        assert answered_with_n == set(served), f"served {served} (n={n}); scrapes (replica, routed): {scrapes[-6:]}"
+
+        assert drop_metrics_board(metrics_board_name("metrics"))
+        response = httpx.get(url + "/metrics")
+        assert response.status_code == 200
+        assert _gauge(response.text, "difficulty_router_metrics_merged") == 0
+        assert _gauge(response.text, "difficulty_router_replicas_reporting") == 1
+        assert _routed_total(response.text) == served[response.headers["x-router-replica"]]
+    finally:
+        serve.delete("metrics")
+        drop_metrics_board(metrics_board_name("metrics"))

@@ -148,6 +148,7 @@ def test_health_and_metrics(server, client):
     assert "# TYPE difficulty_router_queue_depth gauge" in text
     assert "difficulty_router_shed_requests_total" in text and "difficulty_router_ood_escalations_total" in text
     assert "difficulty_router_routing_latency_seconds_count" in text
+    assert "difficulty_router_replicas_reporting" not in text  # one process: its own counts (Ray Serve sums them)
     metrics = server[1].state.metrics
     assert metrics.routing_latency.count >= 1 and metrics.batch_size.count >= 1
 

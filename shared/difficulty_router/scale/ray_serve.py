@@ -3,8 +3,13 @@ replicas, and routing reads are batched by ``@serve.batch`` instead of the in-pr
 
 Each replica loads the routers from their saved directories (bundles, not pickled objects) and builds the
 same app, so endpoints, auth, limits, escalation and errors are the plain server's. Replicas are separate
-processes: ``/metrics`` answers for the replica that took the request (scrape Ray's own metrics, or each
-replica, for totals); ``/health`` likewise. Each response names its replica in ``x-router-replica``.
+processes: ``/metrics`` on any replica answers the totals of every replica still reporting, through one
+named metrics actor per application (:mod:`.ray_metrics`: each replica sends its counts every second and
+before it answers a scrape; a replica silent for longer than ``ray_metrics.STALE_AFTER_S`` drops out of
+the totals; ``difficulty_router_replicas_reporting`` says how many are in them, and
+``difficulty_router_metrics_merged 0`` marks a replica that could not reach the actor and answered its
+own counts). ``/health`` answers for the replica that took the request. Each response names its replica
+in ``x-router-replica``.
 
 Sessions (a ``session_policy`` other than ``per_call``) are shared by every replica: the driver starts one
 named Ray actor per router that holds the states (:mod:`.ray_sessions`), and each replica's sessions read
@@ -64,6 +69,11 @@ def build_app(
         ensure_ray()
         log_name = decision_log_name(app_name)
         start_decision_log(log_name, decision_log, max_bytes=decision_log_max_bytes)
+    from difficulty_router.scale.ray_metrics import metrics_board_name, start_metrics_board
+
+    ensure_ray()
+    board_name = metrics_board_name(app_name)
+    start_metrics_board(board_name)  # metrics/<app_name>: one /metrics over the replicas (ray_metrics)
     allow_other = allow_other_extractor
 
     @serve.deployment(num_replicas=replicas, ray_actor_options={"num_cpus": cpus_per_replica})
@@ -101,6 +111,13 @@ def build_app(
             )
             replica = serve.get_replica_context().replica_id.unique_id
             self._routing_app.add_middleware(ReplicaHeader, replica=replica)
+            from difficulty_router.scale.ray_metrics import ReplicaMetrics
+
+            app_state = self._routing_app.state
+            group = serve.get_replica_context().app_name  # apps built under one app_name keep separate totals
+            self._shared_metrics = ReplicaMetrics(app_state.metrics, board_name, group, replica)
+            app_state.metrics_text = self._shared_metrics.text  # /metrics: the totals of every replica
+            self._shared_metrics.start()
 
         @serve.batch(max_batch_size=max_batch, batch_wait_timeout_s=max_wait_s)
         async def _route(self, items: list[tuple[str, list, frozenset]]) -> list:
@@ -125,6 +142,11 @@ def build_app(
 
         def __serve_build_asgi_app__(self):
             return self._routing_app
+
+        def __del__(self) -> None:  # Serve calls it when the replica stops: its snapshots stop
+            shared = getattr(self, "_shared_metrics", None)
+            if shared is not None:
+                shared.close()
 
     return RoutingServer.bind()  # type: ignore[attr-defined]  # serve.deployment made it a Deployment
 

@@ -104,6 +104,7 @@ def create_app(
     rng: Any = None,
     route_one: Callable[[str, list, frozenset], Awaitable[Any]] | None = None,
     stream_holdback: StreamHoldback | None = None,
+    metrics_text: Callable[[], Awaitable[str]] | None = None,
 ):
     """Build the ASGI app.
 
@@ -130,6 +131,9 @@ def create_app(
     ``stream_holdback``: hold each stream back this long before the client sees it, so a backend that
     breaks meanwhile escalates unseen (:class:`~difficulty_router.StreamHoldback`; default: commit at
     the first chunk).
+    ``metrics_text``: an async function whose text ``/metrics`` answers in place of ``metrics.render()`` (the
+    totals of every Ray Serve replica, ``scale.ray_metrics``); kept as ``app.state.metrics_text``, read at
+    each scrape, so a wrapper that builds the app may set it afterwards. Default: this app's own metrics.
     """
     limits = limits or Limits()
     if isinstance(routers, DifficultyRouter):
@@ -231,6 +235,7 @@ def create_app(
         dependencies=[Depends(authenticate)],
     )
     app.state.metrics, app.state.backends, app.state.routers = metrics, backends, routers
+    app.state.metrics_text = metrics_text
     app.state.api_key, app.state.allow_unauthenticated = api_key, allow_unauthenticated
     app.add_middleware(
         Guard,
@@ -260,7 +265,8 @@ def create_app(
 
     @app.get("/metrics")
     async def prometheus():
-        return PlainTextResponse(metrics.render(), media_type=CONTENT_TYPE)
+        source = app.state.metrics_text
+        return PlainTextResponse(await source() if source else metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def list_models():

@@ -71,7 +71,7 @@ class ServerMetrics:
 
     def __init__(self, prefix: str = "difficulty_router") -> None:
         p, r = prefix, CollectorRegistry(auto_describe=True)
-        self.registry = r
+        self.prefix, self.registry = prefix, r
         self.requests = Counter(
             r,
             f"{p}_requests_total",
