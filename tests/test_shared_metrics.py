@@ -121,7 +121,7 @@ def test_a_replica_without_its_metrics_actor_answers_its_own_counts(two_replicas
     def no_actor():
         raise ValueError("Failed to look up actor with name 'metrics/none'")
 
-    monkeypatch.setattr(replica, "_lookup", no_actor)
+    monkeypatch.setattr(replica, "_handle", no_actor)  # no Ray here: the lookup fails as it does without the actor
     with caplog.at_level(logging.WARNING, logger="difficulty_router.scale.ray_metrics"):
         text = asyncio.run(replica.text())
     samples = _samples(text)

@@ -33,8 +33,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from difficulty_router.scale.cluster import require_ray
-from difficulty_router.scale.named_actors import NAMESPACE, drop_named_actor, start_named_actor
+from difficulty_router.scale.named_actors import call_named_actor, drop_named_actor, find_named_actor, start_named_actor
 
 #: how often each replica sends its snapshot to the metrics actor
 PUSH_EVERY_S = 1.0
@@ -202,22 +201,22 @@ class ReplicaMetrics:
         self._thread: threading.Thread | None = None
         self._push_failing = False
 
-    def _lookup(self):
-        ray = require_ray()
-        return ray.get_actor(self.board, namespace=NAMESPACE)  # ValueError when there is none
-
     def _handle(self):
-        if self._actor is None:
-            self._actor = self._lookup()
+        if self._actor is None:  # a ValueError naming the actor when there is none
+            self._actor = find_named_actor(self.board, what="metrics actor", hint="build_app starts it")
         return self._actor
 
     def push(self) -> None:
         """Send one snapshot now and wait for the actor (at most ``timeout_s``); raises when it fails."""
-        ray = require_ray()
         try:
-            ray.get(
-                self._handle().push.remote(self.group, self.replica, snapshot(self.metrics.registry)),
-                timeout=self.timeout_s,
+            call_named_actor(
+                self._handle().push,
+                self.group,
+                self.replica,
+                snapshot(self.metrics.registry),
+                name=self.board,
+                what="metrics actor",
+                timeout_s=self.timeout_s,
             )
         except Exception:
             self._actor = None  # look it up again next time (it may have been dropped and started anew)
