@@ -25,6 +25,10 @@ Everything runs on loopback and stops by itself (each phase has a fixed budget):
   answered), and on with the cut right after commit (``chunks=2``: a well-formed error event, never a hang).
   These figures depend on the server's escalation loop, which is measured through the public HTTP
   behaviour only, so the benchmark keeps working when that loop is rewritten.
+- Ray Serve (``--ray-serve``): the load and faults sections against 2 Ray Serve replicas instead of the
+  in-process server, every client one conversation under the sticky session policy, the states in the shared
+  store actor (or, with ``--redis``, in a redis-server); the answers' session headers must show each
+  conversation's turns counted on, whichever replica served them.
 - memory: the process's RSS before and after the load run (server, router and clients share the
   process).
 
@@ -33,6 +37,9 @@ Everything runs on loopback and stops by itself (each phase has a fixed budget):
     python benchmarks/reliability.py --valid-fuzz-only   # 10,000 valid hostile bodies: reliability_valid_fuzz.md
     python benchmarks/reliability.py --load-only         # 64 clients, routed then direct: reliability_load.md
     python benchmarks/reliability.py --faults-only   # only the faults section (about 3 minutes): reliability_faults.md
+    python benchmarks/reliability.py --ray-serve     # load and faults on 2 Ray Serve replicas, sticky sessions in the
+                                                     # store actor (about 7 minutes): reliability_ray_serve.md
+    python benchmarks/reliability.py --ray-serve --redis  # the same, sessions in a local redis-server (started here)
 """
 
 from __future__ import annotations
@@ -595,11 +602,13 @@ class RayServeServer:
     as ``serve --engine ray`` does) over new backends, replacing the previous deployment; the proxy keeps its
     port. Serve's proxy keeps idle connections 90 s (its default), longer than the clients' 5 s."""
 
-    def __init__(self, work: Path, replicas: int = 2, cpus_per_replica: float = 0.5) -> None:
+    def __init__(self, work: Path, replicas: int = 2, cpus_per_replica: float = 0.5, session_store=None) -> None:
         from difficulty_router.scale.cluster import ensure_ray
 
         ensure_ray()
         self.work, self.replicas, self.cpus = work, replicas, cpus_per_replica
+        # None: the sessions live in the store actor; a RedisSessionStores: in that Redis (no actor)
+        self.session_store = session_store
         self.url: str | None = None
         self.deployments = 0
 
@@ -614,7 +623,7 @@ class RayServeServer:
         directory = router.save(self.work / f"router-{self.deployments}")
         app = build_app({"router": directory}, specs, replicas=self.replicas, cpus_per_replica=self.cpus, max_batch=1,
                         app_options={"limits": LIMITS, "route_timeout": ROUTE_TIMEOUT, "stream_holdback": holdback,
-                                     **RAY_SESSION_OPTIONS})
+                                     **RAY_SESSION_OPTIONS, "session_store": self.session_store})
         if self.url is None:
             from _stub_backend import free_port
 
@@ -787,6 +796,9 @@ def main() -> None:
                         help="the load and faults sections on Ray Serve replicas with sticky sessions in the shared "
                              "store; writes results/reliability_ray_serve.md")
     parser.add_argument("--replicas", type=int, default=2, help="Ray Serve replicas (--ray-serve)")
+    parser.add_argument("--redis", action="store_true",
+                        help="with --ray-serve: the sessions in a redis-server started here (serve --session-store) "
+                             "instead of the store actor; writes results/reliability_ray_serve_redis.md")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args()
     if args.quick:
@@ -822,24 +834,37 @@ def main() -> None:
                                                                      "args": vars(args)})
         return
     if args.ray_serve:
-        with tempfile.TemporaryDirectory() as tmp:
-            ray_server = RayServeServer(Path(tmp), replicas=args.replicas)
+        with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+            stores = None
+            if args.redis:
+                from redis_server import redis_server
+
+                from difficulty_router.routing.redis_sessions import RedisSessionStores
+
+                redis = stack.enter_context(redis_server(Path(tmp)))
+                stores = RedisSessionStores(redis.url, max_sessions=RAY_SESSION_OPTIONS["max_sessions"],
+                                            ttl_s=RAY_SESSION_OPTIONS["session_ttl"])
+            ray_server = RayServeServer(Path(tmp), replicas=args.replicas, session_store=stores)
             try:
                 load, _ = run_load(router, args.load_seconds, args.clients, server=ray_server, session="load")
                 faults = run_faults(router, args.fault_seconds, args.fault_clients, server=ray_server,
                                     session="faults")
             finally:
                 ray_server.close()
-        markdown = (f"# Reliability on Ray Serve: {args.replicas} replicas, sticky sessions shared\n\n" + header
-                    + f"The server runs as `serve --engine ray --replicas {args.replicas} --session-policy sticky` "
-                    "runs it (`scale.ray_serve.build_app`, 0.5 CPU per replica, `--max-batch 1`) behind Serve's "
-                    "HTTP proxy; each conversation's state lives in the one session store actor. Load and faults "
+        where = ("in one redis-server started by the benchmark on loopback (`--session-store redis://...`, "
+                 "no store actor)" if args.redis else "in the one session store actor")
+        markdown = (f"# Reliability on Ray Serve: {args.replicas} replicas, sticky sessions shared"
+                    + (" in Redis" if args.redis else "") + "\n\n" + header
+                    + f"The server runs as `serve --engine ray --replicas {args.replicas} --session-policy sticky"
+                    + (" --session-store redis://...` " if args.redis else "` ")
+                    + "runs it (`scale.ray_serve.build_app`, 0.5 CPU per replica, `--max-batch 1`) behind Serve's "
+                    f"HTTP proxy; each conversation's state lives {where}. Load and faults "
                     "are the plain server's (`python benchmarks/reliability.py --load-only`, `--faults-only`), "
                     "every request in a conversation.\n\n"
                     + load_section(load, args) + fault_section(faults, args) + session_section(load, faults)
                     + f"Command: {command} ({time.monotonic() - started:.0f} s)\n")
-        write_results("reliability_ray_serve" + suffix, markdown, {"machine": machine(), "load": load,
-                                                                    "faults": faults, "args": vars(args)})
+        write_results("reliability_ray_serve" + ("_redis" if args.redis else "") + suffix, markdown,
+                      {"machine": machine(), "load": load, "faults": faults, "args": vars(args)})
         return
     if args.load_only:
         load, memory = run_load(router, args.load_seconds, args.clients)

@@ -538,7 +538,7 @@ def test_replicas_share_sessions_in_redis_without_an_actor(serve_pair, trained_r
     a session started on one replica is kept on the other (the states are in the one Redis)."""
     import ray
     from ray import serve
-    from test_redis_sessions import redis_server
+    from redis_server import redis_server
 
     from difficulty_router.routing.redis_sessions import RedisSessionStores
     from difficulty_router.scale.named_actors import NAMESPACE

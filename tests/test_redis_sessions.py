@@ -13,15 +13,14 @@ import contextlib
 import json
 import pickle
 import random
-import shutil
 import socket
-import subprocess
 import threading
 import time
 from dataclasses import replace
 
 import pytest
 from llama_servers import free_port
+from redis_server import redis_server
 from server_helpers import running
 from test_server import openai_client, specs
 from test_server_sessions import QUERIES, ask, per_call_choices, router  # noqa: F401 (fixtures)
@@ -29,64 +28,6 @@ from test_server_sessions import QUERIES, ask, per_call_choices, router  # noqa:
 from difficulty_router.routing.redis_sessions import INSTALL_HINT, RedisSessionStore, RedisSessionStores
 from difficulty_router.routing.sessions import SessionState, SessionStore, SessionStoreUnavailable
 from difficulty_router.server import create_app
-
-
-def redis_binary() -> str:
-    found = shutil.which("redis-server")
-    if found is None:
-        pytest.skip("redis-server is not installed (make install puts it in with apt-get where it can: root, Debian)")
-    return found
-
-
-@contextlib.contextmanager
-def redis_server(directory) -> object:
-    """A real redis-server on a free loopback port, nothing saved to disk; yields a handle with ``url`` and
-    ``stop()``. Stopped (if still running) when the block ends."""
-    import redis
-
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            redis_binary(),
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(directory),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-    class Handle:
-        url = f"redis://127.0.0.1:{port}/0"
-
-        @staticmethod
-        def stop() -> None:
-            if process.poll() is None:
-                process.terminate()
-                process.wait(timeout=10)
-
-    try:
-        deadline = time.monotonic() + 15
-        client = redis.Redis(port=port, socket_connect_timeout=1)
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.exceptions.ConnectionError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not start on port {port}") from None
-                time.sleep(0.05)
-        client.close()
-        yield Handle
-    finally:
-        Handle.stop()
 
 
 @pytest.fixture(scope="module")
