@@ -156,7 +156,7 @@ def build_router(max_tokens: int) -> DifficultyRouter:
                         families=("activation",), progress=False)
 
 
-def read_in(router: DifficultyRouter) -> str:
+def read_out_dtype_note(router: DifficultyRouter) -> str:
     """The numeric path of the router's forward pass (``dtype="auto"`` picks bf16 where the CPU has it)."""
     return f"; the read-out runs in {str(router.extractor.dtype).removeprefix('torch.')}"
 
@@ -598,9 +598,10 @@ RAY_SESSION_OPTIONS = {"session_policy": "sticky", "session_ttl": 600.0, "max_se
 
 class RayServeServer:
     """The same server on ``replicas`` Ray Serve replicas (``scale.ray_serve.build_app``, ``--max-batch 1``)
-    with sticky sessions held by the shared store actor. Each call deploys the router (saved to a directory,
-    as ``serve --engine ray`` does) over new backends, replacing the previous deployment; the proxy keeps its
-    port. Serve's proxy keeps idle connections 90 s (its default), longer than the clients' 5 s."""
+    with sticky sessions shared by the replicas (in the store actor, or in Redis when ``session_store`` names
+    it). Each call deploys the router (saved to a directory, as ``serve --engine ray`` does) over new backends,
+    replacing the previous deployment; the proxy keeps its port. Serve's proxy keeps idle connections 90 s (its
+    default), longer than the clients' 5 s."""
 
     def __init__(self, work: Path, replicas: int = 2, cpus_per_replica: float = 0.5, session_store=None) -> None:
         from difficulty_router.scale.cluster import ensure_ray
@@ -635,11 +636,13 @@ class RayServeServer:
     def close(self) -> None:
         from ray import serve
 
+        from difficulty_router.scale.ray_metrics import drop_metrics_board, metrics_board_name
         from difficulty_router.scale.ray_serve import APP_NAME
         from difficulty_router.scale.ray_sessions import drop_session_store, session_store_name
 
         serve.shutdown()
         drop_session_store(session_store_name(APP_NAME, "router"))
+        drop_metrics_board(metrics_board_name(APP_NAME))
 
 
 def run_load(router, seconds: float, clients: int, server=plain_server, session: str | None = None
@@ -755,8 +758,9 @@ def fault_section(faults: dict, args) -> str:
 
 def session_section(load: dict, faults: dict) -> str:
     """The conversations' view of the shared session store, for every run that had sessions."""
-    rows = [[name, t["sessions"], t["answered_turns"], t["sessions_on_both_replicas"], t["turn_resets"],
-             t["deescalations"]]
+    # a run with no answered turn (the committed cut streams end in an error event) shows nothing of the store
+    rows = [[name, t["sessions"], t["answered_turns"]] + ([t["sessions_on_both_replicas"], t["turn_resets"],
+                                                          t["deescalations"]] if t["answered_turns"] else ["n/a"] * 3)
             for name, r in {**load, **faults}.items() if (t := r.get("sessions"))]
     table = md_table(["run", "conversations", "answered turns", "conversations served by both replicas",
                       "turn resets", "de-escalations"], rows)
@@ -820,8 +824,8 @@ def main() -> None:
         return
     suffix = "_quick" if args.quick else ""
     command = "`python benchmarks/reliability.py " + " ".join(sys.argv[1:]) + "`"
-    header = (f"Machine: {machine()}{read_in(router)}. Router: SmolLM2-135M read-out (layer 15, last token, "
-              f"max {args.max_tokens} tokens) trained on 240 rows of the shipped RouteLLM sample; server limits "
+    header = (f"Machine: {machine()}{read_out_dtype_note(router)}. Router: SmolLM2-135M read-out (layer 15, last "
+              f"token, max {args.max_tokens} tokens) trained on 240 rows of the shipped RouteLLM sample; server limits "
               f"{LIMITS}. Backends are fast **stubs** (`benchmarks/_stub_backend.py`) on purpose: this measures the "
               "routing server, not a model. Everything on loopback.\n\n")
     if args.valid_fuzz_only:
@@ -855,9 +859,9 @@ def main() -> None:
                  "no store actor)" if args.redis else "in the one session store actor")
         markdown = (f"# Reliability on Ray Serve: {args.replicas} replicas, sticky sessions shared"
                     + (" in Redis" if args.redis else "") + "\n\n" + header
-                    + f"The server runs as `serve --engine ray --replicas {args.replicas} --session-policy sticky"
-                    + (" --session-store redis://...` " if args.redis else "` ")
-                    + "runs it (`scale.ray_serve.build_app`, 0.5 CPU per replica, `--max-batch 1`) behind Serve's "
+                    + f"The server is the deployment `serve --engine ray --replicas {args.replicas} --session-policy "
+                    + ("sticky --session-store redis://...` " if args.redis else "sticky` ")
+                    + "starts (`scale.ray_serve.build_app`, 0.5 CPU per replica, `--max-batch 1`), behind Serve's "
                     f"HTTP proxy; each conversation's state lives {where}. Load and faults "
                     "are the plain server's (`python benchmarks/reliability.py --load-only`, `--faults-only`), "
                     "every request in a conversation.\n\n"
@@ -905,7 +909,7 @@ def main() -> None:
     examples = [f"- {t.name}: {e}" for t in tallies for e in t.examples]
     markdown = (
         "# Reliability: hostile input, load, faults, memory\n\n"
-        f"Machine: {machine()}{read_in(router)}. Router: SmolLM2-135M read-out (layer 15, last token, "
+        f"Machine: {machine()}{read_out_dtype_note(router)}. Router: SmolLM2-135M read-out (layer 15, last token, "
         f"max {args.max_tokens} tokens) trained on 240 rows of the shipped RouteLLM sample; server limits "
         f"{LIMITS}. Backends are fast **stubs** (`benchmarks/_stub_backend.py`) on purpose: this measures the "
         f"routing server, not a model. Everything on loopback; fuzzing took {fuzz_s:.0f} s.\n\n"

@@ -542,6 +542,7 @@ def test_replicas_share_sessions_in_redis_without_an_actor(serve_pair, trained_r
 
     from difficulty_router.routing.redis_sessions import RedisSessionStores
     from difficulty_router.scale.named_actors import NAMESPACE
+    from difficulty_router.scale.ray_metrics import drop_metrics_board, metrics_board_name
     from difficulty_router.scale.ray_serve import build_app
     from difficulty_router.scale.ray_sessions import session_store_name
 
@@ -582,6 +583,7 @@ def test_replicas_share_sessions_in_redis_without_an_actor(serve_pair, trained_r
             assert state.turns == turn and state.model in models
         finally:
             serve.delete("redis-sessions")
+            drop_metrics_board(metrics_board_name("redis-sessions"))
 
 
 def test_every_replica_applies_ood_and_shadow(serve_pair, trained_router, llama_backends, sample_outcomes, tmp_path):

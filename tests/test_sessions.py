@@ -236,6 +236,34 @@ def test_concurrent_turns_of_many_sessions_each_stay_on_one_model():
     assert all(sessions.store.get(k).turns == 6 for k in seen)
 
 
+def test_a_store_stalled_on_one_session_holds_up_that_session_only():
+    """A shared store that stalls on one session's read (a Redis or Ray actor answering slowly) holds up that
+    session's turn only: another session's turn goes through meanwhile (one lock per process would queue it)."""
+    entered, release = threading.Event(), threading.Event()
+
+    class StallingStore(SessionStore):
+        def get(self, key):
+            if key == "stuck":
+                entered.set()
+                release.wait(10)
+            return super().get(key)
+
+    sessions = Sessions("sticky", store=StallingStore())
+    other = next(k for k in (f"other-{i}" for i in range(1000)) if sessions._lock_for(k) is not sessions._lock_for("stuck"))
+    stuck = threading.Thread(target=sessions.apply, args=("stuck", turn((0.5, 0.6, 0.7), WEAK)))
+    stuck.start()
+    assert entered.wait(5)
+    done = threading.Event()
+    threading.Thread(target=lambda: (sessions.apply(other, turn((0.5, 0.6, 0.7), MID)), done.set())).start()
+    try:
+        assert done.wait(5), "another session's turn waited for the stalled one"
+        assert sessions.model_for(other) == MID
+    finally:
+        release.set()
+        stuck.join()
+    assert sessions.model_for("stuck") == WEAK
+
+
 # -- cache-aware and token prices --------------------------------------------------------------
 def priced_pool(cached_fraction=0.1):
     def model(name, price):

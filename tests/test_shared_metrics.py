@@ -98,6 +98,10 @@ def test_the_board_drops_a_stale_snapshot_and_keeps_applications_apart(two_repli
     assert (replicas, oldest) == (1, 0.0)
     assert _samples(render(totals)) == _samples(b.render())
     assert board.replicas("app") == ["b"] and board.replicas("other-app") == []  # the stale ones are forgotten
+    board.push("app", "gone", snapshot(a.registry))
+    now[0] = 30.0
+    board.push("app", "c", snapshot(a.registry))  # pushes alone (nobody scrapes) forget the silent replicas too
+    assert board.replicas("app") == ["c"]
     with pytest.raises(ValueError, match="stale_after_s must be positive"):
         MetricsBoardActor(stale_after_s=0)
 

@@ -27,12 +27,15 @@ client is imported only when a store opens: ``pip install 'difficulty-router[red
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, fields
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from difficulty_router.routing.sessions import SessionState, SessionStore, SessionStoreUnavailable, check_key
+
+log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'difficulty-router[redis]'"
 DEFAULT_PREFIX = "difficulty-router:sessions"
@@ -138,6 +141,19 @@ def redacted(url: str) -> str:
     return f"{parts.scheme}://{auth}{where}{f':{port}' if port is not None else ''}{parts.path}"
 
 
+def secrets_of(url: str) -> list[str]:
+    """The passwords ``url`` carries (in its user part, as written and percent-decoded, and in a ``password``
+    query argument, which the redis client also reads), longest first, to hide in any message."""
+    parts = urlsplit(url)
+    found = {parts.password, unquote(parts.password or ""), *parse_qs(parts.query).get("password", [])}
+    return sorted((s for s in found if s), key=len, reverse=True)
+
+
+def glob_escaped(text: str) -> str:
+    """``text`` as a literal in a Redis SCAN pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
 def check_url(url: Any) -> str:
     """A Redis URL: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` (TLS) or ``unix://path``."""
     if not isinstance(url, str) or not url:
@@ -195,7 +211,7 @@ class RedisSessionStore:
         self.max_sessions, self.ttl_s, self.prefix = max_sessions, float(ttl_s), prefix
         self.connect_timeout_s, self.timeout_s = float(connect_timeout_s), float(timeout_s)
         self.address = redacted(url)
-        self._password = urlsplit(url).password
+        self._secrets = secrets_of(url)
         redis = require_redis()
         from redis.backoff import NoBackoff
         from redis.retry import Retry
@@ -229,8 +245,8 @@ class RedisSessionStore:
 
     def _fail(self, exc: BaseException) -> SessionStoreUnavailable:
         message = str(exc) or type(exc).__name__
-        if self._password:
-            message = message.replace(self._password, "***")
+        for secret in self._secrets:
+            message = message.replace(secret, "***")
         return SessionStoreUnavailable(
             f"the Redis session store at {self.address} (prefix {self.prefix!r}) failed: "
             f"{type(exc).__name__}: {message}"
@@ -258,12 +274,22 @@ class RedisSessionStore:
         text, stamp = found
         try:
             data = json.loads(text)
-            return SessionState(**{name: data[name] for name in _STATE_FIELDS}, last_seen=int(stamp) / 1e6)
+            # a field a state written by an older version lacks takes its default (a rolling upgrade reads on)
+            return SessionState(
+                **{name: data[name] for name in _STATE_FIELDS if name in data}, last_seen=int(stamp) / 1e6
+            )
         except (ValueError, TypeError, KeyError):
-            raise SessionStoreUnavailable(
-                f"the Redis session store at {self.address} holds something that is not a session state under "
-                f"{self.prefix}:state:{key!r} (another program writing under the prefix {self.prefix!r}?)"
-            ) from None
+            # refusing it would answer 503 at every turn until its TTL passed (each read renews it): the session
+            # begins again instead, and the log says what was there
+            log.warning(
+                "the Redis session store at %s held something that is not a session state under %s:state:<a key>; "
+                "dropped it, the session begins again (another program writing under the prefix %r?)",
+                self.address,
+                self.prefix,
+                self.prefix,
+            )
+            self.delete(key)
+            return None
 
     def put(self, key: str, state: SessionState) -> None:
         check_key(key)
@@ -285,7 +311,8 @@ class RedisSessionStore:
     def clear(self) -> None:
         """Forget every session under this prefix, and the counts."""
         try:
-            names = [*self._client.scan_iter(match=f"{self.prefix}:state:*", count=1000)]
+            pattern = f"{glob_escaped(self.prefix)}:state:*"  # a prefix with * or ? must not match other routers'
+            names = [*self._client.scan_iter(match=pattern, count=1000)]
             for start in range(0, len(names), 1000):
                 self._client.delete(*names[start : start + 1000])
             self._client.delete(*self._keys)

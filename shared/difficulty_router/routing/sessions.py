@@ -38,6 +38,8 @@ from difficulty_router.routing.decision import RouteDecision
 
 SESSION_POLICIES = ("per_call", "sticky", "cache_aware")
 MAX_KEY_CHARS = 512
+#: how many locks serialise the turns of one session in a process (sessions share a lock by their key's hash)
+LOCK_STRIPES = 64
 
 
 @dataclass
@@ -195,7 +197,10 @@ class Sessions:
         self.pool = pool
         self.capability_order = list(capability_order) if capability_order is not None else None
         self.router_policy: Policy | None = None  # the bound router's policy (with its margin), for cache_aware
-        self._lock = threading.Lock()  # one turn of one session at a time: read, decide, write
+        # one turn of one session at a time (read, decide, write), through one of LOCK_STRIPES locks picked by the
+        # session's key: turns of other sessions go on meanwhile, so a shared store that answers slowly (Redis,
+        # the Ray actor) delays only the sessions that hash to the same stripe, not every session of the process
+        self._locks = [threading.Lock() for _ in range(LOCK_STRIPES)]
 
     def bind(self, router: Any) -> None:
         """Take the pool (and capability order) from a router when none was given."""
@@ -222,7 +227,7 @@ class Sessions:
             raise TypeError(f"decision must be a RouteDecision, got {type(decision).__name__}")
         if isinstance(context_tokens, bool) or not isinstance(context_tokens, (int, np.integer)) or context_tokens < 0:
             raise ValueError(f"context_tokens must be an integer >= 0, got {context_tokens!r}")
-        with self._lock:
+        with self._lock_for(key):
             state = self.store.get(key)
             order = self._order(decision)
             if state is None:
@@ -260,6 +265,9 @@ class Sessions:
         }
         return self._serve(decision, model, order, info, context_tokens=int(context_tokens))
 
+    def _lock_for(self, key: str) -> threading.Lock:
+        return self._locks[hash(key) % LOCK_STRIPES]
+
     def model_for(self, key: str) -> str | None:
         state = self.store.get(key)
         return None if state is None else state.model
@@ -268,7 +276,7 @@ class Sessions:
         """Tell the session which model actually served (after fallbacks/escalation), so the next turn sticks to it."""
         if key is None or self.policy == "per_call":
             return
-        with self._lock:
+        with self._lock_for(key):
             state = self.store.get(key)
             if state is None or state.model == model:
                 return

@@ -74,7 +74,7 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
                 if held is None:
                     merged[key] = (sample_name, dict(labels), value)
                 else:
-                    total = min(held[2], value) if sample_name.endswith("_created") else held[2] + value
+                    total = min(held[2], value) if sample_name == f"{name}_created" else held[2] + value
                     merged[key] = (sample_name, held[1], total)
     return [(name, typ, doc, list(samples.values())) for name, (typ, doc, samples) in families.items()]
 
@@ -138,15 +138,18 @@ class MetricsBoardActor:
         return {"stale_after_s": self.stale_after_s}
 
     def push(self, group: str, replica: str, snap: Snapshot) -> None:
-        self.snapshots[(group, replica)] = (self.clock(), snap)
+        """Keep ``replica``'s latest snapshot, and forget the stale ones (so replicas that came and went do not
+        pile up in the actor when nobody scrapes)."""
+        now = self.clock()
+        self.snapshots[(group, replica)] = (now, snap)
+        for key in [k for k, (at, _) in self.snapshots.items() if now - at > self.stale_after_s]:
+            del self.snapshots[key]
 
     def totals(self, group: str, replica: str, snap: Snapshot) -> tuple[Snapshot, int, float]:
         """Take ``replica``'s fresh snapshot, forget the stale ones, and return the totals of ``group``'s
         replicas with how many they are and the age of the oldest snapshot among them."""
         self.push(group, replica, snap)
         now = self.clock()
-        for key in [k for k, (at, _) in self.snapshots.items() if now - at > self.stale_after_s]:
-            del self.snapshots[key]
         live = [(at, s) for (g, _), (at, s) in self.snapshots.items() if g == group]
         return merge(s for _, s in live), len(live), now - min(at for at, _ in live)
 

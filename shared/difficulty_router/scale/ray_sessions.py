@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from difficulty_router.routing.sessions import SessionState, SessionStore, SessionStoreUnavailable, check_key
+from difficulty_router.scale.cluster import require_ray
 from difficulty_router.scale.named_actors import call_named_actor, drop_named_actor, find_named_actor, start_named_actor
 
 #: how long a replica waits for the store actor before the request fails with a message naming it
@@ -108,6 +109,11 @@ class RaySessionStore:
             return call_named_actor(method, *args, name=self.name, what="session store actor", timeout_s=self.timeout_s)
         except TimeoutError as exc:  # a store that cannot answer: the server answers the request with a 503
             raise StoreActorTimeout(str(exc)) from None
+        except require_ray().exceptions.RayActorError as exc:  # dead, or restarting (ActorUnavailableError): a 503 too
+            raise SessionStoreUnavailable(
+                f"the session store actor {self.name!r} is unavailable ({type(exc).__name__}; Ray restarts it "
+                "empty, and sessions begin again at their next turn)"
+            ) from None
 
     def get(self, key: str) -> SessionState | None:
         return self._call(self._actor.get, check_key(key))
