@@ -823,7 +823,7 @@ def main() -> None:
                       {"machine": machine(), "faults": faults, "args": vars(args)})
         return
     suffix = "_quick" if args.quick else ""
-    command = "`python benchmarks/reliability.py " + " ".join(sys.argv[1:]) + "`"
+    command = "`" + " ".join(["python benchmarks/reliability.py", *sys.argv[1:]]) + "`"
     header = (f"Machine: {machine()}{read_out_dtype_note(router)}. Router: SmolLM2-135M read-out (layer 15, last "
               f"token, max {args.max_tokens} tokens) trained on 240 rows of the shipped RouteLLM sample; server limits "
               f"{LIMITS}. Backends are fast **stubs** (`benchmarks/_stub_backend.py`) on purpose: this measures the "
@@ -925,7 +925,7 @@ def main() -> None:
         + f"## Memory\n\nRSS of the whole process (server, router, clients) {memory['before_mb']:.0f} MB before and "
         f"{memory['after_mb']:.0f} MB after the load run: {memory['growth_mb']:+.0f} MB "
         f"({memory['requests']} requests; bound: 50 MB).\n\n"
-        "Command: `python benchmarks/reliability.py`\n")
+        f"Command: {command} ({time.monotonic() - started:.0f} s)\n")
     payload = {"machine": machine(), "fuzz": [{**vars(t)} for t in tallies], "valid_fuzz": valid, "load": load,
                "faults": faults,
                "memory": memory, "args": vars(args)}
