@@ -532,6 +532,18 @@ def test_a_session_keeps_its_model_across_replicas(sessions_app, trained_router,
     assert {r["chosen"] for r in records} == {r["served_by"] for r in records} == {STRONG}
 
 
+def two_more_replicas(router, llama_backends, directory, **options):
+    """A further application of 2 replicas of ``router`` (saved under ``directory``) on the running Serve, for a
+    test of its own; the module's CPUs are all held by serve_pair and sessions_app, so these replicas take
+    none (they wait on I/O, and routing a few requests needs no reserved CPU)."""
+    from difficulty_router.scale.ray_serve import build_app
+
+    router.save(directory / "router")
+    return build_app(
+        {"router": directory / "router"}, backend_specs(llama_backends), replicas=2, cpus_per_replica=0, **options
+    )
+
+
 def test_replicas_share_sessions_in_redis_without_an_actor(serve_pair, trained_router, llama_backends, tmp_path):
     """With ``session_store`` naming a Redis (``serve --engine ray --session-store redis://...``), no store actor
     starts: the stores pickle to the replicas as their URL and settings, each replica opens its own client, and
@@ -543,18 +555,14 @@ def test_replicas_share_sessions_in_redis_without_an_actor(serve_pair, trained_r
     from difficulty_router.routing.redis_sessions import RedisSessionStores
     from difficulty_router.scale.named_actors import NAMESPACE
     from difficulty_router.scale.ray_metrics import drop_metrics_board, metrics_board_name
-    from difficulty_router.scale.ray_serve import build_app
     from difficulty_router.scale.ray_sessions import session_store_name
 
-    directory = tmp_path / "router"
-    trained_router.save(directory)
     with redis_server(tmp_path) as server:
         stores = RedisSessionStores(server.url, max_sessions=50, ttl_s=600.0)
-        app = build_app(
-            {"router": directory},
-            backend_specs(llama_backends),
-            replicas=2,
-            cpus_per_replica=0,  # serve_pair and sessions_app hold the module's 2 CPUs; these replicas wait on I/O
+        app = two_more_replicas(
+            trained_router,
+            llama_backends,
+            tmp_path,
             app_options={"session_policy": "sticky", "session_margin": 1.0, "session_store": stores},
             app_name="redis-sessions",
         )
@@ -594,21 +602,12 @@ def test_every_replica_applies_ood_and_shadow(serve_pair, trained_router, llama_
     from conftest import STRONG, WEAK
     from ray import serve
 
-    from difficulty_router.scale.ray_serve import build_app
 
     assert trained_router.novelty is not None
     queries = sample_outcomes.queries[240:300]
     picks = [d.model for d in trained_router.route_batch(queries, progress=False)]
     easy = queries[picks.index(WEAK)]
-    trained_router.save(tmp_path / "router")
-    app = build_app(
-        {"router": tmp_path / "router"},
-        backend_specs(llama_backends),
-        replicas=2,
-        cpus_per_replica=0,  # the module's CPUs are all held; a replica waits on no CPU to route
-        ood_percentile=1.0,
-        app_options={"shadow": WEAK},
-    )
+    app = two_more_replicas(trained_router, llama_backends, tmp_path, ood_percentile=1.0, app_options={"shadow": WEAK})
     serve.run(app, name="ood", route_prefix="/ood")
     try:
 
@@ -662,16 +661,8 @@ def test_metrics_of_both_replicas_come_out_of_one_scrape(serve_pair, trained_rou
     from ray import serve
 
     from difficulty_router.scale.ray_metrics import drop_metrics_board, metrics_board_name
-    from difficulty_router.scale.ray_serve import build_app
 
-    trained_router.save(tmp_path / "router")
-    app = build_app(
-        {"router": tmp_path / "router"},
-        backend_specs(llama_backends),
-        replicas=2,
-        cpus_per_replica=0,  # the module's CPUs are all held; a replica waits on no CPU to route
-        app_name="metrics",
-    )
+    app = two_more_replicas(trained_router, llama_backends, tmp_path, app_name="metrics")
     serve.run(app, name="metrics", route_prefix="/totals")
     url = serve_pair["serve"] + "/totals"
     try:
