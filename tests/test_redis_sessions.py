@@ -263,11 +263,17 @@ def check_one_session(turns, first_model) -> None:
 
 
 def test_two_servers_sharing_redis_keep_a_session_on_its_model(router, llama_backends, per_call_choices, redis_url):  # noqa: F811
+    import redis
+
     stores = RedisSessionStores(redis_url, prefix=f"test:two-servers:{time.time_ns()}", max_sessions=100)
     sticky = {"session_policy": "sticky", "session_margin": 1.0}
     shared = [create_app(router, specs(llama_backends), session_store=stores, **sticky) for _ in range(2)]
+    redis_client = redis.Redis.from_url(redis_url)
+    connected = redis_client.info("clients")["connected_clients"]
     turns = alternating_turns(shared)
     check_one_session(turns, per_call_choices[0])
+    # the servers stopped: their stores' connections went with them (only this check's client is left)
+    assert redis_client.info("clients")["connected_clients"] <= connected
     assert stores("router").get("carol").turns == len(QUERIES)
 
     # the same check with a store per server (what separate processes have without a shared store) fails:

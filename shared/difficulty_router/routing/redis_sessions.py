@@ -371,7 +371,7 @@ class RedisSessionStores:
         }
         self.prefix = prefix
         self.address = redacted(url) if isinstance(url, str) else repr(url)
-        RedisSessionStore(url, prefix=prefix, **self.settings)  # its checks now, before a server or replica starts
+        RedisSessionStore(url, prefix=prefix, **self.settings).close()  # its checks now, before any server starts
 
     def __call__(self, router: str) -> RedisSessionStore:
         return RedisSessionStore(self.url, prefix=f"{self.prefix}:{router}", **self.settings)

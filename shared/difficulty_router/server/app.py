@@ -225,6 +225,10 @@ def create_app(
             for batcher in batchers.values():
                 await batcher.aclose()
             await backends.aclose()
+            for policy in sessions.values():  # a shared store's client (Redis) lets its connections go
+                close = getattr(policy.store, "close", None)
+                if callable(close):
+                    await asyncio.to_thread(close)
 
     app = FastAPI(
         title="difficulty-router",
