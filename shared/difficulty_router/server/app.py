@@ -73,7 +73,13 @@ from difficulty_router.server.deciding import (
 from difficulty_router.server.follow_up import follow_up
 from difficulty_router.server.guard import Guard
 from difficulty_router.server.metrics import CONTENT_TYPE, ServerMetrics
-from difficulty_router.server.responses import decision_headers, error_response, relay, session_headers
+from difficulty_router.server.responses import (
+    decision_headers,
+    error_response,
+    relay,
+    session_headers,
+    store_unavailable,
+)
 from difficulty_router.server.schema import ApiError, Limits, parse_json, quote, read_body, validate_chat_request
 
 logger = logging.getLogger(__name__)
@@ -382,20 +388,6 @@ def create_app(
         return JSONResponse(data, headers=headers, background=after)
 
     return app
-
-
-def store_unavailable(exc: SessionStoreUnavailable, request: Request) -> ApiError:
-    """The 503 a request gets when its session store failed: the cause (store, address, error) goes to the log
-    under the request id; the client learns only that the session store is unavailable."""
-    request_id = request.scope.get("state", {}).get("request_id", "?")
-    logger.warning("request %s: %s", request_id, exc)
-    return ApiError(
-        503,
-        f"the session store is unavailable; try again shortly (the server logged the cause under request id "
-        f"{request_id})",
-        type="api_error",
-        code="session_store_unavailable",
-    )
 
 
 async def off_loop_if_blocking(sessions: Sessions, method: Callable[..., Any], *args, **kwargs) -> Any:

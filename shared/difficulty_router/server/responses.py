@@ -92,3 +92,17 @@ async def relay(head: list[dict], tail, name: str):
     finally:
         await tail.aclose()
     yield b"data: [DONE]\n\n"
+
+
+def store_unavailable(exc: Exception, request: Any) -> ApiError:
+    """The 503 a request gets when its session store failed: the cause (store, address, error) goes to the log
+    under the request id; the client learns only that the session store is unavailable."""
+    request_id = request.scope.get("state", {}).get("request_id", "?")
+    logger.warning("request %s: %s", request_id, exc)
+    return ApiError(
+        503,
+        f"the session store is unavailable; try again shortly (the server logged the cause under request id "
+        f"{request_id})",
+        type="api_error",
+        code="session_store_unavailable",
+    )
