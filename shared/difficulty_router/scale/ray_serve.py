@@ -47,8 +47,9 @@ def build_app(
     """A bound Serve application: ``replicas`` copies of the routing server over ``routers`` (name ->
     saved router directory) and backends ``specs``; ``app_options`` go to :func:`create_app` (api_key,
     limits, route_timeout, session_policy, session_ttl, max_sessions, ...). Run it with :func:`run`, or deploy
-    it under ``app_name``, which also names its session stores (one actor per router, started here when
-    ``session_policy`` is not ``per_call``; Ray must be up). ``decision_log``: the file every replica's
+    it under ``app_name``, which also names its shared actors, started here (a local Ray cluster too, when
+    none is up): the metrics actor, and the session stores (one per router) when ``session_policy`` is not
+    ``per_call`` and no ``session_store`` is given. ``decision_log``: the file every replica's
     decisions go to, through one writer actor started here on this node (rotated at ``decision_log_max_bytes``).
     ``ood_percentile``: each replica's routers send queries more novel than this percentile to the most
     capable model (``OODPolicy``), as ``serve --ood-percentile`` does."""
@@ -61,17 +62,16 @@ def build_app(
         raise ValueError("max_batch must be positive and max_wait_s non-negative")
     routers = {name: os.fspath(os.path.abspath(d)) for name, d in routers.items()}
     options = dict(app_options or {})
+    ensure_ray()  # the shared actors below (metrics always; sessions, decision log) live on the cluster
     store_names = _start_session_stores(app_name, routers, options)
     log_name = None
     if decision_log is not None:
         from difficulty_router.scale.ray_decision_log import decision_log_name, start_decision_log
 
-        ensure_ray()
         log_name = decision_log_name(app_name)
         start_decision_log(log_name, decision_log, max_bytes=decision_log_max_bytes)
     from difficulty_router.scale.ray_metrics import metrics_board_name, start_metrics_board
 
-    ensure_ray()
     board_name = metrics_board_name(app_name)
     start_metrics_board(board_name)  # metrics/<app_name>: one /metrics over the replicas (ray_metrics)
     allow_other = allow_other_extractor
@@ -159,7 +159,6 @@ def _start_session_stores(app_name: str, routers: dict[str, str], options: dict[
         return {}
     from difficulty_router.scale.ray_sessions import session_store_name, start_session_store
 
-    ensure_ray()
     bounds = {"max_sessions": options.pop("max_sessions", 10_000), "ttl_s": options.pop("session_ttl", 3600.0)}
     names = {router: session_store_name(app_name, router) for router in routers}
     for name in names.values():
